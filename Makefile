@@ -1,0 +1,43 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both install what they need.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+FMNIST  := /usr/share/datasets/fashion-mnist
+PROTOS  := $(wildcard proto/fedmae/v1/*.proto)
+
+.PHONY: demo test lint proto data clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip >/dev/null
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+# Debian's Fashion-MNIST package: the default real data. Installed with apt where we can.
+data:
+	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y dataset-fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist); \
+	  else \
+	    echo "note: Fashion-MNIST not found at $(FMNIST); run 'sudo apt-get install dataset-fashion-mnist' or pass --data DIR"; \
+	  fi; \
+	fi
+
+demo: $(STAMP) data
+	$(BIN)/fedmae demo --clients 3 --rounds 5
+
+test: $(STAMP) data
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Regenerate fedmae/_proto from proto/ (the committed code must match: tests/test_proto.py checks).
+proto: $(STAMP)
+	$(BIN)/python -m fedmae.protogen
+
+clean:
+	rm -rf $(VENV) demo-state .pytest_cache

@@ -1,0 +1,1 @@
+"""Generated from proto/ by fedmae.protogen; do not edit."""
