@@ -518,9 +518,7 @@ class MaskedAutoencoderViT(nn.Module):
 _NO_DECAY_NAMES = ("cls_token", "mask_token")
 
 
-def make_optimizer(
-    model: nn.Module, lr: float, weight_decay: float = 0.05
-) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05) -> torch.optim.AdamW:
     """AdamW with betas (0.9, 0.95), as in MAE pre-training.
 
     Weight decay is applied to matrices only; biases, LayerNorm parameters and the cls / mask

@@ -1,0 +1,142 @@
+"""Published model versions as safetensors files, written crash-consistently.
+
+``v000042.safetensors`` holds the trainable tensors of version 42 by name (loadable
+by any safetensors reader) and metadata (version, round, model, payload sha256).
+Tensors of one dtype lie in the file in sorted-name order, which is the fp32 wire
+payload's order: ``FetchModel`` streams that byte range straight from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from fedmae.errors import ConfigError, VersionNotFound
+from fedmae.tensor_codec import ModelLayout, sha256_hex
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^v(\d{6,})\.safetensors$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    version: int
+    round: int
+    model: str
+    path: Path
+    payload_sha256: str
+    data_offset: int  # byte offset of the tensor data (= fp32 payload) in the file
+    total_bytes: int
+
+
+class CheckpointStore:
+    def __init__(self, directory: Path, keep: int = 0):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.keep = keep
+
+    def path(self, version: int) -> Path:
+        return self.dir / f"v{version:06d}.safetensors"
+
+    def versions(self) -> list[int]:
+        found = (_NAME.match(p.name) for p in self.dir.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def save(
+        self, version: int, round_: int, model: str, layout: ModelLayout, flat: torch.Tensor
+    ) -> Checkpoint:
+        """Write version atomically: temp file, fsync, rename, fsync the directory."""
+        payload_sha = sha256_hex(memoryview(flat.detach().contiguous().numpy()).cast("B"))
+        meta = {
+            "format": "fedmae-checkpoint/1",
+            "version": str(version),
+            "round": str(round_),
+            "model": model,
+            "payload_sha256": payload_sha,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        arrays = {name: t.numpy() for name, t in layout.unflatten(flat.detach()).items()}
+        final = self.path(version)
+        tmp = final.with_name(final.name + ".tmp")
+        save_file(arrays, str(tmp), metadata=meta)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        dfd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self._prune(version)
+        return self.describe(version, layout)
+
+    def _prune(self, newest: int) -> None:
+        if self.keep <= 0:
+            return
+        for v in self.versions():
+            if v <= newest - self.keep:
+                self.path(v).unlink(missing_ok=True)
+
+    def describe(self, version: int, layout: ModelLayout | None = None) -> Checkpoint:
+        """Read a checkpoint's header; check its data section is the fp32 payload."""
+        path = self.path(version)
+        if not path.exists():
+            raise VersionNotFound(
+                f"model version {version} is not available (kept: {self.versions()[-5:]})"
+            )
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        meta = header.pop("__metadata__", {})
+        names = sorted(header)
+        expected = 0
+        for name in names:
+            info = header[name]
+            start, end = info["data_offsets"]
+            if info["dtype"] != "F32" or start != expected:
+                raise ConfigError(f"{path} is not a fedmae fp32 checkpoint ({name}: {info})")
+            expected = end
+        if layout is not None:
+            want = [(e.name, list(e.shape)) for e in layout.entries]
+            have = [(n, header[n]["shape"]) for n in names]
+            if want != have:
+                raise ConfigError(f"{path} does not match the model's tensors and shapes")
+        return Checkpoint(
+            version=int(meta.get("version", version)),
+            round=int(meta.get("round", 0)),
+            model=meta.get("model", ""),
+            path=path,
+            payload_sha256=meta.get("payload_sha256", ""),
+            data_offset=8 + header_len,
+            total_bytes=expected,
+        )
+
+    def latest(self) -> int | None:
+        versions = self.versions()
+        return versions[-1] if versions else None
+
+    def load(self, version: int, layout: ModelLayout) -> tuple[Checkpoint, torch.Tensor]:
+        """The checkpoint's metadata and its tensors as one flat float32 vector."""
+        ckpt = self.describe(version, layout)
+        flat = torch.empty(layout.numel, dtype=torch.float32)
+        with safe_open(str(ckpt.path), framework="numpy") as f:
+            for e in layout.entries:
+                flat[e.offset : e.offset + e.numel] = torch.from_numpy(
+                    np.ascontiguousarray(f.get_tensor(e.name)).reshape(-1)
+                )
+        return ckpt, flat

@@ -1,0 +1,55 @@
+"""The aggregator's settings: one object, filled from the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedmae.config import TrainingConfig
+from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    """When a round starts, whom it asks, and when it closes."""
+
+    min_clients: int = 2  # connected clients needed before a round starts
+    fraction: float = 1.0  # share of connected clients selected each round
+    min_updates: int = 0  # accepted updates needed to publish; 0 = min_clients
+    rounds: int = 5  # published rounds to run; 0 = run until stopped
+    round_timeout_s: float = 600.0  # deadline for updates after the task is sent
+    retry_delay_s: float = 1.0  # pause before retrying a failed round
+    max_attempts: int = 0  # attempts per round before the run fails; 0 = unlimited
+    seed: int = 0  # client selection is deterministic for a seed
+
+    def __post_init__(self) -> None:
+        if self.min_clients < 1:
+            raise ValueError("min_clients must be at least 1")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError("fraction must be in (0, 1]")
+        if self.min_updates < 0 or self.rounds < 0 or self.round_timeout_s <= 0:
+            raise ValueError("min_updates and rounds must be >= 0, round_timeout_s > 0")
+
+    @property
+    def required_updates(self) -> int:
+        return self.min_updates or self.min_clients
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    state_dir: Path
+    listen: str = "127.0.0.1:50051"
+    certs_dir: Path | None = None  # default: <state_dir>/certs
+    insecure: bool = False
+    model_seed: int = 0
+    policy: RoundPolicy = field(default_factory=RoundPolicy)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    keep_checkpoints: int = 0  # 0 = keep every published version
+    max_workers: int = 64  # gRPC handler threads (one per open stream)
+    heartbeat_s: float = 10.0
+    exit_grace_s: float = 5.0  # after the run ends, time for clients to hear it
+
+    @property
+    def certs(self) -> Path:
+        return self.certs_dir or self.state_dir / "certs"

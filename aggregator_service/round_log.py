@@ -1,0 +1,30 @@
+"""The round log: one JSON object per round, appended to ``rounds.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, TextIO
+
+
+class RoundLog:
+    def __init__(self, path: Path, echo: TextIO | None = None):
+        self.path = path
+        self.echo = echo
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, sort_keys=False, separators=(",", ":"))
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.echo is not None:
+            self.echo.write(line + "\n")
+            self.echo.flush()
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with open(self.path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,512 @@
+"""The round state machine: plain Python, driven by the servicer or by tests.
+
+One round: wait for ``min_clients`` subscribers, select (seeded), send each selected
+client a task, fold updates in as they complete, close when all selected reported or
+at the deadline, publish a new version if at least ``min_updates`` were accepted,
+else retry the round. All shared state is guarded by one condition variable.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from aggregator_service.checkpoint_store import Checkpoint, CheckpointStore
+from aggregator_service.config import ServerConfig
+from aggregator_service.round_log import RoundLog
+from aggregator_service.strategy import Strategy
+from fedmae._proto import federation_pb2 as pb
+from fedmae.errors import (
+    DuplicateUpdate,
+    FedmaeError,
+    InvalidUpdate,
+    PermissionDenied,
+    RoundClosedError,
+    StaleUpdate,
+)
+from fedmae.tensor_codec import (
+    ModelLayout,
+    PayloadDecoder,
+    encode,
+    encoding_name,
+    iter_chunks,
+    sha256_hex,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_SAMPLES_PER_UPDATE = 1 << 40  # a sanity bound on the aggregation weight
+
+
+class Subscription:
+    """One client's event stream. ``next`` blocks; ``None`` means the stream ends."""
+
+    def __init__(self, client_id: str):
+        self.client_id = client_id
+        self._queue: queue.Queue[pb.RoundEvent | None] = queue.Queue()
+        self.closed = False
+
+    def push(self, event: pb.RoundEvent) -> None:
+        if not self.closed:
+            self._queue.put(event)
+
+    def close(self) -> None:
+        self.closed = True
+        self._queue.put(None)
+
+    def next(self, timeout: float) -> pb.RoundEvent | None:
+        """The next event; a heartbeat when nothing happened for ``timeout`` seconds."""
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            ts = Timestamp()
+            ts.GetCurrentTime()
+            return pb.RoundEvent(heartbeat=pb.Heartbeat(time=ts))
+
+
+@dataclass
+class ClientResult:
+    client_id: str
+    num_samples: int
+    metrics: dict[str, float]
+    bytes: int
+    upload_s: float
+
+
+@dataclass
+class RoundState:
+    round: int
+    attempt: int
+    base_version: int
+    selected: list[str]
+    deadline: float
+    started: float
+    encoding: int
+    accepted: dict[str, ClientResult] = field(default_factory=dict)
+    uploading: set[str] = field(default_factory=set)
+    rejected: dict[str, str] = field(default_factory=dict)
+    closed: bool = False
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class UploadSession:
+    """One update being received: validated header, decoder, byte count."""
+
+    def __init__(self, state: RoundState, client_id: str, header: pb.UpdateHeader, decoder):
+        self.state = state
+        self.client_id = client_id
+        self.header = header
+        self.decoder: PayloadDecoder = decoder
+        self.started = time.monotonic()
+        self.bytes = 0
+
+    def write(self, chunk: pb.Chunk) -> None:
+        self.decoder.write(chunk)
+        self.bytes += len(chunk.data)
+
+
+class RoundManager:
+    def __init__(
+        self,
+        config: ServerConfig,
+        layout: ModelLayout,
+        global_flat: torch.Tensor,
+        checkpoint: Checkpoint,
+        store: CheckpointStore,
+        strategy: Strategy,
+        round_log: RoundLog,
+    ):
+        self.config = config
+        self.policy = config.policy
+        self.layout = layout
+        self.global_flat = global_flat
+        self.checkpoint = checkpoint
+        self.store = store
+        self.strategy = strategy
+        self.round_log = round_log
+        self.version = checkpoint.version
+        self.next_round = checkpoint.round + 1
+        self._cond = threading.Condition()
+        self._subs: dict[str, Subscription] = {}
+        self._seq = 0
+        self.state: RoundState | None = None
+        self.finished = threading.Event()
+        self.published_this_run = 0
+
+    # ------------------------------------------------------------ subscriptions
+
+    def subscribe(self, client_id: str) -> Subscription:
+        sub = Subscription(client_id)
+        with self._cond:
+            old = self._subs.get(client_id)
+            self._subs[client_id] = sub
+            if old is not None:
+                old.close()  # a reconnect replaces the stale stream
+            self._cond.notify_all()
+            state = self.state
+            if self.finished.is_set():
+                sub.push(self._event(run_finished=self._run_finished_msg()))
+            elif (
+                state is not None
+                and not state.closed
+                and client_id in state.selected
+                and client_id not in state.accepted
+                and client_id not in state.uploading
+            ):
+                sub.push(self._event(task=self._task_msg(state)))  # resend after a reconnect
+        log.info("client %s subscribed (%d connected)", client_id, len(self._subs))
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self._cond:
+            if self._subs.get(sub.client_id) is sub:
+                del self._subs[sub.client_id]
+                log.info("client %s disconnected (%d connected)", sub.client_id, len(self._subs))
+            self._cond.notify_all()
+        sub.close()
+
+    def connected(self) -> list[str]:
+        with self._cond:
+            return sorted(self._subs)
+
+    def _event(self, **kwargs: Any) -> pb.RoundEvent:
+        self._seq += 1
+        return pb.RoundEvent(seq=self._seq, **kwargs)
+
+    def _broadcast(self, **kwargs: Any) -> None:
+        event = self._event(**kwargs)
+        for sub in self._subs.values():
+            sub.push(event)
+
+    # ------------------------------------------------------------ rounds
+
+    def _task_msg(self, state: RoundState) -> pb.RoundTask:
+        deadline = Timestamp()
+        deadline.FromNanoseconds(int((time.time() + state.deadline - time.monotonic()) * 1e9))
+        return pb.RoundTask(
+            round=state.round,
+            attempt=state.attempt,
+            model_version=state.base_version,
+            phase=pb.PHASE_TRAIN,
+            config=self.config.training.to_proto(),
+            deadline=deadline,
+            selected_clients=len(state.selected),
+        )
+
+    def _run_finished_msg(self) -> pb.RunFinished:
+        return pb.RunFinished(
+            final_version=self.version, rounds=self.published_this_run, reason="completed"
+        )
+
+    def run(self, stop: threading.Event) -> None:
+        """The round loop; returns when the configured rounds are published or on stop."""
+        attempt = 1
+        try:
+            while not stop.is_set():
+                if self.policy.rounds and self.published_this_run >= self.policy.rounds:
+                    break
+                if not self._wait_for_clients(stop):
+                    break
+                ok = self._run_round(attempt, stop)
+                if ok:
+                    attempt = 1
+                elif not stop.is_set():
+                    attempt += 1
+                    if self.policy.max_attempts and attempt > self.policy.max_attempts:
+                        log.error("round %d failed %d times; stopping", self.next_round, attempt - 1)
+                        break
+                    stop.wait(self.policy.retry_delay_s)
+        finally:
+            with self._cond:
+                self.finished.set()
+                self._broadcast(run_finished=self._run_finished_msg())
+                self._cond.notify_all()
+            log.info("run finished at version %d", self.version)
+
+    def _wait_for_clients(self, stop: threading.Event) -> bool:
+        last_note = 0.0
+        with self._cond:
+            while len(self._subs) < self.policy.min_clients:
+                if stop.is_set():
+                    return False
+                if time.monotonic() - last_note > 10:
+                    log.info(
+                        "waiting for clients: %d of %d connected",
+                        len(self._subs),
+                        self.policy.min_clients,
+                    )
+                    last_note = time.monotonic()
+                self._cond.wait(timeout=0.5)
+        return True
+
+    def _run_round(self, attempt: int, stop: threading.Event) -> bool:
+        with self._cond:
+            round_ = self.next_round
+            selected = self.strategy.configure_round(
+                round_,
+                attempt,
+                sorted(self._subs),
+                self.policy.fraction,
+                self.policy.min_clients,
+                self.policy.seed,
+            )
+            now = time.monotonic()
+            state = RoundState(
+                round=round_,
+                attempt=attempt,
+                base_version=self.version,
+                selected=selected,
+                deadline=now + self.policy.round_timeout_s,
+                started=now,
+                encoding=self.config.training.to_proto().update_encoding,
+            )
+            self.strategy.begin_round(self.global_flat)
+            self.state = state
+            task = self._event(task=self._task_msg(state))
+            for cid in selected:
+                self._subs[cid].push(task)
+            log.info(
+                "round %d (attempt %d) started: %d of %d clients selected, base version %d",
+                round_,
+                attempt,
+                len(selected),
+                len(self._subs),
+                self.version,
+            )
+            while len(state.accepted) < len(selected) and not stop.is_set():
+                remaining = state.deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(timeout=min(remaining, 1.0))
+            state.closed = True  # later completions get DEADLINE_EXCEEDED
+            reported = len(state.accepted)
+            if reported >= self.policy.required_updates and reported > 0:
+                self.global_flat = self.strategy.aggregate(self.global_flat)
+                self.version += 1
+                t0 = time.monotonic()
+                self.checkpoint = self.store.save(
+                    self.version, round_, self.config.training.model, self.layout, self.global_flat
+                )
+                checkpoint_s = time.monotonic() - t0
+                self.next_round = round_ + 1
+                self.published_this_run += 1
+                record = self._record(state, "published", checkpoint_s=checkpoint_s)
+                self._broadcast(
+                    model_published=pb.ModelPublished(
+                        version=self.version,
+                        round=round_,
+                        manifest=self.layout.manifest(sha256=self.checkpoint.payload_sha256),
+                    )
+                )
+                success, reason = True, ""
+            else:
+                reason = (
+                    "stopped"
+                    if stop.is_set()
+                    else f"only {reported} of {self.policy.required_updates} required updates"
+                )
+                record = self._record(state, "failed", reason=reason)
+                success = False
+            self._broadcast(
+                round_closed=pb.RoundClosed(
+                    round=round_,
+                    attempt=attempt,
+                    success=success,
+                    version=self.version,
+                    participants=sorted(state.accepted),
+                    num_samples=record["num_samples"],
+                    train_loss=record["train_loss"] or 0.0,
+                    val_loss=record["val_loss"] or 0.0,
+                    reason=reason,
+                )
+            )
+        self.round_log.append(record)
+        if success:
+            log.info(
+                "round %d published version %d: %d clients, %d samples, val_loss %.4f, %.1fs",
+                round_,
+                self.version,
+                len(state.accepted),
+                record["num_samples"],
+                record["val_loss"] or float("nan"),
+                record["duration_s"],
+            )
+        else:
+            log.warning("round %d attempt %d failed: %s", round_, attempt, reason)
+        return success
+
+    def _record(self, state: RoundState, status: str, **extra: Any) -> dict[str, Any]:
+        results = list(state.accepted.values())
+        total = sum(r.num_samples for r in results)
+
+        def weighted(key: str) -> float | None:
+            pairs = [(r.num_samples, r.metrics[key]) for r in results if key in r.metrics]
+            n = sum(w for w, _ in pairs)
+            return sum(w * v for w, v in pairs) / n if n else None
+
+        return {
+            "round": state.round,
+            "attempt": state.attempt,
+            "status": status,
+            "version": self.version,
+            "base_version": state.base_version,
+            "selected": state.selected,
+            "participants": sorted(state.accepted),
+            "dropped": sorted(set(state.selected) - set(state.accepted) - set(state.rejected)),
+            "rejected": [{"client": c, "reason": r} for c, r in sorted(state.rejected.items())],
+            "num_samples": total,
+            "train_loss": weighted("train_loss"),
+            "val_loss": weighted("val_loss"),
+            "duration_s": round(time.monotonic() - state.started, 3),
+            "bytes_in": state.bytes_in,
+            "bytes_out": state.bytes_out,
+            "encoding": encoding_name(state.encoding),
+            "strategy": self.strategy.name,
+            "clients": [
+                {
+                    "id": r.client_id,
+                    "samples": r.num_samples,
+                    "train_loss": r.metrics.get("train_loss"),
+                    "val_loss": r.metrics.get("val_loss"),
+                    "bytes": r.bytes,
+                    "upload_s": round(r.upload_s, 3),
+                }
+                for r in sorted(results, key=lambda r: r.client_id)
+            ],
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **extra,
+        }
+
+    # ------------------------------------------------------------ uploads
+
+    def open_upload(self, client_id: str, header: pb.UpdateHeader) -> UploadSession:
+        """Validate an update's header against the round; reserve the client's slot."""
+        with self._cond:
+            state = self.state
+            if state is None or state.closed:
+                raise StaleUpdate(
+                    f"no round is open for updates (update names round {header.round}); "
+                    "wait for the next task"
+                )
+            if header.round != state.round:
+                raise StaleUpdate(
+                    f"update is for round {header.round}, but round {state.round} is open"
+                )
+            if header.base_version != state.base_version:
+                raise StaleUpdate(
+                    f"update is relative to model version {header.base_version}, but round "
+                    f"{state.round} trains version {state.base_version}; fetch the current model"
+                )
+            if client_id not in state.selected:
+                raise PermissionDenied(f"client {client_id} was not selected for round {state.round}")
+            if client_id in state.accepted or client_id in state.uploading:
+                raise DuplicateUpdate(
+                    f"client {client_id} already sent an update for round {state.round}"
+                )
+            if not 0 < header.num_samples <= MAX_SAMPLES_PER_UPDATE:
+                raise InvalidUpdate(f"num_samples must be positive, got {header.num_samples}")
+            decoder = PayloadDecoder(self.layout, header.manifest)
+            state.uploading.add(client_id)
+            return UploadSession(state, client_id, header, decoder)
+
+    def complete_upload(self, session: UploadSession, sha256: str) -> pb.UpdateReceipt:
+        """Check the payload and fold it into the round's aggregate."""
+        try:
+            delta = session.decoder.finish(sha256)  # outside the lock: hashing/decoding is slow
+        except FedmaeError as err:
+            self.abort_upload(session, str(err))
+            raise
+        with self._cond:
+            state = session.state
+            state.uploading.discard(session.client_id)
+            state.bytes_in += session.bytes
+            if state is not self.state or state.closed:
+                state.rejected[session.client_id] = "round closed before the upload completed"
+                raise RoundClosedError(
+                    f"round {state.round} closed before the update from "
+                    f"{session.client_id} completed"
+                )
+            self.strategy.accumulate(delta, int(session.header.num_samples))
+            state.accepted[session.client_id] = ClientResult(
+                client_id=session.client_id,
+                num_samples=int(session.header.num_samples),
+                metrics=dict(session.header.metrics),
+                bytes=session.bytes,
+                upload_s=time.monotonic() - session.started,
+            )
+            self._cond.notify_all()
+            log.info(
+                "round %d: accepted update from %s (%d samples, %d bytes, %d/%d)",
+                state.round,
+                session.client_id,
+                session.header.num_samples,
+                session.bytes,
+                len(state.accepted),
+                len(state.selected),
+            )
+            return pb.UpdateReceipt(
+                round=state.round,
+                bytes_received=session.bytes,
+                sha256=session.decoder.sha256,
+                updates_received=len(state.accepted),
+            )
+
+    def abort_upload(self, session: UploadSession, reason: str) -> None:
+        with self._cond:
+            session.state.uploading.discard(session.client_id)
+            session.state.bytes_in += session.bytes
+            session.state.rejected[session.client_id] = reason
+            self._cond.notify_all()
+        log.warning("round %d: update from %s refused: %s", session.state.round, session.client_id, reason)
+
+    # ------------------------------------------------------------ downloads
+
+    def model_stream(
+        self, version: int, encoding: int, chunk_size: int
+    ) -> tuple[pb.ModelHeader, Iterator[pb.Chunk]]:
+        """Header and chunks of a published version; fp32 is read from the checkpoint file."""
+        with self._cond:
+            version = version or self.version
+            current = self.checkpoint if version == self.version else None
+        ckpt = current or self.store.describe(version, self.layout)
+        encoding = encoding or pb.ENCODING_FP32
+        chunk_size = min(chunk_size or self.config.chunk_size, 4 * self.config.chunk_size)
+        if encoding == pb.ENCODING_FP32:
+            manifest = self.layout.manifest(encoding, sha256=ckpt.payload_sha256)
+            chunks = self._file_chunks(ckpt, chunk_size)
+        else:
+            _, flat = self.store.load(version, self.layout)
+            payload = encode(flat, encoding)
+            manifest = self.layout.manifest(encoding, sha256=sha256_hex(payload))
+            chunks = iter_chunks(payload, chunk_size)
+        header = pb.ModelHeader(
+            version=ckpt.version, round=ckpt.round, model=ckpt.model, manifest=manifest
+        )
+        return header, self._count_out(chunks)
+
+    def _file_chunks(self, ckpt: Checkpoint, chunk_size: int) -> Iterator[pb.Chunk]:
+        with open(ckpt.path, "rb") as f:
+            f.seek(ckpt.data_offset)
+            offset = 0
+            while offset < ckpt.total_bytes:
+                data = f.read(min(chunk_size, ckpt.total_bytes - offset))
+                if not data:
+                    raise FedmaeError(f"checkpoint {ckpt.path} is truncated")
+                yield pb.Chunk(offset=offset, data=data)
+                offset += len(data)
+
+    def _count_out(self, chunks: Iterator[pb.Chunk]) -> Iterator[pb.Chunk]:
+        for chunk in chunks:
+            state = self.state
+            if state is not None and not state.closed:
+                state.bytes_out += len(chunk.data)  # GIL-atomic enough for a statistic
+            yield chunk

@@ -1,0 +1,170 @@
+"""The aggregator process: state directory, model, round loop and the gRPC server."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from concurrent import futures
+from typing import TextIO
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from aggregator_service.checkpoint_store import CheckpointStore
+from aggregator_service.config import ServerConfig
+from aggregator_service.round_log import RoundLog
+from aggregator_service.round_manager import RoundManager
+from aggregator_service.servicer import FederationServicer, Identity
+from aggregator_service.strategy import FedAvg, Strategy
+from fedmae import tls
+from fedmae._proto import federation_pb2 as pb
+from fedmae._proto import federation_pb2_grpc as pb_grpc
+from fedmae.errors import ConfigError
+from fedmae.mae import build_model, trainable_state
+from fedmae.tensor_codec import ModelLayout
+
+log = logging.getLogger(__name__)
+
+FEDERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Federation"].full_name
+
+
+def grpc_options(chunk_size: int) -> list[tuple[str, int]]:
+    """Channel/server options shared by both ends: bounded messages, keepalive."""
+    max_msg = chunk_size * 4 + (1 << 20)  # a chunk plus its envelope; anything bigger is hostile
+    return [
+        ("grpc.max_receive_message_length", max_msg),
+        ("grpc.max_send_message_length", max_msg),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+class AggregatorServer:
+    """Owns the state directory and serves ``Federation``, health and reflection.
+
+    ``start()`` returns the bound port (``listen`` may end in ``:0``); ``wait()`` blocks
+    until the run ends or ``stop()`` is called.
+    """
+
+    def __init__(
+        self, config: ServerConfig, strategy: Strategy | None = None, echo: TextIO | None = None
+    ):
+        self.config = config
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = CheckpointStore(config.state_dir / "checkpoints", keep=config.keep_checkpoints)
+        model = build_model(config.training.model, seed=config.model_seed)
+        state = trainable_state(model)
+        self.layout = ModelLayout.from_state(state)
+        latest = self.store.latest()
+        if latest is None:
+            flat = self.layout.flatten(state)
+            checkpoint = self.store.save(0, 0, config.training.model, self.layout, flat)
+            log.info(
+                "initialised model %r (%d parameters) as version 0",
+                config.training.model,
+                self.layout.numel,
+            )
+        else:
+            checkpoint, flat = self.store.load(latest, self.layout)
+            if checkpoint.model and checkpoint.model != config.training.model:
+                raise ConfigError(
+                    f"state directory {config.state_dir} holds model {checkpoint.model!r}, "
+                    f"not {config.training.model!r}: use another --state-dir or --model"
+                )
+            log.info("resuming from version %d (round %d)", checkpoint.version, checkpoint.round)
+        del model, state
+        self.rounds = RoundManager(
+            config,
+            self.layout,
+            flat,
+            checkpoint,
+            self.store,
+            strategy or FedAvg(),
+            RoundLog(config.state_dir / "rounds.jsonl", echo=echo),
+        )
+        self._stop = threading.Event()
+        self._server: grpc.Server | None = None
+        self._loop: threading.Thread | None = None
+        self.health = health.HealthServicer()
+        self.port: int | None = None
+
+    def start(self) -> int:
+        cfg = self.config
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="rpc"),
+            options=grpc_options(cfg.chunk_size),
+        )
+        pb_grpc.add_FederationServicer_to_server(
+            FederationServicer(self.rounds, Identity(cfg.insecure), cfg.heartbeat_s), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [FEDERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        if cfg.insecure:
+            log.warning(
+                "--insecure: serving PLAINTEXT without client authentication on %s; "
+                "anyone who can reach this port can join and read the model",
+                cfg.listen,
+            )
+            port = server.add_insecure_port(cfg.listen)
+        else:
+            certs = tls.ServerCerts(cfg.certs)
+            port = server.add_secure_port(cfg.listen, tls.server_credentials(certs))
+        if port == 0:
+            raise ConfigError(f"cannot listen on {cfg.listen} (address in use?)")
+        server.start()
+        self._server, self.port = server, port
+        for name in ("", FEDERATION_SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._loop = threading.Thread(
+            target=self.rounds.run, args=(self._stop,), name="rounds", daemon=True
+        )
+        self._loop.start()
+        log.info(
+            "aggregator listening on %s (port %d, %s), state in %s",
+            cfg.listen,
+            port,
+            "plaintext" if cfg.insecure else "mTLS",
+            cfg.state_dir,
+        )
+        return port
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the run finished (True) or ``timeout`` passed (False)."""
+        return self.rounds.finished.wait(timeout)
+
+    def stop(self, grace: float | None = None) -> None:
+        self._stop.set()
+        if self._loop is not None:
+            self._loop.join(timeout=10)
+        self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            self._server.stop(self.config.exit_grace_s if grace is None else grace).wait()
+        log.info("aggregator stopped")
+
+
+def serve(config: ServerConfig) -> int:
+    """Run until the configured rounds are published (or SIGINT/SIGTERM); return 0."""
+    import signal
+
+    server = AggregatorServer(config, echo=sys.stdout)
+    server.start()
+    stop = threading.Event()
+
+    def _on_signal(signum, _frame):
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    while not stop.is_set() and not server.wait(timeout=0.5):
+        pass
+    # Give subscribers a moment to receive RunFinished before the server goes away.
+    server.stop(grace=config.exit_grace_s)
+    return 0

@@ -1,0 +1,76 @@
+"""Round strategies: whom to ask, and how updates become the next global model.
+
+The transport never knows which strategy runs. A new aggregation rule is a new
+subclass; nothing in the gRPC layer changes. Updates are folded in as they arrive
+(``accumulate``), so memory holds the global model, one accumulator and the uploads
+in flight, never one copy per client.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class Strategy(ABC):
+    """Hooks for each moment of a round, called by the ``RoundManager``."""
+
+    name: str = "strategy"
+
+    def configure_round(
+        self, round_: int, attempt: int, available: list[str], fraction: float, minimum: int, seed: int
+    ) -> list[str]:
+        """Pick the clients asked to train this round (deterministic for a seed)."""
+        count = min(len(available), max(minimum, round(fraction * len(available))))
+        rng = random.Random(f"{seed}/{round_}/{attempt}")
+        return sorted(rng.sample(sorted(available), count))
+
+    @abstractmethod
+    def begin_round(self, global_flat: torch.Tensor) -> None:
+        """Reset per-round state before the first update arrives."""
+
+    @abstractmethod
+    def accumulate(self, delta: torch.Tensor, num_samples: int) -> None:
+        """Fold one validated update (flat float32 delta) in. Called under a lock."""
+
+    @abstractmethod
+    def aggregate(self, global_flat: torch.Tensor) -> torch.Tensor:
+        """Return the next global model from the updates folded in this round."""
+
+
+class FedAvg(Strategy):
+    """θ ← θ + Σ nᵢΔᵢ / Σ nᵢ (McMahan et al. 2017), accumulated in place."""
+
+    name = "fedavg"
+
+    def __init__(self) -> None:
+        self._acc: torch.Tensor | None = None
+        self._total = 0
+
+    def begin_round(self, global_flat: torch.Tensor) -> None:
+        if self._acc is None or self._acc.numel() != global_flat.numel():
+            self._acc = torch.zeros_like(global_flat, dtype=torch.float32)
+        else:
+            self._acc.zero_()  # reuse: no new allocation per round
+        self._total = 0
+
+    def accumulate(self, delta: torch.Tensor, num_samples: int) -> None:
+        assert self._acc is not None, "begin_round was not called"
+        self._acc.add_(delta, alpha=float(num_samples))
+        self._total += num_samples
+
+    def aggregate(self, global_flat: torch.Tensor) -> torch.Tensor:
+        assert self._acc is not None and self._total > 0, "no updates to aggregate"
+        return global_flat.add_(self._acc, alpha=1.0 / self._total)
+
+
+STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg}
+
+
+def make_strategy(name: str) -> Strategy:
+    try:
+        return STRATEGIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}") from None

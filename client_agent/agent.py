@@ -1,0 +1,284 @@
+"""The client agent: subscribe, and for each task fetch, train, upload; reconnect
+with exponential backoff and jitter while the server is away."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+
+from aggregator_service.server import grpc_options
+from client_agent.local_training import evaluate, train_local
+from client_agent.transfer import fetch_model, is_retryable, submit_update
+from fedmae import tls
+from fedmae._proto import federation_pb2 as pb
+from fedmae._proto import federation_pb2_grpc as pb_grpc
+from fedmae.config import TrainingConfig
+from fedmae.data import ClientData
+from fedmae.errors import ConfigError
+from fedmae.mae import build_model, load_trainable_state, make_optimizer, trainable_state
+from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE, ModelLayout, encoding_from_name
+
+log = logging.getLogger(__name__)
+
+AGENT_VERSION = "fedmae-client/0.1"
+
+
+@dataclass
+class AgentConfig:
+    server: str
+    identity: Path | None  # None with insecure
+    insecure: bool = False
+    client_id: str | None = None  # only with insecure; otherwise the certificate CN
+    overrides: dict[str, object] = field(default_factory=dict)  # local TrainingConfig overrides
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    give_up_after_s: float = 0.0  # 0 = keep trying forever
+    seed: int = 0
+
+
+class RunFinished(Exception):
+    pass
+
+
+class ClientAgent:
+    def __init__(self, config: AgentConfig, data: ClientData):
+        self.config = config
+        self.data = data
+        self.train_images = data.train.to_tensor()
+        self.val_images = data.val.to_tensor()
+        self.model: torch.nn.Module | None = None
+        self.model_name: str | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.layout: ModelLayout | None = None
+        self.cached: tuple[int, torch.Tensor] | None = None  # (version, flat)
+        self.rounds_done = 0
+        self.stop_event = threading.Event()
+        if config.insecure:
+            self.client_id = config.client_id or "anonymous"
+        else:
+            if config.identity is None:
+                raise ConfigError("--identity DIR is required (or --insecure)")
+            self.identity = tls.ClientIdentity(config.identity)
+            self.client_id = self.identity.client_id
+        self._channel: grpc.Channel | None = None
+
+    # ------------------------------------------------------------ connection
+
+    def _connect(self) -> pb_grpc.FederationStub:
+        opts = grpc_options(self.config.chunk_size)
+        if self.config.insecure:
+            channel = grpc.insecure_channel(self.config.server, options=opts)
+        else:
+            channel = grpc.secure_channel(
+                self.config.server, tls.channel_credentials(self.identity), options=opts
+            )
+        self._channel = channel
+        return pb_grpc.FederationStub(channel)
+
+    def _metadata(self) -> list[tuple[str, str]] | None:
+        if self.config.insecure:
+            return [("x-fedmae-client-id", self.client_id)]
+        return None
+
+    def run(self) -> int:
+        """Serve the federation until the run ends; return a process exit code."""
+        delay = self.config.backoff_initial_s
+        away_since: float | None = None
+        while not self.stop_event.is_set():
+            stub = self._connect()
+            self._heard_from_server = False
+            try:
+                self._session(stub)
+                return 0
+            except RunFinished:
+                return 0
+            except grpc.RpcError as err:
+                if not is_retryable(err):
+                    log.error("%s: server refused us: %s: %s", self.client_id, err.code().name, err.details())
+                    return 2
+                if self._heard_from_server:  # we were connected: start backing off afresh
+                    delay, away_since = self.config.backoff_initial_s, None
+                away_since = away_since or time.monotonic()
+                if self.config.give_up_after_s and (
+                    time.monotonic() - away_since > self.config.give_up_after_s
+                ):
+                    log.error("%s: server unreachable for %.0fs; giving up", self.client_id,
+                              time.monotonic() - away_since)
+                    return 3
+                sleep = delay * random.uniform(0.5, 1.5)  # jitter: clients don't reconnect in lockstep
+                log.warning(
+                    "%s: connection to %s lost (%s); reconnecting in %.1fs",
+                    self.client_id,
+                    self.config.server,
+                    err.code().name,
+                    sleep,
+                )
+                self.stop_event.wait(sleep)
+                delay = min(delay * 2, self.config.backoff_max_s)
+            finally:
+                if self._channel is not None:
+                    self._channel.close()
+        return 0
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self._channel is not None:
+            self._channel.close()
+
+    def _session(self, stub: pb_grpc.FederationStub) -> None:
+        events = stub.Subscribe(
+            pb.SubscribeRequest(agent_version=AGENT_VERSION, available_samples=len(self.train_images)),
+            metadata=self._metadata(),
+        )
+        for event in events:
+            self._heard_from_server = True
+            kind = event.WhichOneof("event")
+            if kind == "task":
+                self._handle_task(stub, event.task)
+            elif kind == "round_closed":
+                rc = event.round_closed
+                if rc.success:
+                    log.info(
+                        "%s: round %d closed: version %d from %d clients, val_loss %.4f",
+                        self.client_id,
+                        rc.round,
+                        rc.version,
+                        len(rc.participants),
+                        rc.val_loss,
+                    )
+                else:
+                    log.info("%s: round %d failed: %s", self.client_id, rc.round, rc.reason)
+            elif kind == "run_finished":
+                log.info(
+                    "%s: run finished at version %d after %d rounds; %d trained here",
+                    self.client_id,
+                    event.run_finished.final_version,
+                    event.run_finished.rounds,
+                    self.rounds_done,
+                )
+                raise RunFinished()
+        # The stream ended without RunFinished: the server went away.
+        raise _Unavailable()
+
+    # ------------------------------------------------------------ one task
+
+    def _ensure_model(self, name: str) -> None:
+        if self.model is None or self.model_name != name:
+            self.model = build_model(name, seed=0)
+            self.model_name = name
+            self.optimizer = None
+            self.layout = ModelLayout.from_state(trainable_state(self.model))
+            self.cached = None
+
+    def _global(self, stub: pb_grpc.FederationStub, version: int) -> torch.Tensor:
+        if self.cached is not None and self.cached[0] == version:
+            return self.cached[1]
+        t0 = time.perf_counter()
+        header, flat = fetch_model(stub, self.layout, version)
+        log.info(
+            "%s: fetched model version %d (%.1f MB) in %.2fs",
+            self.client_id,
+            header.version,
+            header.manifest.total_bytes / 1e6,
+            time.perf_counter() - t0,
+        )
+        self.cached = (header.version, flat)
+        return flat
+
+    def _handle_task(self, stub: pb_grpc.FederationStub, task: pb.RoundTask) -> None:
+        cfg = TrainingConfig.from_proto(task.config).with_overrides(**self.config.overrides)
+        log.info(
+            "%s: round %d task: train version %d for %d epoch(s) on %d images",
+            self.client_id,
+            task.round,
+            task.model_version,
+            cfg.local_epochs,
+            len(self.train_images),
+        )
+        self._ensure_model(cfg.model)
+        global_flat = self._global(stub, task.model_version)
+        load_trainable_state(self.model, self.layout.unflatten(global_flat.clone()))
+        if self.optimizer is None:  # AdamW state stays local across rounds (as Fed-MAE)
+            self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay)
+
+        last_report = [time.monotonic()]
+
+        def progress(step: int, total: int, loss: float) -> None:
+            if time.monotonic() - last_report[0] >= 5 or step == total:
+                last_report[0] = time.monotonic()
+                log.info(
+                    "%s: round %d training %3d%% (step %d/%d) loss %.4f",
+                    self.client_id, task.round, 100 * step // total, step, total, loss,
+                )
+
+        result = train_local(
+            self.model,
+            self.optimizer,
+            self.train_images,
+            cfg,
+            seed=zlib.crc32(f"{self.config.seed}/{self.client_id}/{task.round}/{task.attempt}".encode()),
+            progress=progress,
+        )
+        val_loss = evaluate(self.model, self.val_images, cfg.mask_ratio)
+        delta = self.layout.flatten(trainable_state(self.model)).sub_(global_flat)
+        metrics = {
+            "train_loss": result.train_loss,
+            "val_loss": val_loss,
+            "train_seconds": result.seconds,
+            "images_per_s": result.images_per_s,
+        }
+        t0 = time.perf_counter()
+        try:
+            receipt = submit_update(
+                stub,
+                self.layout,
+                delta,
+                round_=task.round,
+                base_version=task.model_version,
+                num_samples=result.num_samples,
+                encoding=encoding_from_name(cfg.update_encoding),
+                metrics=metrics,
+                chunk_size=self.config.chunk_size,
+            )
+        except grpc.RpcError as err:
+            if is_retryable(err):
+                raise
+            # Refused (round closed, stale, ...): this update is lost, the agent is not.
+            log.warning(
+                "%s: round %d update refused: %s: %s",
+                self.client_id, task.round, err.code().name, err.details(),
+            )
+            return
+        self.rounds_done += 1
+        log.info(
+            "%s: round %d update sent (%d samples, train_loss %.4f, val_loss %.4f, "
+            "%.0f img/s, %.1f MB in %.2fs; %d updates in round)",
+            self.client_id,
+            task.round,
+            result.num_samples,
+            result.train_loss,
+            val_loss,
+            result.images_per_s,
+            receipt.bytes_received / 1e6,
+            time.perf_counter() - t0,
+            receipt.updates_received,
+        )
+
+
+class _Unavailable(grpc.RpcError):
+    """The event stream ended without RunFinished: treat like a lost connection."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "event stream ended"

@@ -1,0 +1,97 @@
+"""Moving tensors over the Federation service: fetch a model, submit a delta."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import grpc
+import torch
+
+from fedmae._proto import federation_pb2 as pb
+from fedmae._proto import federation_pb2_grpc as pb_grpc
+from fedmae.errors import InvalidUpdate
+from fedmae.tensor_codec import (
+    DEFAULT_CHUNK_SIZE,
+    ModelLayout,
+    PayloadDecoder,
+    encode,
+    iter_chunks,
+    sha256_hex,
+)
+
+
+def fetch_model(
+    stub: pb_grpc.FederationStub,
+    layout: ModelLayout,
+    version: int = 0,
+    encoding: int = pb.ENCODING_FP32,
+    timeout: float | None = None,
+) -> tuple[pb.ModelHeader, torch.Tensor]:
+    """Download a published version into one flat float32 tensor, checked end to end."""
+    stream = stub.FetchModel(pb.FetchModelRequest(version=version, encoding=encoding), timeout=timeout)
+    first = next(stream, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise InvalidUpdate("model stream did not start with a ModelHeader")
+    header = first.header
+    decoder = PayloadDecoder(layout, header.manifest)  # refuses a model of another shape
+    for msg in stream:
+        decoder.write(msg.chunk)
+    return header, decoder.finish(header.manifest.sha256)
+
+
+def update_messages(
+    layout: ModelLayout,
+    delta: torch.Tensor,
+    *,
+    round_: int,
+    base_version: int,
+    num_samples: int,
+    encoding: int,
+    metrics: Mapping[str, float],
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Iterator[pb.UpdateMessage]:
+    """Header, chunks, trailer of one update (the payload is encoded once)."""
+    payload = encode(delta, encoding)
+    header = pb.UpdateHeader(
+        round=round_,
+        base_version=base_version,
+        num_samples=num_samples,
+        manifest=layout.manifest(encoding),
+        metrics=dict(metrics),
+    )
+    yield pb.UpdateMessage(header=header)
+    for chunk in iter_chunks(payload, chunk_size):
+        yield pb.UpdateMessage(chunk=chunk)
+    yield pb.UpdateMessage(trailer=pb.UpdateTrailer(sha256=sha256_hex(payload)))
+
+
+def submit_update(
+    stub: pb_grpc.FederationStub,
+    layout: ModelLayout,
+    delta: torch.Tensor,
+    *,
+    round_: int,
+    base_version: int,
+    num_samples: int,
+    encoding: int = pb.ENCODING_FP32,
+    metrics: Mapping[str, float] | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    timeout: float | None = None,
+) -> pb.UpdateReceipt:
+    """Upload ``delta`` (local − global, flat float32) for a round; return the receipt."""
+    messages = update_messages(
+        layout,
+        delta,
+        round_=round_,
+        base_version=base_version,
+        num_samples=num_samples,
+        encoding=encoding,
+        metrics=metrics or {},
+        chunk_size=chunk_size,
+    )
+    return stub.SubmitUpdate(messages, timeout=timeout)
+
+
+def is_retryable(err: grpc.RpcError) -> bool:
+    """Errors worth reconnecting for (server away, connection cut)."""
+    return err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)

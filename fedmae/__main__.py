@@ -1,0 +1,5 @@
+import sys
+
+from fedmae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,265 @@
+"""The ``fedmae`` command: certs, serve, client, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fedmae.errors import FedmaeError
+
+log = logging.getLogger("fedmae")
+
+
+def setup_logging(level: str = "INFO", role: str = "") -> None:
+    prefix = f"{role} " if role else ""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s {prefix}%(levelname)-7s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+# ---------------------------------------------------------------- certs
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    from fedmae import tls
+
+    certs = tls.init_certs(args.out, hosts=args.host, force=args.force)
+    print(f"CA and server certificate in {certs.dir}")
+    print(f"  CA certificate (give to clients): {certs.ca_cert}")
+    print(f"  CA key (keep private):            {certs.ca_key}")
+    return 0
+
+
+def cmd_certs_issue_client(args: argparse.Namespace) -> int:
+    from fedmae import tls
+
+    out = Path(args.out or Path(args.certs) / "clients" / args.name)
+    ident = tls.issue_client(args.certs, args.name, out, days=args.days)
+    print(f"client identity {args.name!r} in {ident.dir} (ca.pem, client.pem, client.key)")
+    return 0
+
+
+# ---------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aggregator_service.config import RoundPolicy, ServerConfig
+    from aggregator_service.server import serve
+    from fedmae.config import TrainingConfig
+
+    state_dir = Path(args.state_dir)
+    config = ServerConfig(
+        state_dir=state_dir,
+        listen=args.listen,
+        certs_dir=Path(args.certs) if args.certs else None,
+        insecure=args.insecure,
+        model_seed=args.seed,
+        policy=RoundPolicy(
+            min_clients=args.min_clients,
+            fraction=args.fraction,
+            min_updates=args.min_updates,
+            rounds=args.rounds,
+            round_timeout_s=args.round_timeout,
+            seed=args.seed,
+        ),
+        training=TrainingConfig(
+            model=args.model,
+            local_epochs=args.local_epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            weight_decay=args.weight_decay,
+            mask_ratio=args.mask_ratio,
+            update_encoding=args.encoding,
+            max_samples=args.max_samples,
+        ),
+        keep_checkpoints=args.keep_checkpoints,
+        max_workers=args.max_workers,
+    )
+    if not config.insecure and not (config.certs / "server.pem").exists():
+        from fedmae import tls
+
+        log.info("no certificates in %s yet: creating a CA and server certificate", config.certs)
+        tls.init_certs(config.certs)
+    return serve(config)
+
+
+# ---------------------------------------------------------------- client
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    import torch
+
+    from client_agent.agent import AgentConfig, ClientAgent
+    from fedmae.data import client_split, load_dataset, parse_partition
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    index, count = parse_partition(args.partition)
+    dataset = load_dataset(args.data)
+    data = client_split(
+        dataset,
+        index,
+        count,
+        dirichlet_alpha=args.dirichlet,
+        seed=args.data_seed,
+        val_fraction=args.val_fraction,
+        limit=args.limit,
+    )
+    overrides = {
+        "local_epochs": args.local_epochs,
+        "batch_size": args.batch_size,
+        "learning_rate": args.lr,
+        "update_encoding": args.encoding,
+    }
+    agent = ClientAgent(
+        AgentConfig(
+            server=args.server,
+            identity=Path(args.identity) if args.identity else None,
+            insecure=args.insecure,
+            client_id=args.client_id,
+            overrides=overrides,
+            give_up_after_s=args.give_up_after,
+            seed=args.data_seed,
+        ),
+        data,
+    )
+    log.info(
+        "client %s: %d training and %d validation images from %s (partition %d/%d%s)",
+        agent.client_id,
+        len(data.train),
+        len(data.val),
+        dataset.name,
+        index,
+        count,
+        f", Dirichlet alpha {args.dirichlet}" if args.dirichlet else ", IID",
+    )
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    return agent.run()
+
+
+# ---------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fedmae.demo import DemoConfig, run_demo
+
+    return run_demo(
+        DemoConfig(
+            clients=args.clients,
+            rounds=args.rounds,
+            state_dir=Path(args.state_dir),
+            dirichlet=args.dirichlet,
+            images_per_client=args.images_per_client,
+            local_epochs=args.local_epochs,
+            data=args.data,
+            encoding=args.encoding,
+            fresh=not args.keep_state,
+        )
+    )
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedmae",
+        description="Federated Masked Autoencoder training over gRPC with mutual TLS.",
+    )
+    p.add_argument("--log-level", default=os.environ.get("FEDMAE_LOG_LEVEL", "INFO"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    certs = sub.add_parser("certs", help="make the CA, server and client certificates")
+    csub = certs.add_subparsers(dest="certs_command", required=True)
+    ci = csub.add_parser("init", help="create the CA and the server certificate (idempotent)")
+    ci.add_argument("--out", required=True, help="certificates directory")
+    ci.add_argument("--host", action="append", default=[], help="extra server name/IP (repeat)")
+    ci.add_argument("--force", action="store_true", help="make a new CA (invalidates clients)")
+    ci.set_defaults(func=cmd_certs_init)
+    cc = csub.add_parser("issue-client", help="issue a client identity signed by the CA")
+    cc.add_argument("--certs", required=True, help="certificates directory with ca.pem/ca.key")
+    cc.add_argument("--name", required=True, help="client id (becomes the certificate CN)")
+    cc.add_argument("--out", help="identity directory (default: CERTS/clients/NAME)")
+    cc.add_argument("--days", type=int, default=365)
+    cc.set_defaults(func=cmd_certs_issue_client)
+
+    s = sub.add_parser("serve", help="run the aggregator")
+    s.add_argument("--state-dir", required=True, help="checkpoints, round log, certs")
+    s.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (default %(default)s)")
+    s.add_argument("--certs", help="certificates directory (default STATE_DIR/certs)")
+    s.add_argument("--insecure", action="store_true", help="plaintext, no client auth (testing)")
+    s.add_argument("--model", default="tiny", help="MAE config: tiny, vit_base, ...")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--min-clients", type=int, default=2)
+    s.add_argument("--fraction", type=float, default=1.0)
+    s.add_argument("--min-updates", type=int, default=0, help="0 = min-clients")
+    s.add_argument("--rounds", type=int, default=5, help="0 = until stopped")
+    s.add_argument("--round-timeout", type=float, default=600.0, help="seconds")
+    s.add_argument("--local-epochs", type=int, default=1)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--weight-decay", type=float, default=0.05)
+    s.add_argument("--mask-ratio", type=float, default=0.75)
+    s.add_argument("--encoding", default="fp32", choices=["fp32", "fp16", "bf16"])
+    s.add_argument("--max-samples", type=int, default=0, help="per client per round; 0 = all")
+    s.add_argument("--keep-checkpoints", type=int, default=0, help="0 = keep all")
+    s.add_argument("--max-workers", type=int, default=64)
+    s.set_defaults(func=cmd_serve, role="aggregator")
+
+    c = sub.add_parser("client", help="run a client agent")
+    c.add_argument("--server", required=True, help="aggregator HOST:PORT")
+    c.add_argument("--identity", help="identity directory (ca.pem, client.pem, client.key)")
+    c.add_argument("--insecure", action="store_true")
+    c.add_argument("--client-id", help="with --insecure only")
+    c.add_argument("--data", default="fashion-mnist", help="fashion-mnist, a folder or .npy/.npz")
+    c.add_argument("--partition", default="0/1", help="K/N: this client's shard (default 0/1)")
+    c.add_argument("--dirichlet", type=float, help="non-IID shards with Dirichlet(alpha)")
+    c.add_argument("--data-seed", type=int, default=0)
+    c.add_argument("--limit", type=int, help="use a seeded subset of this many images in all")
+    c.add_argument("--val-fraction", type=float, default=0.1)
+    c.add_argument("--local-epochs", type=int, help="override the server's setting")
+    c.add_argument("--batch-size", type=int, help="override the server's setting")
+    c.add_argument("--lr", type=float, help="override the server's setting")
+    c.add_argument("--encoding", choices=["fp32", "fp16", "bf16"], help="override")
+    c.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    c.add_argument("--give-up-after", type=float, default=0.0, help="seconds; 0 = never")
+    c.set_defaults(func=cmd_client)
+
+    d = sub.add_parser("demo", help="a real federated cluster on this machine, over mTLS")
+    d.add_argument("--clients", type=int, default=3)
+    d.add_argument("--rounds", type=int, default=5)
+    d.add_argument("--state-dir", default="demo-state")
+    d.add_argument("--dirichlet", type=float, help="non-IID shards with Dirichlet(alpha)")
+    d.add_argument("--images-per-client", type=int, default=1500)
+    d.add_argument("--local-epochs", type=int, default=1)
+    d.add_argument("--data", default="fashion-mnist")
+    d.add_argument("--encoding", default="fp32", choices=["fp32", "fp16", "bf16"])
+    d.add_argument("--keep-state", action="store_true", help="resume instead of starting fresh")
+    d.set_defaults(func=cmd_demo, role="demo")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    role = getattr(args, "role", "")
+    if args.command == "client":
+        role = f"client[{args.client_id or (Path(args.identity).name if args.identity else '?')}]"
+    setup_logging(args.log_level, role)
+    try:
+        return args.func(args)
+    except (FedmaeError, ValueError, FileNotFoundError) as err:
+        log.error("%s", err)  # expected failures: a message, not a traceback
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

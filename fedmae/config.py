@@ -1,0 +1,60 @@
+"""Settings shared by the aggregator and the client agent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from fedmae._proto import federation_pb2 as pb
+from fedmae.tensor_codec import encoding_from_name, encoding_name
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Local training knobs; the server sends them with each task (``pb.TrainingConfig``)."""
+
+    model: str = "tiny"
+    local_epochs: int = 1
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    mask_ratio: float = 0.75
+    update_encoding: str = "fp32"
+    max_samples: int = 0  # 0 = every local sample
+
+    def __post_init__(self) -> None:
+        encoding_from_name(self.update_encoding)  # fail early on a typo
+        if self.local_epochs < 1 or self.batch_size < 1:
+            raise ValueError("local_epochs and batch_size must be at least 1")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError("mask_ratio must be in (0, 1)")
+        if self.learning_rate <= 0:
+            raise ValueError("learning_rate must be positive")
+
+    def to_proto(self) -> pb.TrainingConfig:
+        return pb.TrainingConfig(
+            model=self.model,
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            mask_ratio=self.mask_ratio,
+            update_encoding=encoding_from_name(self.update_encoding),
+            max_samples=self.max_samples,
+        )
+
+    @classmethod
+    def from_proto(cls, msg: pb.TrainingConfig) -> TrainingConfig:
+        return cls(
+            model=msg.model or "tiny",
+            local_epochs=msg.local_epochs or 1,
+            batch_size=msg.batch_size or 64,
+            learning_rate=msg.learning_rate or 1e-3,
+            weight_decay=msg.weight_decay,
+            mask_ratio=msg.mask_ratio or 0.75,
+            update_encoding=encoding_name(msg.update_encoding or pb.ENCODING_FP32),
+            max_samples=msg.max_samples,
+        )
+
+    def with_overrides(self, **overrides: object) -> TrainingConfig:
+        """A copy with the non-None overrides applied (a client's local settings)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})

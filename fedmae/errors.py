@@ -1,0 +1,76 @@
+"""Domain errors. Each maps to one gRPC status code, in one place (``grpc_status``).
+
+Business logic raises these; servicers translate them and nothing else. Messages are
+written for a person: say what was wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class FedmaeError(Exception):
+    """Base of every error fedmae reports to a peer."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class Unauthenticated(FedmaeError):
+    """No identity, or one we do not know."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(FedmaeError):
+    """Known identity, not allowed (revoked, wrong role, not selected)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class InvalidUpdate(FedmaeError):
+    """A malformed request: manifest, shape, dtype, offset, size, checksum, NaN."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class StaleUpdate(FedmaeError):
+    """An update for a round or base version that is not the current one."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class DuplicateUpdate(FedmaeError):
+    """A second update from the same client in the same round."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class RoundClosedError(FedmaeError):
+    """The round closed (deadline) before the update was complete."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class VersionNotFound(FedmaeError):
+    """A model version that was never published or is no longer kept."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class LimitExceeded(FedmaeError):
+    """Over a size or rate limit."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class ConfigError(FedmaeError):
+    """A local configuration problem (files, flags); reported before serving."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def grpc_status(error: BaseException) -> grpc.StatusCode:
+    """The status code a domain error is reported with."""
+    if isinstance(error, FedmaeError):
+        return error.code
+    return grpc.StatusCode.INTERNAL

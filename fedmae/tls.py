@@ -1,0 +1,309 @@
+"""Identity: the CA, server and client certificates, and the one place that builds
+gRPC TLS credentials.
+
+Layout of a certificates directory (``fedmae certs init --out DIR``)::
+
+    ca.pem  ca.key          the federation's CA (EC P-256); ca.key is 0600
+    server.pem server.key   the aggregator; SANs: localhost, 127.0.0.1, ::1, aggregator, --host
+
+Layout of a client identity directory (``fedmae certs issue-client``, later ``fedmae
+enroll``)::
+
+    ca.pem  client.pem  client.key   CN of client.pem = the client id
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedmae.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERVER_HOSTS = ("localhost", "127.0.0.1", "::1", "aggregator")
+CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class ServerCerts:
+    dir: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.dir / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.dir / "ca.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.dir / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.dir / "server.key"
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    dir: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.dir / "ca.pem"
+
+    @property
+    def cert(self) -> Path:
+        return self.dir / "client.pem"
+
+    @property
+    def key(self) -> Path:
+        return self.dir / "client.key"
+
+    @property
+    def client_id(self) -> str:
+        cert = x509.load_pem_x509_certificate(_read(self.cert))
+        return cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+
+
+def validate_client_id(name: str) -> str:
+    if not CLIENT_ID_RE.match(name):
+        raise ConfigError(
+            f"invalid client id {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+# ---------------------------------------------------------------- making certificates
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"missing file {path}") from None
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedmae"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+
+
+def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for h in dict.fromkeys(hosts):
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            names.append(x509.DNSName(h))
+    return x509.SubjectAlternativeName(names)
+
+
+def _sign(
+    subject: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    ca_cert: x509.Certificate | None,
+    ca_key: ec.EllipticCurvePrivateKey,
+    days: int,
+    *,
+    is_ca: bool = False,
+    server_hosts: list[str] | None = None,
+    client: bool = False,
+) -> x509.Certificate:
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject if ca_cert else subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))  # tolerate small clock skew
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=0 if is_ca else None), True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
+    )
+    if is_ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            True,
+        )
+    else:
+        assert ca_cert is not None
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), False
+        )
+    if server_hosts:
+        builder = builder.add_extension(_san(server_hosts), False).add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False
+        )
+    if client:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False
+        )
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def init_certs(
+    out_dir: Path | str, hosts: list[str] | None = None, days: int = 825, force: bool = False
+) -> ServerCerts:
+    """Create the CA and the server certificate in ``out_dir``.
+
+    Idempotent: an existing CA is reused (adding clients never rotates it), unless
+    ``force``. The server certificate is re-issued when ``hosts`` adds names.
+    """
+    certs = ServerCerts(Path(out_dir))
+    certs.dir.mkdir(parents=True, exist_ok=True)
+    if force or not (certs.ca_cert.exists() and certs.ca_key.exists()):
+        ca_key = _new_key()
+        ca_cert = _sign(_name("fedmae CA"), ca_key.public_key(), None, ca_key, days * 4, is_ca=True)
+        _write(certs.ca_key, _key_pem(ca_key), private=True)
+        _write(certs.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
+        log.info("created CA in %s", certs.dir)
+        force = True
+    ca_cert, ca_key = load_ca(certs)
+    wanted = list(DEFAULT_SERVER_HOSTS) + list(hosts or [])
+    if force or not certs.server_cert.exists() or not _covers(certs.server_cert, wanted):
+        key = _new_key()
+        cert = _sign(
+            _name("fedmae aggregator"), key.public_key(), ca_cert, ca_key, days, server_hosts=wanted
+        )
+        _write(certs.server_key, _key_pem(key), private=True)
+        _write(certs.server_cert, cert.public_bytes(serialization.Encoding.PEM))
+        log.info("issued server certificate for %s", ", ".join(dict.fromkeys(wanted)))
+    return certs
+
+
+def _covers(cert_path: Path, hosts: list[str]) -> bool:
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    have = {str(v) for v in san.get_values_for_type(x509.IPAddress)} | set(
+        san.get_values_for_type(x509.DNSName)
+    )
+    return all(str(ipaddress.ip_address(h)) in have if _is_ip(h) else h in have for h in hosts)
+
+
+def _is_ip(h: str) -> bool:
+    try:
+        ipaddress.ip_address(h)
+        return True
+    except ValueError:
+        return False
+
+
+def load_ca(certs: ServerCerts) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert = x509.load_pem_x509_certificate(_read(certs.ca_cert))
+    key = serialization.load_pem_private_key(_read(certs.ca_key), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{certs.ca_key} is not an EC private key")
+    return cert, key
+
+
+def issue_client(
+    certs_dir: Path | str, client_id: str, out_dir: Path | str, days: int = 365
+) -> ClientIdentity:
+    """Issue a client certificate (CN = ``client_id``) signed by the CA in ``certs_dir``.
+
+    The operator-side shortcut for tests and demos; edge devices enroll with a CSR
+    instead, so their key never leaves them.
+    """
+    validate_client_id(client_id)
+    certs = ServerCerts(Path(certs_dir))
+    ca_cert, ca_key = load_ca(certs)
+    ident = ClientIdentity(Path(out_dir))
+    key = _new_key()
+    cert = _sign(_name(client_id), key.public_key(), ca_cert, ca_key, days, client=True)
+    _write(ident.key, _key_pem(key), private=True)
+    _write(ident.cert, cert.public_bytes(serialization.Encoding.PEM))
+    _write(ident.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
+    return ident
+
+
+# ---------------------------------------------------------------- gRPC credentials
+
+
+def server_credentials(certs: ServerCerts, require_client_auth: bool = True) -> grpc.ServerCredentials:
+    """TLS for the aggregator; with ``require_client_auth`` only CA-signed clients connect."""
+    return grpc.ssl_server_credentials(
+        [(_read(certs.server_key), _read(certs.server_cert))],
+        root_certificates=_read(certs.ca_cert),
+        require_client_auth=require_client_auth,
+    )
+
+
+def channel_credentials(identity: ClientIdentity) -> grpc.ChannelCredentials:
+    """TLS for a client: trusts only the federation's CA, presents the client cert."""
+    if not identity.ca_cert.exists():
+        raise ConfigError(
+            f"no ca.pem in identity directory {identity.dir}: create it with "
+            "'fedmae certs issue-client' (or 'fedmae enroll')"
+        )
+    if identity.cert.exists() and identity.key.exists():
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(identity.ca_cert),
+            private_key=_read(identity.key),
+            certificate_chain=_read(identity.cert),
+        )
+    return grpc.ssl_channel_credentials(root_certificates=_read(identity.ca_cert))
+
+
+def peer_common_name(context: grpc.ServicerContext) -> str | None:
+    """CN of the verified peer certificate, or None on a connection without one."""
+    values = context.auth_context().get("x509_common_name")
+    if not values:
+        return None
+    value = values[0]
+    return value.decode() if isinstance(value, bytes) else str(value)
