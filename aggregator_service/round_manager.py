@@ -108,6 +108,7 @@ class UploadSession:
         self.decoder: PayloadDecoder = decoder
         self.started = time.monotonic()
         self.bytes = 0
+        self.done = False  # accepted or refused; the client's slot is released
 
     def write(self, chunk: pb.Chunk) -> None:
         self.decoder.write(chunk)
@@ -222,7 +223,9 @@ class RoundManager:
                 elif not stop.is_set():
                     attempt += 1
                     if self.policy.max_attempts and attempt > self.policy.max_attempts:
-                        log.error("round %d failed %d times; stopping", self.next_round, attempt - 1)
+                        log.error(
+                            "round %d failed %d times; stopping", self.next_round, attempt - 1
+                        )
                         break
                     stop.wait(self.policy.retry_delay_s)
         finally:
@@ -407,7 +410,9 @@ class RoundManager:
                     f"{state.round} trains version {state.base_version}; fetch the current model"
                 )
             if client_id not in state.selected:
-                raise PermissionDenied(f"client {client_id} was not selected for round {state.round}")
+                raise PermissionDenied(
+                    f"client {client_id} was not selected for round {state.round}"
+                )
             if client_id in state.accepted or client_id in state.uploading:
                 raise DuplicateUpdate(
                     f"client {client_id} already sent an update for round {state.round}"
@@ -427,6 +432,7 @@ class RoundManager:
             raise
         with self._cond:
             state = session.state
+            session.done = True
             state.uploading.discard(session.client_id)
             state.bytes_in += session.bytes
             if state is not self.state or state.closed:
@@ -436,6 +442,7 @@ class RoundManager:
                     f"{session.client_id} completed"
                 )
             self.strategy.accumulate(delta, int(session.header.num_samples))
+            state.rejected.pop(session.client_id, None)  # an earlier refused try is moot now
             state.accepted[session.client_id] = ClientResult(
                 client_id=session.client_id,
                 num_samples=int(session.header.num_samples),
@@ -461,12 +468,18 @@ class RoundManager:
             )
 
     def abort_upload(self, session: UploadSession, reason: str) -> None:
+        """Release a refused or broken upload's slot (idempotent)."""
         with self._cond:
+            if session.done:
+                return
+            session.done = True
             session.state.uploading.discard(session.client_id)
             session.state.bytes_in += session.bytes
             session.state.rejected[session.client_id] = reason
             self._cond.notify_all()
-        log.warning("round %d: update from %s refused: %s", session.state.round, session.client_id, reason)
+        log.warning(
+            "round %d: update from %s refused: %s", session.state.round, session.client_id, reason
+        )
 
     # ------------------------------------------------------------ downloads
 

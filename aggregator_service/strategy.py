@@ -20,7 +20,13 @@ class Strategy(ABC):
     name: str = "strategy"
 
     def configure_round(
-        self, round_: int, attempt: int, available: list[str], fraction: float, minimum: int, seed: int
+        self,
+        round_: int,
+        attempt: int,
+        available: list[str],
+        fraction: float,
+        minimum: int,
+        seed: int,
     ) -> list[str]:
         """Pick the clients asked to train this round (deterministic for a seed)."""
         count = min(len(available), max(minimum, round(fraction * len(available))))

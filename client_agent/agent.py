@@ -103,7 +103,12 @@ class ClientAgent:
                 return 0
             except grpc.RpcError as err:
                 if not is_retryable(err):
-                    log.error("%s: server refused us: %s: %s", self.client_id, err.code().name, err.details())
+                    log.error(
+                        "%s: server refused us: %s: %s",
+                        self.client_id,
+                        err.code().name,
+                        err.details(),
+                    )
                     return 2
                 if self._heard_from_server:  # we were connected: start backing off afresh
                     delay, away_since = self.config.backoff_initial_s, None
@@ -111,10 +116,15 @@ class ClientAgent:
                 if self.config.give_up_after_s and (
                     time.monotonic() - away_since > self.config.give_up_after_s
                 ):
-                    log.error("%s: server unreachable for %.0fs; giving up", self.client_id,
-                              time.monotonic() - away_since)
+                    log.error(
+                        "%s: server unreachable for %.0fs; giving up",
+                        self.client_id,
+                        time.monotonic() - away_since,
+                    )
                     return 3
-                sleep = delay * random.uniform(0.5, 1.5)  # jitter: clients don't reconnect in lockstep
+                sleep = delay * random.uniform(
+                    0.5, 1.5
+                )  # jitter: clients don't reconnect in lockstep
                 log.warning(
                     "%s: connection to %s lost (%s); reconnecting in %.1fs",
                     self.client_id,
@@ -136,7 +146,9 @@ class ClientAgent:
 
     def _session(self, stub: pb_grpc.FederationStub) -> None:
         events = stub.Subscribe(
-            pb.SubscribeRequest(agent_version=AGENT_VERSION, available_samples=len(self.train_images)),
+            pb.SubscribeRequest(
+                agent_version=AGENT_VERSION, available_samples=len(self.train_images)
+            ),
             metadata=self._metadata(),
         )
         for event in events:
@@ -217,7 +229,12 @@ class ClientAgent:
                 last_report[0] = time.monotonic()
                 log.info(
                     "%s: round %d training %3d%% (step %d/%d) loss %.4f",
-                    self.client_id, task.round, 100 * step // total, step, total, loss,
+                    self.client_id,
+                    task.round,
+                    100 * step // total,
+                    step,
+                    total,
+                    loss,
                 )
 
         result = train_local(
@@ -225,7 +242,9 @@ class ClientAgent:
             self.optimizer,
             self.train_images,
             cfg,
-            seed=zlib.crc32(f"{self.config.seed}/{self.client_id}/{task.round}/{task.attempt}".encode()),
+            seed=zlib.crc32(
+                f"{self.config.seed}/{self.client_id}/{task.round}/{task.attempt}".encode()
+            ),
             progress=progress,
         )
         val_loss = evaluate(self.model, self.val_images, cfg.mask_ratio)
@@ -255,7 +274,10 @@ class ClientAgent:
             # Refused (round closed, stale, ...): this update is lost, the agent is not.
             log.warning(
                 "%s: round %d update refused: %s: %s",
-                self.client_id, task.round, err.code().name, err.details(),
+                self.client_id,
+                task.round,
+                err.code().name,
+                err.details(),
             )
             return
         self.rounds_done += 1

@@ -28,7 +28,9 @@ def fetch_model(
     timeout: float | None = None,
 ) -> tuple[pb.ModelHeader, torch.Tensor]:
     """Download a published version into one flat float32 tensor, checked end to end."""
-    stream = stub.FetchModel(pb.FetchModelRequest(version=version, encoding=encoding), timeout=timeout)
+    stream = stub.FetchModel(
+        pb.FetchModelRequest(version=version, encoding=encoding), timeout=timeout
+    )
     first = next(stream, None)
     if first is None or first.WhichOneof("part") != "header":
         raise InvalidUpdate("model stream did not start with a ModelHeader")
@@ -94,4 +96,8 @@ def submit_update(
 
 def is_retryable(err: grpc.RpcError) -> bool:
     """Errors worth reconnecting for (server away, connection cut)."""
-    return err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+    return err.code() in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+    )

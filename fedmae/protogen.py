@@ -40,7 +40,9 @@ def generate(out_dir: Path = OUT_DIR) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
         for src in sorted((Path(tmp) / "fedmae" / "v1").iterdir()):
-            text = re.sub(r"\bfrom fedmae\.v1 import\b", "from fedmae._proto import", src.read_text())
+            text = re.sub(
+                r"\bfrom fedmae\.v1 import\b", "from fedmae._proto import", src.read_text()
+            )
             dst = out_dir / src.name
             dst.write_text(text)
             written.append(dst)

@@ -275,7 +275,9 @@ def issue_client(
 # ---------------------------------------------------------------- gRPC credentials
 
 
-def server_credentials(certs: ServerCerts, require_client_auth: bool = True) -> grpc.ServerCredentials:
+def server_credentials(
+    certs: ServerCerts, require_client_auth: bool = True
+) -> grpc.ServerCredentials:
     """TLS for the aggregator; with ``require_client_auth`` only CA-signed clients connect."""
     return grpc.ssl_server_credentials(
         [(_read(certs.server_key), _read(certs.server_cert))],

@@ -1,0 +1,114 @@
+"""A real aggregator on 127.0.0.1 with real mTLS, and scripted clients that talk to it.
+
+Scripted clients use the client agent's own transfer code but send deltas the test
+chooses, so the test can compute the expected model independently.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+from aggregator_service.config import RoundPolicy, ServerConfig
+from aggregator_service.server import AggregatorServer, grpc_options
+from client_agent.transfer import fetch_model
+from fedmae import tls
+from fedmae._proto import federation_pb2 as pb
+from fedmae._proto import federation_pb2_grpc as pb_grpc
+from fedmae.config import TrainingConfig
+from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE, ModelLayout
+
+TIMEOUT = 30.0
+
+
+def make_server(
+    state_dir: Path, certs_dir: Path, min_clients: int, rounds: int, **policy: object
+) -> AggregatorServer:
+    config = ServerConfig(
+        state_dir=state_dir,
+        listen="127.0.0.1:0",
+        certs_dir=certs_dir,
+        policy=RoundPolicy(
+            min_clients=min_clients, rounds=rounds, round_timeout_s=60.0, **policy
+        ),
+        training=TrainingConfig(model="tiny"),
+        heartbeat_s=1.0,
+        exit_grace_s=0.5,
+    )
+    return AggregatorServer(config)
+
+
+def with_policy(server_config: ServerConfig, **changes: object) -> ServerConfig:
+    return replace(server_config, policy=replace(server_config.policy, **changes))
+
+
+class ScriptedClient:
+    """A client identity, a channel, and a background Subscribe stream."""
+
+    def __init__(self, port: int, identity_dir: Path, subscribe: bool = True):
+        self.identity = tls.ClientIdentity(identity_dir)
+        self.channel = grpc.secure_channel(
+            f"127.0.0.1:{port}",
+            tls.channel_credentials(self.identity),
+            options=grpc_options(DEFAULT_CHUNK_SIZE),
+        )
+        self.stub = pb_grpc.FederationStub(self.channel)
+        self.events: queue.Queue[pb.RoundEvent] = queue.Queue()
+        self._call = None
+        if subscribe:
+            self._call = self.stub.Subscribe(pb.SubscribeRequest(agent_version="test"))
+            threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        try:
+            for event in self._call:
+                if event.WhichOneof("event") != "heartbeat":
+                    self.events.put(event)
+        except grpc.RpcError:
+            pass
+
+    def wait_for(self, kind: str, timeout: float = TIMEOUT, **fields: object) -> pb.RoundEvent:
+        """The next event of ``kind`` whose payload matches ``fields``."""
+        deadline = threading.Event()
+        timer = threading.Timer(timeout, deadline.set)
+        timer.start()
+        try:
+            while not deadline.is_set():
+                try:
+                    event = self.events.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if event.WhichOneof("event") == kind and all(
+                    getattr(getattr(event, kind), k) == v for k, v in fields.items()
+                ):
+                    return event
+            raise TimeoutError(f"no {kind} event with {fields} within {timeout}s")
+        finally:
+            timer.cancel()
+
+    def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        self.channel.close()
+
+
+def make_identities(tmp_path: Path, names: list[str]) -> tuple[Path, dict[str, Path]]:
+    certs = tls.init_certs(tmp_path / "certs")
+    ids = {n: tls.issue_client(certs.dir, n, tmp_path / "ids" / n).dir for n in names}
+    return certs.dir, ids
+
+
+def fetch_flat(client: ScriptedClient, layout: ModelLayout, version: int = 0) -> torch.Tensor:
+    _, flat = fetch_model(client.stub, layout, version, timeout=TIMEOUT)
+    return flat.clone()
+
+
+def random_delta(layout: ModelLayout, seed: int, scale: float = 0.01) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy((rng.standard_normal(layout.numel) * scale).astype(np.float32))

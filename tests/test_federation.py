@@ -1,0 +1,302 @@
+"""Integration tests over real gRPC with mutual TLS on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from federation_harness import (
+    TIMEOUT,
+    ScriptedClient,
+    fetch_flat,
+    make_identities,
+    make_server,
+    random_delta,
+)
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from safetensors.numpy import load_file
+
+from client_agent.transfer import submit_update, update_messages
+from fedmae import tls
+from fedmae._proto import federation_pb2 as pb
+from fedmae.tensor_codec import encode, iter_chunks, sha256_hex
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """Factory: a started aggregator plus subscribed scripted clients; all torn down."""
+    made: list = []
+
+    def start(names: list[str], rounds: int = 1, min_clients: int | None = None, **policy):
+        certs_dir, ids = make_identities(tmp_path, names)
+        server = make_server(
+            tmp_path / "state", certs_dir, min_clients or len(names), rounds, **policy
+        )
+        port = server.start()
+        clients = {n: ScriptedClient(port, ids[n]) for n in names}
+        made.append((server, clients))
+        return server, port, clients, ids
+
+    yield start
+    for server, clients in made:
+        for c in clients.values():
+            c.close()
+        server.stop(grace=0)
+
+
+def _expected(theta: torch.Tensor, deltas: dict[str, torch.Tensor], n: dict[str, int]):
+    """θ + Σ nᵢΔᵢ / Σ nᵢ, computed independently in float64 numpy."""
+    total = sum(n.values())
+    acc = np.zeros(theta.numel(), dtype=np.float64)
+    for cid, d in deltas.items():
+        acc += n[cid] * d.numpy().astype(np.float64)
+    return theta.numpy().astype(np.float64) + acc / total
+
+
+def test_fedavg_is_exact_over_mtls(cluster, tmp_path):
+    names = ["alpha", "bravo", "charlie"]
+    server, _port, clients, _ = cluster(names, rounds=1)
+    layout = server.layout
+    tasks = {n: c.wait_for("task").task for n, c in clients.items()}
+    assert {t.round for t in tasks.values()} == {1}
+    assert {t.model_version for t in tasks.values()} == {0}
+    theta0 = fetch_flat(clients["alpha"], layout, 0)
+
+    samples = {"alpha": 10, "bravo": 50, "charlie": 200}
+    deltas = {n: random_delta(layout, seed=i + 1, scale=0.05) for i, n in enumerate(names)}
+    encodings = {"alpha": pb.ENCODING_FP32, "bravo": pb.ENCODING_FP32, "charlie": pb.ENCODING_FP32}
+    for n in names:
+        receipt = submit_update(
+            clients[n].stub,
+            layout,
+            deltas[n],
+            round_=1,
+            base_version=0,
+            num_samples=samples[n],
+            encoding=encodings[n],
+            metrics={"train_loss": 1.0 + names.index(n), "val_loss": 2.0},
+            chunk_size=256 * 1024,  # several chunks per update
+            timeout=TIMEOUT,
+        )
+        assert receipt.round == 1
+        assert receipt.bytes_received == layout.numel * 4
+        assert receipt.sha256 == sha256_hex(encode(deltas[n]))
+
+    published = clients["alpha"].wait_for("model_published", version=1).model_published
+    assert published.round == 1
+    theta1 = fetch_flat(clients["bravo"], layout, 1)
+    expected = _expected(theta0, deltas, samples)
+    np.testing.assert_allclose(theta1.numpy(), expected, rtol=0, atol=1e-6)
+    # The update really moved the model (the test would pass trivially otherwise).
+    assert np.abs(expected - theta0.numpy()).max() > 1e-2
+
+    # The checkpoint on disk is a plain safetensors file with the same values.
+    ckpt = load_file(str(tmp_path / "state" / "checkpoints" / "v000001.safetensors"))
+    for e in layout.entries:
+        np.testing.assert_array_equal(
+            ckpt[e.name].reshape(-1), theta1.numpy()[e.offset : e.offset + e.numel]
+        )
+    record = json.loads((tmp_path / "state" / "rounds.jsonl").read_text().splitlines()[-1])
+    assert record["round"] == 1 and record["version"] == 1 and record["status"] == "published"
+    assert record["participants"] == names
+    assert record["num_samples"] == 260
+    assert record["train_loss"] == pytest.approx((10 * 1 + 50 * 2 + 200 * 3) / 260)
+    assert record["val_loss"] == pytest.approx(2.0)
+    assert record["bytes_in"] == 3 * layout.numel * 4
+    assert record["bytes_out"] >= layout.numel * 4  # the fetch above
+    closed = clients["charlie"].wait_for("round_closed", round=1).round_closed
+    assert closed.success and list(closed.participants) == names
+
+
+def test_fp16_and_bf16_updates_are_aggregated(cluster):
+    names = ["a", "b"]
+    server, _port, clients, _ = cluster(names, rounds=1)
+    layout = server.layout
+    for c in clients.values():
+        c.wait_for("task")
+    theta0 = fetch_flat(clients["a"], layout, 0)
+    deltas = {"a": random_delta(layout, 7), "b": random_delta(layout, 8)}
+    for n, enc in (("a", pb.ENCODING_FP16), ("b", pb.ENCODING_BF16)):
+        submit_update(
+            clients[n].stub, layout, deltas[n], round_=1, base_version=0, num_samples=3,
+            encoding=enc, timeout=TIMEOUT,
+        )  # fmt: skip
+    clients["a"].wait_for("model_published", version=1)
+    theta1 = fetch_flat(clients["a"], layout, 1)
+    # Same computation with the deltas as the wire carried them.
+    sent = {
+        "a": deltas["a"].half().float(),
+        "b": deltas["b"].bfloat16().float(),
+    }
+    np.testing.assert_allclose(
+        theta1.numpy(), _expected(theta0, sent, {"a": 3, "b": 3}), rtol=0, atol=1e-6
+    )
+
+
+def _code(excinfo) -> grpc.StatusCode:
+    return excinfo.value.code()
+
+
+def test_stale_and_duplicate_updates_are_refused(cluster):
+    names = ["a", "b"]
+    server, _port, clients, _ = cluster(names, rounds=2)
+    layout = server.layout
+    for c in clients.values():
+        c.wait_for("task", round=1)
+    d = {n: random_delta(layout, i) for i, n in enumerate(["a1", "b1", "a2", "b2", "x"])}
+
+    def send(client, delta, round_, base, n=5):
+        return submit_update(
+            clients[client].stub, layout, delta, round_=round_, base_version=base,
+            num_samples=n, timeout=TIMEOUT,
+        )  # fmt: skip
+
+    theta0 = fetch_flat(clients["a"], layout, 0)
+    send("a", d["a1"], 1, 0)
+    with pytest.raises(grpc.RpcError) as dup:
+        send("a", d["x"], 1, 0)  # second update from a in round 1
+    assert _code(dup) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "already sent" in dup.value.details()
+    send("b", d["b1"], 1, 0)
+    clients["a"].wait_for("task", round=2)
+
+    with pytest.raises(grpc.RpcError) as stale_round:
+        send("a", d["x"], 1, 0)  # round 1 is over
+    assert _code(stale_round) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "round 2 is open" in stale_round.value.details()
+    with pytest.raises(grpc.RpcError) as stale_version:
+        send("a", d["x"], 2, 0)  # right round, old base version
+    assert _code(stale_version) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "version" in stale_version.value.details()
+
+    send("a", d["a2"], 2, 1, n=4)
+    with pytest.raises(grpc.RpcError) as dup2:
+        send("a", d["x"], 2, 1)
+    assert _code(dup2) == grpc.StatusCode.FAILED_PRECONDITION
+    send("b", d["b2"], 2, 1, n=12)
+    clients["b"].wait_for("model_published", version=2)
+
+    # Only the accepted updates moved the model: refused ones left no trace.
+    theta1 = _expected(theta0, {"a": d["a1"], "b": d["b1"]}, {"a": 5, "b": 5})
+    theta2 = _expected(
+        torch.from_numpy(theta1.astype(np.float32)), {"a": d["a2"], "b": d["b2"]}, {"a": 4, "b": 12}
+    )
+    np.testing.assert_allclose(fetch_flat(clients["a"], layout, 2).numpy(), theta2, atol=1e-6)
+    clients["a"].wait_for("run_finished")
+
+
+def _send_raw(client: ScriptedClient, messages) -> pb.UpdateReceipt:
+    return client.stub.SubmitUpdate(iter(messages), timeout=TIMEOUT)
+
+
+def test_malformed_updates_get_invalid_argument_and_change_nothing(cluster):
+    server, _port, clients, _ = cluster(["a", "b"], rounds=1)
+    layout = server.layout
+    clients["a"].wait_for("task")
+    a = clients["a"]
+    before = fetch_flat(a, layout, 0)
+    good = list(update_messages(
+        layout, random_delta(layout, 1), round_=1, base_version=0, num_samples=5,
+        encoding=pb.ENCODING_FP32, metrics={}, chunk_size=1 << 20,
+    ))  # fmt: skip
+    header, chunks, trailer = good[0], good[1:-1], good[-1]
+    assert len(chunks) >= 2
+
+    wrong_shape = pb.UpdateMessage()
+    wrong_shape.CopyFrom(header)
+    wrong_shape.header.manifest.tensors[0].shape[0] += 1
+    nan = random_delta(layout, 2)
+    nan[123] = float("nan")
+    payload = encode(nan)
+    nan_msgs = [header, *[pb.UpdateMessage(chunk=c) for c in iter_chunks(payload)],
+                pb.UpdateMessage(trailer=pb.UpdateTrailer(sha256=sha256_hex(payload)))]  # fmt: skip
+    cases = {
+        "no header": ([chunks[0], trailer], "must start with an UpdateHeader"),
+        "wrong shape": ([wrong_shape, *chunks, trailer], "shape"),
+        "out of order": ([header, chunks[1], chunks[0], *chunks[2:], trailer], "in order"),
+        "duplicated chunk": ([header, chunks[0], chunks[0], *chunks[1:], trailer], "in order"),
+        "truncated": ([header, *chunks], "truncated"),
+        "missing bytes": ([header, chunks[0], trailer], "incomplete"),
+        "bad checksum": (
+            [header, *chunks, pb.UpdateMessage(trailer=pb.UpdateTrailer(sha256="0" * 64))],
+            "checksum",
+        ),
+        "nan": (nan_msgs, "NaN"),
+    }
+    for name, (msgs, words) in cases.items():
+        with pytest.raises(grpc.RpcError) as err:
+            _send_raw(a, msgs)
+        assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert words in err.value.details(), (name, err.value.details())
+        # A refused upload frees the slot: the same client may send a good one later.
+    assert torch.equal(fetch_flat(a, layout, 0), before)
+    receipt = _send_raw(a, good)
+    assert receipt.updates_received == 1
+
+
+def test_clients_without_a_ca_certificate_are_refused(cluster, tmp_path):
+    server, port, clients, ids = cluster(["a"], rounds=1, min_clients=2)
+    # A certificate from another CA, and no certificate at all.
+    other = tls.init_certs(tmp_path / "other-ca")
+    foreign = tls.issue_client(other.dir, "a", tmp_path / "foreign")
+    (foreign.dir / "ca.pem").write_bytes((ids["a"] / "ca.pem").read_bytes())  # trusts our server
+    anonymous = tmp_path / "anon"
+    anonymous.mkdir()
+    (anonymous / "ca.pem").write_bytes((ids["a"] / "ca.pem").read_bytes())
+    for ident in (foreign.dir, anonymous):
+        intruder = ScriptedClient(port, ident, subscribe=False)
+        with pytest.raises(grpc.RpcError) as err:
+            list(intruder.stub.FetchModel(pb.FetchModelRequest(), timeout=10))
+        assert _code(err) == grpc.StatusCode.UNAVAILABLE  # refused in the TLS handshake
+        intruder.close()
+    assert server.rounds.connected() == ["a"]
+    # The server is still serving its legitimate client.
+    health = health_pb2_grpc.HealthStub(clients["a"].channel)
+    status = health.Check(
+        health_pb2.HealthCheckRequest(service="fedmae.v1.Federation"), timeout=10
+    ).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_services(cluster):
+    _server, _port, clients, _ = cluster(["a"], rounds=1, min_clients=2)
+    stub = reflection_pb2_grpc.ServerReflectionStub(clients["a"].channel)
+    responses = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+    )
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"fedmae.v1.Federation", "grpc.health.v1.Health"} <= names
+
+
+def test_restart_resumes_from_the_last_published_version(tmp_path):
+    certs_dir, ids = make_identities(tmp_path, ["a"])
+    server = make_server(tmp_path / "state", certs_dir, min_clients=1, rounds=1)
+    port = server.start()
+    client = ScriptedClient(port, ids["a"])
+    try:
+        client.wait_for("task", round=1)
+        submit_update(
+            client.stub, server.layout, random_delta(server.layout, 3), round_=1,
+            base_version=0, num_samples=1, timeout=TIMEOUT,
+        )  # fmt: skip
+        client.wait_for("run_finished")
+        v1 = fetch_flat(client, server.layout, 1)
+    finally:
+        client.close()
+        server.stop(grace=0)
+
+    again = make_server(tmp_path / "state", certs_dir, min_clients=1, rounds=1)
+    assert again.rounds.version == 1 and again.rounds.next_round == 2
+    assert torch.equal(again.rounds.global_flat, v1)
+    port = again.start()
+    client = ScriptedClient(port, ids["a"])
+    try:
+        task = client.wait_for("task").task
+        assert (task.round, task.model_version) == (2, 1)
+    finally:
+        client.close()
+        again.stop(grace=0)
