@@ -312,12 +312,12 @@ class RoundManager:
                 )
                 success, reason = True, ""
             else:
-                reason = (
-                    "stopped"
-                    if stop.is_set()
-                    else f"only {reported} of {self.policy.required_updates} required updates"
-                )
-                record = self._record(state, "failed", reason=reason)
+                if stop.is_set():
+                    status, reason = "aborted", "aggregator stopped during the round"
+                else:
+                    status = "failed"
+                    reason = f"only {reported} of {self.policy.required_updates} required updates"
+                record = self._record(state, status, reason=reason)
                 success = False
             self._broadcast(
                 round_closed=pb.RoundClosed(

@@ -28,15 +28,18 @@ TIMEOUT = 30.0
 
 
 def make_server(
-    state_dir: Path, certs_dir: Path, min_clients: int, rounds: int, **policy: object
+    state_dir: Path,
+    certs_dir: Path,
+    min_clients: int,
+    rounds: int,
+    port: int = 0,
+    **policy: object,
 ) -> AggregatorServer:
     config = ServerConfig(
         state_dir=state_dir,
-        listen="127.0.0.1:0",
+        listen=f"127.0.0.1:{port}",
         certs_dir=certs_dir,
-        policy=RoundPolicy(
-            min_clients=min_clients, rounds=rounds, round_timeout_s=60.0, **policy
-        ),
+        policy=RoundPolicy(min_clients=min_clients, rounds=rounds, round_timeout_s=60.0, **policy),
         training=TrainingConfig(model="tiny"),
         heartbeat_s=1.0,
         exit_grace_s=0.5,

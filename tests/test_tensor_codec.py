@@ -1,0 +1,145 @@
+"""The wire codec: manifests, chunking, decoding and its refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedmae._proto import federation_pb2 as pb
+from fedmae.errors import InvalidUpdate
+from fedmae.mae import build_model, trainable_state
+from fedmae.tensor_codec import (
+    ModelLayout,
+    PayloadDecoder,
+    encode,
+    encoding_from_name,
+    iter_chunks,
+    sha256_hex,
+)
+
+ENCODINGS = {
+    pb.ENCODING_FP32: (lambda t: t, 0.0),
+    pb.ENCODING_FP16: (lambda t: t.half().float(), 1e-3),
+    pb.ENCODING_BF16: (lambda t: t.bfloat16().float(), 1e-2),
+}
+
+
+@pytest.fixture(scope="module")
+def layout() -> ModelLayout:
+    return ModelLayout.from_state(trainable_state(build_model("tiny", seed=0)))
+
+
+def _roundtrip(layout, flat, encoding, chunk_size):
+    payload = encode(flat, encoding)
+    decoder = PayloadDecoder(layout, layout.manifest(encoding))
+    chunks = list(iter_chunks(payload, chunk_size))
+    for chunk in chunks:
+        decoder.write(chunk)
+    return decoder.finish(sha256_hex(payload)), len(chunks)
+
+
+@pytest.mark.parametrize("encoding", list(ENCODINGS), ids=["fp32", "fp16", "bf16"])
+def test_roundtrip_every_encoding_multi_chunk(layout, encoding):
+    flat = torch.randn(layout.numel, generator=torch.Generator().manual_seed(0))
+    out, n_chunks = _roundtrip(layout, flat, encoding, chunk_size=100_003)  # odd size on purpose
+    assert n_chunks > 10
+    as_sent, tol = ENCODINGS[encoding]
+    assert torch.equal(out, as_sent(flat))  # exactly what the encoding can carry
+    assert torch.allclose(out, flat, rtol=tol, atol=tol)
+
+
+def test_layout_flatten_unflatten_and_manifest(layout):
+    model = build_model("tiny", seed=1)
+    state = trainable_state(model)
+    flat = layout.flatten(state)
+    back = layout.unflatten(flat)
+    assert list(back) == sorted(state)
+    for name, tensor in state.items():
+        assert torch.equal(back[name], tensor)
+    m = layout.manifest(pb.ENCODING_FP16)
+    assert m.total_bytes == layout.numel * 2
+    assert [t.name for t in m.tensors] == sorted(state)
+    assert all(t.dtype == "float16" for t in m.tensors)
+    offsets = [(t.offset, t.nbytes) for t in m.tensors]
+    assert all(a + n == b for (a, n), (b, _) in zip(offsets, offsets[1:], strict=False))
+
+
+def test_fp32_encode_is_zero_copy(layout):
+    flat = torch.zeros(layout.numel)
+    payload = encode(flat)
+    flat[0] = 1.5
+    assert np.frombuffer(payload, np.float32)[0] == 1.5
+
+
+def _manifest(layout, **edit):
+    m = layout.manifest(pb.ENCODING_FP32)
+    for key, value in edit.items():
+        setattr(m, key, value)
+    return m
+
+
+def test_manifest_refusals(layout):
+    m = layout.manifest()
+    m.tensors[3].shape[0] += 1
+    with pytest.raises(InvalidUpdate, match="shape"):
+        PayloadDecoder(layout, m)
+    m = layout.manifest()
+    m.tensors[0].dtype = "float64"
+    with pytest.raises(InvalidUpdate, match="dtype"):
+        PayloadDecoder(layout, m)
+    m = layout.manifest()
+    del m.tensors[-1]
+    with pytest.raises(InvalidUpdate, match="tensors"):
+        PayloadDecoder(layout, m)
+    with pytest.raises(InvalidUpdate, match="in total"):
+        PayloadDecoder(layout, _manifest(layout, total_bytes=10**15))  # hostile size: no allocation
+    with pytest.raises(InvalidUpdate, match="unsupported encoding"):
+        PayloadDecoder(layout, _manifest(layout, encoding=9))
+    m = layout.manifest()
+    m.tensors[0].name, m.tensors[1].name = m.tensors[1].name, m.tensors[0].name
+    with pytest.raises(InvalidUpdate, match="sorted-name order"):
+        PayloadDecoder(layout, m)
+
+
+def test_chunk_refusals(layout):
+    flat = torch.randn(layout.numel)
+    payload = encode(flat)
+    chunks = list(iter_chunks(payload, 1 << 20))
+    dec = PayloadDecoder(layout, layout.manifest())
+    with pytest.raises(InvalidUpdate, match="in order"):
+        dec.write(chunks[1])
+    dec.write(chunks[0])
+    with pytest.raises(InvalidUpdate, match="in order"):
+        dec.write(chunks[0])  # a repeat
+    with pytest.raises(InvalidUpdate, match="empty chunk"):
+        dec.write(pb.Chunk(offset=dec.received, data=b""))
+    with pytest.raises(InvalidUpdate, match="incomplete"):
+        dec.finish()
+    big = pb.Chunk(offset=dec.received, data=bytes(len(payload)))
+    with pytest.raises(InvalidUpdate, match="runs past"):
+        dec.write(big)
+
+
+def test_checksum_and_nan_refusals(layout):
+    flat = torch.randn(layout.numel)
+    payload = encode(flat)
+    dec = PayloadDecoder(layout, layout.manifest())
+    for c in iter_chunks(payload):
+        dec.write(c)
+    with pytest.raises(InvalidUpdate, match="checksum"):
+        dec.finish("ab" * 32)
+    bad = flat.clone()
+    last = layout.entries[-1]
+    bad[last.offset + 2] = float("inf")
+    with pytest.raises(InvalidUpdate, match=last.name):
+        _roundtrip(layout, bad, pb.ENCODING_FP32, 1 << 20)
+    overflow = torch.full((layout.numel,), 1e6)  # finite in fp32, Inf in fp16
+    with pytest.raises(InvalidUpdate, match="NaN/Inf"):
+        _roundtrip(layout, overflow, pb.ENCODING_FP16, 1 << 20)
+
+
+def test_encoding_names():
+    assert encoding_from_name("FP16") == pb.ENCODING_FP16
+    with pytest.raises(ValueError, match="fp32"):
+        encoding_from_name("int4")
