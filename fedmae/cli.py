@@ -144,6 +144,35 @@ def cmd_client(args: argparse.Namespace) -> int:
     return agent.run()
 
 
+# ---------------------------------------------------------------- health
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from fedmae import tls
+
+    if args.insecure:
+        channel = grpc.insecure_channel(args.server)
+    else:
+        creds = tls.channel_credentials(tls.ClientIdentity(Path(args.identity)))
+        channel = grpc.secure_channel(args.server, creds)
+    with channel:
+        try:
+            status = (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+                .status
+            )
+        except grpc.RpcError as err:
+            print(f"{args.server}: {err.code().name}: {err.details()}")
+            return 1
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    print(f"{args.server}: {name}")
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 # ---------------------------------------------------------------- demo
 
 
@@ -232,12 +261,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--give-up-after", type=float, default=0.0, help="seconds; 0 = never")
     c.set_defaults(func=cmd_client)
 
+    h = sub.add_parser("health", help="check an aggregator through gRPC health (exit 0 = serving)")
+    h.add_argument("--server", default="127.0.0.1:50051")
+    h.add_argument("--identity", help="any identity signed by the CA (e.g. CERTS/admin)")
+    h.add_argument("--insecure", action="store_true")
+    h.add_argument("--service", default="fedmae.v1.Federation")
+    h.add_argument("--timeout", type=float, default=5.0)
+    h.set_defaults(func=cmd_health)
+
     d = sub.add_parser("demo", help="a real federated cluster on this machine, over mTLS")
     d.add_argument("--clients", type=int, default=3)
     d.add_argument("--rounds", type=int, default=5)
     d.add_argument("--state-dir", default="demo-state")
     d.add_argument("--dirichlet", type=float, help="non-IID shards with Dirichlet(alpha)")
-    d.add_argument("--images-per-client", type=int, default=1500)
+    d.add_argument("--images-per-client", type=int, default=2000)
     d.add_argument("--local-epochs", type=int, default=1)
     d.add_argument("--data", default="fashion-mnist")
     d.add_argument("--encoding", default="fp32", choices=["fp32", "fp16", "bf16"])

@@ -32,7 +32,7 @@ class DemoConfig:
     rounds: int = 5
     state_dir: Path = Path("demo-state")
     dirichlet: float | None = None
-    images_per_client: int = 1500
+    images_per_client: int = 2000
     local_epochs: int = 1
     data: str = "fashion-mnist"
     encoding: str = "fp32"

@@ -121,13 +121,12 @@ def _read(path: Path) -> bytes:
         raise ConfigError(f"missing file {path}") from None
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedmae"),
-            x509.NameAttribute(NameOID.COMMON_NAME, cn),
-        ]
-    )
+def _name(cn: str, role: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedmae")]
+    if role:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role))
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+    return x509.Name(attrs)
 
 
 def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
@@ -221,6 +220,9 @@ def init_certs(
         _write(certs.server_key, _key_pem(key), private=True)
         _write(certs.server_cert, cert.public_bytes(serialization.Encoding.PEM))
         log.info("issued server certificate for %s", ", ".join(dict.fromkeys(wanted)))
+    if not (certs.dir / "admin" / "client.pem").exists():
+        # The operator's identity (admin role), also used for health checks.
+        issue_client(certs.dir, "admin", certs.dir / "admin", days=days, role="admin")
     return certs
 
 
@@ -253,7 +255,11 @@ def load_ca(certs: ServerCerts) -> tuple[x509.Certificate, ec.EllipticCurvePriva
 
 
 def issue_client(
-    certs_dir: Path | str, client_id: str, out_dir: Path | str, days: int = 365
+    certs_dir: Path | str,
+    client_id: str,
+    out_dir: Path | str,
+    days: int = 365,
+    role: str | None = None,
 ) -> ClientIdentity:
     """Issue a client certificate (CN = ``client_id``) signed by the CA in ``certs_dir``.
 
@@ -265,7 +271,7 @@ def issue_client(
     ca_cert, ca_key = load_ca(certs)
     ident = ClientIdentity(Path(out_dir))
     key = _new_key()
-    cert = _sign(_name(client_id), key.public_key(), ca_cert, ca_key, days, client=True)
+    cert = _sign(_name(client_id, role), key.public_key(), ca_cert, ca_key, days, client=True)
     _write(ident.key, _key_pem(key), private=True)
     _write(ident.cert, cert.public_bytes(serialization.Encoding.PEM))
     _write(ident.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))

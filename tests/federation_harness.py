@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -39,16 +38,14 @@ def make_server(
         state_dir=state_dir,
         listen=f"127.0.0.1:{port}",
         certs_dir=certs_dir,
-        policy=RoundPolicy(min_clients=min_clients, rounds=rounds, round_timeout_s=60.0, **policy),
+        policy=RoundPolicy(
+            **{"min_clients": min_clients, "rounds": rounds, "round_timeout_s": 60.0, **policy}
+        ),
         training=TrainingConfig(model="tiny"),
         heartbeat_s=1.0,
         exit_grace_s=0.5,
     )
     return AggregatorServer(config)
-
-
-def with_policy(server_config: ServerConfig, **changes: object) -> ServerConfig:
-    return replace(server_config, policy=replace(server_config.policy, **changes))
 
 
 class ScriptedClient:

@@ -73,3 +73,22 @@ def test_demo_runs_a_real_federation(tmp_path):
     # Every process the demo started has ended.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(state) not in ps
+
+
+def test_health_command_over_mtls(tmp_path, capsys):
+    from federation_harness import make_identities, make_server
+
+    certs, _ = make_identities(tmp_path, [])
+    server = make_server(tmp_path / "state", certs, min_clients=1, rounds=1)
+    port = server.start()
+    try:
+        assert (
+            main(["health", "--server", f"127.0.0.1:{port}", "--identity", str(certs / "admin")])
+            == 0
+        )
+        assert "SERVING" in capsys.readouterr().out
+    finally:
+        server.stop(grace=0)
+    assert main(["health", "--server", f"127.0.0.1:{port}", "--identity", str(certs / "admin"),
+                 "--timeout", "1"]) == 1  # fmt: skip
+    assert "UNAVAILABLE" in capsys.readouterr().out

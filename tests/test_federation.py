@@ -300,3 +300,40 @@ def test_restart_resumes_from_the_last_published_version(tmp_path):
     finally:
         client.close()
         again.stop(grace=0)
+
+
+def test_round_without_enough_updates_fails_and_is_retried(cluster):
+    names = ["a", "b"]
+    server, _port, clients, _ = cluster(names, rounds=1, round_timeout_s=1.5, retry_delay_s=0.1)
+    layout = server.layout
+    for c in clients.values():
+        c.wait_for("task", round=1, attempt=1)
+    theta0 = fetch_flat(clients["a"], layout, 0)
+    submit_update(
+        clients["a"].stub, layout, random_delta(layout, 1), round_=1, base_version=0,
+        num_samples=5, timeout=TIMEOUT,
+    )  # fmt: skip
+    closed = clients["a"].wait_for("round_closed", round=1).round_closed
+    assert not closed.success and closed.version == 0
+    assert "only 1 of 2 required updates" in closed.reason
+    # The round is retried from the same version; the lone update was not applied.
+    retry = clients["b"].wait_for("task", round=1, attempt=2).task
+    assert retry.model_version == 0
+    assert torch.equal(fetch_flat(clients["a"], layout, 0), theta0)
+    assert server.rounds.version == 0
+    records = server.rounds.round_log.read()
+    assert records[0]["status"] == "failed" and records[0]["dropped"] == ["b"]
+    assert records[0]["participants"] == ["a"]
+
+
+def test_selection_is_seeded_and_respects_fraction():
+    from aggregator_service.strategy import FedAvg
+
+    pool = [f"c{i}" for i in range(10)]
+    s = FedAvg()
+    picked = s.configure_round(3, 1, pool, fraction=0.3, minimum=2, seed=7)
+    assert len(picked) == 3 and set(picked) <= set(pool)
+    assert picked == s.configure_round(3, 1, list(reversed(pool)), 0.3, 2, 7)  # order-free
+    others = {tuple(s.configure_round(r, 1, pool, 0.3, 2, 7)) for r in range(1, 10)}
+    assert len(others) > 1  # different rounds pick different clients
+    assert len(s.configure_round(1, 1, pool, fraction=0.05, minimum=2, seed=0)) == 2
