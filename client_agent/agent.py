@@ -218,7 +218,7 @@ class ClientAgent:
         )
         self._ensure_model(cfg.model)
         global_flat = self._global(stub, task.model_version)
-        load_trainable_state(self.model, self.layout.unflatten(global_flat.clone()))
+        load_trainable_state(self.model, self.layout.unflatten(global_flat))  # copies in
         if self.optimizer is None:  # AdamW state stays local across rounds (as Fed-MAE)
             self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay)
 

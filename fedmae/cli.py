@@ -98,7 +98,8 @@ def cmd_client(args: argparse.Namespace) -> int:
     from client_agent.agent import AgentConfig, ClientAgent
     from fedmae.data import client_split, load_dataset, parse_partition
 
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     index, count = parse_partition(args.partition)
     dataset = load_dataset(args.data)
     data = client_split(

@@ -92,3 +92,32 @@ def test_health_command_over_mtls(tmp_path, capsys):
     assert main(["health", "--server", f"127.0.0.1:{port}", "--identity", str(certs / "admin"),
                  "--timeout", "1"]) == 1  # fmt: skip
     assert "UNAVAILABLE" in capsys.readouterr().out
+
+
+def test_demo_stops_every_process_on_ctrl_c(tmp_path):
+    import signal
+    import time
+
+    state = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedmae", "demo", "--clients", "2", "--rounds", "50",
+         "--images-per-client", "300", "--state-dir", str(state)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.strip().startswith("1 "):  # the first round closed: everything is running
+            break
+    children = subprocess.run(
+        ["pgrep", "-f", str(state)], capture_output=True, text=True
+    ).stdout.split()
+    assert len(children) >= 3, lines  # aggregator + 2 clients
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "interrupted" in out
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", str(state)], capture_output=True, text=True).stdout
+    assert left.split() == [], f"processes left behind: {left}"
