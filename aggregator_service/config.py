@@ -38,8 +38,13 @@ class RoundPolicy:
 @dataclass(frozen=True)
 class ServerConfig:
     state_dir: Path
-    listen: str = "127.0.0.1:50051"
+    listen: str = "127.0.0.1:50051"  # mTLS: Federation, Admin, Health
+    # TLS without client certificates, for Enrollment only: "" = the listen port + 1,
+    # "off" = no enrollment port.
+    enroll_listen: str = ""
     certs_dir: Path | None = None  # default: <state_dir>/certs
+    ca_key: Path | None = None  # CA signing key kept outside certs_dir (mode 0600)
+    client_cert_days: int = 365
     insecure: bool = False
     model_seed: int = 0
     policy: RoundPolicy = field(default_factory=RoundPolicy)
@@ -53,3 +58,12 @@ class ServerConfig:
     @property
     def certs(self) -> Path:
         return self.certs_dir or self.state_dir / "certs"
+
+    @property
+    def enroll_address(self) -> str | None:
+        if self.enroll_listen == "off" or self.insecure:
+            return None
+        if self.enroll_listen:
+            return self.enroll_listen
+        host, _, port = self.listen.rpartition(":")
+        return f"{host}:{int(port) + 1 if int(port) else 0}"

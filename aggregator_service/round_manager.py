@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,12 +53,14 @@ class Subscription:
         self.client_id = client_id
         self._queue: queue.Queue[pb.RoundEvent | None] = queue.Queue()
         self.closed = False
+        self.error: FedmaeError | None = None  # why the server ended the stream, if it did
 
     def push(self, event: pb.RoundEvent) -> None:
         if not self.closed:
             self._queue.put(event)
 
-    def close(self) -> None:
+    def close(self, error: FedmaeError | None = None) -> None:
+        self.error = error
         self.closed = True
         self._queue.put(None)
 
@@ -93,6 +95,8 @@ class RoundState:
     accepted: dict[str, ClientResult] = field(default_factory=dict)
     uploading: set[str] = field(default_factory=set)
     rejected: dict[str, str] = field(default_factory=dict)
+    revoked: set[str] = field(default_factory=set)
+    invalidated: str | None = None  # set when an aggregated update must not be published
     closed: bool = False
     bytes_in: int = 0
     bytes_out: int = 0
@@ -141,7 +145,7 @@ class RoundManager:
         self._seq = 0
         self.state: RoundState | None = None
         self.finished = threading.Event()
-        self.published_this_run = 0
+        self.on_round_closed: list[Callable[[dict[str, Any]], None]] = []
 
     # ------------------------------------------------------------ subscriptions
 
@@ -154,7 +158,11 @@ class RoundManager:
                 old.close()  # a reconnect replaces the stale stream
             self._cond.notify_all()
             state = self.state
-            if self.finished.is_set():
+            if (
+                self.finished.is_set()
+                and self.policy.rounds
+                and self.next_round > self.policy.rounds
+            ):
                 sub.push(self._event(run_finished=self._run_finished_msg()))
             elif (
                 state is not None
@@ -205,15 +213,22 @@ class RoundManager:
 
     def _run_finished_msg(self) -> pb.RunFinished:
         return pb.RunFinished(
-            final_version=self.version, rounds=self.published_this_run, reason="completed"
+            final_version=self.version, rounds=self.next_round - 1, reason="completed"
         )
 
     def run(self, stop: threading.Event) -> None:
-        """The round loop; returns when the configured rounds are published or on stop."""
+        """The round loop; returns when round ``policy.rounds`` is published, or on stop.
+
+        ``rounds`` counts rounds of the whole run, so a restarted aggregator finishes
+        the rounds its predecessor did not. Only a completed run tells clients
+        ``RunFinished``; on a stop their streams just end and they reconnect.
+        """
         attempt = 1
+        completed = False
         try:
             while not stop.is_set():
-                if self.policy.rounds and self.published_this_run >= self.policy.rounds:
+                if self.policy.rounds and self.next_round > self.policy.rounds:
+                    completed = True
                     break
                 if not self._wait_for_clients(stop):
                     break
@@ -231,9 +246,14 @@ class RoundManager:
         finally:
             with self._cond:
                 self.finished.set()
-                self._broadcast(run_finished=self._run_finished_msg())
+                if completed:
+                    self._broadcast(run_finished=self._run_finished_msg())
                 self._cond.notify_all()
-            log.info("run finished at version %d", self.version)
+            if completed:
+                log.info("run finished: round %d published version %d", self.next_round - 1,
+                         self.version)  # fmt: skip
+            else:
+                log.info("round loop stopped at version %d", self.version)
 
     def _wait_for_clients(self, stop: threading.Event) -> bool:
         last_note = 0.0
@@ -285,14 +305,22 @@ class RoundManager:
                 len(self._subs),
                 self.version,
             )
-            while len(state.accepted) < len(selected) and not stop.is_set():
+            while (
+                len(state.accepted) < len(set(state.selected) - state.revoked)
+                and not stop.is_set()
+                and not state.invalidated
+            ):
                 remaining = state.deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(timeout=min(remaining, 1.0))
             state.closed = True  # later completions get DEADLINE_EXCEEDED
             reported = len(state.accepted)
-            if reported >= self.policy.required_updates and reported > 0:
+            if state.invalidated:
+                status, reason = "failed", state.invalidated
+                record = self._record(state, status, reason=reason)
+                success = False
+            elif reported >= self.policy.required_updates and reported > 0:
                 self.global_flat = self.strategy.aggregate(self.global_flat)
                 self.version += 1
                 t0 = time.monotonic()
@@ -301,7 +329,6 @@ class RoundManager:
                 )
                 checkpoint_s = time.monotonic() - t0
                 self.next_round = round_ + 1
-                self.published_this_run += 1
                 record = self._record(state, "published", checkpoint_s=checkpoint_s)
                 self._broadcast(
                     model_published=pb.ModelPublished(
@@ -333,6 +360,8 @@ class RoundManager:
                 )
             )
         self.round_log.append(record)
+        for hook in self.on_round_closed:
+            hook(record)
         if success:
             log.info(
                 "round %d published version %d: %d clients, %d samples, val_loss %.4f, %.1fs",
@@ -389,6 +418,32 @@ class RoundManager:
             **extra,
         }
 
+    def revoke(self, client_id: str, reason: str = "") -> None:
+        """Cut a revoked client off now: end its stream, drop its pending update.
+
+        An update already folded into this round's aggregate cannot be taken out of
+        the running sum, so the round is failed and retried without that client.
+        """
+        why = f" ({reason})" if reason else ""
+        with self._cond:
+            sub = self._subs.pop(client_id, None)
+            if sub is not None:
+                sub.close(
+                    PermissionDenied(f"client {client_id!r} was revoked by the operator{why}")
+                )
+            state = self.state
+            if state is not None and not state.closed and client_id in state.selected:
+                state.revoked.add(client_id)
+                if client_id in state.accepted:
+                    state.invalidated = (
+                        f"client {client_id} was revoked after its update was aggregated; "
+                        "the round is retried without it"
+                    )
+                else:
+                    state.rejected[client_id] = f"revoked{why}"
+            self._cond.notify_all()
+        log.warning("client %s revoked%s: disconnected, pending update dropped", client_id, why)
+
     # ------------------------------------------------------------ uploads
 
     def open_upload(self, client_id: str, header: pb.UpdateHeader) -> UploadSession:
@@ -413,6 +468,8 @@ class RoundManager:
                 raise PermissionDenied(
                     f"client {client_id} was not selected for round {state.round}"
                 )
+            if client_id in state.revoked:
+                raise PermissionDenied(f"client {client_id} was revoked")
             if client_id in state.accepted or client_id in state.uploading:
                 raise DuplicateUpdate(
                     f"client {client_id} already sent an update for round {state.round}"
@@ -435,6 +492,11 @@ class RoundManager:
             session.done = True
             state.uploading.discard(session.client_id)
             state.bytes_in += session.bytes
+            if session.client_id in state.revoked:
+                state.rejected[session.client_id] = "client revoked during the upload"
+                raise PermissionDenied(
+                    f"client {session.client_id} was revoked; its update is not aggregated"
+                )
             if state is not self.state or state.closed:
                 state.rejected[session.client_id] = "round closed before the upload completed"
                 raise RoundClosedError(

@@ -12,13 +12,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from aggregator_service.admin_servicer import AdminServicer
+from aggregator_service.auth import Authorizer
 from aggregator_service.checkpoint_store import CheckpointStore
 from aggregator_service.config import ServerConfig
+from aggregator_service.enrollment_servicer import EnrollmentServicer
+from aggregator_service.federation_servicer import FederationServicer
+from aggregator_service.registry import Registry
 from aggregator_service.round_log import RoundLog
 from aggregator_service.round_manager import RoundManager
-from aggregator_service.servicer import FederationServicer, Identity
 from aggregator_service.strategy import FedAvg, Strategy
 from fedmae import tls
+from fedmae._proto import admin_pb2 as apb
+from fedmae._proto import admin_pb2_grpc as apb_grpc
+from fedmae._proto import enrollment_pb2 as epb
+from fedmae._proto import enrollment_pb2_grpc as epb_grpc
 from fedmae._proto import federation_pb2 as pb
 from fedmae._proto import federation_pb2_grpc as pb_grpc
 from fedmae.errors import ConfigError
@@ -28,6 +36,8 @@ from fedmae.tensor_codec import ModelLayout
 log = logging.getLogger(__name__)
 
 FEDERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Federation"].full_name
+ADMIN_SERVICE = apb.DESCRIPTOR.services_by_name["Admin"].full_name
+ENROLLMENT_SERVICE = epb.DESCRIPTOR.services_by_name["Enrollment"].full_name
 
 
 def grpc_options(chunk_size: int) -> list[tuple[str, int]]:
@@ -87,8 +97,19 @@ class AggregatorServer:
             strategy or FedAvg(),
             RoundLog(config.state_dir / "rounds.jsonl", echo=echo),
         )
+        self.registry = Registry(config.state_dir / "fedmae.db")
+        self.rounds.on_round_closed.append(self._count_rounds_joined)
+        self.auth = Authorizer(self.registry, insecure=config.insecure)
+        self.ca: tls.CertificateAuthority | None = None
+        if not config.insecure:
+            certs = tls.ServerCerts(config.certs)
+            if config.ca_key is not None or certs.ca_key.exists():
+                self.ca = tls.CertificateAuthority(certs, key_path=config.ca_key)
+            else:
+                log.warning("no CA key in %s: enrollment is off (pass --ca-key)", config.certs)
         self._stop = threading.Event()
         self._server: grpc.Server | None = None
+        self.enroll_port: int | None = None
         self._loop: threading.Thread | None = None
         self.health = health.HealthServicer()
         self.port: int | None = None
@@ -100,12 +121,19 @@ class AggregatorServer:
             options=grpc_options(cfg.chunk_size),
         )
         pb_grpc.add_FederationServicer_to_server(
-            FederationServicer(self.rounds, Identity(cfg.insecure), cfg.heartbeat_s), server
+            FederationServicer(self.rounds, self.auth, cfg.heartbeat_s), server
         )
+        apb_grpc.add_AdminServicer_to_server(
+            AdminServicer(self.registry, self.rounds, self.auth), server
+        )
+        services = [FEDERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME]
+        if self.ca is not None:
+            epb_grpc.add_EnrollmentServicer_to_server(
+                EnrollmentServicer(self.registry, self.ca, cfg.client_cert_days), server
+            )
+            services.append(ENROLLMENT_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            [FEDERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)
         if cfg.insecure:
             log.warning(
                 "--insecure: serving PLAINTEXT without client authentication on %s; "
@@ -116,11 +144,19 @@ class AggregatorServer:
         else:
             certs = tls.ServerCerts(cfg.certs)
             port = server.add_secure_port(cfg.listen, tls.server_credentials(certs))
+            if self.ca is not None and cfg.enroll_address:
+                # Same services, but TLS without client certificates: only Enrollment
+                # (and Health) answer a caller who has no certificate yet.
+                self.enroll_port = server.add_secure_port(
+                    cfg.enroll_address, tls.server_credentials(certs, require_client_auth=False)
+                )
+                if self.enroll_port == 0:
+                    raise ConfigError(f"cannot listen on {cfg.enroll_address} (address in use?)")
         if port == 0:
             raise ConfigError(f"cannot listen on {cfg.listen} (address in use?)")
         server.start()
         self._server, self.port = server, port
-        for name in ("", FEDERATION_SERVICE):
+        for name in ("", *services):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._loop = threading.Thread(
             target=self.rounds.run, args=(self._stop,), name="rounds", daemon=True
@@ -133,7 +169,13 @@ class AggregatorServer:
             "plaintext" if cfg.insecure else "mTLS",
             cfg.state_dir,
         )
+        if self.enroll_port:
+            log.info("enrollment (TLS, token) on port %d", self.enroll_port)
         return port
+
+    def _count_rounds_joined(self, record: dict) -> None:
+        if record["status"] == "published":
+            self.registry.joined_round(record["participants"])
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the run finished (True) or ``timeout`` passed (False)."""
@@ -146,6 +188,8 @@ class AggregatorServer:
         self.health.enter_graceful_shutdown()
         if self._server is not None:
             self._server.stop(self.config.exit_grace_s if grace is None else grace).wait()
+            self._server = None
+            self.registry.close()
         log.info("aggregator stopped")
 
 

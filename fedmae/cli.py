@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import grpc
+
 from fedmae.errors import FedmaeError
 
 log = logging.getLogger("fedmae")
@@ -42,6 +44,44 @@ def cmd_certs_issue_client(args: argparse.Namespace) -> int:
     out = Path(args.out or Path(args.certs) / "clients" / args.name)
     ident = tls.issue_client(args.certs, args.name, out, days=args.days)
     print(f"client identity {args.name!r} in {ident.dir} (ca.pem, client.pem, client.key)")
+    if args.state_dir:
+        from aggregator_service.registry import Registry
+
+        info = tls.certificate_info(ident.cert.read_bytes())
+        registry = Registry(Path(args.state_dir) / "fedmae.db")
+        try:
+            registry.register(
+                "operator:certs", args.name, info.fingerprint, info.serial, info.not_after
+            )
+        finally:
+            registry.close()
+        print(f"registered {args.name!r} in {args.state_dir}")
+    else:
+        print("note: not registered; the aggregator refuses it until you pass --state-dir")
+    return 0
+
+
+# ---------------------------------------------------------------- enroll
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from client_agent.enrollment import enroll
+
+    labels = {}
+    for item in args.label:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--label takes KEY=VALUE, got {item!r}")
+        labels[key] = value
+    ca_pem = Path(args.ca).read_bytes()
+    token = args.token if args.token != "-" else sys.stdin.readline()
+    result = enroll(args.server, ca_pem, token, Path(args.out), name=args.name or "", labels=labels)
+    verb = "renewed" if result.renewed else "enrolled"
+    print(
+        f"{verb} as client {result.client_id!r}; identity in {result.identity.dir} "
+        f"(certificate valid until {result.not_after}). Next:\n"
+        f"  fedmae client --server HOST:FEDERATION_PORT --identity {result.identity.dir}"
+    )
     return 0
 
 
@@ -57,7 +97,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         state_dir=state_dir,
         listen=args.listen,
+        enroll_listen=args.enroll_listen,
         certs_dir=Path(args.certs) if args.certs else None,
+        ca_key=Path(args.ca_key) if args.ca_key else None,
+        client_cert_days=args.client_cert_days,
         insecure=args.insecure,
         model_seed=args.seed,
         policy=RoundPolicy(
@@ -218,12 +261,33 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--name", required=True, help="client id (becomes the certificate CN)")
     cc.add_argument("--out", help="identity directory (default: CERTS/clients/NAME)")
     cc.add_argument("--days", type=int, default=365)
+    cc.add_argument("--state-dir", help="register the client in this aggregator state dir")
     cc.set_defaults(func=cmd_certs_issue_client)
+
+    e = sub.add_parser("enroll", help="join a federation: key + CSR + one-time token")
+    e.add_argument("--server", required=True, help="the aggregator's enrollment HOST:PORT")
+    e.add_argument("--ca", required=True, help="the federation's CA certificate (ca.pem)")
+    e.add_argument("--token", required=True, help="one-time token from the operator; - = stdin")
+    e.add_argument("--name", help="client id to ask for (must match a token bound to a name)")
+    e.add_argument("--label", action="append", default=[], help="KEY=VALUE (repeat)")
+    e.add_argument("--out", required=True, help="identity directory to write")
+    e.set_defaults(func=cmd_enroll)
+
+    from fedmae import admin_cli
+
+    admin_cli.build(sub)
 
     s = sub.add_parser("serve", help="run the aggregator")
     s.add_argument("--state-dir", required=True, help="checkpoints, round log, certs")
     s.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (default %(default)s)")
     s.add_argument("--certs", help="certificates directory (default STATE_DIR/certs)")
+    s.add_argument(
+        "--enroll-listen",
+        default="",
+        help="TLS port for enrollment (default: --listen port + 1; 'off' to disable)",
+    )
+    s.add_argument("--ca-key", help="CA signing key outside the certs dir (must be mode 0600)")
+    s.add_argument("--client-cert-days", type=int, default=365)
     s.add_argument("--insecure", action="store_true", help="plaintext, no client auth (testing)")
     s.add_argument("--model", default="tiny", help="MAE config: tiny, vit_base, ...")
     s.add_argument("--seed", type=int, default=0)
@@ -294,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (FedmaeError, ValueError, FileNotFoundError) as err:
         log.error("%s", err)  # expected failures: a message, not a traceback
+        return 2
+    except grpc.RpcError as err:
+        log.error("%s: %s", err.code().name, err.details())
         return 2
     except KeyboardInterrupt:
         return 130

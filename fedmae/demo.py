@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,71 @@ def _fmt(value: float | None) -> str:
     return "   -  " if value is None else f"{value:.4f}"
 
 
+def _wait_healthy(server: subprocess.Popen, address: str, admin: tls.ClientIdentity) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + 120
+    with grpc.secure_channel(address, tls.channel_credentials(admin)) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise RuntimeError("the aggregator exited during start-up")
+            try:
+                stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                return
+            except grpc.RpcError:
+                time.sleep(0.3)
+    raise RuntimeError(f"the aggregator did not become healthy on {address}")
+
+
+def _enroll_clients(
+    address: str, enroll_address: str, certs: tls.ServerCerts, names: list[str], out: Path
+) -> list[tls.ClientIdentity]:
+    """What an operator and each site would do: one token per site, then enroll."""
+    import grpc
+
+    from client_agent.enrollment import enroll
+    from fedmae._proto import admin_pb2 as apb
+    from fedmae._proto import admin_pb2_grpc as apb_grpc
+
+    admin = tls.ClientIdentity(certs.dir / "admin")
+    with grpc.secure_channel(address, tls.channel_credentials(admin)) as channel:
+        stub = apb_grpc.AdminStub(channel)
+        tokens = [
+            stub.CreateToken(apb.CreateTokenRequest(name=n, ttl_seconds=600), timeout=30).token
+            for n in names
+        ]
+    ca_pem = certs.ca_cert.read_bytes()
+    return [
+        enroll(
+            enroll_address, ca_pem, token, out / name, name=name, labels={"demo": "true"}
+        ).identity
+        for name, token in zip(names, tokens, strict=True)
+    ]
+
+
+def _row(rec: dict) -> str:
+    mark = (
+        ""
+        if rec["status"] == "published"
+        else f"  {rec['status'].upper()}: {rec.get('reason', '')}"
+    )
+    return (
+        f"{rec['round']:>5} {rec['version']:>7} {len(rec['participants']):>7} "
+        f"{rec['num_samples']:>7} {_fmt(rec['train_loss']):>10} {_fmt(rec['val_loss']):>9} "
+        f"{rec['bytes_in'] / 1e6:>6.1f} {rec['bytes_out'] / 1e6:>6.1f} "
+        f"{rec['duration_s']:>7.1f}{mark}"
+    )
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return "\n".join("    " + x for x in path.read_text().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 def run_demo(cfg: DemoConfig) -> int:
     state = cfg.state_dir.resolve()
     if cfg.fresh:
@@ -84,8 +151,8 @@ def run_demo(cfg: DemoConfig) -> int:
     logs = state / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     certs = tls.init_certs(state / "certs")
-    port = _free_port()
-    server_addr = f"127.0.0.1:{port}"
+    server_addr = f"127.0.0.1:{_free_port()}"
+    enroll_addr = f"127.0.0.1:{_free_port()}"
     py = [sys.executable, "-m", "fedmae"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs: list[subprocess.Popen] = []
@@ -109,6 +176,7 @@ def run_demo(cfg: DemoConfig) -> int:
                 *py, "serve",
                 "--state-dir", str(state),
                 "--listen", server_addr,
+                "--enroll-listen", enroll_addr,
                 "--certs", str(certs.dir),
                 "--min-clients", str(cfg.clients),
                 "--rounds", str(cfg.rounds),
@@ -123,10 +191,16 @@ def run_demo(cfg: DemoConfig) -> int:
             text=True,
         )  # fmt: skip
         procs.append(server)
+        _wait_healthy(server, server_addr, tls.ClientIdentity(certs.dir / "admin"))
+        names = [f"site-{k + 1}" for k in range(cfg.clients)]
+        identities = _enroll_clients(server_addr, enroll_addr, certs, names, state / "clients")
+        print(
+            f"enrolled {', '.join(names)} with one-time tokens (enrollment port {enroll_addr})",
+            flush=True,
+        )
         total_images = cfg.images_per_client * cfg.clients
-        for k in range(cfg.clients):
-            name = f"site-{k + 1}"
-            ident = tls.issue_client(certs.dir, name, state / "clients" / name)
+        clients: dict[str, subprocess.Popen] = {}
+        for k, (name, ident) in enumerate(zip(names, identities, strict=True)):
             client_log = open(logs / f"{name}.log", "w")
             files.append(client_log)
             args = [
@@ -142,33 +216,40 @@ def run_demo(cfg: DemoConfig) -> int:
             ]  # fmt: skip
             if cfg.dirichlet:
                 args += ["--dirichlet", str(cfg.dirichlet)]
-            procs.append(
-                subprocess.Popen(args, stdout=client_log, stderr=subprocess.STDOUT, env=env)
+            clients[name] = subprocess.Popen(
+                args, stdout=client_log, stderr=subprocess.STDOUT, env=env
             )
+            procs.append(clients[name])
         print(f"started aggregator and {cfg.clients} clients; logs in {logs}", flush=True)
         print(
             f"{'round':>5} {'version':>7} {'clients':>7} {'samples':>7} "
             f"{'train_loss':>10} {'val_loss':>9} {'MB in':>6} {'MB out':>6} {'seconds':>7}",
             flush=True,
         )
-        records = []
-        assert server.stdout is not None
-        for line in server.stdout:
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_pump, args=(server.stdout, lines), daemon=True).start()
+        records: list[dict] = []
+        while True:
+            try:
+                line = lines.get(timeout=1.0)
+            except queue.Empty:
+                if all(p.poll() is not None for p in clients.values()) and server.poll() is None:
+                    print("\nevery client exited before the run finished:", flush=True)
+                    for name in names:
+                        print(f"  {name} (exit {clients[name].returncode}):", flush=True)
+                        print(_tail(logs / f"{name}.log"), flush=True)
+                    return 1
+                continue
+            if line is None:
+                break
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
             records.append(rec)
-            mark = "" if rec["status"] == "published" else f"  FAILED: {rec.get('reason', '')}"
-            print(
-                f"{rec['round']:>5} {rec['version']:>7} {len(rec['participants']):>7} "
-                f"{rec['num_samples']:>7} {_fmt(rec['train_loss']):>10} {_fmt(rec['val_loss']):>9} "
-                f"{rec['bytes_in'] / 1e6:>6.1f} {rec['bytes_out'] / 1e6:>6.1f} "
-                f"{rec['duration_s']:>7.1f}{mark}",
-                flush=True,
-            )
+            print(_row(rec), flush=True)
         server_rc = server.wait()
-        for p in procs[1:]:
+        for p in clients.values():
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -177,11 +258,21 @@ def run_demo(cfg: DemoConfig) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: stopping the aggregator and clients", flush=True)
         return 130
+    except RuntimeError as err:
+        print(f"demo FAILED: {err}; see {logs / 'aggregator.log'}:", flush=True)
+        print(_tail(logs / "aggregator.log", 10), flush=True)
+        return 1
     finally:
         _stop_all(procs)
         for f in files:
             f.close()
         signal.signal(signal.SIGTERM, previous)
+
+
+def _pump(stream: IO[str], out: queue.Queue) -> None:
+    for line in stream:
+        out.put(line)
+    out.put(None)
 
 
 def _summary(cfg: DemoConfig, state: Path, records: list[dict], server_rc: int, secs: float) -> int:

@@ -6,6 +6,8 @@ written for a person: say what was wrong and what to do.
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import grpc
 
 
@@ -51,10 +53,26 @@ class RoundClosedError(FedmaeError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-class VersionNotFound(FedmaeError):
-    """A model version that was never published or is no longer kept."""
+class NotFound(FedmaeError):
+    """An unknown client, token or other named thing."""
 
     code = grpc.StatusCode.NOT_FOUND
+
+
+class VersionNotFound(NotFound):
+    """A model version that was never published or is no longer kept."""
+
+
+class AlreadyExists(FedmaeError):
+    """A name that belongs to someone else (e.g. another enrolled client)."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class InvalidRequest(FedmaeError):
+    """A malformed request other than an update (bad CSR, name, ttl ...)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class LimitExceeded(FedmaeError):
@@ -74,3 +92,9 @@ def grpc_status(error: BaseException) -> grpc.StatusCode:
     if isinstance(error, FedmaeError):
         return error.code
     return grpc.StatusCode.INTERNAL
+
+
+def abort(context: grpc.ServicerContext, error: FedmaeError) -> NoReturn:
+    """End an RPC with the error's status code and its message."""
+    context.abort(error.code, str(error))
+    raise AssertionError("context.abort returned")  # pragma: no cover

@@ -15,6 +15,7 @@ enroll``)::
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import logging
 import os
@@ -315,3 +316,158 @@ def peer_common_name(context: grpc.ServicerContext) -> str | None:
         return None
     value = values[0]
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# ---------------------------------------------------------------- enrollment: CSR and signing
+
+ADMIN_ROLE = "admin"
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """sha256 of the certificate's DER encoding, hex."""
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def make_key_and_csr(name: str = "") -> tuple[bytes, bytes]:
+    """A new private key (PEM, stays on the device) and a CSR for it (PEM)."""
+    key = _new_key()
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, name)] if name else []
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name(attrs))
+        .sign(key, hashes.SHA256())
+    )
+    return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    pem: bytes
+    fingerprint: str
+    serial: str
+    not_after: float  # unix time
+
+
+class CertificateAuthority:
+    """The federation's CA, able to sign client CSRs.
+
+    The key is read from ``<certs>/ca.key`` or from ``key_path`` (to keep it outside
+    the state directory). Either way it must not be readable by group or others.
+    """
+
+    def __init__(self, certs: ServerCerts, key_path: Path | None = None):
+        self.cert_path = certs.ca_cert
+        self.key_path = key_path or certs.ca_key
+        check_private_file(self.key_path)
+        self.cert = x509.load_pem_x509_certificate(_read(self.cert_path))
+        key = serialization.load_pem_private_key(_read(self.key_path), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigError(f"{self.key_path} is not an EC private key")
+        if key.public_key().public_numbers() != self.cert.public_key().public_numbers():
+            raise ConfigError(f"{self.key_path} is not the key of the CA in {self.cert_path}")
+        self._key = key
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def sign_csr(self, csr_pem: bytes, client_id: str, days: int) -> IssuedCertificate:
+        """Sign a client CSR; the subject is ours (CN = ``client_id``), never the CSR's."""
+        from fedmae.errors import InvalidRequest
+
+        validate_client_id(client_id)
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError as err:
+            raise InvalidRequest(f"not a PEM certificate signing request: {err}") from None
+        if not csr.is_signature_valid:
+            raise InvalidRequest("the CSR's signature does not match its public key")
+        public_key = csr.public_key()
+        if isinstance(public_key, ec.EllipticCurvePublicKey):
+            if public_key.curve.name not in ("secp256r1", "secp384r1"):
+                raise InvalidRequest(f"unsupported EC curve {public_key.curve.name}; use P-256")
+        else:
+            from cryptography.hazmat.primitives.asymmetric import rsa
+
+            if not isinstance(public_key, rsa.RSAPublicKey) or public_key.key_size < 2048:
+                raise InvalidRequest("the CSR key must be EC P-256/P-384 or RSA >= 2048 bits")
+        cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if cns and cns[0].value != client_id:
+            raise InvalidRequest(
+                f"the CSR asks for the name {cns[0].value!r}, but this enrollment is for "
+                f"{client_id!r}"
+            )
+        if not 1 <= days <= 3650:
+            raise InvalidRequest("certificate validity must be 1 to 3650 days")
+        cert = _sign(_name(client_id), public_key, self.cert, self._key, days, client=True)
+        return IssuedCertificate(
+            pem=cert.public_bytes(serialization.Encoding.PEM),
+            fingerprint=fingerprint(cert),
+            serial=format(cert.serial_number, "x"),
+            not_after=cert.not_valid_after_utc.timestamp(),
+        )
+
+
+def check_private_file(path: Path) -> None:
+    """Refuse a key file that group or others can read, or that another user owns."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"CA key {path} not found") from None
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"CA key {path} is accessible by group or others (mode {st.st_mode & 0o777:o}): "
+            f"run 'chmod 600 {path}'"
+        )
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise ConfigError(f"CA key {path} is owned by uid {st.st_uid}, not by this user")
+
+
+@dataclass(frozen=True)
+class PeerCertificate:
+    common_name: str
+    role: str | None  # OU, "admin" for the operator
+    fingerprint: str
+    serial: str
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_peer(pem: bytes) -> PeerCertificate:
+    cert = x509.load_pem_x509_certificate(pem)
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    ou = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    return PeerCertificate(
+        common_name=str(cn[0].value) if cn else "",
+        role=str(ou[0].value) if ou else None,
+        fingerprint=fingerprint(cert),
+        serial=format(cert.serial_number, "x"),
+    )
+
+
+def peer_certificate(context: grpc.ServicerContext) -> PeerCertificate | None:
+    """The verified peer certificate (chain checked by TLS), or None without one."""
+    values = context.auth_context().get("x509_pem_cert")
+    if not values:
+        return None
+    return _parse_peer(bytes(values[0]))
+
+
+def certificate_info(pem: bytes) -> IssuedCertificate:
+    cert = x509.load_pem_x509_certificate(pem)
+    return IssuedCertificate(
+        pem=pem,
+        fingerprint=fingerprint(cert),
+        serial=format(cert.serial_number, "x"),
+        not_after=cert.not_valid_after_utc.timestamp(),
+    )
+
+
+def save_identity(
+    out_dir: Path | str, key_pem: bytes, cert_pem: bytes, ca_pem: bytes
+) -> ClientIdentity:
+    """Write an identity directory (the key 0600) that ``fedmae client`` can use."""
+    ident = ClientIdentity(Path(out_dir))
+    _write(ident.key, key_pem, private=True)
+    _write(ident.cert, cert_pem)
+    _write(ident.ca_cert, ca_pem)
+    return ident

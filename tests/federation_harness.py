@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from aggregator_service.config import RoundPolicy, ServerConfig
+from aggregator_service.registry import Registry
 from aggregator_service.server import AggregatorServer, grpc_options
 from client_agent.transfer import fetch_model
 from fedmae import tls
@@ -98,9 +99,17 @@ class ScriptedClient:
         self.channel.close()
 
 
-def make_identities(tmp_path: Path, names: list[str]) -> tuple[Path, dict[str, Path]]:
+def make_identities(
+    tmp_path: Path, names: list[str], state_dir: Path | None = None
+) -> tuple[Path, dict[str, Path]]:
+    """A CA, and client identities registered in ``state_dir`` (default tmp/state)."""
     certs = tls.init_certs(tmp_path / "certs")
     ids = {n: tls.issue_client(certs.dir, n, tmp_path / "ids" / n).dir for n in names}
+    registry = Registry((state_dir or tmp_path / "state") / "fedmae.db")
+    for name, ident in ids.items():
+        info = tls.certificate_info((ident / "client.pem").read_bytes())
+        registry.register("test", name, info.fingerprint, info.serial, info.not_after)
+    registry.close()
     return certs.dir, ids
 
 

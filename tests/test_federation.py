@@ -289,7 +289,7 @@ def test_restart_resumes_from_the_last_published_version(tmp_path):
         client.close()
         server.stop(grace=0)
 
-    again = make_server(tmp_path / "state", certs_dir, min_clients=1, rounds=1)
+    again = make_server(tmp_path / "state", certs_dir, min_clients=1, rounds=2)
     assert again.rounds.version == 1 and again.rounds.next_round == 2
     assert torch.equal(again.rounds.global_flat, v1)
     port = again.start()

@@ -6,72 +6,52 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-import grpc
-
+from aggregator_service.auth import Authorizer
 from aggregator_service.round_manager import RoundManager
 from fedmae._proto import federation_pb2 as pb
 from fedmae._proto import federation_pb2_grpc as pb_grpc
-from fedmae.errors import FedmaeError, InvalidUpdate, Unauthenticated
-from fedmae.tls import peer_common_name
+from fedmae.errors import FedmaeError, InvalidUpdate, abort
 
 log = logging.getLogger(__name__)
 
-INSECURE_ID_HEADER = "x-fedmae-client-id"
-
-
-class Identity:
-    """Who is calling: the verified certificate CN (or, with --insecure, a header)."""
-
-    def __init__(self, insecure: bool):
-        self.insecure = insecure
-
-    def client_id(self, context: grpc.ServicerContext) -> str:
-        cn = peer_common_name(context)
-        if cn:
-            return cn
-        if self.insecure:
-            for key, value in context.invocation_metadata():
-                if key == INSECURE_ID_HEADER and value:
-                    return str(value)
-        raise Unauthenticated(
-            "no client certificate: connect with the identity made by 'fedmae enroll' "
-            "or 'fedmae certs issue-client'"
-        )
-
-
-def _abort(context: grpc.ServicerContext, err: FedmaeError) -> None:
-    context.abort(err.code, str(err))
-
 
 class FederationServicer(pb_grpc.FederationServicer):
-    def __init__(self, rounds: RoundManager, identity: Identity, heartbeat_s: float):
+    def __init__(self, rounds: RoundManager, auth: Authorizer, heartbeat_s: float):
         self.rounds = rounds
-        self.identity = identity
+        self.auth = auth
         self.heartbeat_s = heartbeat_s
 
     def Subscribe(self, request: pb.SubscribeRequest, context) -> Iterator[pb.RoundEvent]:
         try:
-            client_id = self.identity.client_id(context)
+            client_id = self.auth.client(context)
         except FedmaeError as err:
-            _abort(context, err)
+            abort(context, err)
         sub = self.rounds.subscribe(client_id)
         context.add_callback(lambda: self.rounds.unsubscribe(sub))
         while True:
             event = sub.next(timeout=self.heartbeat_s)
             if event is None:
+                if sub.error is not None:
+                    abort(context, sub.error)
                 return
+            if event.HasField("heartbeat"):
+                try:  # a revocation written by another process is noticed here
+                    self.auth.client(context)
+                except FedmaeError as err:
+                    self.rounds.unsubscribe(sub)
+                    abort(context, err)
             yield event
             if event.HasField("run_finished"):
                 return
 
     def FetchModel(self, request: pb.FetchModelRequest, context) -> Iterator[pb.ModelChunk]:
         try:
-            client_id = self.identity.client_id(context)
+            client_id = self.auth.client(context)
             header, chunks = self.rounds.model_stream(
                 request.version, request.encoding, request.chunk_size
             )
         except FedmaeError as err:
-            _abort(context, err)
+            abort(context, err)
         log.debug("client %s fetches version %d", client_id, header.version)
         yield pb.ModelChunk(header=header)
         for chunk in chunks:
@@ -79,13 +59,13 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     def SubmitUpdate(self, request_iterator, context) -> pb.UpdateReceipt:
         try:
-            client_id = self.identity.client_id(context)
+            client_id = self.auth.client(context)
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("part") != "header":
                 raise InvalidUpdate("an update stream must start with an UpdateHeader")
             session = self.rounds.open_upload(client_id, first.header)
         except FedmaeError as err:
-            _abort(context, err)
+            abort(context, err)
         try:
             for msg in request_iterator:
                 part = msg.WhichOneof("part")
@@ -101,7 +81,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             )
         except FedmaeError as err:
             self.rounds.abort_upload(session, str(err))
-            _abort(context, err)
+            abort(context, err)
         except Exception as err:  # a cancelled or broken stream: free the client's slot
             self.rounds.abort_upload(session, f"upload broken: {type(err).__name__}")
             raise

@@ -1,0 +1,145 @@
+"""The Admin servicer: tokens, clients, revocation, audit. Admin role only."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from aggregator_service.auth import Authorizer
+from aggregator_service.registry import ClientRecord, Registry, TokenRecord
+from aggregator_service.round_manager import RoundManager
+from fedmae._proto import admin_pb2 as apb
+from fedmae._proto import admin_pb2_grpc as apb_grpc
+from fedmae.errors import FedmaeError, InvalidRequest, abort
+from fedmae.tls import validate_client_id
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKEN_TTL_S = 3600
+
+
+def _ts(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def token_info(t: TokenRecord) -> apb.TokenInfo:
+    return apb.TokenInfo(
+        token_id=t.token_id,
+        name=t.name or "",
+        created=_ts(t.created),
+        expires=_ts(t.expires),
+        uses=t.uses,
+        used=t.used,
+        revoked=t.revoked,
+        created_by=t.created_by,
+    )
+
+
+def client_info(c: ClientRecord, connected: bool) -> apb.ClientInfo:
+    return apb.ClientInfo(
+        client_id=c.client_id,
+        status=c.status,
+        fingerprint_sha256=c.fingerprint,
+        serial=c.serial,
+        labels=c.labels,
+        created=_ts(c.created),
+        last_seen=_ts(c.last_seen),
+        rounds_joined=c.rounds_joined,
+        not_after=_ts(c.not_after),
+        connected=connected,
+        revoked_at=_ts(c.revoked_at),
+    )
+
+
+class AdminServicer(apb_grpc.AdminServicer):
+    def __init__(self, registry: Registry, rounds: RoundManager, auth: Authorizer):
+        self.registry = registry
+        self.rounds = rounds
+        self.auth = auth
+
+    def _run(self, context, action):
+        try:
+            actor = self.auth.admin(context)
+            return action(actor)
+        except FedmaeError as err:
+            abort(context, err)
+
+    def CreateToken(self, request: apb.CreateTokenRequest, context) -> apb.CreateTokenResponse:
+        def create(actor: str) -> apb.CreateTokenResponse:
+            if request.name:
+                validate_client_id(request.name)
+            token, record = self.registry.create_token(
+                actor,
+                name=request.name or None,
+                ttl_s=request.ttl_seconds or DEFAULT_TOKEN_TTL_S,
+                uses=request.uses or 1,
+                labels=dict(request.labels),
+            )
+            return apb.CreateTokenResponse(token=token, info=token_info(record))
+
+        return self._run(context, create)
+
+    def ListTokens(self, request: apb.ListTokensRequest, context) -> apb.ListTokensResponse:
+        def list_(actor: str) -> apb.ListTokensResponse:
+            tokens = self.registry.tokens(include_inactive=request.include_inactive)
+            self.registry.audit(actor, "token.list")
+            return apb.ListTokensResponse(tokens=[token_info(t) for t in tokens])
+
+        return self._run(context, list_)
+
+    def RevokeToken(self, request: apb.RevokeTokenRequest, context) -> apb.TokenInfo:
+        return self._run(
+            context, lambda actor: token_info(self.registry.revoke_token(actor, request.token_id))
+        )
+
+    def ListClients(self, request: apb.ListClientsRequest, context) -> apb.ListClientsResponse:
+        def list_(actor: str) -> apb.ListClientsResponse:
+            connected = set(self.rounds.connected())
+            self.registry.audit(actor, "client.list")
+            return apb.ListClientsResponse(
+                clients=[client_info(c, c.client_id in connected) for c in self.registry.clients()]
+            )
+
+        return self._run(context, list_)
+
+    def GetClient(self, request: apb.GetClientRequest, context) -> apb.ClientInfo:
+        def get(actor: str) -> apb.ClientInfo:
+            record = self.registry.client(request.client_id)
+            self.registry.audit(actor, "client.show", request.client_id)
+            return client_info(record, request.client_id in self.rounds.connected())
+
+        return self._run(context, get)
+
+    def RevokeClient(self, request: apb.RevokeClientRequest, context) -> apb.ClientInfo:
+        def revoke(actor: str) -> apb.ClientInfo:
+            if not request.client_id:
+                raise InvalidRequest("client_id is required")
+            record = self.registry.revoke_client(actor, request.client_id, request.reason)
+            self.rounds.revoke(request.client_id, request.reason)
+            return client_info(record, connected=False)
+
+        return self._run(context, revoke)
+
+    def Audit(self, request: apb.AuditRequest, context) -> apb.AuditResponse:
+        def audit(actor: str) -> apb.AuditResponse:
+            entries = self.registry.audit_log(request.limit or 100)
+            return apb.AuditResponse(
+                entries=[
+                    apb.AuditEntry(
+                        time=_ts(e.time),
+                        actor=e.actor,
+                        action=e.action,
+                        target=e.target,
+                        details=json.dumps(e.details, sort_keys=True),
+                    )
+                    for e in entries
+                ]
+            )
+
+        return self._run(context, audit)

@@ -1,0 +1,59 @@
+"""``fedmae enroll`` on the edge device: make a key here, send a CSR with the token,
+save the identity. The private key never leaves this machine."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from fedmae import tls
+from fedmae._proto import enrollment_pb2 as epb
+from fedmae._proto import enrollment_pb2_grpc as epb_grpc
+from fedmae.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EnrollResult:
+    client_id: str
+    identity: tls.ClientIdentity
+    not_after: str
+    renewed: bool
+
+
+def enroll(
+    server: str,
+    ca_pem: bytes,
+    token: str,
+    out_dir: Path,
+    name: str = "",
+    labels: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> EnrollResult:
+    """Enroll with the aggregator's enrollment port; write ``out_dir`` (ca, cert, key)."""
+    if name:
+        tls.validate_client_id(name)
+    key_pem, csr_pem = tls.make_key_and_csr(name)
+    creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    with grpc.secure_channel(server, creds) as channel:
+        response = epb_grpc.EnrollmentStub(channel).Enroll(
+            epb.EnrollRequest(
+                token=token.strip(), csr_pem=csr_pem, requested_name=name, labels=labels or {}
+            ),
+            timeout=timeout,
+        )
+    if response.ca_certificate_pem.strip() != ca_pem.strip():
+        raise ConfigError("the server answered with a different CA than the one you trust")
+    ident = tls.save_identity(out_dir, key_pem, response.certificate_pem, ca_pem)
+    if ident.client_id != response.client_id:
+        raise ConfigError("the issued certificate does not name the assigned client id")
+    return EnrollResult(
+        client_id=response.client_id,
+        identity=ident,
+        not_after=response.not_after.ToDatetime().strftime("%Y-%m-%d"),
+        renewed=response.renewed,
+    )

@@ -1,0 +1,181 @@
+"""Operator commands (``fedmae token|clients|audit``) over the Admin service."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from aggregator_service.server import grpc_options
+from fedmae import tls
+from fedmae._proto import admin_pb2 as apb
+from fedmae._proto import admin_pb2_grpc as apb_grpc
+from fedmae.errors import ConfigError
+from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """``"90"``, ``"45s"``, ``"30m"``, ``"1h"``, ``"7d"`` -> seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"invalid duration {text!r}: use e.g. 45s, 30m, 1h or 7d")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--server",
+        default=os.environ.get("FEDMAE_SERVER", "127.0.0.1:50051"),
+        help="aggregator HOST:PORT (env FEDMAE_SERVER; default %(default)s)",
+    )
+    p.add_argument(
+        "--identity",
+        default=os.environ.get("FEDMAE_ADMIN_IDENTITY"),
+        help="the admin identity directory, CERTS/admin (env FEDMAE_ADMIN_IDENTITY)",
+    )
+
+
+def admin_stub(args: argparse.Namespace) -> tuple[grpc.Channel, apb_grpc.AdminStub]:
+    if not args.identity:
+        raise ConfigError(
+            "admin commands need the operator identity: --identity CERTS/admin "
+            "(or set FEDMAE_ADMIN_IDENTITY)"
+        )
+    creds = tls.channel_credentials(tls.ClientIdentity(Path(args.identity)))
+    channel = grpc.secure_channel(args.server, creds, options=grpc_options(DEFAULT_CHUNK_SIZE))
+    return channel, apb_grpc.AdminStub(channel)
+
+
+def _when(ts) -> str:
+    if not ts.seconds:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts.seconds))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*r) for r in [header, *rows])
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    channel, stub = admin_stub(args)
+    with channel:
+        if args.token_command == "create":
+            resp = stub.CreateToken(
+                apb.CreateTokenRequest(
+                    name=args.name or "", ttl_seconds=parse_duration(args.ttl), uses=args.uses
+                ),
+                timeout=30,
+            )
+            info = resp.info
+            bound = f" for client {info.name!r}" if info.name else ""
+            print(resp.token, flush=True)  # alone on stdout: TOKEN=$(fedmae token create)
+            print(
+                f"token {info.token_id}{bound}: {info.uses} use(s), "
+                f"expires {_when(info.expires)}. Shown once; only its hash is stored.",
+                file=sys.stderr,
+            )
+        elif args.token_command == "list":
+            resp = stub.ListTokens(apb.ListTokensRequest(include_inactive=args.all), timeout=30)
+            rows = [
+                [t.token_id, t.name or "-", f"{t.used}/{t.uses}", _when(t.expires),
+                 "revoked" if t.revoked else "", t.created_by]
+                for t in resp.tokens
+            ]  # fmt: skip
+            print(_table(rows, ["TOKEN", "NAME", "USED", "EXPIRES", "", "CREATED BY"]))
+        else:
+            info = stub.RevokeToken(apb.RevokeTokenRequest(token_id=args.token_id), timeout=30)
+            print(f"token {info.token_id} revoked")
+    return 0
+
+
+def cmd_clients(args: argparse.Namespace) -> int:
+    channel, stub = admin_stub(args)
+    with channel:
+        if args.clients_command == "list":
+            resp = stub.ListClients(apb.ListClientsRequest(), timeout=30)
+            rows = [
+                [c.client_id, c.status, "yes" if c.connected else "no", str(c.rounds_joined),
+                 _when(c.last_seen), _when(c.not_after), ",".join(f"{k}={v}" for k, v in
+                 sorted(c.labels.items()))]
+                for c in resp.clients
+            ]  # fmt: skip
+            print(
+                _table(rows, ["CLIENT", "STATUS", "CONNECTED", "ROUNDS", "LAST SEEN", "CERT UNTIL",
+                              "LABELS"])
+            )  # fmt: skip
+        elif args.clients_command == "show":
+            c = stub.GetClient(apb.GetClientRequest(client_id=args.client_id), timeout=30)
+            for key, value in [
+                ("client", c.client_id), ("status", c.status), ("connected", c.connected),
+                ("rounds joined", c.rounds_joined), ("enrolled", _when(c.created)),
+                ("last seen", _when(c.last_seen)), ("certificate serial", c.serial),
+                ("certificate sha256", c.fingerprint_sha256), ("valid until", _when(c.not_after)),
+                ("revoked at", _when(c.revoked_at)), ("labels", dict(c.labels)),
+            ]:  # fmt: skip
+                print(f"{key:>20}: {value}")
+        else:
+            c = stub.RevokeClient(
+                apb.RevokeClientRequest(client_id=args.client_id, reason=args.reason or ""),
+                timeout=30,
+            )
+            print(f"client {c.client_id} revoked: its next call is refused, it is disconnected now")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    channel, stub = admin_stub(args)
+    with channel:
+        resp = stub.Audit(apb.AuditRequest(limit=args.limit), timeout=30)
+    if args.json:
+        for e in resp.entries:
+            print(json.dumps({"time": _when(e.time), "actor": e.actor, "action": e.action,
+                              "target": e.target, "details": json.loads(e.details)}))  # fmt: skip
+    else:
+        rows = [[_when(e.time), e.actor, e.action, e.target, e.details] for e in resp.entries]
+        print(_table(rows, ["TIME", "ACTOR", "ACTION", "TARGET", "DETAILS"]))
+    return 0
+
+
+def build(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("token", help="enrollment tokens (admin)")
+    tsub = t.add_subparsers(dest="token_command", required=True)
+    tc = tsub.add_parser("create", help="make a one-time enrollment token (printed once)")
+    tc.add_argument("--name", help="bind the token to this client id")
+    tc.add_argument("--ttl", default="1h", help="validity, e.g. 30m, 1h, 7d (default 1h)")
+    tc.add_argument("--uses", type=int, default=1, help="enrollments allowed (default 1)")
+    tl = tsub.add_parser("list", help="tokens that can still be used")
+    tl.add_argument("--all", action="store_true", help="also expired, used-up and revoked")
+    tr = tsub.add_parser("revoke", help="revoke a token by its id")
+    tr.add_argument("token_id")
+    for p in (tc, tl, tr):
+        add_connection_args(p)
+        p.set_defaults(func=cmd_token)
+
+    c = sub.add_parser("clients", help="enrolled clients (admin)")
+    csub = c.add_subparsers(dest="clients_command", required=True)
+    cl = csub.add_parser("list", help="every registered client")
+    cs = csub.add_parser("show", help="one client in detail")
+    cs.add_argument("client_id")
+    cr = csub.add_parser("revoke", help="revoke a client: refused from its next call on")
+    cr.add_argument("client_id")
+    cr.add_argument("--reason", help="recorded in the audit log and shown to the client")
+    for p in (cl, cs, cr):
+        add_connection_args(p)
+        p.set_defaults(func=cmd_clients)
+
+    a = sub.add_parser("audit", help="the audit log (admin)")
+    a.add_argument("--limit", type=int, default=100)
+    a.add_argument("--json", action="store_true")
+    add_connection_args(a)
+    a.set_defaults(func=cmd_audit)
