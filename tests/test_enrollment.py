@@ -351,7 +351,7 @@ def test_revocation_after_aggregation_fails_and_retries_the_round(fed):
     b = f.connect(f.enroll(f.token(), name="b").identity.dir)
     for x in (a, b):
         assert x.wait_for("task").task.round == 1
-    c = f.connect(f.enroll(f.token(), name="c").identity.dir)  # joins for the retry
+    f.connect(f.enroll(f.token(), name="c").identity.dir)  # joins for the retry
     layout = f.server.layout
     theta0 = fetch_flat(a, layout, 0)
     submit_update(b.stub, layout, random_delta(layout, 9, 1.0), round_=1, base_version=0,
