@@ -64,7 +64,17 @@ def _when(ts) -> str:
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join(fmt.format(*r) for r in [header, *rows])
+    return "\n".join(fmt.format(*r).rstrip() for r in [header, *rows])
+
+
+def _token_state(t: apb.TokenInfo) -> str:
+    if t.revoked:
+        return "revoked"
+    if t.used >= t.uses:
+        return "used up"
+    if t.expires.seconds <= time.time():
+        return "expired"
+    return "usable"
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -89,10 +99,10 @@ def cmd_token(args: argparse.Namespace) -> int:
             resp = stub.ListTokens(apb.ListTokensRequest(include_inactive=args.all), timeout=30)
             rows = [
                 [t.token_id, t.name or "-", f"{t.used}/{t.uses}", _when(t.expires),
-                 "revoked" if t.revoked else "", t.created_by]
+                 _token_state(t), t.created_by]
                 for t in resp.tokens
             ]  # fmt: skip
-            print(_table(rows, ["TOKEN", "NAME", "USED", "EXPIRES", "", "CREATED BY"]))
+            print(_table(rows, ["TOKEN", "NAME", "USED", "EXPIRES", "STATE", "CREATED BY"]))
         else:
             info = stub.RevokeToken(apb.RevokeTokenRequest(token_id=args.token_id), timeout=30)
             print(f"token {info.token_id} revoked")

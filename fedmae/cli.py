@@ -348,11 +348,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _client_name(args: argparse.Namespace) -> str:
+    if args.client_id:
+        return args.client_id
+    if not args.identity:
+        return "?"
+    from fedmae import tls
+
+    try:
+        return tls.ClientIdentity(Path(args.identity)).client_id
+    except (FedmaeError, ValueError, OSError):
+        return Path(args.identity).name
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     role = getattr(args, "role", "")
     if args.command == "client":
-        role = f"client[{args.client_id or (Path(args.identity).name if args.identity else '?')}]"
+        role = f"client[{_client_name(args)}]"
     setup_logging(args.log_level, role)
     try:
         return args.func(args)

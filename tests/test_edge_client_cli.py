@@ -69,8 +69,9 @@ def test_enroll_train_revoke_from_the_command_line(tmp_path):
         )
         token = _run("token", "create", "--name", "edge-1", "--ttl", "10m", *admin).stdout.strip()
         assert token.startswith("fmt_") and "\n" not in token
-        out = _run("enroll", "--server", enr, "--ca", str(certs / "ca.pem"), "--token", token,
-                   "--name", "edge-1", "--label", "site=lab", "--out", str(edge)).stdout  # fmt: skip
+        ca = str(certs / "ca.pem")
+        out = _run("enroll", "--server", enr, "--ca", ca, "--token", token, "--name", "edge-1",
+                   "--label", "site=lab", "--out", str(edge)).stdout  # fmt: skip
         assert "enrolled as client 'edge-1'" in out
         assert sorted(p.name for p in edge.iterdir()) == ["ca.pem", "client.key", "client.pem"]
         client_log = open(tmp_path / "client.log", "w")
