@@ -1,27 +1,45 @@
-# One image for both roles (aggregator and client). First version; the docker
-# compose issue builds it offline in CI.
+# One image for both roles: `fedmae serve` (aggregator) and `fedmae client`.
+#   docker compose up            builds it from python:3.11-slim (needs a registry)
+#   make compose-test            builds it offline from a local Debian base and
+#                                wheels prepared on the host (make wheels)
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
-# Wheels prepared on the host (pip download/wheel into ./wheels) let the build run
-# without network; with an empty ./wheels pip uses its configured index.
-ARG PIP_EXTRA_ARGS=""
-ENV PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 VIRTUAL_ENV=/opt/fedmae
-ENV PATH=/opt/fedmae/bin:$PATH
+# "--no-index" for an offline build from docker/wheels only.
+ARG PIP_OFFLINE=""
+ENV PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    VIRTUAL_ENV=/opt/fedmae \
+    PATH=/opt/fedmae/bin:$PATH
 
-RUN python3 -m venv /opt/fedmae
-COPY wheels/ /wheels/
-# torch first and alone: the biggest layer changes least often.
-RUN pip install --no-cache-dir --find-links /wheels ${PIP_EXTRA_ARGS} torch==2.13.0
+# Fashion-MNIST from Debian's dataset-fashion-mnist (the local base has it already),
+# a virtualenv, and an unprivileged user owning the state and identity directories.
+RUN if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends dataset-fashion-mnist \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && python3 -m venv /opt/fedmae \
+    && useradd --create-home --uid 10001 fedmae \
+    && mkdir -p /state /certs /bootstrap /identity \
+    && chown fedmae:fedmae /state /certs /bootstrap /identity
+
+# Dependencies before sources: torch and friends are rebuilt only when pyproject changes.
+COPY docker/wheels/ /wheels/
 COPY pyproject.toml README.md /src/
+RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/requirements.txt \
+    && pip install ${PIP_OFFLINE} --find-links /wheels torch==2.13.0 -r /tmp/requirements.txt
+
+COPY proto /src/proto
 COPY fedmae /src/fedmae
 COPY aggregator_service /src/aggregator_service
 COPY client_agent /src/client_agent
-RUN pip install --no-cache-dir --find-links /wheels ${PIP_EXTRA_ARGS} /src && rm -rf /wheels
+RUN pip install ${PIP_OFFLINE} --find-links /wheels --no-deps /src \
+    && rm -rf /wheels /src/build
 
-RUN useradd --create-home --uid 10001 fedmae && mkdir -p /state /certs /identities \
-    && chown fedmae /state /certs /identities
-USER fedmae
+USER 10001:10001
 WORKDIR /home/fedmae
+EXPOSE 50051 50052
 ENTRYPOINT ["fedmae"]
 CMD ["--help"]

@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 PROTOS  := $(wildcard proto/fedmae/v1/*.proto)
 
-.PHONY: demo test lint proto data clean
+.PHONY: demo test lint proto data clean wheels compose-test
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,14 @@ demo: $(STAMP) data
 
 test: $(STAMP) data
 	$(BIN)/python -m pytest -q
+
+# The docker compose cluster on a real Docker engine, offline (installs docker.io).
+compose-test: $(STAMP) data
+	$(BIN)/python scripts/compose_test.py
+
+# Wheels for an offline image build (docker/wheels), from this machine's pip.
+wheels: $(STAMP)
+	$(BIN)/python scripts/compose_test.py wheels
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -41,7 +41,7 @@ class EnrollmentServicer(epb_grpc.EnrollmentServicer):
         for key, value in labels.items():
             if not _LABEL_KEY.match(key) or len(value) > 256:
                 raise InvalidRequest(f"invalid label {key!r}: lowercase key, value <= 256 chars")
-        record, issued, renewed = self.registry.enroll(
+        record, issued, renewed, use = self.registry.enroll(
             token=request.token,
             requested_name=request.requested_name,
             make_id=lambda: f"client-{secrets.token_hex(3)}",
@@ -57,6 +57,7 @@ class EnrollmentServicer(epb_grpc.EnrollmentServicer):
             ca_certificate_pem=self.ca.cert_pem,  # the certificate only, never the key
             not_after=not_after,
             renewed=renewed,
+            token_use=use,
         )
 
     def _issue(self, client_id: str, csr_pem: bytes):

@@ -253,8 +253,11 @@ class Registry:
         issue: Any,
         labels: dict[str, str],
         peer: str,
-    ) -> tuple[ClientRecord, Any, bool]:
+    ) -> tuple[ClientRecord, Any, bool, int]:
         """Spend ``token`` and register (or renew) a client, atomically.
+
+        Returns the client, the issued certificate, whether it was a renewal, and which
+        use of the token this was (0 for the first).
 
         ``make_id()`` proposes an id when neither the token nor the request names one;
         ``issue(client_id)`` signs the certificate and returns ``(cert, fingerprint,
@@ -314,7 +317,7 @@ class Registry:
                 db, f"token:{tok.token_id}", "client.renew" if renewed else "client.enroll",
                 client_id, {"serial": serial, "fingerprint": fingerprint[:16], "peer": peer},
             )  # fmt: skip
-        return self.client(client_id), cert, renewed
+        return self.client(client_id), cert, renewed, tok.used
 
     def register(
         self,

@@ -3,7 +3,9 @@ with exponential backoff and jitter while the server is away."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import threading
 import time
@@ -43,6 +45,7 @@ class AgentConfig:
     backoff_max_s: float = 30.0
     give_up_after_s: float = 0.0  # 0 = keep trying forever
     seed: int = 0
+    status_file: Path | None = None  # JSON state for health checks (``fedmae client-health``)
 
 
 class RunFinished(Exception):
@@ -70,6 +73,19 @@ class ClientAgent:
             self.identity = tls.ClientIdentity(config.identity)
             self.client_id = self.identity.client_id
         self._channel: grpc.Channel | None = None
+
+    def _status(self, state: str, round_: int | None = None, **extra: object) -> None:
+        """Write the agent's state atomically (read by container health checks)."""
+        if self.config.status_file is None:
+            return
+        record = {"client_id": self.client_id, "state": state, "round": round_,
+                  "rounds_done": self.rounds_done, "time": time.time(), **extra}  # fmt: skip
+        tmp = self.config.status_file.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, self.config.status_file)
+        except OSError as err:  # a full disk must not stop training
+            log.debug("cannot write status file: %s", err)
 
     # ------------------------------------------------------------ connection
 
@@ -103,6 +119,7 @@ class ClientAgent:
                 return 0
             except grpc.RpcError as err:
                 if not is_retryable(err):
+                    self._status("refused", error=f"{err.code().name}: {err.details()}")
                     log.error(
                         "%s: server refused us: %s: %s",
                         self.client_id,
@@ -122,9 +139,9 @@ class ClientAgent:
                         time.monotonic() - away_since,
                     )
                     return 3
-                sleep = delay * random.uniform(
-                    0.5, 1.5
-                )  # jitter: clients don't reconnect in lockstep
+                # Jitter: clients that lost the server together don't return in lockstep.
+                sleep = delay * random.uniform(0.5, 1.5)
+                self._status("reconnecting", error=err.code().name)
                 log.warning(
                     "%s: connection to %s lost (%s); reconnecting in %.1fs",
                     self.client_id,
@@ -154,6 +171,7 @@ class ClientAgent:
         for event in events:
             self._heard_from_server = True
             kind = event.WhichOneof("event")
+            self._status("connected", event.task.round if kind == "task" else None)
             if kind == "task":
                 self._handle_task(stub, event.task)
             elif kind == "round_closed":
@@ -177,6 +195,7 @@ class ClientAgent:
                     event.run_finished.rounds,
                     self.rounds_done,
                 )
+                self._status("finished")
                 raise RunFinished()
         # The stream ended without RunFinished: the server went away.
         raise _Unavailable()
@@ -227,6 +246,7 @@ class ClientAgent:
         def progress(step: int, total: int, loss: float) -> None:
             if time.monotonic() - last_report[0] >= 5 or step == total:
                 last_report[0] = time.monotonic()
+                self._status("training", task.round, step=step, steps=total)
                 log.info(
                     "%s: round %d training %3d%% (step %d/%d) loss %.4f",
                     self.client_id,

@@ -3,6 +3,7 @@ save the identity. The private key never leaves this machine."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +18,28 @@ from fedmae.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+ENROLLMENT_FILE = "enrollment.json"
+
+
 @dataclass(frozen=True)
 class EnrollResult:
     client_id: str
     identity: tls.ClientIdentity
     not_after: str
     renewed: bool
+    token_use: int
+
+
+def enrollment_ordinal(identity_dir: Path) -> int:
+    """Which use of its token enrolled this identity (0, 1, ...), for ``--partition auto``."""
+    path = identity_dir / ENROLLMENT_FILE
+    try:
+        return int(json.loads(path.read_text())["token_use"])
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(
+            f"{path} is missing or unreadable ({err}); '--partition auto' needs an identity "
+            "made by 'fedmae enroll'"
+        ) from None
 
 
 def enroll(
@@ -51,9 +68,23 @@ def enroll(
     ident = tls.save_identity(out_dir, key_pem, response.certificate_pem, ca_pem)
     if ident.client_id != response.client_id:
         raise ConfigError("the issued certificate does not name the assigned client id")
+    not_after = response.not_after.ToDatetime().strftime("%Y-%m-%d")
+    (ident.dir / ENROLLMENT_FILE).write_text(
+        json.dumps(
+            {
+                "client_id": response.client_id,
+                "server": server,
+                "token_use": response.token_use,
+                "not_after": not_after,
+                "renewed": response.renewed,
+            },
+            indent=1,
+        )  # fmt: skip
+    )
     return EnrollResult(
         client_id=response.client_id,
         identity=ident,
-        not_after=response.not_after.ToDatetime().strftime("%Y-%m-%d"),
+        not_after=not_after,
         renewed=response.renewed,
+        token_use=response.token_use,
     )

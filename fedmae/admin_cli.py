@@ -77,7 +77,31 @@ def _token_state(t: apb.TokenInfo) -> str:
     return "usable"
 
 
+def _create_token_offline(args: argparse.Namespace) -> int:
+    """Write a token straight into a state directory (no server running yet)."""
+    from aggregator_service.registry import Registry
+
+    if args.name:
+        tls.validate_client_id(args.name)
+    registry = Registry(Path(args.state_dir) / "fedmae.db")
+    try:
+        token, record = registry.create_token(
+            "operator:offline", name=args.name, ttl_s=parse_duration(args.ttl), uses=args.uses
+        )
+    finally:
+        registry.close()
+    print(token, flush=True)
+    print(
+        f"token {record.token_id}: {record.uses} use(s), expires "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(record.expires))}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_token(args: argparse.Namespace) -> int:
+    if args.token_command == "create" and args.state_dir:
+        return _create_token_offline(args)
     channel, stub = admin_stub(args)
     with channel:
         if args.token_command == "create":
@@ -164,6 +188,9 @@ def build(sub: argparse._SubParsersAction) -> None:
     tc.add_argument("--name", help="bind the token to this client id")
     tc.add_argument("--ttl", default="1h", help="validity, e.g. 30m, 1h, 7d (default 1h)")
     tc.add_argument("--uses", type=int, default=1, help="enrollments allowed (default 1)")
+    tc.add_argument(
+        "--state-dir", help="write into this aggregator state dir directly (server not running)"
+    )
     tl = tsub.add_parser("list", help="tokens that can still be used")
     tl.add_argument("--all", action="store_true", help="also expired, used-up and revoked")
     tr = tsub.add_parser("revoke", help="revoke a token by its id")

@@ -139,17 +139,33 @@ def cmd_client(args: argparse.Namespace) -> int:
     import torch
 
     from client_agent.agent import AgentConfig, ClientAgent
+    from client_agent.enrollment import enroll, enrollment_ordinal
     from fedmae.data import client_split, load_dataset, parse_partition
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    index, count = parse_partition(args.partition)
+    identity = Path(args.identity) if args.identity else None
+    if identity is not None and not (identity / "client.pem").exists() and args.enroll_token_file:
+        # First start of a device that was given a token: enroll, then train.
+        if not (args.enroll_server and args.ca):
+            raise ValueError("--enroll-token-file needs --enroll-server and --ca")
+        token = Path(args.enroll_token_file).read_text().strip()
+        result = enroll(args.enroll_server, Path(args.ca).read_bytes(), token, identity,
+                        name=args.name or "")  # fmt: skip
+        log.info("enrolled as client %r (token use %d)", result.client_id, result.token_use)
+    index_text, _, count_text = args.partition.partition("/")
+    if index_text == "auto":
+        if identity is None or not count_text.isdigit() or int(count_text) < 1:
+            raise ValueError("--partition auto/N needs an enrolled --identity and N >= 1")
+        index, count = enrollment_ordinal(identity) % int(count_text), int(count_text)
+    else:
+        index, count = parse_partition(args.partition)
     dataset = load_dataset(args.data)
     data = client_split(
         dataset,
         index,
         count,
-        dirichlet_alpha=args.dirichlet,
+        dirichlet_alpha=args.dirichlet or None,  # 0 = IID (compose default)
         seed=args.data_seed,
         val_fraction=args.val_fraction,
         limit=args.limit,
@@ -163,12 +179,13 @@ def cmd_client(args: argparse.Namespace) -> int:
     agent = ClientAgent(
         AgentConfig(
             server=args.server,
-            identity=Path(args.identity) if args.identity else None,
+            identity=identity,
             insecure=args.insecure,
             client_id=args.client_id,
             overrides=overrides,
             give_up_after_s=args.give_up_after,
             seed=args.data_seed,
+            status_file=Path(args.status_file) if args.status_file else None,
         ),
         data,
     )
@@ -186,6 +203,21 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     return agent.run()
+
+
+def cmd_client_health(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    try:
+        status = json.loads(Path(args.status_file).read_text())
+    except (OSError, ValueError) as err:
+        print(f"no client status yet: {err}")
+        return 1
+    age = time.time() - float(status.get("time", 0))
+    print(f"{status.get('client_id')}: {status.get('state')} (round {status.get('round')}, "
+          f"{age:.0f}s ago)")  # fmt: skip
+    return 0 if age <= args.max_age and status.get("state") != "refused" else 1
 
 
 # ---------------------------------------------------------------- health
@@ -313,7 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--insecure", action="store_true")
     c.add_argument("--client-id", help="with --insecure only")
     c.add_argument("--data", default="fashion-mnist", help="fashion-mnist, a folder or .npy/.npz")
-    c.add_argument("--partition", default="0/1", help="K/N: this client's shard (default 0/1)")
+    c.add_argument(
+        "--partition",
+        default="0/1",
+        help="K/N: this client's shard (default 0/1); auto/N: from the enrollment order",
+    )
     c.add_argument("--dirichlet", type=float, help="non-IID shards with Dirichlet(alpha)")
     c.add_argument("--data-seed", type=int, default=0)
     c.add_argument("--limit", type=int, help="use a seeded subset of this many images in all")
@@ -324,7 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--encoding", choices=["fp32", "fp16", "bf16"], help="override")
     c.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     c.add_argument("--give-up-after", type=float, default=0.0, help="seconds; 0 = never")
+    c.add_argument("--status-file", help="write the agent's state here (for health checks)")
+    c.add_argument("--enroll-token-file", help="enroll first if --identity has no certificate")
+    c.add_argument("--enroll-server", help="the aggregator's enrollment HOST:PORT")
+    c.add_argument("--ca", help="the federation's CA certificate, for enrolling")
+    c.add_argument("--name", help="client id to ask for when enrolling")
     c.set_defaults(func=cmd_client)
+
+    ch = sub.add_parser("client-health", help="exit 0 if a client agent's status is fresh")
+    ch.add_argument("--status-file", required=True)
+    ch.add_argument("--max-age", type=float, default=120.0, help="seconds (default %(default)s)")
+    ch.set_defaults(func=cmd_client_health)
 
     h = sub.add_parser("health", help="check an aggregator through gRPC health (exit 0 = serving)")
     h.add_argument("--server", default="127.0.0.1:50051")

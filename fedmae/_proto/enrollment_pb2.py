@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64mae/v1/enrollment.proto\x12\tfedmae.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xac\x01\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x16\n\x0erequested_name\x18\x03 \x01(\t\x12\x34\n\x06labels\x18\x04 \x03(\x0b\x32$.fedmae.v1.EnrollRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x98\x01\n\x0e\x45nrollResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x03 \x01(\x0c\x12-\n\tnot_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07renewed\x18\x05 \x01(\x08\x32K\n\nEnrollment\x12=\n\x06\x45nroll\x12\x18.fedmae.v1.EnrollRequest\x1a\x19.fedmae.v1.EnrollResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64mae/v1/enrollment.proto\x12\tfedmae.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xac\x01\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x16\n\x0erequested_name\x18\x03 \x01(\t\x12\x34\n\x06labels\x18\x04 \x03(\x0b\x32$.fedmae.v1.EnrollRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xab\x01\n\x0e\x45nrollResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x03 \x01(\x0c\x12-\n\tnot_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07renewed\x18\x05 \x01(\x08\x12\x11\n\ttoken_use\x18\x06 \x01(\r2K\n\nEnrollment\x12=\n\x06\x45nroll\x12\x18.fedmae.v1.EnrollRequest\x1a\x19.fedmae.v1.EnrollResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,7 +39,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENROLLREQUEST_LABELSENTRY']._serialized_start=202
   _globals['_ENROLLREQUEST_LABELSENTRY']._serialized_end=247
   _globals['_ENROLLRESPONSE']._serialized_start=250
-  _globals['_ENROLLRESPONSE']._serialized_end=402
-  _globals['_ENROLLMENT']._serialized_start=404
-  _globals['_ENROLLMENT']._serialized_end=479
+  _globals['_ENROLLRESPONSE']._serialized_end=421
+  _globals['_ENROLLMENT']._serialized_start=423
+  _globals['_ENROLLMENT']._serialized_end=498
 # @@protoc_insertion_point(module_scope)

@@ -29,15 +29,17 @@ class EnrollRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., csr_pem: _Optional[bytes] = ..., requested_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
-    __slots__ = ("client_id", "certificate_pem", "ca_certificate_pem", "not_after", "renewed")
+    __slots__ = ("client_id", "certificate_pem", "ca_certificate_pem", "not_after", "renewed", "token_use")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
     CA_CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
     NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
     RENEWED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_USE_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     certificate_pem: bytes
     ca_certificate_pem: bytes
     not_after: _timestamp_pb2.Timestamp
     renewed: bool
-    def __init__(self, client_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., ca_certificate_pem: _Optional[bytes] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., renewed: _Optional[bool] = ...) -> None: ...
+    token_use: int
+    def __init__(self, client_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., ca_certificate_pem: _Optional[bytes] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., renewed: _Optional[bool] = ..., token_use: _Optional[int] = ...) -> None: ...
