@@ -5,8 +5,11 @@
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
-# "--no-index" for an offline build from docker/wheels only.
+# "--no-index" for an offline build from docker/wheels only. With a registry, point
+# PIP_EXTRA_INDEX_URL at PyTorch's CPU wheel index, or torch==2.13.0 from the default
+# index brings GBs of CUDA libraries.
 ARG PIP_OFFLINE=""
+ARG PIP_EXTRA_INDEX_URL=""
 ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \

@@ -310,6 +310,14 @@ def run_cluster(engine: DockerEngine, work: Path) -> None:
                 print(f"  round {r['round']:>3} {r['status']:<9} v{r['version']:<3} "
                       f"{len(r['participants'])} clients {r['num_samples']:>5} samples "
                       f"val_loss {r['val_loss']}", flush=True)  # fmt: skip
+        say("a second run of the one-shot certs service reuses the CA and the token")
+        peek = ["run", "--rm", "--no-deps", "--entrypoint", "cat", "certs"]
+        before = cluster.dc([*peek, "/bootstrap/ca.pem", "/bootstrap/client.token"],
+                            capture=True).stdout  # fmt: skip
+        cluster.dc(["run", "--rm", "--no-deps", "certs"], capture=True)
+        after = cluster.dc([*peek, "/bootstrap/ca.pem", "/bootstrap/client.token"],
+                           capture=True).stdout  # fmt: skip
+        assert before == after and "BEGIN CERTIFICATE" in before, "certs rotated the CA or token"
         print(
             f"compose-test PASSED: 3 rounds closed with the 3 compose clients, then round "
             f"{joined['round']} included the host-enrolled client edge-host",

@@ -73,7 +73,8 @@ def test_enroll_train_revoke_from_the_command_line(tmp_path):
         out = _run("enroll", "--server", enr, "--ca", ca, "--token", token, "--name", "edge-1",
                    "--label", "site=lab", "--out", str(edge)).stdout  # fmt: skip
         assert "enrolled as client 'edge-1'" in out
-        assert sorted(p.name for p in edge.iterdir()) == ["ca.pem", "client.key", "client.pem"]
+        names = sorted(p.name for p in edge.iterdir())
+        assert names == ["ca.pem", "client.key", "client.pem", "enrollment.json"]
         client_log = open(tmp_path / "client.log", "w")
         client = subprocess.Popen(
             [*FEDMAE, "client", "--server", fed, "--identity", str(edge), "--limit", "200",
