@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from aggregator_service.auth import Authorizer
 from aggregator_service.registry import ClientRecord, Registry, TokenRecord
+from aggregator_service.round_feed import RoundFeed
 from aggregator_service.round_manager import RoundManager
 from fedmae._proto import admin_pb2 as apb
 from fedmae._proto import admin_pb2_grpc as apb_grpc
@@ -58,10 +60,32 @@ def client_info(c: ClientRecord, connected: bool) -> apb.ClientInfo:
 
 
 class AdminServicer(apb_grpc.AdminServicer):
-    def __init__(self, registry: Registry, rounds: RoundManager, auth: Authorizer):
+    def __init__(self, registry: Registry, rounds: RoundManager, auth: Authorizer, feed: RoundFeed):
         self.registry = registry
         self.rounds = rounds
         self.auth = auth
+        self.feed = feed
+
+    def WatchRounds(self, request: apb.WatchRoundsRequest, context) -> Iterator[apb.RoundRecord]:
+        try:
+            self.auth.admin(context)
+        except FedmaeError as err:
+            abort(context, err)
+        for seq, record in self.feed.watch(
+            from_round=request.from_round,
+            after_seq=request.after_seq,
+            follow=request.follow,
+            active=context.is_active,
+        ):
+            yield apb.RoundRecord(seq=seq, record_json=record)
+
+    def Status(self, request: apb.StatusRequest, context) -> apb.StatusResponse:
+        def status(actor: str) -> apb.StatusResponse:
+            snap = self.rounds.status()
+            last = snap.pop("last_record")
+            return apb.StatusResponse(**snap, last_record_json=json.dumps(last) if last else "")
+
+        return self._run(context, status)
 
     def _run(self, context, action):
         try:

@@ -44,6 +44,9 @@ class ServerConfig:
     enroll_listen: str = ""
     certs_dir: Path | None = None  # default: <state_dir>/certs
     ca_key: Path | None = None  # CA signing key kept outside certs_dir (mode 0600)
+    metrics_listen: str | None = None  # Prometheus /metrics, e.g. 127.0.0.1:9100; None = off
+    eval_data: str | None = None  # a held-out set the server evaluates each new model on
+    eval_images: int = 500
     client_cert_days: int = 365
     insecure: bool = False
     model_seed: int = 0

@@ -80,7 +80,7 @@ class FederationServicer(pb_grpc.FederationServicer):
                 "(truncated upload)"
             )
         except FedmaeError as err:
-            self.rounds.abort_upload(session, str(err))
+            self.rounds.abort_upload(session, str(err), err.code.name.lower())
             abort(context, err)
         except Exception as err:  # a cancelled or broken stream: free the client's slot
             self.rounds.abort_upload(session, f"upload broken: {type(err).__name__}")

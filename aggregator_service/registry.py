@@ -67,6 +67,19 @@ MIGRATIONS: list[str] = [
         details TEXT NOT NULL DEFAULT '{}'
     );
     """,
+    # 1 -> 2: the round log, so watchers can replay it after a restart
+    """
+    CREATE TABLE rounds (
+        seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+        round   INTEGER NOT NULL,
+        attempt INTEGER NOT NULL,
+        status  TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        time    REAL NOT NULL,
+        record  TEXT NOT NULL
+    );
+    CREATE INDEX rounds_by_round ON rounds (round);
+    """,
 ]
 
 TOKEN_PREFIX = "fmt"
@@ -381,6 +394,36 @@ class Registry:
         self._seen[client_id] = now
         with self._tx() as db:
             db.execute("UPDATE clients SET last_seen = ? WHERE client_id = ?", (now, client_id))
+
+    # ------------------------------------------------------------ rounds
+
+    def add_round(self, record: dict[str, Any]) -> int:
+        """Store a closed round; count it for its participants. Returns its seq."""
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO rounds (round, attempt, status, version, time, record)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (record["round"], record["attempt"], record["status"], record["version"],
+                 time.time(), json.dumps(record)),
+            )  # fmt: skip
+            if record["status"] == "published":
+                db.executemany(
+                    "UPDATE clients SET rounds_joined = rounds_joined + 1 WHERE client_id = ?",
+                    [(c,) for c in record["participants"]],
+                )
+            return int(cur.lastrowid)
+
+    def rounds_after(self, after_seq: int, from_round: int = 0) -> list[tuple[int, str]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, record FROM rounds WHERE seq > ? AND round >= ? ORDER BY seq",
+                (after_seq, from_round),
+            ).fetchall()
+        return [(r["seq"], r["record"]) for r in rows]
+
+    def last_round_seq(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM rounds").fetchone()[0]
 
     def joined_round(self, client_ids: list[str]) -> None:
         with self._tx() as db:

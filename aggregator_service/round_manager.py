@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +45,23 @@ from fedmae.tensor_codec import (
 log = logging.getLogger(__name__)
 
 MAX_SAMPLES_PER_UPDATE = 1 << 40  # a sanity bound on the aggregation weight
+
+
+class RoundObserver:
+    """Callbacks on round events, for metrics and the round feed. They run on the
+    calling thread and must be quick; the defaults do nothing."""
+
+    def update_accepted(self, client_id: str, nbytes: int) -> None:
+        pass
+
+    def update_rejected(self, client_id: str, reason: str, code: str) -> None:
+        pass
+
+    def round_closed(self, record: dict[str, Any]) -> None:
+        pass
+
+    def run_ended(self, completed: bool) -> None:
+        pass
 
 
 class Subscription:
@@ -81,6 +99,7 @@ class ClientResult:
     metrics: dict[str, float]
     bytes: int
     upload_s: float
+    update_norm: float = 0.0
 
 
 @dataclass
@@ -145,7 +164,12 @@ class RoundManager:
         self._seq = 0
         self.state: RoundState | None = None
         self.finished = threading.Event()
-        self.on_round_closed: list[Callable[[dict[str, Any]], None]] = []
+        self.observers: list[RoundObserver] = []
+        # Optional global evaluation of each published model: (layout, flat) -> loss.
+        self.evaluator: Callable[[ModelLayout, torch.Tensor], float] | None = None
+        self.phase = "waiting"
+        self.last_record: dict[str, Any] | None = None
+        self._waited_s = 0.0
 
     # ------------------------------------------------------------ subscriptions
 
@@ -249,6 +273,8 @@ class RoundManager:
                 if completed:
                     self._broadcast(run_finished=self._run_finished_msg())
                 self._cond.notify_all()
+            for observer in self.observers:
+                observer.run_ended(completed)
             if completed:
                 log.info("run finished: round %d published version %d", self.next_round - 1,
                          self.version)  # fmt: skip
@@ -257,7 +283,9 @@ class RoundManager:
 
     def _wait_for_clients(self, stop: threading.Event) -> bool:
         last_note = 0.0
+        t0 = time.monotonic()
         with self._cond:
+            self.phase = "waiting"
             while len(self._subs) < self.policy.min_clients:
                 if stop.is_set():
                     return False
@@ -269,9 +297,11 @@ class RoundManager:
                     )
                     last_note = time.monotonic()
                 self._cond.wait(timeout=0.5)
+        self._waited_s = time.monotonic() - t0
         return True
 
     def _run_round(self, attempt: int, stop: threading.Event) -> bool:
+        phases: dict[str, float] = {"waiting_s": round(self._waited_s, 3)}
         with self._cond:
             round_ = self.next_round
             selected = self.strategy.configure_round(
@@ -294,6 +324,7 @@ class RoundManager:
             )
             self.strategy.begin_round(self.global_flat)
             self.state = state
+            self.phase = "training"
             task = self._event(task=self._task_msg(state))
             for cid in selected:
                 self._subs[cid].push(task)
@@ -315,21 +346,36 @@ class RoundManager:
                     break
                 self._cond.wait(timeout=min(remaining, 1.0))
             state.closed = True  # later completions get DEADLINE_EXCEEDED
+            self.phase = "closing"
+            phases["training_s"] = round(time.monotonic() - state.started, 3)
             reported = len(state.accepted)
+            extra: dict[str, Any] = {}
             if state.invalidated:
                 status, reason = "failed", state.invalidated
-                record = self._record(state, status, reason=reason)
-                success = False
             elif reported >= self.policy.required_updates and reported > 0:
+                status, reason = "published", ""
+                t0 = time.monotonic()
                 self.global_flat = self.strategy.aggregate(self.global_flat)
+                phases["aggregation_s"] = round(time.monotonic() - t0, 3)
                 self.version += 1
                 t0 = time.monotonic()
                 self.checkpoint = self.store.save(
                     self.version, round_, self.config.training.model, self.layout, self.global_flat
                 )
-                checkpoint_s = time.monotonic() - t0
+                phases["checkpoint_s"] = round(time.monotonic() - t0, 3)
+                if self.evaluator is not None:
+                    t0 = time.monotonic()
+                    extra["eval_loss"] = self.evaluator(self.layout, self.global_flat)
+                    phases["evaluation_s"] = round(time.monotonic() - t0, 3)
                 self.next_round = round_ + 1
-                record = self._record(state, "published", checkpoint_s=checkpoint_s)
+            elif stop.is_set():
+                status, reason = "aborted", "aggregator stopped during the round"
+            else:
+                status = "failed"
+                reason = f"only {reported} of {self.policy.required_updates} required updates"
+            success = status == "published"
+            t0 = time.monotonic()
+            if success:
                 self._broadcast(
                     model_published=pb.ModelPublished(
                         version=self.version,
@@ -337,15 +383,10 @@ class RoundManager:
                         manifest=self.layout.manifest(sha256=self.checkpoint.payload_sha256),
                     )
                 )
-                success, reason = True, ""
-            else:
-                if stop.is_set():
-                    status, reason = "aborted", "aggregator stopped during the round"
-                else:
-                    status = "failed"
-                    reason = f"only {reported} of {self.policy.required_updates} required updates"
-                record = self._record(state, status, reason=reason)
-                success = False
+            train_loss, val_loss = (
+                self._weighted(state, "train_loss"),
+                self._weighted(state, "val_loss"),
+            )
             self._broadcast(
                 round_closed=pb.RoundClosed(
                     round=round_,
@@ -353,15 +394,21 @@ class RoundManager:
                     success=success,
                     version=self.version,
                     participants=sorted(state.accepted),
-                    num_samples=record["num_samples"],
-                    train_loss=record["train_loss"] or 0.0,
-                    val_loss=record["val_loss"] or 0.0,
+                    num_samples=sum(r.num_samples for r in state.accepted.values()),
+                    train_loss=train_loss or 0.0,
+                    val_loss=val_loss or 0.0,
                     reason=reason,
                 )
             )
+            phases["publish_s"] = round(time.monotonic() - t0, 3)
+            if reason:
+                extra["reason"] = reason
+            record = self._record(state, status, phases, **extra)
+            self.last_record = record
+            self.phase = "waiting"
         self.round_log.append(record)
-        for hook in self.on_round_closed:
-            hook(record)
+        for observer in self.observers:
+            observer.round_closed(record)
         if success:
             log.info(
                 "round %d published version %d: %d clients, %d samples, val_loss %.4f, %.1fs",
@@ -373,18 +420,23 @@ class RoundManager:
                 record["duration_s"],
             )
         else:
-            log.warning("round %d attempt %d failed: %s", round_, attempt, reason)
+            log.warning("round %d attempt %d %s: %s", round_, attempt, status, reason)
         return success
 
-    def _record(self, state: RoundState, status: str, **extra: Any) -> dict[str, Any]:
-        results = list(state.accepted.values())
-        total = sum(r.num_samples for r in results)
+    @staticmethod
+    def _weighted(state: RoundState, key: str) -> float | None:
+        pairs = [
+            (r.num_samples, r.metrics[key]) for r in state.accepted.values() if key in r.metrics
+        ]
+        n = sum(w for w, _ in pairs)
+        return sum(w * v for w, v in pairs) / n if n else None
 
-        def weighted(key: str) -> float | None:
-            pairs = [(r.num_samples, r.metrics[key]) for r in results if key in r.metrics]
-            n = sum(w for w, _ in pairs)
-            return sum(w * v for w, v in pairs) / n if n else None
-
+    def _record(
+        self, state: RoundState, status: str, phases: dict[str, float], **extra: Any
+    ) -> dict[str, Any]:
+        """The round-log record (schema: docs/round-log.md)."""
+        results = sorted(state.accepted.values(), key=lambda r: r.client_id)
+        norms = sorted(r.update_norm for r in results)
         return {
             "round": state.round,
             "attempt": state.attempt,
@@ -392,13 +444,22 @@ class RoundManager:
             "version": self.version,
             "base_version": state.base_version,
             "selected": state.selected,
-            "participants": sorted(state.accepted),
+            "participants": [r.client_id for r in results],
             "dropped": sorted(set(state.selected) - set(state.accepted) - set(state.rejected)),
             "rejected": [{"client": c, "reason": r} for c, r in sorted(state.rejected.items())],
-            "num_samples": total,
-            "train_loss": weighted("train_loss"),
-            "val_loss": weighted("val_loss"),
+            "num_samples": sum(r.num_samples for r in results),
+            "train_loss": self._weighted(state, "train_loss"),
+            "val_loss": self._weighted(state, "val_loss"),
+            "eval_loss": None,
+            "update_norm": {
+                "min": norms[0],
+                "median": float(statistics.median(norms)),
+                "max": norms[-1],
+            }
+            if norms
+            else None,  # fmt: skip
             "duration_s": round(time.monotonic() - state.started, 3),
+            "phases": phases,
             "bytes_in": state.bytes_in,
             "bytes_out": state.bytes_out,
             "encoding": encoding_name(state.encoding),
@@ -409,14 +470,37 @@ class RoundManager:
                     "samples": r.num_samples,
                     "train_loss": r.metrics.get("train_loss"),
                     "val_loss": r.metrics.get("val_loss"),
+                    "update_norm": r.update_norm,
                     "bytes": r.bytes,
                     "upload_s": round(r.upload_s, 3),
                 }
-                for r in sorted(results, key=lambda r: r.client_id)
+                for r in results
             ],
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **extra,
         }
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot for ``Admin.Status`` and ``fedmae status``."""
+        with self._cond:
+            state = self.state
+            open_round = state is not None and not state.closed
+            now = time.monotonic()
+            return {
+                "state": "finished" if self.finished.is_set() else self.phase,
+                "round": state.round if open_round else self.next_round,
+                "attempt": state.attempt if open_round else 0,
+                "version": self.version,
+                "rounds_target": self.policy.rounds,
+                "connected": sorted(self._subs),
+                "selected": list(state.selected) if open_round else [],
+                "reported": sorted(state.accepted) if open_round else [],
+                "uploading": sorted(state.uploading) if open_round else [],
+                "round_elapsed_s": now - state.started if open_round else 0.0,
+                "deadline_in_s": max(0.0, state.deadline - now) if open_round else 0.0,
+                "min_clients": self.policy.min_clients,
+                "last_record": self.last_record,
+            }
 
     def revoke(self, client_id: str, reason: str = "") -> None:
         """Cut a revoked client off now: end its stream, drop its pending update.
@@ -485,8 +569,9 @@ class RoundManager:
         try:
             delta = session.decoder.finish(sha256)  # outside the lock: hashing/decoding is slow
         except FedmaeError as err:
-            self.abort_upload(session, str(err))
+            self.abort_upload(session, str(err), err.code.name.lower())
             raise
+        norm = float(torch.linalg.vector_norm(delta))
         with self._cond:
             state = session.state
             session.done = True
@@ -494,11 +579,13 @@ class RoundManager:
             state.bytes_in += session.bytes
             if session.client_id in state.revoked:
                 state.rejected[session.client_id] = "client revoked during the upload"
+                self._notify_rejected(session.client_id, "revoked", "permission_denied")
                 raise PermissionDenied(
                     f"client {session.client_id} was revoked; its update is not aggregated"
                 )
             if state is not self.state or state.closed:
                 state.rejected[session.client_id] = "round closed before the upload completed"
+                self._notify_rejected(session.client_id, "late", "deadline_exceeded")
                 raise RoundClosedError(
                     f"round {state.round} closed before the update from "
                     f"{session.client_id} completed"
@@ -511,6 +598,7 @@ class RoundManager:
                 metrics=dict(session.header.metrics),
                 bytes=session.bytes,
                 upload_s=time.monotonic() - session.started,
+                update_norm=norm,
             )
             self._cond.notify_all()
             log.info(
@@ -522,14 +610,21 @@ class RoundManager:
                 len(state.accepted),
                 len(state.selected),
             )
-            return pb.UpdateReceipt(
+            receipt = pb.UpdateReceipt(
                 round=state.round,
                 bytes_received=session.bytes,
                 sha256=session.decoder.sha256,
                 updates_received=len(state.accepted),
             )
+        for observer in self.observers:
+            observer.update_accepted(session.client_id, session.bytes)
+        return receipt
 
-    def abort_upload(self, session: UploadSession, reason: str) -> None:
+    def _notify_rejected(self, client_id: str, reason: str, code: str) -> None:
+        for observer in self.observers:
+            observer.update_rejected(client_id, reason, code)
+
+    def abort_upload(self, session: UploadSession, reason: str, code: str = "cancelled") -> None:
         """Release a refused or broken upload's slot (idempotent)."""
         with self._cond:
             if session.done:
@@ -539,6 +634,7 @@ class RoundManager:
             session.state.bytes_in += session.bytes
             session.state.rejected[session.client_id] = reason
             self._cond.notify_all()
+        self._notify_rejected(session.client_id, reason, code)
         log.warning(
             "round %d: update from %s refused: %s", session.state.round, session.client_id, reason
         )

@@ -18,7 +18,10 @@ from aggregator_service.checkpoint_store import CheckpointStore
 from aggregator_service.config import ServerConfig
 from aggregator_service.enrollment_servicer import EnrollmentServicer
 from aggregator_service.federation_servicer import FederationServicer
+from aggregator_service.global_eval import GlobalEvaluator
+from aggregator_service.metrics import Metrics
 from aggregator_service.registry import Registry
+from aggregator_service.round_feed import RoundFeed
 from aggregator_service.round_log import RoundLog
 from aggregator_service.round_manager import RoundManager
 from aggregator_service.strategy import FedAvg, Strategy
@@ -98,7 +101,15 @@ class AggregatorServer:
             RoundLog(config.state_dir / "rounds.jsonl", echo=echo),
         )
         self.registry = Registry(config.state_dir / "fedmae.db")
-        self.rounds.on_round_closed.append(self._count_rounds_joined)
+        self.feed = RoundFeed(self.registry)
+        self.metrics = Metrics(self.rounds)
+        self.rounds.observers += [self.feed, self.metrics]
+        if config.eval_data:
+            self.rounds.evaluator = GlobalEvaluator(
+                config.training.model, config.eval_data, config.eval_images,
+                config.training.mask_ratio,
+            )  # fmt: skip
+        self.metrics_port: int | None = None
         self.auth = Authorizer(self.registry, insecure=config.insecure)
         self.ca: tls.CertificateAuthority | None = None
         if not config.insecure:
@@ -124,7 +135,7 @@ class AggregatorServer:
             FederationServicer(self.rounds, self.auth, cfg.heartbeat_s), server
         )
         apb_grpc.add_AdminServicer_to_server(
-            AdminServicer(self.registry, self.rounds, self.auth), server
+            AdminServicer(self.registry, self.rounds, self.auth, self.feed), server
         )
         services = [FEDERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME]
         if self.ca is not None:
@@ -171,11 +182,9 @@ class AggregatorServer:
         )
         if self.enroll_port:
             log.info("enrollment (TLS, token) on port %d", self.enroll_port)
+        if cfg.metrics_listen:
+            self.metrics_port = self.metrics.serve(cfg.metrics_listen)
         return port
-
-    def _count_rounds_joined(self, record: dict) -> None:
-        if record["status"] == "published":
-            self.registry.joined_round(record["participants"])
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the run finished (True) or ``timeout`` passed (False)."""
@@ -186,6 +195,7 @@ class AggregatorServer:
         if self._loop is not None:
             self._loop.join(timeout=10)
         self.health.enter_graceful_shutdown()
+        self.metrics.stop()
         if self._server is not None:
             self._server.stop(self.config.exit_grace_s if grace is None else grace).wait()
             self._server = None

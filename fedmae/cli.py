@@ -11,18 +11,9 @@ from pathlib import Path
 import grpc
 
 from fedmae.errors import FedmaeError
+from fedmae.log_format import setup_logging
 
 log = logging.getLogger("fedmae")
-
-
-def setup_logging(level: str = "INFO", role: str = "") -> None:
-    prefix = f"{role} " if role else ""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s {prefix}%(levelname)-7s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
 
 
 # ---------------------------------------------------------------- certs
@@ -100,6 +91,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         enroll_listen=args.enroll_listen,
         certs_dir=Path(args.certs) if args.certs else None,
         ca_key=Path(args.ca_key) if args.ca_key else None,
+        metrics_listen=args.metrics_listen,
+        eval_data=args.eval_data,
+        eval_images=args.eval_images,
         client_cert_days=args.client_cert_days,
         insecure=args.insecure,
         model_seed=args.seed,
@@ -249,6 +243,17 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+# ---------------------------------------------------------------- report
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedmae.report import write_report
+
+    report = write_report(Path(args.state_dir), Path(args.out), data=args.data)
+    print(f"report: {report.summary} ({len(report.images)} images)")
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 
 
@@ -279,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated Masked Autoencoder training over gRPC with mutual TLS.",
     )
     p.add_argument("--log-level", default=os.environ.get("FEDMAE_LOG_LEVEL", "INFO"))
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("FEDMAE_LOG_FORMAT", "text"),
+        help="text for people (default), json for machines (env FEDMAE_LOG_FORMAT)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     certs = sub.add_parser("certs", help="make the CA, server and client certificates")
@@ -305,9 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="identity directory to write")
     e.set_defaults(func=cmd_enroll)
 
-    from fedmae import admin_cli
+    from fedmae import admin_cli, watch_cli
 
     admin_cli.build(sub)
+    watch_cli.build(sub)
 
     s = sub.add_parser("serve", help="run the aggregator")
     s.add_argument("--state-dir", required=True, help="checkpoints, round log, certs")
@@ -320,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--ca-key", help="CA signing key outside the certs dir (must be mode 0600)")
     s.add_argument("--client-cert-days", type=int, default=365)
+    s.add_argument(
+        "--metrics-listen", help="serve Prometheus /metrics on HOST:PORT (off by default)"
+    )
+    s.add_argument("--eval-data", help="held-out data the server evaluates each model on")
+    s.add_argument("--eval-images", type=int, default=500)
     s.add_argument("--insecure", action="store_true", help="plaintext, no client auth (testing)")
     s.add_argument("--model", default="tiny", help="MAE config: tiny, vit_base, ...")
     s.add_argument("--seed", type=int, default=0)
@@ -380,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--timeout", type=float, default=5.0)
     h.set_defaults(func=cmd_health)
 
+    r = sub.add_parser("report", help="PNG plots, reconstructions and a summary of a run")
+    r.add_argument("--state-dir", required=True, help="the aggregator's state directory")
+    r.add_argument("--out", required=True, help="directory for the PNGs and summary.md")
+    r.add_argument("--data", default="fashion-mnist", help="held-out images to reconstruct")
+    r.set_defaults(func=cmd_report)
+
     d = sub.add_parser("demo", help="a real federated cluster on this machine, over mTLS")
     d.add_argument("--clients", type=int, default=3)
     d.add_argument("--rounds", type=int, default=5)
@@ -412,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     role = getattr(args, "role", "")
     if args.command == "client":
         role = f"client[{_client_name(args)}]"
-    setup_logging(args.log_level, role)
+    setup_logging(args.log_level, role, args.log_format)
     try:
         return args.func(args)
     except (FedmaeError, ValueError, FileNotFoundError) as err:

@@ -184,6 +184,8 @@ def run_demo(cfg: DemoConfig) -> int:
                 "--local-epochs", str(cfg.local_epochs),
                 "--encoding", cfg.encoding,
                 "--seed", str(cfg.seed),
+                "--eval-data", cfg.data,
+                "--eval-images", "500",
             ],
             stdout=subprocess.PIPE,
             stderr=server_log,
@@ -287,12 +289,16 @@ def _summary(cfg: DemoConfig, state: Path, records: list[dict], server_rc: int, 
         return 1
     first, last = published[0], published[-1]
     better = last["val_loss"] < first["val_loss"]
+    from fedmae.report import write_report
+
+    report = write_report(state, state / "report", data=cfg.data)
     print(
         f"done in {secs:.0f}s: {len(published)} rounds, {cfg.clients} clients each over mTLS.\n"
         f"validation loss (masked-patch MSE, sample-weighted): round {first['round']} "
         f"{first['val_loss']:.4f} -> round {last['round']} {last['val_loss']:.4f} "
         f"({'lower' if better else 'NOT lower'})\n"
         f"round log:   {state / 'rounds.jsonl'}\n"
-        f"checkpoints: {len(ckpts)} in {state / 'checkpoints'} (latest {ckpts[-1].name})"
+        f"checkpoints: {len(ckpts)} in {state / 'checkpoints'} (latest {ckpts[-1].name})\n"
+        f"report:      {report.summary} (loss, phases, bytes, clients, reconstructions)"
     )
     return 0

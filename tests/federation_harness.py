@@ -121,3 +121,20 @@ def fetch_flat(client: ScriptedClient, layout: ModelLayout, version: int = 0) ->
 def random_delta(layout: ModelLayout, seed: int, scale: float = 0.01) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     return torch.from_numpy((rng.standard_normal(layout.numel) * scale).astype(np.float32))
+
+
+def drive_rounds(
+    clients: dict[str, ScriptedClient], layout: ModelLayout, rounds: list[int]
+) -> None:
+    """Each client answers the task of each listed round with a small random delta."""
+    from client_agent.transfer import submit_update
+
+    for r in rounds:
+        for i, (_name, client) in enumerate(sorted(clients.items())):
+            task = client.wait_for("task", round=r).task
+            submit_update(
+                client.stub, layout, random_delta(layout, seed=100 * r + i), round_=r,
+                base_version=task.model_version, num_samples=10 + i,
+                metrics={"train_loss": 1.0 / r, "val_loss": 2.0 / r}, timeout=TIMEOUT,
+            )  # fmt: skip
+        next(iter(clients.values())).wait_for("round_closed", round=r)

@@ -156,3 +156,55 @@ class AuditResponse(_message.Message):
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
     def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...
+
+class WatchRoundsRequest(_message.Message):
+    __slots__ = ("from_round", "follow", "after_seq")
+    FROM_ROUND_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    from_round: int
+    follow: bool
+    after_seq: int
+    def __init__(self, from_round: _Optional[int] = ..., follow: _Optional[bool] = ..., after_seq: _Optional[int] = ...) -> None: ...
+
+class RoundRecord(_message.Message):
+    __slots__ = ("seq", "record_json")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    RECORD_JSON_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    record_json: str
+    def __init__(self, seq: _Optional[int] = ..., record_json: _Optional[str] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("state", "round", "attempt", "version", "rounds_target", "connected", "selected", "reported", "uploading", "round_elapsed_s", "deadline_in_s", "min_clients", "last_record_json")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_TARGET_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
+    UPLOADING_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_IN_S_FIELD_NUMBER: _ClassVar[int]
+    MIN_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_RECORD_JSON_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    round: int
+    attempt: int
+    version: int
+    rounds_target: int
+    connected: _containers.RepeatedScalarFieldContainer[str]
+    selected: _containers.RepeatedScalarFieldContainer[str]
+    reported: _containers.RepeatedScalarFieldContainer[str]
+    uploading: _containers.RepeatedScalarFieldContainer[str]
+    round_elapsed_s: float
+    deadline_in_s: float
+    min_clients: int
+    last_record_json: str
+    def __init__(self, state: _Optional[str] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., version: _Optional[int] = ..., rounds_target: _Optional[int] = ..., connected: _Optional[_Iterable[str]] = ..., selected: _Optional[_Iterable[str]] = ..., reported: _Optional[_Iterable[str]] = ..., uploading: _Optional[_Iterable[str]] = ..., round_elapsed_s: _Optional[float] = ..., deadline_in_s: _Optional[float] = ..., min_clients: _Optional[int] = ..., last_record_json: _Optional[str] = ...) -> None: ...

@@ -34,6 +34,16 @@ class AdminStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.WatchRounds = channel.unary_stream(
+                '/fedmae.v1.Admin/WatchRounds',
+                request_serializer=fedmae_dot_v1_dot_admin__pb2.WatchRoundsRequest.SerializeToString,
+                response_deserializer=fedmae_dot_v1_dot_admin__pb2.RoundRecord.FromString,
+                _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/fedmae.v1.Admin/Status',
+                request_serializer=fedmae_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
+                response_deserializer=fedmae_dot_v1_dot_admin__pb2.StatusResponse.FromString,
+                _registered_method=True)
         self.CreateToken = channel.unary_unary(
                 '/fedmae.v1.Admin/CreateToken',
                 request_serializer=fedmae_dot_v1_dot_admin__pb2.CreateTokenRequest.SerializeToString,
@@ -73,6 +83,20 @@ class AdminStub:
 
 class AdminServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def WatchRounds(self, request, context):
+        """Closed rounds from `from_round`, then each new one as it closes (follow).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """A snapshot of the run: state, round, version, clients, last round.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def CreateToken(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -119,6 +143,16 @@ class AdminServicer:
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'WatchRounds': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRounds,
+                    request_deserializer=fedmae_dot_v1_dot_admin__pb2.WatchRoundsRequest.FromString,
+                    response_serializer=fedmae_dot_v1_dot_admin__pb2.RoundRecord.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=fedmae_dot_v1_dot_admin__pb2.StatusRequest.FromString,
+                    response_serializer=fedmae_dot_v1_dot_admin__pb2.StatusResponse.SerializeToString,
+            ),
             'CreateToken': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateToken,
                     request_deserializer=fedmae_dot_v1_dot_admin__pb2.CreateTokenRequest.FromString,
@@ -164,6 +198,60 @@ def add_AdminServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Admin:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def WatchRounds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedmae.v1.Admin/WatchRounds',
+            fedmae_dot_v1_dot_admin__pb2.WatchRoundsRequest.SerializeToString,
+            fedmae_dot_v1_dot_admin__pb2.RoundRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmae.v1.Admin/Status',
+            fedmae_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
+            fedmae_dot_v1_dot_admin__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def CreateToken(request,

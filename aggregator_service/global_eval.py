@@ -1,0 +1,30 @@
+"""The server's own check of each published model on a held-out set (optional)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from client_agent.local_training import evaluate
+from fedmae.data import load_dataset
+from fedmae.mae import build_model, load_trainable_state
+from fedmae.tensor_codec import ModelLayout
+
+log = logging.getLogger(__name__)
+
+
+class GlobalEvaluator:
+    """Masked-patch MSE of the global model on ``images`` test images, fixed masks."""
+
+    def __init__(self, model: str, data: str, images: int, mask_ratio: float):
+        dataset = load_dataset(data, split="test")
+        n = min(images, len(dataset))
+        self.images = dataset.to_tensor(list(range(n)))
+        self.model = build_model(model, seed=0)
+        self.mask_ratio = mask_ratio
+        log.info("global evaluation on %d held-out images of %s", n, dataset.name)
+
+    def __call__(self, layout: ModelLayout, flat: torch.Tensor) -> float:
+        load_trainable_state(self.model, layout.unflatten(flat))
+        return evaluate(self.model, self.images, self.mask_ratio)

@@ -1,0 +1,96 @@
+"""Prometheus metrics for the aggregator (``--metrics-listen HOST:PORT``).
+
+Counters are fed from the round records, so ``/metrics`` and ``rounds.jsonl`` agree
+exactly. Each server has its own registry (tests run several in one process).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from aggregator_service.round_manager import RoundManager, RoundObserver
+
+log = logging.getLogger(__name__)
+
+ROUND_SECONDS_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class Metrics(RoundObserver):
+    def __init__(self, rounds: RoundManager):
+        r = self.registry = CollectorRegistry()
+        self.rounds_closed = Counter(
+            "fedmae_rounds_closed", "Rounds closed, by status (published, failed, aborted)",
+            ["status"], registry=r,
+        )  # fmt: skip
+        self.round_duration = Histogram(
+            "fedmae_round_duration_seconds", "Seconds from a round's task to its close",
+            buckets=ROUND_SECONDS_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.phase_seconds = Gauge(
+            "fedmae_last_round_phase_seconds", "Phase durations of the last closed round",
+            ["phase"], registry=r,
+        )  # fmt: skip
+        self.updates = Counter(
+            "fedmae_updates", "Client updates by outcome; rejected ones by gRPC status",
+            ["outcome", "reason"], registry=r,
+        )  # fmt: skip
+        self.bytes_in = Counter(
+            "fedmae_update_bytes_received", "Update payload bytes received in closed rounds",
+            registry=r,
+        )  # fmt: skip
+        self.bytes_out = Counter(
+            "fedmae_model_bytes_sent", "Model payload bytes served in closed rounds", registry=r
+        )
+        self.samples = Counter(
+            "fedmae_samples_aggregated", "Training samples behind published rounds", registry=r
+        )
+        self.loss = Gauge(
+            "fedmae_last_loss", "Losses of the last published round (sample-weighted)",
+            ["kind"], registry=r,
+        )  # fmt: skip
+        Gauge("fedmae_model_version", "Latest published model version", registry=r).set_function(
+            lambda: rounds.version
+        )
+        Gauge("fedmae_clients_connected", "Clients with an open event stream",
+              registry=r).set_function(lambda: len(rounds.connected()))  # fmt: skip
+        Gauge("fedmae_round", "The open (or next) round", registry=r).set_function(
+            lambda: rounds.status()["round"]
+        )
+        self._server = None
+
+    def update_accepted(self, client_id: str, nbytes: int) -> None:
+        self.updates.labels("accepted", "").inc()
+
+    def update_rejected(self, client_id: str, reason: str, code: str) -> None:
+        self.updates.labels("rejected", code).inc()
+
+    def round_closed(self, record: dict[str, Any]) -> None:
+        self.rounds_closed.labels(record["status"]).inc()
+        self.round_duration.observe(record["duration_s"])
+        self.bytes_in.inc(record["bytes_in"])
+        self.bytes_out.inc(record["bytes_out"])
+        for phase, seconds in record.get("phases", {}).items():
+            self.phase_seconds.labels(phase.removesuffix("_s")).set(seconds)
+        if record["status"] == "published":
+            self.samples.inc(record["num_samples"])
+            for kind in ("train_loss", "val_loss", "eval_loss"):
+                if record.get(kind) is not None:
+                    self.loss.labels(kind.removesuffix("_loss")).set(record[kind])
+
+    def serve(self, listen: str) -> int:
+        """Start the ``/metrics`` HTTP endpoint; return its port."""
+        host, _, port = listen.rpartition(":")
+        self._server, _thread = start_http_server(int(port), addr=host or "127.0.0.1",
+                                                  registry=self.registry)  # fmt: skip
+        bound = self._server.server_port
+        log.info("Prometheus metrics on http://%s:%d/metrics", host or "127.0.0.1", bound)
+        return bound
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
