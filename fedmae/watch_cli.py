@@ -151,16 +151,19 @@ def _watch_live(args: argparse.Namespace, records: queue.Queue) -> int:
                     raise item
                 else:
                     rows.append(item[1])
-            try:
-                status, error = stub.Status(apb.StatusRequest(), timeout=5), ""
-            except grpc.RpcError as err:
-                if err.code() not in RETRYABLE:
-                    raise
-                error = "(unreachable: reconnecting)"
+            if finished:
+                error = "(run finished)"
+            else:
+                try:
+                    status, error = stub.Status(apb.StatusRequest(), timeout=5), ""
+                except grpc.RpcError as err:
+                    if err.code() not in RETRYABLE:
+                        raise
+                    error = "(unreachable: reconnecting)"
             live.update(Group(_status_panel(status, error), _rounds_table(rows)))
             if not finished:
                 time.sleep(1.0)
-    print(f"run finished: {sum(r['status'] == 'published' for r in rows)} rounds published")
+    print(f"\nrun finished: {sum(r['status'] == 'published' for r in rows)} rounds published")
     return 0
 
 

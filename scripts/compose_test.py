@@ -233,7 +233,7 @@ class Cluster:
     def rounds(self) -> list[dict]:
         res = self.dc(["exec", "-T", "aggregator", "cat", "/state/rounds.jsonl"], check=False,
                       capture=True)  # fmt: skip
-        return [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+        return [json.loads(x) for x in res.stdout.splitlines() if '"participants"' in x]
 
     def wait_rounds(self, predicate, timeout: float, what: str) -> list[dict]:
         deadline = time.monotonic() + timeout
@@ -305,7 +305,7 @@ def run_cluster(engine: DockerEngine, work: Path) -> None:
         say("round log (docker compose logs aggregator, JSON lines):")
         logs = cluster.dc(["logs", "--no-log-prefix", "aggregator"], capture=True).stdout
         for line in logs.splitlines():
-            if line.startswith("{"):
+            if line.startswith("{") and '"participants"' in line:  # not the JSON log lines
                 r = json.loads(line)
                 print(f"  round {r['round']:>3} {r['status']:<9} v{r['version']:<3} "
                       f"{len(r['participants'])} clients {r['num_samples']:>5} samples "

@@ -25,16 +25,22 @@ def _tool(name: str) -> str:
     return found
 
 
-def _config(path: Path, *args: str, env_file: Path | None = None) -> subprocess.CompletedProcess:
+def _config(
+    path: Path, *args: str, env_file: Path | None = None, profile: str | None = None
+) -> subprocess.CompletedProcess:
     cmd = [_tool("docker-compose"), "-f", str(path)]
+    if profile:
+        cmd += ["--profile", profile]
     if env_file is not None:
         cmd += ["--env-file", str(env_file)]
     return subprocess.run([*cmd, "config", *args], capture_output=True, text=True, timeout=60,
                           cwd=path.parent)  # fmt: skip
 
 
-def _normalized(path: Path = COMPOSE, env_file: Path | None = None) -> dict:
-    res = _config(path, "--format", "json", env_file=env_file)
+def _normalized(
+    path: Path = COMPOSE, env_file: Path | None = None, profile: str | None = None
+) -> dict:
+    res = _config(path, "--format", "json", env_file=env_file, profile=profile)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 
@@ -63,9 +69,10 @@ def test_broken_compose_files_are_caught(tmp_path, old, new, why):
 
 
 def test_project_rules():
-    cfg = _normalized()
+    cfg = _normalized(profile="monitoring")
     services = cfg["services"]
-    assert set(services) == {"certs", "aggregator", "client"}
+    assert set(services) == {"certs", "aggregator", "client", "prometheus", "grafana"}
+    assert set(_normalized()["services"]) == {"certs", "aggregator", "client"}  # default
     one_shot = {
         name
         for s in services.values()
@@ -80,12 +87,15 @@ def test_project_rules():
         assert "healthcheck" in svc or name in one_shot, f"{name} has no healthcheck"
         if name in one_shot:
             assert svc.get("restart", "no") == "no"
+        if name in ("certs", "aggregator", "client"):
+            assert svc["environment"]["FEDMAE_LOG_FORMAT"] == "json", f"{name} logs for people"
     agg = services["aggregator"]
     assert any(v["target"] == "/state" and v["type"] == "volume" for v in agg["volumes"])
     assert services["client"]["depends_on"]["aggregator"]["condition"] == "service_healthy"
     # Published ports default to loopback: an edge client on the host may enroll,
     # the outside world may not, unless FEDMAE_BIND says so.
-    assert {p["host_ip"] for p in agg["ports"]} == {"127.0.0.1"}
+    for svc in services.values():
+        assert {p["host_ip"] for p in svc.get("ports", [])} <= {"127.0.0.1"}
     assert {int(p["target"]) for p in agg["ports"]} == {50051, 50052}
     # Each client replica keeps its identity in a volume of its own.
     client = services["client"]
@@ -126,3 +136,15 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path):
     bad.write_text("FROM debian\nRUN cd /tmp && apt-get install curl\n")
     res = subprocess.run([_tool("hadolint"), str(bad)], capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "DL3003" in res.stdout
+
+
+def test_monitoring_profile_scrapes_the_aggregator():
+    cfg = _normalized(profile="monitoring")
+    assert "--metrics-listen=0.0.0.0:9100" in cfg["services"]["aggregator"]["command"]
+    prom = (REPO / "monitoring" / "prometheus.yml").read_text()
+    assert '"aggregator:9100"' in prom
+    dash = json.loads((REPO / "monitoring" / "grafana" / "dashboards" / "fedmae.json").read_text())
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    for series in ("fedmae_last_loss", "fedmae_round_duration_seconds_bucket",
+                   "fedmae_last_round_phase_seconds", "fedmae_updates_total"):  # fmt: skip
+        assert series in exprs
