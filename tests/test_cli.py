@@ -70,6 +70,16 @@ def test_demo_runs_a_real_federation(tmp_path):
         "v000002.safetensors",
     ]
     assert "over mTLS" in result.stdout and "(lower)" in result.stdout
+    report = state / "report"
+    assert {p.name for p in report.glob("*.png")} == {
+        "loss.png",
+        "phases.png",
+        "bytes.png",
+        "clients.png",
+        "reconstructions.png",
+    }
+    assert "rounds published: 2" in (report / "summary.md").read_text()
+    assert all(r["eval_loss"] is not None for r in records)  # the demo evaluates globally
     # Every process the demo started has ended.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(state) not in ps
