@@ -8,11 +8,13 @@ registered one, status active) or for the admin role (OU=admin).
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import grpc
 
 from aggregator_service.registry import Registry
-from fedmae.errors import PermissionDenied, Unauthenticated
+from fedmae.errors import LimitExceeded, PermissionDenied, Unauthenticated
 from fedmae.tls import ADMIN_ROLE, PeerCertificate, peer_certificate
 
 log = logging.getLogger(__name__)
@@ -20,10 +22,31 @@ log = logging.getLogger(__name__)
 INSECURE_ID_HEADER = "x-fedmae-client-id"
 
 
+class RateLimiter:
+    """A token bucket per client: ``rate`` requests per second, bursts of ``2 * rate``."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self._buckets: dict[str, tuple[float, float]] = {}  # id -> (tokens, last time)
+        self._lock = threading.Lock()
+
+    def allow(self, client_id: str) -> bool:
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(client_id, (2 * self.rate, now))
+            tokens = min(2 * self.rate, tokens + (now - last) * self.rate)
+            ok = tokens >= 1.0
+            self._buckets[client_id] = (tokens - 1.0 if ok else tokens, now)
+        return ok
+
+
 class Authorizer:
-    def __init__(self, registry: Registry, insecure: bool = False):
+    def __init__(self, registry: Registry, insecure: bool = False, max_requests_per_s: float = 0):
         self.registry = registry
         self.insecure = insecure
+        self.limiter = RateLimiter(max_requests_per_s)
 
     def _peer(self, context: grpc.ServicerContext) -> PeerCertificate | None:
         return peer_certificate(context)
@@ -45,6 +68,11 @@ class Authorizer:
                 "an admin certificate cannot join the federation as a client: enroll a client"
             )
         self.check_client(peer.common_name, peer.fingerprint)
+        if not self.limiter.allow(peer.common_name):
+            raise LimitExceeded(
+                f"client {peer.common_name!r} sends more than {self.limiter.rate:g} requests "
+                "per second: slow down"
+            )
         self.registry.touch(peer.common_name)
         return peer.common_name
 

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from fedmae.errors import ConfigError, VersionNotFound
+from fedmae.faults import crash_point
 from fedmae.tensor_codec import ModelLayout, sha256_hex
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class CheckpointStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+        crash_point("checkpoint")  # written, not yet published
         os.replace(tmp, final)
         dfd = os.open(self.dir, os.O_RDONLY)
         try:
@@ -83,6 +85,7 @@ class CheckpointStore:
         finally:
             os.close(dfd)
         self._prune(version)
+        crash_point("published")  # published, not yet logged
         return self.describe(version, layout)
 
     def _prune(self, newest: int) -> None:

@@ -21,6 +21,9 @@ class RoundPolicy:
     retry_delay_s: float = 1.0  # pause before retrying a failed round
     max_attempts: int = 0  # attempts per round before the run fails; 0 = unlimited
     seed: int = 0  # client selection is deterministic for a seed
+    # Close a round early when every selected client still owing an update has been
+    # disconnected this long (instead of waiting for the deadline).
+    dropout_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.min_clients < 1:
@@ -57,6 +60,9 @@ class ServerConfig:
     max_workers: int = 64  # gRPC handler threads (one per open stream)
     heartbeat_s: float = 10.0
     exit_grace_s: float = 5.0  # after the run ends, time for clients to hear it
+    max_uploads_in_flight: int = 8  # concurrent SubmitUpdate streams; more: RESOURCE_EXHAUSTED
+    max_requests_per_s: float = 20.0  # per client, token bucket (burst 2x); 0 = no limit
+    max_update_norm: float = 0.0  # refuse deltas with a larger L2 norm; 0 = no bound
 
     @property
     def certs(self) -> Path:

@@ -48,7 +48,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         try:
             client_id = self.auth.client(context)
             header, chunks = self.rounds.model_stream(
-                request.version, request.encoding, request.chunk_size
+                request.version, request.encoding, request.chunk_size, request.offset
             )
         except FedmaeError as err:
             abort(context, err)

@@ -421,6 +421,13 @@ class Registry:
             ).fetchall()
         return [(r["seq"], r["record"]) for r in rows]
 
+    def has_published(self, version: int) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM rounds WHERE status = 'published' AND version = ?", (version,)
+            ).fetchone()
+        return row is not None
+
     def last_round_seq(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM rounds").fetchone()[0]

@@ -23,6 +23,20 @@ class RoundLog:
             self.echo.write(line + "\n")
             self.echo.flush()
 
+    def repair(self) -> bool:
+        """Drop a torn last line left by a crash mid-write; True if something was cut."""
+        if not self.path.exists():
+            return False
+        data = self.path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return False
+        keep = data[: data.rfind(b"\n") + 1]
+        with open(self.path, "r+b") as f:
+            f.truncate(len(keep))
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []

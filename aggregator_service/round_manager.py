@@ -29,6 +29,7 @@ from fedmae.errors import (
     DuplicateUpdate,
     FedmaeError,
     InvalidUpdate,
+    LimitExceeded,
     PermissionDenied,
     RoundClosedError,
     StaleUpdate,
@@ -132,8 +133,16 @@ class UploadSession:
         self.started = time.monotonic()
         self.bytes = 0
         self.done = False  # accepted or refused; the client's slot is released
+        self.chunks = 0
+        self.max_chunks = decoder.total // 4096 + 16
 
     def write(self, chunk: pb.Chunk) -> None:
+        self.chunks += 1
+        if self.chunks > self.max_chunks:
+            raise LimitExceeded(
+                f"more than {self.max_chunks} chunks for {self.decoder.total} bytes: "
+                "send chunks of at least 4 KiB"
+            )
         self.decoder.write(chunk)
         self.bytes += len(chunk.data)
 
@@ -336,15 +345,24 @@ class RoundManager:
                 len(self._subs),
                 self.version,
             )
+            gone_since: float | None = None
             while (
                 len(state.accepted) < len(set(state.selected) - state.revoked)
                 and not stop.is_set()
                 and not state.invalidated
             ):
-                remaining = state.deadline - time.monotonic()
-                if remaining <= 0:
+                now = time.monotonic()
+                if now >= state.deadline:
                     break
-                self._cond.wait(timeout=min(remaining, 1.0))
+                if self._owing_all_gone(state):
+                    gone_since = gone_since or now
+                    if now - gone_since >= self.policy.dropout_grace_s:
+                        log.info("round %d: every client still owing an update is gone; "
+                                 "closing early", round_)  # fmt: skip
+                        break
+                else:
+                    gone_since = None
+                self._cond.wait(timeout=min(state.deadline - now, 0.5))
             state.closed = True  # later completions get DEADLINE_EXCEEDED
             self.phase = "closing"
             phases["training_s"] = round(time.monotonic() - state.started, 3)
@@ -423,6 +441,17 @@ class RoundManager:
             log.warning("round %d attempt %d %s: %s", round_, attempt, status, reason)
         return success
 
+    def _owing_all_gone(self, state: RoundState) -> bool:
+        owing = set(state.selected) - set(state.accepted) - state.revoked
+        return bool(owing) and not (owing & set(self._subs)) and not (owing & state.uploading)
+
+    def _dropped(self, state: RoundState) -> dict[str, str]:
+        owing = set(state.selected) - set(state.accepted) - set(state.rejected)
+        return {
+            c: "disconnected" if c not in self._subs else "no update before the round closed"
+            for c in sorted(owing)
+        }
+
     @staticmethod
     def _weighted(state: RoundState, key: str) -> float | None:
         pairs = [
@@ -445,7 +474,8 @@ class RoundManager:
             "base_version": state.base_version,
             "selected": state.selected,
             "participants": [r.client_id for r in results],
-            "dropped": sorted(set(state.selected) - set(state.accepted) - set(state.rejected)),
+            "dropped": sorted(self._dropped(state)),
+            "dropped_reasons": self._dropped(state),
             "rejected": [{"client": c, "reason": r} for c, r in sorted(state.rejected.items())],
             "num_samples": sum(r.num_samples for r in results),
             "train_loss": self._weighted(state, "train_loss"),
@@ -479,6 +509,22 @@ class RoundManager:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **extra,
         }
+
+    def recovered_record(self, round_: int, version: int) -> dict[str, Any]:
+        """The record of a round whose checkpoint survived a crash but whose log line
+        did not: the round happened, its details are lost."""
+        return {
+            "round": round_, "attempt": 1, "status": "published", "version": version,
+            "base_version": version - 1, "selected": [], "participants": [], "dropped": [],
+            "dropped_reasons": {}, "rejected": [], "num_samples": 0, "train_loss": None,
+            "val_loss": None, "eval_loss": None, "update_norm": None, "duration_s": 0.0,
+            "phases": {}, "bytes_in": 0, "bytes_out": 0,
+            "encoding": encoding_name(self.config.training.to_proto().update_encoding),
+            "strategy": self.strategy.name, "clients": [],
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "recovered": True,
+            "reason": "the aggregator stopped after publishing this version, before logging it",
+        }  # fmt: skip
 
     def status(self) -> dict[str, Any]:
         """A snapshot for ``Admin.Status`` and ``fedmae status``."""
@@ -560,6 +606,11 @@ class RoundManager:
                 )
             if not 0 < header.num_samples <= MAX_SAMPLES_PER_UPDATE:
                 raise InvalidUpdate(f"num_samples must be positive, got {header.num_samples}")
+            if len(state.uploading) >= self.config.max_uploads_in_flight:
+                raise LimitExceeded(
+                    f"{len(state.uploading)} uploads are in flight, the limit is "
+                    f"{self.config.max_uploads_in_flight}: retry in a moment"
+                )
             decoder = PayloadDecoder(self.layout, header.manifest)
             state.uploading.add(client_id)
             return UploadSession(state, client_id, header, decoder)
@@ -572,6 +623,11 @@ class RoundManager:
             self.abort_upload(session, str(err), err.code.name.lower())
             raise
         norm = float(torch.linalg.vector_norm(delta))
+        bound = self.config.max_update_norm
+        if bound and norm > bound:
+            err = InvalidUpdate(f"update norm {norm:.4g} is over the bound {bound:.4g}")
+            self.abort_upload(session, str(err), err.code.name.lower())
+            raise err
         with self._cond:
             state = session.state
             session.done = True
@@ -642,7 +698,7 @@ class RoundManager:
     # ------------------------------------------------------------ downloads
 
     def model_stream(
-        self, version: int, encoding: int, chunk_size: int
+        self, version: int, encoding: int, chunk_size: int, offset: int = 0
     ) -> tuple[pb.ModelHeader, Iterator[pb.Chunk]]:
         """Header and chunks of a published version; fp32 is read from the checkpoint file."""
         with self._cond:
@@ -653,21 +709,31 @@ class RoundManager:
         chunk_size = min(chunk_size or self.config.chunk_size, 4 * self.config.chunk_size)
         if encoding == pb.ENCODING_FP32:
             manifest = self.layout.manifest(encoding, sha256=ckpt.payload_sha256)
-            chunks = self._file_chunks(ckpt, chunk_size)
+            if offset > manifest.total_bytes:
+                raise InvalidUpdate(
+                    f"offset {offset} is past the model's {manifest.total_bytes} bytes"
+                )
+            chunks = self._file_chunks(ckpt, chunk_size, offset)
         else:
             _, flat = self.store.load(version, self.layout)
             payload = encode(flat, encoding)
             manifest = self.layout.manifest(encoding, sha256=sha256_hex(payload))
-            chunks = iter_chunks(payload, chunk_size)
+            if offset > manifest.total_bytes:
+                raise InvalidUpdate(
+                    f"offset {offset} is past the model's {manifest.total_bytes} bytes"
+                )
+            chunks = (
+                pb.Chunk(offset=c.offset + offset, data=c.data)
+                for c in iter_chunks(payload[offset:], chunk_size)
+            )
         header = pb.ModelHeader(
             version=ckpt.version, round=ckpt.round, model=ckpt.model, manifest=manifest
         )
         return header, self._count_out(chunks)
 
-    def _file_chunks(self, ckpt: Checkpoint, chunk_size: int) -> Iterator[pb.Chunk]:
+    def _file_chunks(self, ckpt: Checkpoint, chunk_size: int, offset: int) -> Iterator[pb.Chunk]:
         with open(ckpt.path, "rb") as f:
-            f.seek(ckpt.data_offset)
-            offset = 0
+            f.seek(ckpt.data_offset + offset)
             while offset < ckpt.total_bytes:
                 data = f.read(min(chunk_size, ckpt.total_bytes - offset))
                 if not data:

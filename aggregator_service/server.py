@@ -110,7 +110,10 @@ class AggregatorServer:
                 config.training.mask_ratio,
             )  # fmt: skip
         self.metrics_port: int | None = None
-        self.auth = Authorizer(self.registry, insecure=config.insecure)
+        self._recover(checkpoint)
+        self.auth = Authorizer(
+            self.registry, insecure=config.insecure, max_requests_per_s=config.max_requests_per_s
+        )
         self.ca: tls.CertificateAuthority | None = None
         if not config.insecure:
             certs = tls.ServerCerts(config.certs)
@@ -124,6 +127,34 @@ class AggregatorServer:
         self._loop: threading.Thread | None = None
         self.health = health.HealthServicer()
         self.port: int | None = None
+
+    def _recover(self, checkpoint) -> None:
+        """Make the state agree with itself after a crash (kill -9 at any moment).
+
+        A checkpoint is the publication point: it is renamed into place before the round
+        is logged. So a crash can leave a temp file, a torn log line, or a published
+        version whose round record never reached the log or the database.
+        """
+        for tmp in self.store.dir.glob("*.tmp"):
+            tmp.unlink()
+            log.warning("removed %s, a checkpoint a crash left half-written", tmp.name)
+        round_log = self.rounds.round_log
+        if round_log.repair():
+            log.warning("cut a torn last line from %s", round_log.path)
+        version = checkpoint.version
+        if version == 0:
+            return
+        published = [r for r in round_log.read() if r["status"] == "published"]
+        record = next((r for r in reversed(published) if r["version"] == version), None)
+        if record is None:
+            record = self.rounds.recovered_record(checkpoint.round, version)
+            round_log.append(record)
+            log.warning(
+                "round %d published version %d but was not logged before a crash: "
+                "logged now (recovered)", checkpoint.round, version,
+            )  # fmt: skip
+        if not self.registry.has_published(version):
+            self.feed.round_closed(record)
 
     def start(self) -> int:
         cfg = self.config

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator, Mapping
 
 import grpc
@@ -19,6 +21,8 @@ from fedmae.tensor_codec import (
     sha256_hex,
 )
 
+log = logging.getLogger(__name__)
+
 
 def fetch_model(
     stub: pb_grpc.FederationStub,
@@ -26,19 +30,43 @@ def fetch_model(
     version: int = 0,
     encoding: int = pb.ENCODING_FP32,
     timeout: float | None = None,
+    resume_attempts: int = 3,
 ) -> tuple[pb.ModelHeader, torch.Tensor]:
-    """Download a published version into one flat float32 tensor, checked end to end."""
-    stream = stub.FetchModel(
-        pb.FetchModelRequest(version=version, encoding=encoding), timeout=timeout
-    )
-    first = next(stream, None)
-    if first is None or first.WhichOneof("part") != "header":
-        raise InvalidUpdate("model stream did not start with a ModelHeader")
-    header = first.header
-    decoder = PayloadDecoder(layout, header.manifest)  # refuses a model of another shape
-    for msg in stream:
-        decoder.write(msg.chunk)
-    return header, decoder.finish(header.manifest.sha256)
+    """Download a published version into one flat float32 tensor, checked end to end.
+
+    A broken download resumes from the last byte received instead of starting over.
+    """
+    header: pb.ModelHeader | None = None
+    decoder: PayloadDecoder | None = None
+    for attempt in range(resume_attempts + 1):
+        request = pb.FetchModelRequest(
+            version=header.version if header else version,
+            encoding=encoding,
+            offset=decoder.received if decoder else 0,
+        )
+        try:
+            stream = stub.FetchModel(request, timeout=timeout)
+            first = next(stream, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise InvalidUpdate("model stream did not start with a ModelHeader")
+            if header is None:
+                header = first.header
+                decoder = PayloadDecoder(layout, header.manifest)  # refuses another shape
+            elif first.header.manifest.sha256 != header.manifest.sha256:
+                raise InvalidUpdate("the model changed while its download was resumed")
+            for msg in stream:
+                decoder.write(msg.chunk)
+            return header, decoder.finish(header.manifest.sha256)
+        except grpc.RpcError as err:
+            if not is_retryable(err) or attempt == resume_attempts:
+                raise
+            log.warning(
+                "model download broken at byte %d (%s); resuming",
+                decoder.received if decoder else 0,
+                err.code().name,
+            )
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def update_messages(

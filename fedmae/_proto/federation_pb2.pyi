@@ -173,14 +173,16 @@ class RoundEvent(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., task: _Optional[_Union[RoundTask, _Mapping]] = ..., model_published: _Optional[_Union[ModelPublished, _Mapping]] = ..., round_closed: _Optional[_Union[RoundClosed, _Mapping]] = ..., run_finished: _Optional[_Union[RunFinished, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
 
 class FetchModelRequest(_message.Message):
-    __slots__ = ("version", "encoding", "chunk_size")
+    __slots__ = ("version", "encoding", "chunk_size", "offset")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     version: int
     encoding: Encoding
     chunk_size: int
-    def __init__(self, version: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+    offset: int
+    def __init__(self, version: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., chunk_size: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
     __slots__ = ("version", "round", "model", "manifest")
