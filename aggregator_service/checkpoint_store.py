@@ -77,7 +77,8 @@ class CheckpointStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        crash_point("checkpoint")  # written, not yet published
+        if round_ > 0:
+            crash_point("checkpoint")  # a round's model written, not yet published
         os.replace(tmp, final)
         dfd = os.open(self.dir, os.O_RDONLY)
         try:
@@ -85,7 +86,8 @@ class CheckpointStore:
         finally:
             os.close(dfd)
         self._prune(version)
-        crash_point("published")  # published, not yet logged
+        if round_ > 0:
+            crash_point("published")  # published, not yet logged
         return self.describe(version, layout)
 
     def _prune(self, newest: int) -> None:

@@ -21,6 +21,7 @@ from aggregator_service.federation_servicer import FederationServicer
 from aggregator_service.global_eval import GlobalEvaluator
 from aggregator_service.metrics import Metrics
 from aggregator_service.registry import Registry
+from aggregator_service.request_guard import RequestGuard
 from aggregator_service.round_feed import RoundFeed
 from aggregator_service.round_log import RoundLog
 from aggregator_service.round_manager import RoundManager
@@ -161,6 +162,7 @@ class AggregatorServer:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="rpc"),
             options=grpc_options(cfg.chunk_size),
+            interceptors=[RequestGuard()],
         )
         pb_grpc.add_FederationServicer_to_server(
             FederationServicer(self.rounds, self.auth, cfg.heartbeat_s), server

@@ -104,6 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             rounds=args.rounds,
             round_timeout_s=args.round_timeout,
             seed=args.seed,
+            dropout_grace_s=args.dropout_grace,
         ),
         training=TrainingConfig(
             model=args.model,
@@ -117,6 +118,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ),
         keep_checkpoints=args.keep_checkpoints,
         max_workers=args.max_workers,
+        max_uploads_in_flight=args.max_uploads_in_flight,
+        max_requests_per_s=args.max_requests_per_s,
+        max_update_norm=args.max_update_norm,
     )
     if not config.insecure and not (config.certs / "server.pem").exists():
         from fedmae import tls
@@ -345,6 +349,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-updates", type=int, default=0, help="0 = min-clients")
     s.add_argument("--rounds", type=int, default=5, help="0 = until stopped")
     s.add_argument("--round-timeout", type=float, default=600.0, help="seconds")
+    s.add_argument(
+        "--dropout-grace",
+        type=float,
+        default=30.0,
+        help="close a round early once every client still owing an update has been "
+        "disconnected this many seconds (default %(default)s)",
+    )
+    s.add_argument("--max-uploads-in-flight", type=int, default=8)
+    s.add_argument("--max-requests-per-s", type=float, default=20.0, help="per client; 0 = off")
+    s.add_argument("--max-update-norm", type=float, default=0.0, help="L2 bound; 0 = off")
     s.add_argument("--local-epochs", type=int, default=1)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--lr", type=float, default=1e-3)
