@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 PROTOS  := $(wildcard proto/fedmae/v1/*.proto)
 
-.PHONY: demo test lint proto data clean wheels compose-test
+.PHONY: demo test lint proto data clean wheels compose-test crash-resume
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: $(STAMP) data
 # The docker compose cluster on a real Docker engine, offline (installs docker.io).
 compose-test: $(STAMP) data
 	$(BIN)/python scripts/compose_test.py
+
+# 10 rounds surviving kill -9 of the aggregator (round 4) and of a client (round 7).
+crash-resume: $(STAMP) data
+	$(BIN)/python scripts/crash_resume.py
 
 # Wheels for an offline image build (docker/wheels), from this machine's pip.
 wheels: $(STAMP)
