@@ -24,6 +24,9 @@ class RoundPolicy:
     # Close a round early when every selected client still owing an update has been
     # disconnected this long (instead of waiting for the deadline).
     dropout_grace_s: float = 30.0
+    # Over-selection: with fraction/min_clients selecting more clients than needed, close
+    # as soon as this many updates arrived (0 = wait for every selected client).
+    target_updates: int = 0
 
     def __post_init__(self) -> None:
         if self.min_clients < 1:

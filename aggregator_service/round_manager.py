@@ -347,7 +347,7 @@ class RoundManager:
             )
             gone_since: float | None = None
             while (
-                len(state.accepted) < len(set(state.selected) - state.revoked)
+                len(state.accepted) < self._needed(state)
                 and not stop.is_set()
                 and not state.invalidated
             ):
@@ -440,6 +440,12 @@ class RoundManager:
         else:
             log.warning("round %d attempt %d %s: %s", round_, attempt, status, reason)
         return success
+
+    def _needed(self, state: RoundState) -> int:
+        """Updates that close the round early: every selected client, or the target."""
+        available = len(set(state.selected) - state.revoked)
+        target = self.policy.target_updates
+        return min(target, available) if target else available
 
     def _owing_all_gone(self, state: RoundState) -> bool:
         owing = set(state.selected) - set(state.accepted) - state.revoked

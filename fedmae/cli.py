@@ -105,6 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             round_timeout_s=args.round_timeout,
             seed=args.seed,
             dropout_grace_s=args.dropout_grace,
+            target_updates=args.target_updates,
         ),
         training=TrainingConfig(
             model=args.model,
@@ -355,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="close a round early once every client still owing an update has been "
         "disconnected this many seconds (default %(default)s)",
+    )
+    s.add_argument(
+        "--target-updates",
+        type=int,
+        default=0,
+        help="over-selection: close the round once this many updates arrived (0 = all)",
     )
     s.add_argument("--max-uploads-in-flight", type=int, default=8)
     s.add_argument("--max-requests-per-s", type=float, default=20.0, help="per client; 0 = off")

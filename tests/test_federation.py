@@ -337,3 +337,23 @@ def test_selection_is_seeded_and_respects_fraction():
     others = {tuple(s.configure_round(r, 1, pool, 0.3, 2, 7)) for r in range(1, 10)}
     assert len(others) > 1  # different rounds pick different clients
     assert len(s.configure_round(1, 1, pool, fraction=0.05, minimum=2, seed=0)) == 2
+
+
+def test_over_selection_closes_at_the_target_and_refuses_the_straggler(cluster):
+    names = ["a", "b", "c"]
+    server, _port, clients, _ = cluster(names, rounds=2, target_updates=2, min_updates=2)
+    layout = server.layout
+    for c in clients.values():
+        c.wait_for("task", round=1)
+    for n in ("a", "b"):
+        submit_update(clients[n].stub, layout, random_delta(layout, ord(n)), round_=1,
+                      base_version=0, num_samples=4, timeout=TIMEOUT)  # fmt: skip
+    closed = clients["c"].wait_for("round_closed", round=1).round_closed
+    assert closed.success and list(closed.participants) == ["a", "b"]
+    with pytest.raises(grpc.RpcError) as late:
+        submit_update(clients["c"].stub, layout, random_delta(layout, 3), round_=1,
+                      base_version=0, num_samples=4, timeout=TIMEOUT)  # fmt: skip
+    assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    record = server.rounds.round_log.read()[0]
+    assert record["dropped"] == ["c"]
+    assert record["dropped_reasons"]["c"] == "no update before the round closed"
