@@ -13,6 +13,8 @@ import grpc
 from fedmae.errors import FedmaeError
 from fedmae.log_format import setup_logging
 
+ENCODING_NAMES = ["fp32", "fp16", "bf16", "int8"]
+
 log = logging.getLogger("fedmae")
 
 
@@ -371,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--weight-decay", type=float, default=0.05)
     s.add_argument("--mask-ratio", type=float, default=0.75)
-    s.add_argument("--encoding", default="fp32", choices=["fp32", "fp16", "bf16"])
+    s.add_argument("--encoding", default="fp32", choices=ENCODING_NAMES)
     s.add_argument("--max-samples", type=int, default=0, help="per client per round; 0 = all")
     s.add_argument("--keep-checkpoints", type=int, default=0, help="0 = keep all")
     s.add_argument("--max-workers", type=int, default=64)
@@ -395,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--local-epochs", type=int, help="override the server's setting")
     c.add_argument("--batch-size", type=int, help="override the server's setting")
     c.add_argument("--lr", type=float, help="override the server's setting")
-    c.add_argument("--encoding", choices=["fp32", "fp16", "bf16"], help="override")
+    c.add_argument("--encoding", choices=ENCODING_NAMES, help="override")
     c.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     c.add_argument("--give-up-after", type=float, default=0.0, help="seconds; 0 = never")
     c.add_argument("--status-file", help="write the agent's state here (for health checks)")
@@ -432,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--images-per-client", type=int, default=2000)
     d.add_argument("--local-epochs", type=int, default=1)
     d.add_argument("--data", default="fashion-mnist")
-    d.add_argument("--encoding", default="fp32", choices=["fp32", "fp16", "bf16"])
+    d.add_argument("--encoding", default="fp32", choices=ENCODING_NAMES)
     d.add_argument("--keep-state", action="store_true", help="resume instead of starting fresh")
     d.set_defaults(func=cmd_demo, role="demo")
     return p

@@ -30,14 +30,25 @@ if sys.byteorder != "little":  # the wire format is little-endian; so are numpy 
     raise ImportError("fedmae needs a little-endian host")
 
 DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB
+INT8_BLOCK = 4096  # values per float32 scale in the int8 encoding
 
 # encoding -> (wire dtype name, bytes per element)
 _ENCODINGS: dict[int, tuple[str, int]] = {
     pb.ENCODING_FP32: ("float32", 4),
     pb.ENCODING_FP16: ("float16", 2),
     pb.ENCODING_BF16: ("bfloat16", 2),
+    pb.ENCODING_INT8: ("int8", 1),
 }
-_BY_NAME = {"fp32": pb.ENCODING_FP32, "fp16": pb.ENCODING_FP16, "bf16": pb.ENCODING_BF16}
+_BY_NAME = {
+    "fp32": pb.ENCODING_FP32,
+    "fp16": pb.ENCODING_FP16,
+    "bf16": pb.ENCODING_BF16,
+    "int8": pb.ENCODING_INT8,
+}
+
+
+def _int8_scales_bytes(numel: int) -> int:
+    return 4 * -(-numel // INT8_BLOCK)
 
 
 def encoding_from_name(name: str) -> int:
@@ -105,25 +116,31 @@ class ModelLayout:
             raise ValueError(f"flat vector has {flat.numel()} elements, layout {self.numel}")
         return {e.name: flat[e.offset : e.offset + e.numel].view(e.shape) for e in self.entries}
 
+    def payload_bytes(self, encoding: int) -> tuple[int, int]:
+        """(bytes before the tensor values, total payload bytes) for an encoding."""
+        _, size = _wire(encoding)
+        head = _int8_scales_bytes(self.numel) if encoding == pb.ENCODING_INT8 else 0
+        return head, head + self.numel * size
+
     def manifest(self, encoding: int = pb.ENCODING_FP32, sha256: str = "") -> pb.Manifest:
         dtype, size = _wire(encoding)
+        head, total = self.payload_bytes(encoding)
         tensors = [
             pb.TensorSpec(
                 name=e.name,
                 shape=list(e.shape),
                 dtype=dtype,
-                offset=e.offset * size,
+                offset=head + e.offset * size,
                 nbytes=e.numel * size,
             )
             for e in self.entries
         ]
-        return pb.Manifest(
-            tensors=tensors, encoding=encoding, total_bytes=self.numel * size, sha256=sha256
-        )
+        return pb.Manifest(tensors=tensors, encoding=encoding, total_bytes=total, sha256=sha256)
 
     def check_manifest(self, manifest: pb.Manifest) -> None:
         """Raise ``InvalidUpdate`` unless ``manifest`` describes exactly this layout."""
         dtype, size = _wire(manifest.encoding)
+        head, total = self.payload_bytes(manifest.encoding or pb.ENCODING_FP32)
         if len(manifest.tensors) != len(self.entries):
             got = {t.name for t in manifest.tensors}
             want = {e.name for e in self.entries}
@@ -147,19 +164,20 @@ class ModelLayout:
                     f"tensor {e.name!r} has dtype {spec.dtype!r}, but encoding "
                     f"{encoding_name(manifest.encoding)} means {dtype!r}"
                 )
-            if spec.offset != e.offset * size or spec.nbytes != e.numel * size:
+            if spec.offset != head + e.offset * size or spec.nbytes != e.numel * size:
                 raise InvalidUpdate(
                     f"tensor {e.name!r} declares offset {spec.offset} and {spec.nbytes} bytes; "
-                    f"expected offset {e.offset * size} and {e.numel * size} bytes"
+                    f"expected offset {head + e.offset * size} and {e.numel * size} bytes"
                 )
-        if manifest.total_bytes != self.numel * size:
+        if manifest.total_bytes != total:
             raise InvalidUpdate(
-                f"manifest declares {manifest.total_bytes} bytes in total; "
-                f"the model needs {self.numel * size}"
+                f"manifest declares {manifest.total_bytes} bytes in total; the model needs {total}"
             )
 
 
-def encode(flat: torch.Tensor, encoding: int = pb.ENCODING_FP32) -> memoryview:
+def encode(
+    flat: torch.Tensor, encoding: int = pb.ENCODING_FP32, generator: torch.Generator | None = None
+) -> memoryview:
     """Flat float32 [P] -> the payload bytes (zero-copy for fp32)."""
     _wire(encoding)
     flat = flat.detach().contiguous()
@@ -167,9 +185,34 @@ def encode(flat: torch.Tensor, encoding: int = pb.ENCODING_FP32) -> memoryview:
         arr = flat.to(torch.float32).numpy()
     elif encoding == pb.ENCODING_FP16:
         arr = flat.to(torch.float16).numpy()
-    else:  # bf16: numpy has no bfloat16; ship its bits as int16
+    elif encoding == pb.ENCODING_BF16:  # numpy has no bfloat16; ship its bits as int16
         arr = flat.to(torch.bfloat16).view(torch.int16).numpy()
+    else:
+        return memoryview(_encode_int8(flat.to(torch.float32), generator)).cast("B")
     return memoryview(arr).cast("B")
+
+
+def _encode_int8(flat: torch.Tensor, generator: torch.Generator | None) -> np.ndarray:
+    """Per-block absmax scale, stochastic rounding: E[decode(encode(x))] = x."""
+    n = flat.numel()
+    blocks = -(-n // INT8_BLOCK)
+    x = torch.nn.functional.pad(flat, (0, blocks * INT8_BLOCK - n)).view(blocks, INT8_BLOCK)
+    scales = x.abs().amax(dim=1) / 127.0  # [blocks]
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    noise = torch.rand(x.shape, generator=generator)
+    q = torch.floor(x / scales[:, None] + noise).clamp_(-127, 127).to(torch.int8)
+    out = np.empty(4 * blocks + n, dtype=np.uint8)
+    out[: 4 * blocks] = scales.numpy().view(np.uint8)
+    out[4 * blocks :] = q.view(-1)[:n].numpy().view(np.uint8)
+    return out
+
+
+def _decode_int8(buf: np.ndarray, numel: int) -> torch.Tensor:
+    blocks = -(-numel // INT8_BLOCK)
+    scales = torch.from_numpy(buf[: 4 * blocks].view(np.float32))
+    q = torch.from_numpy(buf[4 * blocks :].view(np.int8)).to(torch.float32)
+    q = torch.nn.functional.pad(q, (0, blocks * INT8_BLOCK - numel)).view(blocks, INT8_BLOCK)
+    return (q * scales[:, None]).view(-1)[:numel].contiguous()
 
 
 def sha256_hex(payload: memoryview | bytes) -> str:
@@ -242,8 +285,10 @@ class PayloadDecoder:
             flat = torch.from_numpy(self._buf.view(np.float32))  # zero-copy
         elif self.encoding == pb.ENCODING_FP16:
             flat = torch.from_numpy(self._buf.view(np.float16)).to(torch.float32)
-        else:
+        elif self.encoding == pb.ENCODING_BF16:
             flat = torch.from_numpy(self._buf.view(np.int16)).view(torch.bfloat16).float()
+        else:
+            flat = _decode_int8(self._buf, self.layout.numel)
         check_finite(flat, self.layout)
         return flat
 

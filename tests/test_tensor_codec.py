@@ -143,3 +143,39 @@ def test_encoding_names():
     assert encoding_from_name("FP16") == pb.ENCODING_FP16
     with pytest.raises(ValueError, match="fp32"):
         encoding_from_name("int4")
+
+
+def test_int8_is_unbiased_bounded_and_small(layout):
+    flat = torch.randn(layout.numel, generator=torch.Generator().manual_seed(1)) * 0.01
+    payload = encode(flat, pb.ENCODING_INT8, torch.Generator().manual_seed(2))
+    assert len(payload) == layout.manifest(pb.ENCODING_INT8).total_bytes
+    assert len(payload) <= 0.26 * layout.numel * 4  # 1 byte a value + a scale per 4096
+    dec = PayloadDecoder(layout, layout.manifest(pb.ENCODING_INT8))
+    for c in iter_chunks(payload, 100_000):
+        dec.write(c)
+    out = dec.finish(sha256_hex(payload))
+    # Each value is off by less than one quantisation step of its block.
+    blocks = torch.nn.functional.pad(flat, (0, -flat.numel() % 4096)).view(-1, 4096)
+    step = (blocks.abs().amax(1) / 127).repeat_interleave(4096)[: flat.numel()]
+    assert bool(((out - flat).abs() <= step * 1.0001).all())
+    # Stochastic rounding is unbiased: the mean of many encodings converges on x.
+    x = flat[:4096]
+    small = ModelLayout.from_state({"w": x})
+    mean = torch.zeros_like(x)
+    for seed in range(200):
+        p = encode(x, pb.ENCODING_INT8, torch.Generator().manual_seed(seed))
+        d = PayloadDecoder(small, small.manifest(pb.ENCODING_INT8))
+        d.write(pb.Chunk(offset=0, data=bytes(p)))
+        mean += d.finish() / 200
+    err = (mean - x).abs().max() / (x.abs().max() / 127)
+    assert err < 0.25  # within a quarter step after 200 draws (up to half a step if biased)
+
+
+def test_int8_with_a_nan_scale_is_refused(layout):
+    flat = torch.zeros(layout.numel)
+    payload = bytearray(encode(flat, pb.ENCODING_INT8))
+    payload[0:4] = np.float32(np.nan).tobytes()
+    dec = PayloadDecoder(layout, layout.manifest(pb.ENCODING_INT8))
+    dec.write(pb.Chunk(offset=0, data=bytes(payload)))
+    with pytest.raises(InvalidUpdate, match="NaN"):
+        dec.finish()

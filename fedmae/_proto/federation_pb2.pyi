@@ -16,6 +16,7 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENCODING_FP32: _ClassVar[Encoding]
     ENCODING_FP16: _ClassVar[Encoding]
     ENCODING_BF16: _ClassVar[Encoding]
+    ENCODING_INT8: _ClassVar[Encoding]
 
 class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -25,6 +26,7 @@ ENCODING_UNSPECIFIED: Encoding
 ENCODING_FP32: Encoding
 ENCODING_FP16: Encoding
 ENCODING_BF16: Encoding
+ENCODING_INT8: Encoding
 PHASE_UNSPECIFIED: Phase
 PHASE_TRAIN: Phase
 
