@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 PROTOS  := $(wildcard proto/fedmae/v1/*.proto)
 
-.PHONY: demo test lint proto data clean wheels compose-test crash-resume
+.PHONY: demo test lint proto data clean wheels compose-test crash-resume bench bench-quick
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,13 @@ compose-test: $(STAMP) data
 # 10 rounds surviving kill -9 of the aggregator (round 4) and of a client (round 7).
 crash-resume: $(STAMP) data
 	$(BIN)/python scripts/crash_resume.py
+
+# Speed and memory against same-run baselines: docs/BENCHMARKS.md, benchmarks/results/.
+bench: $(STAMP) data
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: $(STAMP) data
+	$(BIN)/python -m benchmarks.run --quick
 
 # Wheels for an offline image build (docker/wheels), from this machine's pip.
 wheels: $(STAMP)

@@ -34,7 +34,7 @@ from fedmae._proto import enrollment_pb2_grpc as epb_grpc
 from fedmae._proto import federation_pb2 as pb
 from fedmae._proto import federation_pb2_grpc as pb_grpc
 from fedmae.errors import ConfigError
-from fedmae.mae import build_model, trainable_state
+from fedmae.model_zoo import initial_state
 from fedmae.tensor_codec import ModelLayout
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,7 @@ class AggregatorServer:
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = CheckpointStore(config.state_dir / "checkpoints", keep=config.keep_checkpoints)
-        model = build_model(config.training.model, seed=config.model_seed)
-        state = trainable_state(model)
+        state = initial_state(config.training.model, seed=config.model_seed)
         self.layout = ModelLayout.from_state(state)
         latest = self.store.latest()
         if latest is None:
@@ -91,7 +90,7 @@ class AggregatorServer:
                     f"not {config.training.model!r}: use another --state-dir or --model"
                 )
             log.info("resuming from version %d (round %d)", checkpoint.version, checkpoint.round)
-        del model, state
+        del state
         self.rounds = RoundManager(
             config,
             self.layout,

@@ -250,6 +250,17 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+# ---------------------------------------------------------------- bench
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    sys.argv = ["benchmarks.run", *(["--quick"] if args.quick else []), "--no-docs",
+                "--only", *args.cases]  # fmt: skip
+    from benchmarks.run import main as bench_main
+
+    return bench_main()
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -419,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--service", default="fedmae.v1.Federation")
     h.add_argument("--timeout", type=float, default=5.0)
     h.set_defaults(func=cmd_health)
+
+    b = sub.add_parser("bench", help="run benchmark cases (from a source checkout)")
+    b.add_argument("cases", nargs="+", choices=["kernel", "transfer", "rounds", "many_clients",
+                                                "big_model", "encodings", "training"])  # fmt: skip
+    b.add_argument("--quick", action="store_true")
+    b.set_defaults(func=cmd_bench)
 
     r = sub.add_parser("report", help="PNG plots, reconstructions and a summary of a run")
     r.add_argument("--state-dir", required=True, help="the aggregator's state directory")

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from safetensors.numpy import load_file
 
-from client_agent.transfer import submit_update, update_messages
+from client_agent.transfer import fetch_model, submit_update, update_messages
 from fedmae import tls
 from fedmae._proto import federation_pb2 as pb
 from fedmae.tensor_codec import encode, iter_chunks, sha256_hex
@@ -357,3 +357,40 @@ def test_over_selection_closes_at_the_target_and_refuses_the_straggler(cluster):
     record = server.rounds.round_log.read()[0]
     assert record["dropped"] == ["c"]
     assert record["dropped_reasons"]["c"] == "no update before the round closed"
+
+
+def test_multi_tensor_model_in_many_small_chunks(tmp_path):
+    """The big-model path (many tensors, payload far larger than a chunk) in miniature."""
+    from aggregator_service.config import RoundPolicy, ServerConfig
+    from aggregator_service.server import AggregatorServer
+    from fedmae import model_zoo
+    from fedmae.config import TrainingConfig
+
+    certs_dir, ids = make_identities(tmp_path, ["a"])
+    old = model_zoo.BLOB_TENSOR
+    model_zoo.BLOB_TENSOR = 50_000  # 7 tensors, the last one partial
+    try:
+        server = AggregatorServer(ServerConfig(
+            state_dir=tmp_path / "state", listen="127.0.0.1:0", certs_dir=certs_dir,
+            policy=RoundPolicy(min_clients=1, rounds=1), chunk_size=4096,
+            training=TrainingConfig(model="blob:312345"), max_requests_per_s=0,
+        ))  # fmt: skip
+    finally:
+        model_zoo.BLOB_TENSOR = old
+    port = server.start()
+    client = ScriptedClient(port, ids["a"])
+    try:
+        layout = server.layout
+        assert len(layout.entries) == 7 and layout.numel == 312345
+        client.wait_for("task")
+        theta0 = fetch_flat(client, layout, 0)
+        delta = random_delta(layout, 11)
+        receipt = submit_update(client.stub, layout, delta, round_=1, base_version=0,
+                                num_samples=2, chunk_size=4096, timeout=TIMEOUT)  # fmt: skip
+        assert receipt.bytes_received == 312345 * 4  # in 306 chunks of 4 KiB
+        client.wait_for("model_published", version=1)
+        header, theta1 = fetch_model(client.stub, layout, 1, timeout=TIMEOUT)
+        np.testing.assert_allclose(theta1.numpy(), (theta0 + delta).numpy(), atol=1e-6)
+    finally:
+        client.close()
+        server.stop(grace=0)

@@ -1,0 +1,329 @@
+"""The benchmark cases. Each returns a dict of figures; every timing comes with its
+baseline measured in the same run, on the same data, and their ratio."""
+
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+from aggregator_service.config import RoundPolicy, ServerConfig
+from aggregator_service.registry import Registry
+from aggregator_service.server import AggregatorServer, grpc_options
+from aggregator_service.strategy import FedAvg
+from benchmarks.common import (
+    AggregatorProcess,
+    MiB,
+    RawStreamServer,
+    median_time,
+    raw_channel,
+    raw_download,
+    raw_upload,
+)
+from client_agent.local_training import train_local
+from client_agent.transfer import fetch_model, submit_update
+from fedmae import tls
+from fedmae._proto import federation_pb2 as pb
+from fedmae._proto import federation_pb2_grpc as pb_grpc
+from fedmae.config import TrainingConfig
+from fedmae.data import batches, client_split, load_fashion_mnist
+from fedmae.mae import build_model, make_optimizer
+from fedmae.model_zoo import initial_state
+from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE, ModelLayout, encode
+
+# ------------------------------------------------------------------ helpers
+
+
+class Federation:
+    """Certificates and registered client identities in a scratch directory."""
+
+    def __init__(self, names: list[str]):
+        self.work = Path(tempfile.mkdtemp(prefix="fedmae-bench-"))
+        self.certs = tls.init_certs(self.work / "certs").dir
+        registry = Registry(self.work / "state" / "fedmae.db")
+        self.ids = {}
+        for name in names:
+            ident = tls.issue_client(self.certs, name, self.work / "ids" / name)
+            info = tls.certificate_info(ident.cert.read_bytes())
+            registry.register("bench", name, info.fingerprint, info.serial, info.not_after)
+            self.ids[name] = ident.dir
+        registry.close()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+class BenchClient:
+    def __init__(self, port: int, identity: Path):
+        creds = tls.channel_credentials(tls.ClientIdentity(identity))
+        self.channel = grpc.secure_channel(
+            f"127.0.0.1:{port}", creds, options=grpc_options(DEFAULT_CHUNK_SIZE)
+        )
+        self.stub = pb_grpc.FederationStub(self.channel)
+        self.tasks: queue.Queue = queue.Queue()
+        self._call = self.stub.Subscribe(pb.SubscribeRequest(agent_version="bench"))
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        try:
+            for event in self._call:
+                if event.WhichOneof("event") == "task":
+                    self.tasks.put(event.task)
+        except grpc.RpcError:
+            pass
+
+    def close(self) -> None:
+        self._call.cancel()
+        self.channel.close()
+
+
+def _layout(params: int) -> ModelLayout:
+    return ModelLayout.from_state(initial_state(f"blob:{params}"))
+
+
+def _delta(layout: ModelLayout, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(layout.numel, generator=g) * 0.01
+
+
+# ------------------------------------------------------------------ aggregation kernel
+
+
+def bench_kernel(params: int, updates: int = 8, reps: int = 5) -> dict:
+    """FedAvg's accumulate path vs bare torch add_ on the same arrays."""
+    torch.set_num_threads(1)
+    deltas = [torch.randn(params) * 0.01 for _ in range(updates)]
+    weights = [10 + i for i in range(updates)]
+    theta = torch.zeros(params)
+    strategy = FedAvg()
+
+    def ours():
+        strategy.begin_round(theta)
+        for d, n in zip(deltas, weights, strict=True):
+            strategy.accumulate(d, n)
+
+    acc = torch.zeros(params)
+
+    def baseline():
+        acc.zero_()
+        for d, n in zip(deltas, weights, strict=True):
+            acc.add_(d, alpha=float(n))
+
+    t_ours, _ = median_time(ours, reps)
+    t_base, _ = median_time(baseline, reps)
+    moved = updates * params * 12  # read x, read acc, write acc (float32)
+    torch.set_num_threads(torch.get_num_threads())
+    return {
+        "params": params, "updates": updates,
+        "ours_s": t_ours, "baseline_s": t_base,
+        "ours_GBps": moved / t_ours / 1e9, "baseline_GBps": moved / t_base / 1e9,
+        "ratio": t_base / t_ours, "target": 0.8,
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------ transfer goodput
+
+
+def bench_transfer(params: int, reps: int = 3) -> dict:
+    """SubmitUpdate and FetchModel vs raw 1 MiB streams of the same bytes, same mTLS."""
+    fed = Federation(["c0"])
+    layout = _layout(params)
+    config = ServerConfig(
+        state_dir=fed.work / "state", listen="127.0.0.1:0", certs_dir=fed.certs,
+        policy=RoundPolicy(min_clients=1, rounds=0, round_timeout_s=600, retry_delay_s=0.05),
+        training=TrainingConfig(model=f"blob:{params}"), max_requests_per_s=0,
+        enroll_listen="off", exit_grace_s=0.1,
+    )  # fmt: skip
+    server = AggregatorServer(config)
+    port = server.start()
+    client = BenchClient(port, fed.ids["c0"])
+    delta = _delta(layout)
+    payload = encode(delta)
+    raw = RawStreamServer(fed.certs, payload)
+    raw_ch = raw_channel(raw.port, fed.ids["c0"])
+    try:
+        upload_times, download_times = [], []
+        for _ in range(reps + 1):
+            task = client.tasks.get(timeout=120)
+            t0 = time.perf_counter()
+            header, _ = fetch_model(client.stub, layout, task.model_version, timeout=600)
+            download_times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            submit_update(client.stub, layout, delta, round_=task.round,
+                          base_version=task.model_version, num_samples=1, timeout=600)  # fmt: skip
+            upload_times.append(time.perf_counter() - t0)
+        up, down = statistics.median(upload_times[1:]), statistics.median(download_times[1:])
+        raw_up, _ = median_time(lambda: raw_upload(raw_ch, payload), reps)
+        raw_down, _ = median_time(lambda: raw_download(raw_ch), reps)
+    finally:
+        raw_ch.close()
+        raw.stop()
+        client.close()
+        server.stop(grace=0)
+        fed.cleanup()
+    size = len(payload)
+    return {
+        "params": params, "bytes": size,
+        "upload_s": up, "raw_upload_s": raw_up,
+        "upload_MiBps": size / up / MiB, "raw_upload_MiBps": size / raw_up / MiB,
+        "upload_ratio": raw_up / up,
+        "fetch_s": down, "raw_fetch_s": raw_down,
+        "fetch_MiBps": size / down / MiB, "raw_fetch_MiBps": size / raw_down / MiB,
+        "fetch_ratio": raw_down / down, "target": 0.8,
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------ rounds
+
+
+def bench_round(params: int, clients: int, rounds: int = 3, raw_MiBps: float | None = None) -> dict:
+    """Seconds per round and the aggregator's peak RSS, clients sending a fixed delta."""
+    names = [f"c{i}" for i in range(clients)]
+    fed = Federation(names)
+    agg = AggregatorProcess(
+        fed.work, fed.certs, f"blob:{params}", "--min-clients", str(clients), "--rounds",
+        str(rounds), "--round-timeout", "600", "--max-workers", str(max(64, 2 * clients + 16)),
+    )  # fmt: skip
+    layout = _layout(params)
+    delta = _delta(layout)
+    bench_clients: list[BenchClient] = []
+    try:
+        _wait_port(agg)
+        bench_clients = [BenchClient(agg.port, fed.ids[n]) for n in names]
+
+        def serve(c: BenchClient) -> None:
+            for _ in range(rounds):
+                task = c.tasks.get(timeout=600)
+                fetch_model(c.stub, layout, task.model_version, timeout=600)
+                submit_update(c.stub, layout, delta, round_=task.round,
+                              base_version=task.model_version, num_samples=1,
+                              timeout=600)  # fmt: skip
+
+        threads = [threading.Thread(target=serve, args=(c,), daemon=True) for c in bench_clients]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=1800)
+        wall = time.perf_counter() - t0
+        _wait_records(agg.state, rounds)
+        rss = agg.stop()
+    finally:
+        for c in bench_clients:
+            c.close()
+        if agg.proc.poll() is None:
+            agg.stop()
+    records = [json.loads(x) for x in (agg.state / "rounds.jsonl").read_text().splitlines()]
+    fed.cleanup()
+    per_round = statistics.median(r["duration_s"] for r in records)
+    model_bytes = params * 4
+    in_flight = min(clients, 8)
+    moved = 2 * clients * model_bytes  # every client downloads and uploads the model
+    out = {
+        "params": params, "clients": clients, "rounds": rounds,
+        "round_s": per_round, "wall_s": wall,
+        "peak_rss_MB": rss / 1e6, "model_MB": model_bytes / 1e6,
+        "rss_bound_MB": (model_bytes * (3 + in_flight) + 300e6) / 1e6,
+    }  # fmt: skip
+    if raw_MiBps:
+        out["ideal_round_s"] = moved / (raw_MiBps * MiB)
+        out["round_vs_ideal"] = per_round / out["ideal_round_s"]
+    return out
+
+
+def _wait_port(agg: AggregatorProcess, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if agg.proc.poll() is not None:
+            raise RuntimeError("the aggregator exited during start-up")
+        if "aggregator listening" in Path(agg.log.name).read_text():
+            return
+        time.sleep(0.2)
+    raise RuntimeError("the aggregator did not start")
+
+
+def _wait_records(state: Path, rounds: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = state / "rounds.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= rounds:
+            return
+        time.sleep(0.2)
+
+
+# ------------------------------------------------------------------ encodings
+
+
+def bench_encodings(rounds: int, clients: int, images: int, encodings: list[str]) -> dict:
+    """Bytes per round and final losses of real MAE training, per update encoding."""
+    results = {}
+    for enc in encodings:
+        state = Path(tempfile.mkdtemp(prefix=f"fedmae-bench-{enc}-"))
+        res = subprocess.run(
+            [sys.executable, "-m", "fedmae", "demo", "--clients", str(clients), "--rounds",
+             str(rounds), "--images-per-client", str(images), "--encoding", enc,
+             "--state-dir", str(state / "demo")],
+            capture_output=True, text=True, timeout=1800,
+        )  # fmt: skip
+        if res.returncode != 0:
+            raise RuntimeError(f"demo with {enc} failed:\n{res.stdout[-2000:]}")
+        recs = [json.loads(x) for x in (state / "demo" / "rounds.jsonl").read_text().splitlines()]
+        results[enc] = {
+            "bytes_in_per_round": statistics.median(r["bytes_in"] for r in recs),
+            "final_val_loss": recs[-1]["val_loss"],
+            "final_eval_loss": recs[-1]["eval_loss"],
+        }
+        shutil.rmtree(state, ignore_errors=True)
+    base = results.get("fp32")
+    for r in results.values():
+        if base:
+            r["bytes_ratio"] = r["bytes_in_per_round"] / base["bytes_in_per_round"]
+            r["eval_loss_ratio"] = r["final_eval_loss"] / base["final_eval_loss"]
+    return results
+
+
+# ------------------------------------------------------------------ local training
+
+
+def bench_training(images: int, reps: int = 3) -> dict:
+    """The agent's training loop vs a plain torch loop on the same model and data."""
+    torch.set_num_threads(1)
+    data = client_split(load_fashion_mnist(), 0, 1, seed=0, limit=images)
+    x = data.train.to_tensor()
+    cfg = TrainingConfig(local_epochs=1, batch_size=64)
+
+    def ours():
+        model = build_model("tiny", seed=0)
+        train_local(model, make_optimizer(model, cfg.learning_rate), x, cfg, seed=0)
+
+    def plain():
+        model = build_model("tiny", seed=0)
+        opt = make_optimizer(model, cfg.learning_rate)
+        model.train()
+        g = torch.Generator().manual_seed(0)
+        for batch in batches(x, cfg.batch_size, shuffle=True, generator=g):
+            loss, _, _ = model(batch, mask_ratio=cfg.mask_ratio)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    # Interleave the two so machine noise hits both alike.
+    t_ours, t_plain = [], []
+    for _ in range(reps):
+        t_ours.append(median_time(ours, 1, warmup=0)[0])
+        t_plain.append(median_time(plain, 1, warmup=0)[0])
+    o, p = statistics.median(t_ours), statistics.median(t_plain)
+    return {
+        "images": len(x), "ours_img_s": len(x) / o, "plain_img_s": len(x) / p,
+        "overhead": o / p - 1, "target_overhead": 0.05,
+    }  # fmt: skip
