@@ -277,28 +277,17 @@ class ClientAgent:
         }
         t0 = time.perf_counter()
         try:
-            for attempt in range(8):
-                try:
-                    receipt = submit_update(
-                        stub,
-                        self.layout,
-                        delta,
-                        round_=task.round,
-                        base_version=task.model_version,
-                        num_samples=result.num_samples,
-                        encoding=encoding_from_name(cfg.update_encoding),
-                        metrics=metrics,
-                        chunk_size=self.config.chunk_size,
-                    )
-                    break
-                except grpc.RpcError as err:
-                    # The server is busy (uploads in flight, rate): wait and retry.
-                    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == 7:
-                        raise
-                    wait = min(30.0, 0.5 * 2**attempt) * random.uniform(0.5, 1.5)
-                    log.info("%s: server busy (%s); retrying the upload in %.1fs",
-                             self.client_id, err.details(), wait)  # fmt: skip
-                    time.sleep(wait)
+            receipt = submit_update(
+                stub,
+                self.layout,
+                delta,
+                round_=task.round,
+                base_version=task.model_version,
+                num_samples=result.num_samples,
+                encoding=encoding_from_name(cfg.update_encoding),
+                metrics=metrics,
+                chunk_size=self.config.chunk_size,
+            )
         except grpc.RpcError as err:
             if is_retryable(err):
                 raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Iterator, Mapping
 
@@ -80,19 +81,29 @@ def update_messages(
     metrics: Mapping[str, float],
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Iterator[pb.UpdateMessage]:
-    """Header, chunks, trailer of one update (the payload is encoded once)."""
+    """Header, chunks, trailer of one update."""
     payload = encode(delta, encoding)
-    header = pb.UpdateHeader(
+    header = _header(layout, round_, base_version, num_samples, encoding, metrics)
+    return _messages(header, payload, sha256_hex(payload), chunk_size)
+
+
+def _header(layout, round_, base_version, num_samples, encoding, metrics) -> pb.UpdateHeader:
+    return pb.UpdateHeader(
         round=round_,
         base_version=base_version,
         num_samples=num_samples,
         manifest=layout.manifest(encoding),
         metrics=dict(metrics),
     )
+
+
+def _messages(
+    header: pb.UpdateHeader, payload: memoryview, sha256: str, chunk_size: int
+) -> Iterator[pb.UpdateMessage]:
     yield pb.UpdateMessage(header=header)
     for chunk in iter_chunks(payload, chunk_size):
         yield pb.UpdateMessage(chunk=chunk)
-    yield pb.UpdateMessage(trailer=pb.UpdateTrailer(sha256=sha256_hex(payload)))
+    yield pb.UpdateMessage(trailer=pb.UpdateTrailer(sha256=sha256))
 
 
 def submit_update(
@@ -107,19 +118,26 @@ def submit_update(
     metrics: Mapping[str, float] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     timeout: float | None = None,
+    busy_retries: int = 8,
 ) -> pb.UpdateReceipt:
-    """Upload ``delta`` (local − global, flat float32) for a round; return the receipt."""
-    messages = update_messages(
-        layout,
-        delta,
-        round_=round_,
-        base_version=base_version,
-        num_samples=num_samples,
-        encoding=encoding,
-        metrics=metrics or {},
-        chunk_size=chunk_size,
-    )
-    return stub.SubmitUpdate(messages, timeout=timeout)
+    """Upload ``delta`` (local − global, flat float32) for a round; return the receipt.
+
+    The payload is encoded and hashed once. When the server is busy (RESOURCE_EXHAUSTED:
+    uploads in flight, request rate) the upload waits with backoff and is sent again.
+    """
+    payload = encode(delta, encoding)
+    sha = sha256_hex(payload)
+    header = _header(layout, round_, base_version, num_samples, encoding, metrics or {})
+    for attempt in range(busy_retries + 1):
+        try:
+            return stub.SubmitUpdate(_messages(header, payload, sha, chunk_size), timeout=timeout)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == busy_retries:
+                raise
+            wait = min(30.0, 0.25 * 2**attempt) * random.uniform(0.5, 1.5)
+            log.info("server busy (%s); sending the update again in %.1fs", err.details(), wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def is_retryable(err: grpc.RpcError) -> bool:
