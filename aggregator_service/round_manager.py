@@ -161,7 +161,7 @@ class RoundManager:
         self.config = config
         self.policy = config.policy
         self.layout = layout
-        self.global_flat = global_flat
+        self._global: torch.Tensor | None = global_flat
         self.checkpoint = checkpoint
         self.store = store
         self.strategy = strategy
@@ -179,6 +179,14 @@ class RoundManager:
         self.phase = "waiting"
         self.last_record: dict[str, Any] | None = None
         self._waited_s = 0.0
+
+    @property
+    def global_flat(self) -> torch.Tensor:
+        """The published model as one flat vector, read back from its checkpoint when
+        it was released (see ``_run_round``)."""
+        if self._global is None:
+            _, self._global = self.store.load(self.version, self.layout)
+        return self._global
 
     # ------------------------------------------------------------ subscriptions
 
@@ -331,7 +339,11 @@ class RoundManager:
                 started=now,
                 encoding=self.config.training.to_proto().update_encoding,
             )
-            self.strategy.begin_round(self.global_flat)
+            self.strategy.begin_round(self.layout.numel)
+            # The checkpoint holds the base version and downloads stream from it, so the
+            # round needs no copy in memory until it aggregates: peak RSS stays at the
+            # accumulator plus the uploads in flight.
+            self._global = None
             self.state = state
             self.phase = "training"
             task = self._event(task=self._task_msg(state))
@@ -373,7 +385,7 @@ class RoundManager:
             elif reported >= self.policy.required_updates and reported > 0:
                 status, reason = "published", ""
                 t0 = time.monotonic()
-                self.global_flat = self.strategy.aggregate(self.global_flat)
+                self._global = self.strategy.aggregate(self.global_flat)
                 phases["aggregation_s"] = round(time.monotonic() - t0, 3)
                 self.version += 1
                 t0 = time.monotonic()

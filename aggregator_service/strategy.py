@@ -34,8 +34,8 @@ class Strategy(ABC):
         return sorted(rng.sample(sorted(available), count))
 
     @abstractmethod
-    def begin_round(self, global_flat: torch.Tensor) -> None:
-        """Reset per-round state before the first update arrives."""
+    def begin_round(self, numel: int) -> None:
+        """Reset per-round state before the first update arrives (``numel`` parameters)."""
 
     @abstractmethod
     def accumulate(self, delta: torch.Tensor, num_samples: int) -> None:
@@ -55,9 +55,9 @@ class FedAvg(Strategy):
         self._acc: torch.Tensor | None = None
         self._total = 0
 
-    def begin_round(self, global_flat: torch.Tensor) -> None:
-        if self._acc is None or self._acc.numel() != global_flat.numel():
-            self._acc = torch.zeros_like(global_flat, dtype=torch.float32)
+    def begin_round(self, numel: int) -> None:
+        if self._acc is None or self._acc.numel() != numel:
+            self._acc = torch.zeros(numel, dtype=torch.float32)
         else:
             self._acc.zero_()  # reuse: no new allocation per round
         self._total = 0

@@ -104,11 +104,10 @@ def bench_kernel(params: int, updates: int = 8, reps: int = 5) -> dict:
     torch.set_num_threads(1)
     deltas = [torch.randn(params) * 0.01 for _ in range(updates)]
     weights = [10 + i for i in range(updates)]
-    theta = torch.zeros(params)
     strategy = FedAvg()
 
     def ours():
-        strategy.begin_round(theta)
+        strategy.begin_round(params)
         for d, n in zip(deltas, weights, strict=True):
             strategy.accumulate(d, n)
 
