@@ -156,5 +156,8 @@ def render(results: dict, docs: Path, write: bool = True) -> str:
             text, "",
         ]  # fmt: skip
         body += [f"![{p.stem}]({p.name})" for p in images]
+        notes = Path(__file__).with_name("NOTES.md")
+        if notes.exists():
+            body += ["", notes.read_text()]
         (docs / "BENCHMARKS.md").write_text("\n".join(body) + "\n")
     return text

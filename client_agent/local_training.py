@@ -54,11 +54,12 @@ def train_local(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item() * len(batch)
+            value = loss.item()  # one host sync per step
+            loss_sum += value * len(batch)
             count += len(batch)
             step += 1
             if progress is not None:
-                progress(step, total_steps, loss.item())
+                progress(step, total_steps, value)
         epoch_loss = loss_sum / max(count, 1)
     seconds = time.perf_counter() - start
     seen = cfg.local_epochs * len(images)
