@@ -132,6 +132,7 @@ def _row(rec: dict) -> str:
     return (
         f"{rec['round']:>5} {rec['version']:>7} {len(rec['participants']):>7} "
         f"{rec['num_samples']:>7} {_fmt(rec['train_loss']):>10} {_fmt(rec['val_loss']):>9} "
+        f"{_fmt(rec.get('eval_loss')):>9} "
         f"{rec['bytes_in'] / 1e6:>6.1f} {rec['bytes_out'] / 1e6:>6.1f} "
         f"{rec['duration_s']:>7.1f}{mark}"
     )
@@ -225,7 +226,8 @@ def run_demo(cfg: DemoConfig) -> int:
         print(f"started aggregator and {cfg.clients} clients; logs in {logs}", flush=True)
         print(
             f"{'round':>5} {'version':>7} {'clients':>7} {'samples':>7} "
-            f"{'train_loss':>10} {'val_loss':>9} {'MB in':>6} {'MB out':>6} {'seconds':>7}",
+            f"{'train_loss':>10} {'val_loss':>9} {'eval_loss':>9} {'MB in':>6} {'MB out':>6} "
+            f"{'seconds':>7}",
             flush=True,
         )
         lines: queue.Queue[str | None] = queue.Queue()
@@ -297,6 +299,8 @@ def _summary(cfg: DemoConfig, state: Path, records: list[dict], server_rc: int, 
         f"validation loss (masked-patch MSE, sample-weighted): round {first['round']} "
         f"{first['val_loss']:.4f} -> round {last['round']} {last['val_loss']:.4f} "
         f"({'lower' if better else 'NOT lower'})\n"
+        f"global model on 500 held-out test images: {_fmt(first.get('eval_loss'))} -> "
+        f"{_fmt(last.get('eval_loss'))}\n"
         f"round log:   {state / 'rounds.jsonl'}\n"
         f"checkpoints: {len(ckpts)} in {state / 'checkpoints'} (latest {ckpts[-1].name})\n"
         f"report:      {report.summary} (loss, phases, bytes, clients, reconstructions)"
