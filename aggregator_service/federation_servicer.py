@@ -54,8 +54,11 @@ class FederationServicer(pb_grpc.FederationServicer):
             abort(context, err)
         log.debug("client %s fetches version %d", client_id, header.version)
         yield pb.ModelChunk(header=header)
-        for chunk in chunks:
-            yield pb.ModelChunk(chunk=chunk)
+        for offset, data in chunks:
+            msg = pb.ModelChunk()
+            msg.chunk.offset = offset
+            msg.chunk.data = data  # set in place: no second copy of the bytes
+            yield msg
 
     def SubmitUpdate(self, request_iterator, context) -> pb.UpdateReceipt:
         try:

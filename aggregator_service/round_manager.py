@@ -39,7 +39,7 @@ from fedmae.tensor_codec import (
     PayloadDecoder,
     encode,
     encoding_name,
-    iter_chunks,
+    iter_slices,
     sha256_hex,
 )
 
@@ -717,7 +717,7 @@ class RoundManager:
 
     def model_stream(
         self, version: int, encoding: int, chunk_size: int, offset: int = 0
-    ) -> tuple[pb.ModelHeader, Iterator[pb.Chunk]]:
+    ) -> tuple[pb.ModelHeader, Iterator[tuple[int, bytes]]]:
         """Header and chunks of a published version; fp32 is read from the checkpoint file."""
         with self._cond:
             version = version or self.version
@@ -740,28 +740,27 @@ class RoundManager:
                 raise InvalidUpdate(
                     f"offset {offset} is past the model's {manifest.total_bytes} bytes"
                 )
-            chunks = (
-                pb.Chunk(offset=c.offset + offset, data=c.data)
-                for c in iter_chunks(payload[offset:], chunk_size)
-            )
+            chunks = ((offset + o, data) for o, data in iter_slices(payload[offset:], chunk_size))
         header = pb.ModelHeader(
             version=ckpt.version, round=ckpt.round, model=ckpt.model, manifest=manifest
         )
         return header, self._count_out(chunks)
 
-    def _file_chunks(self, ckpt: Checkpoint, chunk_size: int, offset: int) -> Iterator[pb.Chunk]:
+    def _file_chunks(
+        self, ckpt: Checkpoint, chunk_size: int, offset: int
+    ) -> Iterator[tuple[int, bytes]]:
         with open(ckpt.path, "rb") as f:
             f.seek(ckpt.data_offset + offset)
             while offset < ckpt.total_bytes:
                 data = f.read(min(chunk_size, ckpt.total_bytes - offset))
                 if not data:
                     raise FedmaeError(f"checkpoint {ckpt.path} is truncated")
-                yield pb.Chunk(offset=offset, data=data)
+                yield offset, data
                 offset += len(data)
 
-    def _count_out(self, chunks: Iterator[pb.Chunk]) -> Iterator[pb.Chunk]:
-        for chunk in chunks:
+    def _count_out(self, chunks: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+        for offset, data in chunks:
             state = self.state
             if state is not None and not state.closed:
-                state.bytes_out += len(chunk.data)  # GIL-atomic enough for a statistic
-            yield chunk
+                state.bytes_out += len(data)  # GIL-atomic enough for a statistic
+            yield offset, data

@@ -18,7 +18,7 @@ from fedmae.tensor_codec import (
     ModelLayout,
     PayloadDecoder,
     encode,
-    iter_chunks,
+    iter_slices,
     sha256_hex,
 )
 
@@ -101,8 +101,11 @@ def _messages(
     header: pb.UpdateHeader, payload: memoryview, sha256: str, chunk_size: int
 ) -> Iterator[pb.UpdateMessage]:
     yield pb.UpdateMessage(header=header)
-    for chunk in iter_chunks(payload, chunk_size):
-        yield pb.UpdateMessage(chunk=chunk)
+    for offset, data in iter_slices(payload, chunk_size):
+        msg = pb.UpdateMessage()
+        msg.chunk.offset = offset
+        msg.chunk.data = data  # set in place: no second copy of the bytes
+        yield msg
     yield pb.UpdateMessage(trailer=pb.UpdateTrailer(sha256=sha256))
 
 

@@ -219,12 +219,25 @@ def sha256_hex(payload: memoryview | bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def iter_chunks(payload: memoryview, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[pb.Chunk]:
-    """Cut a payload into ``Chunk`` messages of at most ``chunk_size`` bytes."""
+def iter_slices(
+    payload: memoryview, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Iterator[tuple[int, bytes]]:
+    """``(offset, bytes)`` pieces of a payload, at most ``chunk_size`` bytes each.
+
+    Senders set them straight into the outer message (``msg.chunk.data = piece``):
+    building a ``Chunk`` and passing it to the outer constructor copies it again
+    (measured: 1.1 ms per MiB, a fifth of an upload's time).
+    """
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
     for offset in range(0, len(payload), chunk_size):
-        yield pb.Chunk(offset=offset, data=bytes(payload[offset : offset + chunk_size]))
+        yield offset, bytes(payload[offset : offset + chunk_size])
+
+
+def iter_chunks(payload: memoryview, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[pb.Chunk]:
+    """Cut a payload into ``Chunk`` messages of at most ``chunk_size`` bytes."""
+    for offset, data in iter_slices(payload, chunk_size):
+        yield pb.Chunk(offset=offset, data=data)
 
 
 class PayloadDecoder:
