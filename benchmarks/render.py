@@ -55,14 +55,16 @@ def summary_rows(results: dict) -> list[list[str]]:
         for enc, e in c["encodings"].items():
             if enc == "fp32":
                 continue
-            ok = e["bytes_ratio"] <= 0.27 and abs(e["eval_loss_ratio"] - 1) <= 0.02
+            # "within 2 %": not worse than fp32 by more than 2 % (a lower loss is fine;
+            # run-to-run noise of the training itself is a few %).
+            ok = e["bytes_ratio"] <= 0.27 and e["eval_loss_ratio"] <= 1.02
             rows.append([
                 f"encoding {enc} (bytes, final eval loss)",
                 f"{e['bytes_in_per_round'] / 1e6:.1f} MB/round, loss {e['final_eval_loss']:.4f}",
                 f"fp32: {c['encodings']['fp32']['bytes_in_per_round'] / 1e6:.1f} MB, "
                 f"{c['encodings']['fp32']['final_eval_loss']:.4f}",
                 f"{e['bytes_ratio']:.3f} / {e['eval_loss_ratio']:.3f}",
-                "int8: ≤ 0.27 / ±2 %" if enc == "int8" else "-",
+                "int8: ≤ 0.27 / ≤ 1.02" if enc == "int8" else "-",
                 _met(ok) if enc == "int8" else "-",
             ])  # fmt: skip
     if "training" in c:
