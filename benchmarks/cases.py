@@ -26,9 +26,6 @@ from benchmarks.common import (
     MiB,
     RawStreamServer,
     median_time,
-    raw_channel,
-    raw_download,
-    raw_upload,
 )
 from client_agent.local_training import train_local
 from client_agent.transfer import fetch_model, submit_update
@@ -134,7 +131,10 @@ def bench_kernel(params: int, updates: int = 8, reps: int = 5) -> dict:
 
 
 def bench_transfer(params: int, reps: int = 3) -> dict:
-    """SubmitUpdate and FetchModel vs raw 1 MiB streams of the same bytes, same mTLS."""
+    """SubmitUpdate and FetchModel vs raw 1 MiB streams of the same bytes, same mTLS.
+
+    The servers run here; each client runs in its own process, as a real client does.
+    """
     fed = Federation(["c0"])
     layout = _layout(params)
     config = ServerConfig(
@@ -145,34 +145,19 @@ def bench_transfer(params: int, reps: int = 3) -> dict:
     )  # fmt: skip
     server = AggregatorServer(config)
     port = server.start()
-    client = BenchClient(port, fed.ids["c0"])
-    delta = _delta(layout)
-    payload = encode(delta)
-    raw = RawStreamServer(fed.certs, payload)
-    raw_ch = raw_channel(raw.port, fed.ids["c0"])
+    raw = RawStreamServer(fed.certs, encode(_delta(layout)))
     try:
-        upload_times, download_times = [], []
-        for _ in range(reps + 1):
-            task = client.tasks.get(timeout=120)
-            t0 = time.perf_counter()
-            header, _ = fetch_model(client.stub, layout, task.model_version, timeout=600)
-            download_times.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            submit_update(client.stub, layout, delta, round_=task.round,
-                          base_version=task.model_version, num_samples=1, timeout=600)  # fmt: skip
-            upload_times.append(time.perf_counter() - t0)
-        up, down = statistics.median(upload_times[1:]), statistics.median(download_times[1:])
-        raw_up, _ = median_time(lambda: raw_upload(raw_ch, payload), reps)
-        raw_down, _ = median_time(lambda: raw_download(raw_ch), reps)
+        ours = _transfer_client("fedmae", port, fed.ids["c0"], params, reps)
+        base = _transfer_client("raw", raw.port, fed.ids["c0"], params, reps)
     finally:
-        raw_ch.close()
         raw.stop()
-        client.close()
         server.stop(grace=0)
         fed.cleanup()
-    size = len(payload)
+    size = layout.numel * 4
+    up, raw_up = ours["upload_s"], base["upload_s"]
+    down, raw_down = ours["fetch_s"], base["fetch_s"]
     return {
-        "params": params, "bytes": size,
+        "params": params, "bytes": size, "client": "separate process",
         "upload_s": up, "raw_upload_s": raw_up,
         "upload_MiBps": size / up / MiB, "raw_upload_MiBps": size / raw_up / MiB,
         "upload_ratio": raw_up / up,
@@ -180,6 +165,17 @@ def bench_transfer(params: int, reps: int = 3) -> dict:
         "fetch_MiBps": size / down / MiB, "raw_fetch_MiBps": size / raw_down / MiB,
         "fetch_ratio": raw_down / down, "target": 0.8,
     }  # fmt: skip
+
+
+def _transfer_client(mode: str, port: int, identity: Path, params: int, reps: int) -> dict:
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.transfer_client", mode, "--port", str(port),
+         "--identity", str(identity), "--params", str(params), "--reps", str(reps)],
+        capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    if res.returncode != 0:
+        raise RuntimeError(f"transfer client ({mode}) failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------ rounds
