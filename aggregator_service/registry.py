@@ -432,13 +432,6 @@ class Registry:
         with self._lock:
             return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM rounds").fetchone()[0]
 
-    def joined_round(self, client_ids: list[str]) -> None:
-        with self._tx() as db:
-            db.executemany(
-                "UPDATE clients SET rounds_joined = rounds_joined + 1 WHERE client_id = ?",
-                [(c,) for c in client_ids],
-            )
-
 
 class _Tx:
     """The connection inside a transaction (``executescript`` would commit it)."""

@@ -179,6 +179,7 @@ class RoundManager:
         self.phase = "waiting"
         self.last_record: dict[str, Any] | None = None
         self._waited_s = 0.0
+        self._encoded_cache: tuple[tuple[int, int], memoryview, str] | None = None
 
     @property
     def global_flat(self) -> torch.Tensor:
@@ -733,9 +734,8 @@ class RoundManager:
                 )
             chunks = self._file_chunks(ckpt, chunk_size, offset)
         else:
-            _, flat = self.store.load(version, self.layout)
-            payload = encode(flat, encoding)
-            manifest = self.layout.manifest(encoding, sha256=sha256_hex(payload))
+            payload, sha = self._encoded(version, encoding)
+            manifest = self.layout.manifest(encoding, sha256=sha)
             if offset > manifest.total_bytes:
                 raise InvalidUpdate(
                     f"offset {offset} is past the model's {manifest.total_bytes} bytes"
@@ -745,6 +745,20 @@ class RoundManager:
             version=ckpt.version, round=ckpt.round, model=ckpt.model, manifest=manifest
         )
         return header, self._count_out(chunks)
+
+    def _encoded(self, version: int, encoding: int) -> tuple[memoryview, str]:
+        """A version in another encoding, made once and shared by every client that asks
+        (not re-encoded per download); only the latest such payload is kept."""
+        with self._cond:
+            cached = self._encoded_cache
+            if cached is not None and cached[0] == (version, encoding):
+                return cached[1], cached[2]
+        _, flat = self.store.load(version, self.layout)
+        payload = encode(flat, encoding)
+        sha = sha256_hex(payload)
+        with self._cond:
+            self._encoded_cache = ((version, encoding), payload, sha)
+        return payload, sha
 
     def _file_chunks(
         self, ckpt: Checkpoint, chunk_size: int, offset: int

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import grpc
 import torch
 
 from fedmae import tls
+from fedmae.demo import free_port
 
 MiB = 1 << 20
 
@@ -69,12 +69,6 @@ def peak_rss_bytes(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM in /proc status")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------ raw gRPC baseline

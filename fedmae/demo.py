@@ -43,7 +43,8 @@ class DemoConfig:
     seed: int = 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -152,8 +153,8 @@ def run_demo(cfg: DemoConfig) -> int:
     logs = state / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     certs = tls.init_certs(state / "certs")
-    server_addr = f"127.0.0.1:{_free_port()}"
-    enroll_addr = f"127.0.0.1:{_free_port()}"
+    server_addr = f"127.0.0.1:{free_port()}"
+    enroll_addr = f"127.0.0.1:{free_port()}"
     py = [sys.executable, "-m", "fedmae"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs: list[subprocess.Popen] = []

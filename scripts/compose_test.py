@@ -24,13 +24,15 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fedmae.demo import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 WHEELS = REPO / "docker" / "wheels"
@@ -199,12 +201,6 @@ def build_image(engine: DockerEngine) -> None:
 
 
 # ------------------------------------------------------------------ the cluster
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:

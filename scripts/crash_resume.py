@@ -11,12 +11,14 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fedmae.demo import free_port  # noqa: E402
 
 FEDMAE = [sys.executable, "-m", "fedmae"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -25,12 +27,6 @@ T0 = time.monotonic()
 
 def say(msg: str) -> None:
     print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def records(state: Path) -> list[dict]:

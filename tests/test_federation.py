@@ -394,3 +394,14 @@ def test_multi_tensor_model_in_many_small_chunks(tmp_path):
     finally:
         client.close()
         server.stop(grace=0)
+
+
+def test_other_encodings_are_encoded_once_for_all_downloads(cluster):
+    server, _port, clients, _ = cluster(["a", "b"], rounds=1)
+    layout = server.layout
+    fp32 = fetch_flat(clients["a"], layout, 0)
+    ha, fa = fetch_model(clients["a"].stub, layout, 0, encoding=pb.ENCODING_FP16, timeout=TIMEOUT)
+    hb, fb = fetch_model(clients["b"].stub, layout, 0, encoding=pb.ENCODING_FP16, timeout=TIMEOUT)
+    assert ha.manifest.sha256 == hb.manifest.sha256 and torch.equal(fa, fb)
+    assert torch.equal(fa, fp32.half().float())
+    assert server.rounds._encoded_cache[0] == (0, pb.ENCODING_FP16)
