@@ -1,7 +1,7 @@
 """Published model versions as safetensors files, written crash-consistently.
 
 ``v000042.safetensors`` holds the trainable tensors of version 42 by name (loadable
-by any safetensors reader) and metadata (version, round, model, payload sha256).
+by any safetensors reader) and metadata (version, round, model, payload digest).
 Tensors of one dtype lie in the file in sorted-name order, which is the fp32 wire
 payload's order: ``FetchModel`` streams that byte range straight from the file.
 """
@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 
 from fedmae.errors import ConfigError, VersionNotFound
 from fedmae.faults import crash_point
-from fedmae.tensor_codec import ModelLayout, sha256_hex
+from fedmae.tensor_codec import ModelLayout, payload_digest
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Checkpoint:
     round: int
     model: str
     path: Path
-    payload_sha256: str
+    payload_digest: str  # "algorithm:hex" of the fp32 payload
     data_offset: int  # byte offset of the tensor data (= fp32 payload) in the file
     total_bytes: int
 
@@ -59,13 +59,13 @@ class CheckpointStore:
         self, version: int, round_: int, model: str, layout: ModelLayout, flat: torch.Tensor
     ) -> Checkpoint:
         """Write version atomically: temp file, fsync, rename, fsync the directory."""
-        payload_sha = sha256_hex(memoryview(flat.detach().contiguous().numpy()).cast("B"))
+        digest = payload_digest(flat.detach().contiguous().numpy())
         meta = {
             "format": "fedmae-checkpoint/1",
             "version": str(version),
             "round": str(round_),
             "model": model,
-            "payload_sha256": payload_sha,
+            "payload_digest": digest,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         arrays = {name: t.numpy() for name, t in layout.unflatten(flat.detach()).items()}
@@ -126,7 +126,7 @@ class CheckpointStore:
             round=int(meta.get("round", 0)),
             model=meta.get("model", ""),
             path=path,
-            payload_sha256=meta.get("payload_sha256", ""),
+            payload_digest=_digest(meta),
             data_offset=8 + header_len,
             total_bytes=expected,
         )
@@ -145,3 +145,10 @@ class CheckpointStore:
                     np.ascontiguousarray(f.get_tensor(e.name)).reshape(-1)
                 )
         return ckpt, flat
+
+
+def _digest(meta: dict[str, str]) -> str:
+    if "payload_digest" in meta:
+        return meta["payload_digest"]
+    legacy = meta.get("payload_sha256", "")  # checkpoints written before digests had names
+    return f"sha256:{legacy}" if legacy else ""

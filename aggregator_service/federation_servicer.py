@@ -6,8 +6,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+import grpc
+
 from aggregator_service.auth import Authorizer
 from aggregator_service.round_manager import RoundManager
+from fedmae import wire
 from fedmae._proto import federation_pb2 as pb
 from fedmae._proto import federation_pb2_grpc as pb_grpc
 from fedmae.errors import FedmaeError, InvalidUpdate, abort
@@ -54,28 +57,24 @@ class FederationServicer(pb_grpc.FederationServicer):
             abort(context, err)
         log.debug("client %s fetches version %d", client_id, header.version)
         yield pb.ModelChunk(header=header)
-        for offset, data in chunks:
-            msg = pb.ModelChunk()
-            msg.chunk.offset = offset
-            msg.chunk.data = data  # set in place: no second copy of the bytes
-            yield msg
+        yield from chunks  # serialized ModelChunk frames (fedmae.wire)
 
     def SubmitUpdate(self, request_iterator, context) -> pb.UpdateReceipt:
         try:
             client_id = self.auth.client(context)
             first = next(request_iterator, None)
-            if first is None or first.WhichOneof("part") != "header":
+            if first is None or wire.part(first) != "header":
                 raise InvalidUpdate("an update stream must start with an UpdateHeader")
             session = self.rounds.open_upload(client_id, first.header)
         except FedmaeError as err:
             abort(context, err)
         try:
             for msg in request_iterator:
-                part = msg.WhichOneof("part")
+                part = wire.part(msg)
                 if part == "chunk":
-                    session.write(msg.chunk)
+                    session.write(wire.chunk_of(msg))
                 elif part == "trailer":
-                    return self.rounds.complete_upload(session, msg.trailer.sha256)
+                    return self.rounds.complete_upload(session, msg.trailer.digest)
                 else:
                     raise InvalidUpdate(f"unexpected {part or 'empty message'} after the header")
             raise InvalidUpdate(
@@ -88,3 +87,30 @@ class FederationServicer(pb_grpc.FederationServicer):
         except Exception as err:  # a cancelled or broken stream: free the client's slot
             self.rounds.abort_upload(session, f"upload broken: {type(err).__name__}")
             raise
+        finally:  # folded in or refused: the receive buffer serves the next upload
+            session.decoder.release()
+
+
+def add_to_server(servicer: FederationServicer, server) -> None:
+    """Register the servicer like the generated ``add_FederationServicer_to_server``,
+    with payload chunks framed by ``fedmae.wire`` (no protobuf copies of the bytes)."""
+    handlers = {
+        "Subscribe": grpc.unary_stream_rpc_method_handler(
+            servicer.Subscribe,
+            request_deserializer=pb.SubscribeRequest.FromString,
+            response_serializer=pb.RoundEvent.SerializeToString,
+        ),
+        "FetchModel": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchModel,
+            request_deserializer=pb.FetchModelRequest.FromString,
+            response_serializer=wire.serializer(pb.ModelChunk),
+        ),
+        "SubmitUpdate": grpc.stream_unary_rpc_method_handler(
+            servicer.SubmitUpdate,
+            request_deserializer=wire.deserializer(pb.UpdateMessage),
+            response_serializer=pb.UpdateReceipt.SerializeToString,
+        ),
+    }
+    service = pb.DESCRIPTOR.services_by_name["Federation"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)

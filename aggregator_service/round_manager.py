@@ -9,6 +9,8 @@ else retry the round. All shared state is guarded by one condition variable.
 from __future__ import annotations
 
 import logging
+import mmap
+import os
 import queue
 import statistics
 import threading
@@ -24,6 +26,7 @@ from aggregator_service.checkpoint_store import Checkpoint, CheckpointStore
 from aggregator_service.config import ServerConfig
 from aggregator_service.round_log import RoundLog
 from aggregator_service.strategy import Strategy
+from fedmae import wire
 from fedmae._proto import federation_pb2 as pb
 from fedmae.errors import (
     DuplicateUpdate,
@@ -35,17 +38,18 @@ from fedmae.errors import (
     StaleUpdate,
 )
 from fedmae.tensor_codec import (
+    BufferPool,
     ModelLayout,
     PayloadDecoder,
     encode,
     encoding_name,
-    iter_slices,
-    sha256_hex,
+    payload_digest,
 )
 
 log = logging.getLogger(__name__)
 
 MAX_SAMPLES_PER_UPDATE = 1 << 40  # a sanity bound on the aggregation weight
+_RELEASE_EVERY = 8 << 20  # downloads: drop sent checkpoint pages from RSS this often
 
 
 class RoundObserver:
@@ -180,6 +184,9 @@ class RoundManager:
         self.last_record: dict[str, Any] | None = None
         self._waited_s = 0.0
         self._encoded_cache: tuple[tuple[int, int], memoryview, str] | None = None
+        # Receive buffers of finished uploads, reused by the next ones (at most one per
+        # upload in flight, which the memory bound already counts).
+        self._buffers = BufferPool(keep=config.max_uploads_in_flight)
 
     @property
     def global_flat(self) -> torch.Tensor:
@@ -286,6 +293,7 @@ class RoundManager:
                         break
                     stop.wait(self.policy.retry_delay_s)
         finally:
+            self._buffers.clear()
             with self._cond:
                 self.finished.set()
                 if completed:
@@ -411,7 +419,7 @@ class RoundManager:
                     model_published=pb.ModelPublished(
                         version=self.version,
                         round=round_,
-                        manifest=self.layout.manifest(sha256=self.checkpoint.payload_sha256),
+                        manifest=self.layout.manifest(digest=self.checkpoint.payload_digest),
                     )
                 )
             train_loss, val_loss = (
@@ -630,18 +638,18 @@ class RoundManager:
                     f"{len(state.uploading)} uploads are in flight, the limit is "
                     f"{self.config.max_uploads_in_flight}: retry in a moment"
                 )
-            decoder = PayloadDecoder(self.layout, header.manifest)
+            decoder = PayloadDecoder(self.layout, header.manifest, pool=self._buffers)
             state.uploading.add(client_id)
             return UploadSession(state, client_id, header, decoder)
 
-    def complete_upload(self, session: UploadSession, sha256: str) -> pb.UpdateReceipt:
+    def complete_upload(self, session: UploadSession, digest: str) -> pb.UpdateReceipt:
         """Check the payload and fold it into the round's aggregate."""
         try:
-            delta = session.decoder.finish(sha256)  # outside the lock: hashing/decoding is slow
+            delta = session.decoder.finish(digest)  # outside the lock: hashing/decoding is slow
         except FedmaeError as err:
             self.abort_upload(session, str(err), err.code.name.lower())
             raise
-        norm = float(torch.linalg.vector_norm(delta))
+        norm = session.decoder.norm
         bound = self.config.max_update_norm
         if bound and norm > bound:
             err = InvalidUpdate(f"update norm {norm:.4g} is over the bound {bound:.4g}")
@@ -688,7 +696,7 @@ class RoundManager:
             receipt = pb.UpdateReceipt(
                 round=state.round,
                 bytes_received=session.bytes,
-                sha256=session.decoder.sha256,
+                digest=session.decoder.digest,
                 updates_received=len(state.accepted),
             )
         for observer in self.observers:
@@ -718,8 +726,9 @@ class RoundManager:
 
     def model_stream(
         self, version: int, encoding: int, chunk_size: int, offset: int = 0
-    ) -> tuple[pb.ModelHeader, Iterator[tuple[int, bytes]]]:
-        """Header and chunks of a published version; fp32 is read from the checkpoint file."""
+    ) -> tuple[pb.ModelHeader, Iterator[bytes]]:
+        """Header and serialized chunk messages (``fedmae.wire`` frames) of a published
+        version; fp32 is read from the checkpoint file."""
         with self._cond:
             version = version or self.version
             current = self.checkpoint if version == self.version else None
@@ -727,24 +736,22 @@ class RoundManager:
         encoding = encoding or pb.ENCODING_FP32
         chunk_size = min(chunk_size or self.config.chunk_size, 4 * self.config.chunk_size)
         if encoding == pb.ENCODING_FP32:
-            manifest = self.layout.manifest(encoding, sha256=ckpt.payload_sha256)
-            if offset > manifest.total_bytes:
-                raise InvalidUpdate(
-                    f"offset {offset} is past the model's {manifest.total_bytes} bytes"
-                )
+            manifest = self.layout.manifest(encoding, digest=ckpt.payload_digest)
+        else:
+            payload, digest = self._encoded(version, encoding)
+            manifest = self.layout.manifest(encoding, digest=digest)
+        if offset > manifest.total_bytes:
+            raise InvalidUpdate(f"offset {offset} is past the model's {manifest.total_bytes} bytes")
+        if encoding == pb.ENCODING_FP32:
             chunks = self._file_chunks(ckpt, chunk_size, offset)
         else:
-            payload, sha = self._encoded(version, encoding)
-            manifest = self.layout.manifest(encoding, sha256=sha)
-            if offset > manifest.total_bytes:
-                raise InvalidUpdate(
-                    f"offset {offset} is past the model's {manifest.total_bytes} bytes"
-                )
-            chunks = ((offset + o, data) for o, data in iter_slices(payload[offset:], chunk_size))
+            chunks = (
+                (o, payload[o : o + chunk_size]) for o in range(offset, len(payload), chunk_size)
+            )
         header = pb.ModelHeader(
             version=ckpt.version, round=ckpt.round, model=ckpt.model, manifest=manifest
         )
-        return header, self._count_out(chunks)
+        return header, self._frames(chunks)
 
     def _encoded(self, version: int, encoding: int) -> tuple[memoryview, str]:
         """A version in another encoding, made once and shared by every client that asks
@@ -755,26 +762,42 @@ class RoundManager:
                 return cached[1], cached[2]
         _, flat = self.store.load(version, self.layout)
         payload = encode(flat, encoding)
-        sha = sha256_hex(payload)
+        digest = payload_digest(payload)
         with self._cond:
-            self._encoded_cache = ((version, encoding), payload, sha)
-        return payload, sha
+            self._encoded_cache = ((version, encoding), payload, digest)
+        return payload, digest
 
     def _file_chunks(
         self, ckpt: Checkpoint, chunk_size: int, offset: int
-    ) -> Iterator[tuple[int, bytes]]:
+    ) -> Iterator[tuple[int, memoryview]]:
+        """Pieces of the checkpoint's data section as views of a read-only mapping:
+        framing copies them once, straight from the page cache. Sent pages are dropped
+        from this process's resident set as the stream goes (the page cache keeps
+        them), so a download holds at most ``_RELEASE_EVERY`` bytes of the file."""
+        base, end = ckpt.data_offset, ckpt.data_offset + ckpt.total_bytes
         with open(ckpt.path, "rb") as f:
-            f.seek(ckpt.data_offset + offset)
+            if os.fstat(f.fileno()).st_size < end:
+                raise FedmaeError(f"checkpoint {ckpt.path} is truncated")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        view = memoryview(mm)
+        released = (base + offset) // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
             while offset < ckpt.total_bytes:
-                data = f.read(min(chunk_size, ckpt.total_bytes - offset))
-                if not data:
-                    raise FedmaeError(f"checkpoint {ckpt.path} is truncated")
-                yield offset, data
-                offset += len(data)
+                n = min(chunk_size, ckpt.total_bytes - offset)
+                with view[base + offset : base + offset + n] as piece:
+                    yield offset, piece
+                offset += n
+                sent = (base + offset) // mmap.PAGESIZE * mmap.PAGESIZE
+                if sent - released >= _RELEASE_EVERY or offset == ckpt.total_bytes:
+                    mm.madvise(mmap.MADV_DONTNEED, released, sent - released)
+                    released = sent
+        finally:
+            view.release()
+            mm.close()
 
-    def _count_out(self, chunks: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+    def _frames(self, chunks: Iterator[tuple[int, bytes | memoryview]]) -> Iterator[bytes]:
         for offset, data in chunks:
             state = self.state
             if state is not None and not state.closed:
                 state.bytes_out += len(data)  # GIL-atomic enough for a statistic
-            yield offset, data
+            yield wire.frame(offset, data)

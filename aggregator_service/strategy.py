@@ -39,7 +39,10 @@ class Strategy(ABC):
 
     @abstractmethod
     def accumulate(self, delta: torch.Tensor, num_samples: int) -> None:
-        """Fold one validated update (flat float32 delta) in. Called under a lock."""
+        """Fold one validated update (flat float32 delta) in. Called under a lock.
+
+        ``delta`` is valid only during the call: its memory is a receive buffer that
+        the next upload reuses. Copy whatever must outlive the call."""
 
     @abstractmethod
     def aggregate(self, global_flat: torch.Tensor) -> torch.Tensor:

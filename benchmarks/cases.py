@@ -28,10 +28,9 @@ from benchmarks.common import (
     median_time,
 )
 from client_agent.local_training import train_local
-from client_agent.transfer import fetch_model, submit_update
+from client_agent.transfer import federation_stub, fetch_model, submit_update
 from fedmae import tls
 from fedmae._proto import federation_pb2 as pb
-from fedmae._proto import federation_pb2_grpc as pb_grpc
 from fedmae.config import TrainingConfig
 from fedmae.data import batches, client_split, load_fashion_mnist
 from fedmae.mae import build_model, make_optimizer
@@ -66,7 +65,7 @@ class BenchClient:
         self.channel = grpc.secure_channel(
             f"127.0.0.1:{port}", creds, options=grpc_options(DEFAULT_CHUNK_SIZE)
         )
-        self.stub = pb_grpc.FederationStub(self.channel)
+        self.stub = federation_stub(self.channel)
         self.tasks: queue.Queue = queue.Queue()
         self._call = self.stub.Subscribe(pb.SubscribeRequest(agent_version="bench"))
         threading.Thread(target=self._pump, daemon=True).start()
@@ -130,10 +129,11 @@ def bench_kernel(params: int, updates: int = 8, reps: int = 5) -> dict:
 # ------------------------------------------------------------------ transfer goodput
 
 
-def bench_transfer(params: int, reps: int = 3) -> dict:
+def bench_transfer(params: int, reps: int = 5) -> dict:
     """SubmitUpdate and FetchModel vs raw 1 MiB streams of the same bytes, same mTLS.
 
-    The servers run here; each client runs in its own process, as a real client does.
+    The servers run here; the client runs in its own process, as a real client does,
+    and interleaves fedmae and raw transfers (``benchmarks/transfer_client.py``).
     """
     fed = Federation(["c0"])
     layout = _layout(params)
@@ -147,17 +147,24 @@ def bench_transfer(params: int, reps: int = 3) -> dict:
     port = server.start()
     raw = RawStreamServer(fed.certs, encode(_delta(layout)))
     try:
-        ours = _transfer_client("fedmae", port, fed.ids["c0"], params, reps)
-        base = _transfer_client("raw", raw.port, fed.ids["c0"], params, reps)
+        res = subprocess.run(
+            [sys.executable, "-m", "benchmarks.transfer_client", "--port", str(port),
+             "--raw-port", str(raw.port), "--identity", str(fed.ids["c0"]),
+             "--params", str(params), "--reps", str(reps)],
+            capture_output=True, text=True, timeout=1800,
+        )  # fmt: skip
+        if res.returncode != 0:
+            raise RuntimeError(f"transfer client failed:\n{res.stderr[-2000:]}")
+        t = json.loads(res.stdout.strip().splitlines()[-1])
     finally:
         raw.stop()
         server.stop(grace=0)
         fed.cleanup()
     size = layout.numel * 4
-    up, raw_up = ours["upload_s"], base["upload_s"]
-    down, raw_down = ours["fetch_s"], base["fetch_s"]
+    up, raw_up = t["upload_s"], t["raw_upload_s"]
+    down, raw_down = t["fetch_s"], t["raw_fetch_s"]
     return {
-        "params": params, "bytes": size, "client": "separate process",
+        "params": params, "bytes": size, "client": "separate process, interleaved with raw",
         "upload_s": up, "raw_upload_s": raw_up,
         "upload_MiBps": size / up / MiB, "raw_upload_MiBps": size / raw_up / MiB,
         "upload_ratio": raw_up / up,
@@ -165,17 +172,6 @@ def bench_transfer(params: int, reps: int = 3) -> dict:
         "fetch_MiBps": size / down / MiB, "raw_fetch_MiBps": size / raw_down / MiB,
         "fetch_ratio": raw_down / down, "target": 0.8,
     }  # fmt: skip
-
-
-def _transfer_client(mode: str, port: int, identity: Path, params: int, reps: int) -> dict:
-    res = subprocess.run(
-        [sys.executable, "-m", "benchmarks.transfer_client", mode, "--port", str(port),
-         "--identity", str(identity), "--params", str(params), "--reps", str(reps)],
-        capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
-    if res.returncode != 0:
-        raise RuntimeError(f"transfer client ({mode}) failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------ rounds

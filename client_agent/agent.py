@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
 import torch
 
 from aggregator_service.server import grpc_options
 from client_agent.local_training import evaluate, train_local
-from client_agent.transfer import fetch_model, is_retryable, submit_update
+from client_agent.transfer import federation_stub, fetch_model, is_retryable, submit_update
 from fedmae import tls
 from fedmae._proto import federation_pb2 as pb
 from fedmae._proto import federation_pb2_grpc as pb_grpc
@@ -26,7 +27,7 @@ from fedmae.config import TrainingConfig
 from fedmae.data import ClientData
 from fedmae.errors import ConfigError
 from fedmae.mae import build_model, load_trainable_state, make_optimizer, trainable_state
-from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE, ModelLayout, encoding_from_name
+from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE, BufferPool, ModelLayout, encoding_from_name
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class ClientAgent:
         self.optimizer: torch.optim.Optimizer | None = None
         self.layout: ModelLayout | None = None
         self.cached: tuple[int, torch.Tensor] | None = None  # (version, flat)
+        self._buffers = BufferPool(keep=1)  # the last model's memory, for the next download
         self.rounds_done = 0
         self.stop_event = threading.Event()
         if config.insecure:
@@ -98,7 +100,7 @@ class ClientAgent:
                 self.config.server, tls.channel_credentials(self.identity), options=opts
             )
         self._channel = channel
-        return pb_grpc.FederationStub(channel)
+        return federation_stub(channel)
 
     def _metadata(self) -> list[tuple[str, str]] | None:
         if self.config.insecure:
@@ -213,8 +215,11 @@ class ClientAgent:
     def _global(self, stub: pb_grpc.FederationStub, version: int) -> torch.Tensor:
         if self.cached is not None and self.cached[0] == version:
             return self.cached[1]
+        if self.cached is not None:  # the last round's model is done with: reuse its memory
+            self._buffers.give(self.cached[1].numpy().view(np.uint8))
+            self.cached = None
         t0 = time.perf_counter()
-        header, flat = fetch_model(stub, self.layout, version)
+        header, flat = fetch_model(stub, self.layout, version, pool=self._buffers)
         log.info(
             "%s: fetched model version %d (%.1f MB) in %.2fs",
             self.client_id,

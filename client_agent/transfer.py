@@ -10,19 +10,40 @@ from collections.abc import Iterator, Mapping
 import grpc
 import torch
 
+from fedmae import wire
 from fedmae._proto import federation_pb2 as pb
 from fedmae._proto import federation_pb2_grpc as pb_grpc
 from fedmae.errors import InvalidUpdate
 from fedmae.tensor_codec import (
     DEFAULT_CHUNK_SIZE,
+    BufferPool,
     ModelLayout,
     PayloadDecoder,
     encode,
-    iter_slices,
-    sha256_hex,
+    payload_digest,
 )
 
 log = logging.getLogger(__name__)
+
+
+def federation_stub(channel: grpc.Channel) -> pb_grpc.FederationStub:
+    """The generated stub, with payload chunks framed by ``fedmae.wire`` (no protobuf
+    copies of the bytes). Same RPCs and the same bytes on the wire."""
+    stub = pb_grpc.FederationStub(channel)
+    service = "/" + pb.DESCRIPTOR.services_by_name["Federation"].full_name
+    stub.FetchModel = channel.unary_stream(
+        f"{service}/FetchModel",
+        request_serializer=pb.FetchModelRequest.SerializeToString,
+        response_deserializer=wire.deserializer(pb.ModelChunk),
+        _registered_method=True,
+    )
+    stub.SubmitUpdate = channel.stream_unary(
+        f"{service}/SubmitUpdate",
+        request_serializer=wire.serializer(pb.UpdateMessage),
+        response_deserializer=pb.UpdateReceipt.FromString,
+        _registered_method=True,
+    )
+    return stub
 
 
 def fetch_model(
@@ -32,10 +53,12 @@ def fetch_model(
     encoding: int = pb.ENCODING_FP32,
     timeout: float | None = None,
     resume_attempts: int = 3,
+    pool: BufferPool | None = None,
 ) -> tuple[pb.ModelHeader, torch.Tensor]:
     """Download a published version into one flat float32 tensor, checked end to end.
 
     A broken download resumes from the last byte received instead of starting over.
+    With a ``pool`` the receive buffer is taken from it (see ``BufferPool``).
     """
     header: pb.ModelHeader | None = None
     decoder: PayloadDecoder | None = None
@@ -48,16 +71,18 @@ def fetch_model(
         try:
             stream = stub.FetchModel(request, timeout=timeout)
             first = next(stream, None)
-            if first is None or first.WhichOneof("part") != "header":
+            if first is None or wire.part(first) != "header":
                 raise InvalidUpdate("model stream did not start with a ModelHeader")
             if header is None:
                 header = first.header
-                decoder = PayloadDecoder(layout, header.manifest)  # refuses another shape
-            elif first.header.manifest.sha256 != header.manifest.sha256:
+                decoder = PayloadDecoder(layout, header.manifest, pool=pool)  # checks shapes
+            elif first.header.manifest.digest != header.manifest.digest:
                 raise InvalidUpdate("the model changed while its download was resumed")
             for msg in stream:
-                decoder.write(msg.chunk)
-            return header, decoder.finish(header.manifest.sha256)
+                if wire.part(msg) != "chunk":
+                    raise InvalidUpdate("model stream holds a second header")
+                decoder.write(wire.chunk_of(msg))
+            return header, decoder.finish(header.manifest.digest)
         except grpc.RpcError as err:
             if not is_retryable(err) or attempt == resume_attempts:
                 raise
@@ -81,10 +106,12 @@ def update_messages(
     metrics: Mapping[str, float],
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Iterator[pb.UpdateMessage]:
-    """Header, chunks, trailer of one update."""
+    """Header, chunks, trailer of one update as protobuf messages, for tools and tests
+    that take them apart (``submit_update`` sends the same bytes as ready frames)."""
     payload = encode(delta, encoding)
     header = _header(layout, round_, base_version, num_samples, encoding, metrics)
-    return _messages(header, payload, sha256_hex(payload), chunk_size)
+    for msg in _messages(header, payload, payload_digest(payload), chunk_size):
+        yield pb.UpdateMessage.FromString(msg) if isinstance(msg, bytes) else msg
 
 
 def _header(layout, round_, base_version, num_samples, encoding, metrics) -> pb.UpdateHeader:
@@ -98,15 +125,15 @@ def _header(layout, round_, base_version, num_samples, encoding, metrics) -> pb.
 
 
 def _messages(
-    header: pb.UpdateHeader, payload: memoryview, sha256: str, chunk_size: int
-) -> Iterator[pb.UpdateMessage]:
+    header: pb.UpdateHeader, payload: memoryview, digest: str, chunk_size: int
+) -> Iterator[pb.UpdateMessage | bytes]:
+    """Header, chunks as serialized frames (``fedmae.wire``), trailer."""
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
     yield pb.UpdateMessage(header=header)
-    for offset, data in iter_slices(payload, chunk_size):
-        msg = pb.UpdateMessage()
-        msg.chunk.offset = offset
-        msg.chunk.data = data  # set in place: no second copy of the bytes
-        yield msg
-    yield pb.UpdateMessage(trailer=pb.UpdateTrailer(sha256=sha256))
+    for offset in range(0, len(payload), chunk_size):
+        yield wire.frame(offset, payload[offset : offset + chunk_size])
+    yield pb.UpdateMessage(trailer=pb.UpdateTrailer(digest=digest))
 
 
 def submit_update(
@@ -129,11 +156,12 @@ def submit_update(
     uploads in flight, request rate) the upload waits with backoff and is sent again.
     """
     payload = encode(delta, encoding)
-    sha = sha256_hex(payload)
+    digest = payload_digest(payload)
     header = _header(layout, round_, base_version, num_samples, encoding, metrics or {})
     for attempt in range(busy_retries + 1):
         try:
-            return stub.SubmitUpdate(_messages(header, payload, sha, chunk_size), timeout=timeout)
+            messages = _messages(header, payload, digest, chunk_size)
+            return stub.SubmitUpdate(messages, timeout=timeout)
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == busy_retries:
                 raise

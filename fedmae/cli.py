@@ -12,6 +12,7 @@ import grpc
 
 from fedmae.errors import FedmaeError
 from fedmae.log_format import setup_logging
+from fedmae.runtime import tune_malloc
 
 ENCODING_NAMES = ["fp32", "fp16", "bf16", "int8"]
 
@@ -472,6 +473,7 @@ def _client_name(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_malloc()  # every command here moves payloads in ~1 MiB blocks (fedmae.runtime)
     role = getattr(args, "role", "")
     if args.command == "client":
         role = f"client[{_client_name(args)}]"

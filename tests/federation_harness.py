@@ -17,10 +17,9 @@ import torch
 from aggregator_service.config import RoundPolicy, ServerConfig
 from aggregator_service.registry import Registry
 from aggregator_service.server import AggregatorServer, grpc_options
-from client_agent.transfer import fetch_model
+from client_agent.transfer import federation_stub, fetch_model
 from fedmae import tls
 from fedmae._proto import federation_pb2 as pb
-from fedmae._proto import federation_pb2_grpc as pb_grpc
 from fedmae.config import TrainingConfig
 from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE, ModelLayout
 
@@ -59,7 +58,7 @@ class ScriptedClient:
             tls.channel_credentials(self.identity),
             options=grpc_options(DEFAULT_CHUNK_SIZE),
         )
-        self.stub = pb_grpc.FederationStub(self.channel)
+        self.stub = federation_stub(self.channel)
         self.events: queue.Queue[pb.RoundEvent] = queue.Queue()
         self._call = None
         if subscribe:

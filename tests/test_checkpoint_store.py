@@ -8,7 +8,7 @@ from safetensors.numpy import load_file
 from aggregator_service.checkpoint_store import CheckpointStore
 from fedmae.errors import VersionNotFound
 from fedmae.mae import build_model, trainable_state
-from fedmae.tensor_codec import ModelLayout, encode, sha256_hex
+from fedmae.tensor_codec import ModelLayout, encode, payload_digest
 
 
 def _layout_and_flat(seed=0):
@@ -25,7 +25,7 @@ def test_save_load_and_serve_from_file(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # written through a temp file, then renamed
     assert (ckpt.version, ckpt.round, ckpt.model) == (3, 2, "tiny")
     payload = bytes(encode(flat))
-    assert ckpt.payload_sha256 == sha256_hex(payload)
+    assert ckpt.payload_digest == payload_digest(payload)
     raw = ckpt.path.read_bytes()
     # The file's data section is exactly the fp32 payload: downloads need no re-encoding.
     assert raw[ckpt.data_offset : ckpt.data_offset + ckpt.total_bytes] == payload

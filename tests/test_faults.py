@@ -26,10 +26,13 @@ from client_agent.transfer import fetch_model, submit_update, update_messages
 from fedmae import tls
 from fedmae._proto import federation_pb2 as pb
 from fedmae.mae import build_model, trainable_state
-from fedmae.tensor_codec import ModelLayout, encode, iter_chunks, sha256_hex
+from fedmae.tensor_codec import ModelLayout, encode, iter_chunks, payload_digest
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 LAYOUT = ModelLayout.from_state(trainable_state(build_model("tiny", seed=0)))
+
+
+BAD_DIGEST = "xxh3-128:" + "0" * 32
 
 
 def _port() -> int:
@@ -107,7 +110,7 @@ class Aggregator:
 
 def _model_sha(client: ScriptedClient) -> str:
     header, _ = fetch_model(client.stub, LAYOUT, 0, timeout=TIMEOUT)
-    return header.manifest.sha256
+    return header.manifest.digest
 
 
 def _wait(predicate, timeout: float, what: str) -> None:
@@ -152,7 +155,7 @@ def _with_payload(values, header=None):
     payload = encode(values)
     good = _good_messages()
     return [header or good[0], *[pb.UpdateMessage(chunk=c) for c in iter_chunks(payload)],
-            pb.UpdateMessage(trailer=pb.UpdateTrailer(sha256=sha256_hex(payload)))]  # fmt: skip
+            pb.UpdateMessage(trailer=pb.UpdateTrailer(digest=payload_digest(payload)))]  # fmt: skip
 
 
 def _raw(client, data: list[bytes]):
@@ -199,7 +202,7 @@ def _cases():
         "norm over the bound": (_with_payload(huge), "INVALID_ARGUMENT"),
         "zero samples": ([zero_samples, *chunks, trailer], "INVALID_ARGUMENT"),
         "bad checksum": (
-            [header, *chunks, pb.UpdateMessage(trailer=pb.UpdateTrailer(sha256="00" * 32))],
+            [header, *chunks, pb.UpdateMessage(trailer=pb.UpdateTrailer(digest=BAD_DIGEST))],
             "INVALID_ARGUMENT",
         ),  # fmt: skip
         "replay of another round": (_good_messages(round_=0), "FAILED_PRECONDITION"),

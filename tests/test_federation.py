@@ -23,7 +23,8 @@ from safetensors.numpy import load_file
 from client_agent.transfer import fetch_model, submit_update, update_messages
 from fedmae import tls
 from fedmae._proto import federation_pb2 as pb
-from fedmae.tensor_codec import encode, iter_chunks, sha256_hex
+from fedmae._proto import federation_pb2_grpc as pb_grpc
+from fedmae.tensor_codec import encode, iter_chunks, payload_digest
 
 
 @pytest.fixture
@@ -46,6 +47,9 @@ def cluster(tmp_path):
         for c in clients.values():
             c.close()
         server.stop(grace=0)
+
+
+BAD_DIGEST = "xxh3-128:" + "0" * 32
 
 
 def _expected(theta: torch.Tensor, deltas: dict[str, torch.Tensor], n: dict[str, int]):
@@ -84,7 +88,7 @@ def test_fedavg_is_exact_over_mtls(cluster, tmp_path):
         )
         assert receipt.round == 1
         assert receipt.bytes_received == layout.numel * 4
-        assert receipt.sha256 == sha256_hex(encode(deltas[n]))
+        assert receipt.digest == payload_digest(encode(deltas[n]))
 
     published = clients["alpha"].wait_for("model_published", version=1).model_published
     assert published.round == 1
@@ -212,8 +216,8 @@ def test_malformed_updates_get_invalid_argument_and_change_nothing(cluster):
     nan = random_delta(layout, 2)
     nan[123] = float("nan")
     payload = encode(nan)
-    nan_msgs = [header, *[pb.UpdateMessage(chunk=c) for c in iter_chunks(payload)],
-                pb.UpdateMessage(trailer=pb.UpdateTrailer(sha256=sha256_hex(payload)))]  # fmt: skip
+    nan_trailer = pb.UpdateMessage(trailer=pb.UpdateTrailer(digest=payload_digest(payload)))
+    nan_msgs = [header, *[pb.UpdateMessage(chunk=c) for c in iter_chunks(payload)], nan_trailer]
     cases = {
         "no header": ([chunks[0], trailer], "must start with an UpdateHeader"),
         "wrong shape": ([wrong_shape, *chunks, trailer], "shape"),
@@ -222,8 +226,8 @@ def test_malformed_updates_get_invalid_argument_and_change_nothing(cluster):
         "truncated": ([header, *chunks], "truncated"),
         "missing bytes": ([header, chunks[0], trailer], "incomplete"),
         "bad checksum": (
-            [header, *chunks, pb.UpdateMessage(trailer=pb.UpdateTrailer(sha256="0" * 64))],
-            "checksum",
+            [header, *chunks, pb.UpdateMessage(trailer=pb.UpdateTrailer(digest=BAD_DIGEST))],
+            "digest mismatch",
         ),
         "nan": (nan_msgs, "NaN"),
     }
@@ -402,6 +406,32 @@ def test_other_encodings_are_encoded_once_for_all_downloads(cluster):
     fp32 = fetch_flat(clients["a"], layout, 0)
     ha, fa = fetch_model(clients["a"].stub, layout, 0, encoding=pb.ENCODING_FP16, timeout=TIMEOUT)
     hb, fb = fetch_model(clients["b"].stub, layout, 0, encoding=pb.ENCODING_FP16, timeout=TIMEOUT)
-    assert ha.manifest.sha256 == hb.manifest.sha256 and torch.equal(fa, fb)
+    assert ha.manifest.digest == hb.manifest.digest and torch.equal(fa, fb)
     assert torch.equal(fa, fp32.half().float())
     assert server.rounds._encoded_cache[0] == (0, pb.ENCODING_FP16)
+
+
+def test_plain_generated_stubs_interoperate(cluster):
+    """The fast framing is only an implementation: a peer with plain generated stubs
+    (protobuf parsing and serializing every chunk) downloads and uploads the same."""
+    server, port, clients, ids = cluster(["a"], rounds=1)
+    layout = server.layout
+    clients["a"].wait_for("task")
+    fast = fetch_flat(clients["a"], layout, 0)
+    plain = pb_grpc.FederationStub(clients["a"].channel)
+    stream = plain.FetchModel(pb.FetchModelRequest(version=0, chunk_size=65536), timeout=TIMEOUT)
+    header, *chunks = list(stream)
+    assert header.WhichOneof("part") == "header" and len(chunks) > 1
+    assert all(isinstance(c, pb.ModelChunk) and c.WhichOneof("part") == "chunk" for c in chunks)
+    payload = b"".join(c.chunk.data for c in chunks)
+    assert payload_digest(payload) == header.header.manifest.digest
+    assert torch.equal(torch.frombuffer(bytearray(payload), dtype=torch.float32), fast)
+    delta = random_delta(layout, 5)
+    msgs = update_messages(layout, delta, round_=1, base_version=0, num_samples=3,
+                           encoding=pb.ENCODING_FP32, metrics={}, chunk_size=65536)  # fmt: skip
+    receipt = plain.SubmitUpdate(msgs, timeout=TIMEOUT)
+    assert receipt.bytes_received == layout.numel * 4
+    assert receipt.digest == payload_digest(encode(delta))
+    clients["a"].wait_for("model_published", version=1)
+    np.testing.assert_allclose(fetch_flat(clients["a"], layout, 1).numpy(),
+                               (fast + delta).numpy(), atol=1e-6)  # fmt: skip

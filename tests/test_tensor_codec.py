@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -10,12 +12,13 @@ from fedmae._proto import federation_pb2 as pb
 from fedmae.errors import InvalidUpdate
 from fedmae.mae import build_model, trainable_state
 from fedmae.tensor_codec import (
+    BufferPool,
     ModelLayout,
     PayloadDecoder,
     encode,
     encoding_from_name,
     iter_chunks,
-    sha256_hex,
+    payload_digest,
 )
 
 ENCODINGS = {
@@ -36,7 +39,7 @@ def _roundtrip(layout, flat, encoding, chunk_size):
     chunks = list(iter_chunks(payload, chunk_size))
     for chunk in chunks:
         decoder.write(chunk)
-    return decoder.finish(sha256_hex(payload)), len(chunks)
+    return decoder.finish(payload_digest(payload)), len(chunks)
 
 
 @pytest.mark.parametrize("encoding", list(ENCODINGS), ids=["fp32", "fp16", "bf16"])
@@ -121,14 +124,26 @@ def test_chunk_refusals(layout):
         dec.write(big)
 
 
-def test_checksum_and_nan_refusals(layout):
+def test_digest_and_nan_refusals(layout):
     flat = torch.randn(layout.numel)
     payload = encode(flat)
     dec = PayloadDecoder(layout, layout.manifest())
     for c in iter_chunks(payload):
         dec.write(c)
-    with pytest.raises(InvalidUpdate, match="checksum"):
-        dec.finish("ab" * 32)
+    refusals = {
+        "sha256:" + "ab" * 32: "digest mismatch",
+        "xxh3-128:" + "ab" * 16: "digest mismatch",
+        "md5:" + "ab" * 16: "unsupported digest algorithm 'md5'",
+        "ab" * 32: "not of the form 'algorithm:hex'",
+    }
+    for digest, words in refusals.items():
+        with pytest.raises(InvalidUpdate, match=words):
+            dec.finish(digest)
+    sha = "sha256:" + hashlib.sha256(payload).hexdigest()
+    assert dec.finish(sha.upper().replace("SHA256", "sha256")) is not None  # hex case-blind
+    assert dec.digest == sha
+    assert dec.finish() is not None and dec.digest == payload_digest(payload)
+    assert dec.digest.startswith("xxh3-128:") and len(dec.digest) == len("xxh3-128:") + 32
     bad = flat.clone()
     last = layout.entries[-1]
     bad[last.offset + 2] = float("inf")
@@ -153,7 +168,7 @@ def test_int8_is_unbiased_bounded_and_small(layout):
     dec = PayloadDecoder(layout, layout.manifest(pb.ENCODING_INT8))
     for c in iter_chunks(payload, 100_000):
         dec.write(c)
-    out = dec.finish(sha256_hex(payload))
+    out = dec.finish(payload_digest(payload))
     # Each value is off by less than one quantisation step of its block.
     blocks = torch.nn.functional.pad(flat, (0, -flat.numel() % 4096)).view(-1, 4096)
     step = (blocks.abs().amax(1) / 127).repeat_interleave(4096)[: flat.numel()]
@@ -179,3 +194,31 @@ def test_int8_with_a_nan_scale_is_refused(layout):
     dec.write(pb.Chunk(offset=0, data=bytes(payload)))
     with pytest.raises(InvalidUpdate, match="NaN"):
         dec.finish()
+
+
+def test_buffer_pool_reuses_receive_buffers(layout):
+    pool = BufferPool(keep=1)
+    flat = torch.randn(layout.numel)
+    payload = encode(flat)
+    first = PayloadDecoder(layout, layout.manifest(), pool=pool)
+    for c in iter_chunks(payload):
+        first.write(c)
+    out = first.finish()
+    assert torch.equal(out, flat)
+    first.release()
+    second = PayloadDecoder(layout, layout.manifest(), pool=pool)
+    assert np.shares_memory(second._buf, out.numpy())  # the same memory, reused
+    third = PayloadDecoder(layout, layout.manifest(), pool=pool)  # pool empty: a new one
+    assert not np.shares_memory(third._buf, out.numpy())
+    second.release()
+    third.release()  # over ``keep``: dropped
+    assert len(pool._free) == 1
+    # fp16 decodes into a tensor of its own, so finish() frees the buffer at once
+    half = PayloadDecoder(layout, layout.manifest(pb.ENCODING_FP16), pool=pool)
+    for c in iter_chunks(encode(flat, pb.ENCODING_FP16)):
+        half.write(c)
+    decoded = half.finish()
+    assert half._buf is None and pool._free[0].nbytes == layout.numel * 2
+    assert torch.allclose(decoded, flat.half().float())
+    pool.give(np.empty(layout.numel * 4, np.uint8))  # another size: the old kind goes
+    assert [b.nbytes for b in pool._free] == [layout.numel * 4]

@@ -45,16 +45,16 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("tensors", "encoding", "total_bytes", "sha256")
+    __slots__ = ("tensors", "encoding", "total_bytes", "digest")
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     encoding: Encoding
     total_bytes: int
-    sha256: str
-    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    digest: str
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., total_bytes: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("offset", "data")
@@ -228,10 +228,10 @@ class UpdateHeader(_message.Message):
     def __init__(self, round: _Optional[int] = ..., base_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class UpdateTrailer(_message.Message):
-    __slots__ = ("sha256",)
-    SHA256_FIELD_NUMBER: _ClassVar[int]
-    sha256: str
-    def __init__(self, sha256: _Optional[str] = ...) -> None: ...
+    __slots__ = ("digest",)
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    def __init__(self, digest: _Optional[str] = ...) -> None: ...
 
 class UpdateMessage(_message.Message):
     __slots__ = ("header", "chunk", "trailer")
@@ -244,13 +244,13 @@ class UpdateMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., trailer: _Optional[_Union[UpdateTrailer, _Mapping]] = ...) -> None: ...
 
 class UpdateReceipt(_message.Message):
-    __slots__ = ("round", "bytes_received", "sha256", "updates_received")
+    __slots__ = ("round", "bytes_received", "digest", "updates_received")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     UPDATES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     round: int
     bytes_received: int
-    sha256: str
+    digest: str
     updates_received: int
-    def __init__(self, round: _Optional[int] = ..., bytes_received: _Optional[int] = ..., sha256: _Optional[str] = ..., updates_received: _Optional[int] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., bytes_received: _Optional[int] = ..., digest: _Optional[str] = ..., updates_received: _Optional[int] = ...) -> None: ...
