@@ -19,8 +19,8 @@ from fedmae.tensor_codec import (
     BufferPool,
     ModelLayout,
     PayloadDecoder,
+    PayloadDigest,
     encode,
-    payload_digest,
 )
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def update_messages(
     that take them apart (``submit_update`` sends the same bytes as ready frames)."""
     payload = encode(delta, encoding)
     header = _header(layout, round_, base_version, num_samples, encoding, metrics)
-    for msg in _messages(header, payload, payload_digest(payload), chunk_size):
+    for msg in _messages(header, payload, chunk_size):
         yield pb.UpdateMessage.FromString(msg) if isinstance(msg, bytes) else msg
 
 
@@ -125,15 +125,19 @@ def _header(layout, round_, base_version, num_samples, encoding, metrics) -> pb.
 
 
 def _messages(
-    header: pb.UpdateHeader, payload: memoryview, digest: str, chunk_size: int
+    header: pb.UpdateHeader, payload: memoryview, chunk_size: int
 ) -> Iterator[pb.UpdateMessage | bytes]:
-    """Header, chunks as serialized frames (``fedmae.wire``), trailer."""
+    """Header, chunks as serialized frames (``fedmae.wire``), trailer. The digest is
+    taken chunk by chunk as they go out (one pass, while each is in cache)."""
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
     yield pb.UpdateMessage(header=header)
+    digest = PayloadDigest()
     for offset in range(0, len(payload), chunk_size):
-        yield wire.frame(offset, payload[offset : offset + chunk_size])
-    yield pb.UpdateMessage(trailer=pb.UpdateTrailer(digest=digest))
+        piece = payload[offset : offset + chunk_size]
+        digest.update(piece)
+        yield wire.frame(offset, piece)
+    yield pb.UpdateMessage(trailer=pb.UpdateTrailer(digest=digest.hexdigest()))
 
 
 def submit_update(
@@ -152,16 +156,14 @@ def submit_update(
 ) -> pb.UpdateReceipt:
     """Upload ``delta`` (local − global, flat float32) for a round; return the receipt.
 
-    The payload is encoded and hashed once. When the server is busy (RESOURCE_EXHAUSTED:
+    The payload is encoded once. When the server is busy (RESOURCE_EXHAUSTED:
     uploads in flight, request rate) the upload waits with backoff and is sent again.
     """
     payload = encode(delta, encoding)
-    digest = payload_digest(payload)
     header = _header(layout, round_, base_version, num_samples, encoding, metrics or {})
     for attempt in range(busy_retries + 1):
         try:
-            messages = _messages(header, payload, digest, chunk_size)
-            return stub.SubmitUpdate(messages, timeout=timeout)
+            return stub.SubmitUpdate(_messages(header, payload, chunk_size), timeout=timeout)
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == busy_retries:
                 raise

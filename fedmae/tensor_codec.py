@@ -21,6 +21,7 @@ file without re-encoding.
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -238,16 +239,33 @@ def payload_digest(
     return f"{algorithm}:{make(payload).hexdigest()}"
 
 
-def check_digest(payload: memoryview | bytes | np.ndarray, expected: str) -> str:
+class PayloadDigest:
+    """The default digest taken piece by piece; ``hexdigest()`` is "algorithm:hex"."""
+
+    def __init__(self) -> None:
+        self._hash = _DIGESTS[DEFAULT_DIGEST]()
+
+    def update(self, piece: memoryview | bytes) -> None:
+        self._hash.update(piece)
+
+    def hexdigest(self) -> str:
+        return f"{DEFAULT_DIGEST}:{self._hash.hexdigest()}"
+
+
+def check_digest(
+    payload: memoryview | bytes | np.ndarray, expected: str, default: str | None = None
+) -> str:
     """The payload's digest in ``expected``'s algorithm; ``InvalidUpdate`` if they differ.
-    An empty ``expected`` checks nothing and returns the default digest."""
-    if not expected:
-        return payload_digest(payload)
+    An empty ``expected`` checks nothing and returns the default digest. ``default`` is
+    the default algorithm's digest when the caller already has it (hashed as received)."""
     algorithm, sep, _ = expected.partition(":")
-    if not sep:
+    if expected and not sep:
         raise InvalidUpdate(f"digest {expected[:40]!r} is not of the form 'algorithm:hex'")
-    actual = payload_digest(payload, algorithm)
-    if actual != expected.lower():
+    if default is not None and algorithm in ("", DEFAULT_DIGEST):
+        actual = default
+    else:
+        actual = payload_digest(payload, algorithm or DEFAULT_DIGEST)
+    if expected and actual != expected.lower():
         raise InvalidUpdate(
             f"payload digest mismatch: sender says {expected[:28]}..., received data "
             f"hashes to {actual[:28]}... (corrupted in transit?)"
@@ -340,6 +358,11 @@ class PayloadDecoder:
         )
         self.digest = ""  # "algorithm:hex" of the payload, set by finish()
         self.norm = 0.0  # L2 norm of the decoded values, set by finish()
+        # Digest and (fp32) sum of squares are taken chunk by chunk as the bytes arrive,
+        # while they are still in cache, instead of in passes over the whole buffer.
+        self._hash = PayloadDigest()
+        self._sumsq = 0.0
+        self._summed = 0  # payload bytes folded into _sumsq
 
     def write(self, chunk: pb.Chunk | RawChunk) -> None:
         """Append one chunk; chunks must arrive in order without gaps or overlap."""
@@ -357,7 +380,14 @@ class PayloadDecoder:
                 f"payload size of {self.total} bytes"
             )
         self._buf[self.received : self.received + n] = np.frombuffer(chunk.data, dtype=np.uint8)
+        self._hash.update(chunk.data)
         self.received += n
+        if self.encoding == pb.ENCODING_FP32:
+            end = self.received - self.received % 4
+            if end > self._summed:
+                part = torch.from_numpy(self._buf[self._summed : end].view(np.float32))
+                self._sumsq += float(torch.linalg.vector_norm(part)) ** 2
+                self._summed = end
 
     def finish(self, expected_digest: str = "") -> torch.Tensor:
         """Check completeness, digest and finiteness; return the flat float32 [P]."""
@@ -365,17 +395,18 @@ class PayloadDecoder:
             raise InvalidUpdate(
                 f"payload incomplete: received {self.received} of {self.total} bytes"
             )
-        self.digest = check_digest(self._buf, expected_digest)
+        self.digest = check_digest(self._buf, expected_digest, self._hash.hexdigest())
         if self.encoding == pb.ENCODING_FP32:
             flat = torch.from_numpy(self._buf.view(np.float32))  # zero-copy
+            self.norm = check_finite(flat, self.layout, norm=math.sqrt(self._sumsq))
+            return flat
+        if self.encoding == pb.ENCODING_FP16:
+            flat = torch.from_numpy(self._buf.view(np.float16)).to(torch.float32)
+        elif self.encoding == pb.ENCODING_BF16:
+            flat = torch.from_numpy(self._buf.view(np.int16)).view(torch.bfloat16).float()
         else:
-            if self.encoding == pb.ENCODING_FP16:
-                flat = torch.from_numpy(self._buf.view(np.float16)).to(torch.float32)
-            elif self.encoding == pb.ENCODING_BF16:
-                flat = torch.from_numpy(self._buf.view(np.int16)).view(torch.bfloat16).float()
-            else:
-                flat = _decode_int8(self._buf, self.layout.numel)
-            self.release()  # decoded into a tensor of its own: the buffer is free now
+            flat = _decode_int8(self._buf, self.layout.numel)
+        self.release()  # decoded into a tensor of its own: the buffer is free now
         self.norm = check_finite(flat, self.layout)
         return flat
 
@@ -387,13 +418,15 @@ class PayloadDecoder:
             self._pool.give(buf)
 
 
-def check_finite(flat: torch.Tensor, layout: ModelLayout) -> float:
-    """The L2 norm of ``flat``; ``InvalidUpdate`` naming the first tensor with NaN/Inf."""
+def check_finite(flat: torch.Tensor, layout: ModelLayout, norm: float | None = None) -> float:
+    """The L2 norm of ``flat`` (``norm`` when the caller already took it);
+    ``InvalidUpdate`` naming the first tensor with NaN/Inf."""
     # Fast path: one reduction, no mask. NaN and Inf propagate into the norm; a finite
     # norm means every value is finite. An infinite norm may also be a harmless
     # overflow of large finite values, which the exact pass below tells apart.
-    norm = float(torch.linalg.vector_norm(flat))
-    if np.isfinite(norm):
+    if norm is None:
+        norm = float(torch.linalg.vector_norm(flat))
+    if math.isfinite(norm):
         return norm
     for e in layout.entries:
         part = flat[e.offset : e.offset + e.numel]

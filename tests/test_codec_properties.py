@@ -7,6 +7,7 @@ Whatever arrives, the decoder either reproduces exactly what was sent or raises
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -48,6 +49,9 @@ def test_any_chunking_roundtrips_exactly(layout, encoding, seed, data):
         pb.ENCODING_BF16: values.bfloat16().float(),
     }[encoding]
     assert torch.equal(out, expected)
+    # digest and norm were taken chunk by chunk, across cuts inside float32 values
+    assert dec.digest == payload_digest(payload)
+    assert dec.norm == pytest.approx(float(torch.linalg.vector_norm(expected)), rel=1e-5)
 
 
 @SETTINGS
