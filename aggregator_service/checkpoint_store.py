@@ -135,6 +135,16 @@ class CheckpointStore:
         versions = self.versions()
         return versions[-1] if versions else None
 
+    def map(self, version: int, layout: ModelLayout) -> tuple[Checkpoint, torch.Tensor]:
+        """The checkpoint's fp32 payload as a flat tensor mapped from the file (no read,
+        no copy: the page cache serves it). Copy-on-write: writing to it changes only
+        this process's pages, never the file."""
+        ckpt = self.describe(version, layout)
+        values = np.memmap(
+            ckpt.path, dtype=np.float32, mode="c", offset=ckpt.data_offset, shape=(layout.numel,)
+        )
+        return ckpt, torch.from_numpy(values)
+
     def load(self, version: int, layout: ModelLayout) -> tuple[Checkpoint, torch.Tensor]:
         """The checkpoint's metadata and its tensors as one flat float32 vector."""
         ckpt = self.describe(version, layout)

@@ -60,10 +60,13 @@ class ServerConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     chunk_size: int = DEFAULT_CHUNK_SIZE
     keep_checkpoints: int = 0  # 0 = keep every published version
-    max_workers: int = 64  # gRPC handler threads (one per open stream)
+    # gRPC handler threads, made as needed: one per connected client's event stream and
+    # one per transfer (an idle connected client costs about 120 KB here).
+    max_workers: int = 2048
     heartbeat_s: float = 10.0
     exit_grace_s: float = 5.0  # after the run ends, time for clients to hear it
-    max_uploads_in_flight: int = 8  # concurrent SubmitUpdate streams; more: RESOURCE_EXHAUSTED
+    max_uploads_in_flight: int = 8  # concurrent SubmitUpdate streams; more wait for a slot
+    upload_wait_s: float = 120.0  # ... this long at most, then RESOURCE_EXHAUSTED
     max_requests_per_s: float = 20.0  # per client, token bucket (burst 2x); 0 = no limit
     max_update_norm: float = 0.0  # refuse deltas with a larger L2 norm; 0 = no bound
 

@@ -17,6 +17,8 @@ from fedmae.errors import FedmaeError, InvalidUpdate, abort
 
 log = logging.getLogger(__name__)
 
+ADMITTED_KEY = "fedmae-upload-admitted"  # initial metadata of an admitted SubmitUpdate
+
 
 class FederationServicer(pb_grpc.FederationServicer):
     def __init__(self, rounds: RoundManager, auth: Authorizer, heartbeat_s: float):
@@ -65,9 +67,12 @@ class FederationServicer(pb_grpc.FederationServicer):
             first = next(request_iterator, None)
             if first is None or wire.part(first) != "header":
                 raise InvalidUpdate("an update stream must start with an UpdateHeader")
-            session = self.rounds.open_upload(client_id, first.header)
+            session = self.rounds.open_upload(client_id, first.header, context.is_active)
         except FedmaeError as err:
             abort(context, err)
+        # Admitted: tell the client to send its chunks now. Until then a waiting upload
+        # holds only its header here (fedmae clients wait for this; see transfer.py).
+        context.send_initial_metadata(((ADMITTED_KEY, "1"),))
         try:
             for msg in request_iterator:
                 part = wire.part(msg)

@@ -37,6 +37,7 @@ from fedmae.errors import (
     RoundClosedError,
     StaleUpdate,
 )
+from fedmae.runtime import release_free_memory
 from fedmae.tensor_codec import (
     BufferPool,
     ModelLayout,
@@ -187,13 +188,14 @@ class RoundManager:
         # Receive buffers of finished uploads, reused by the next ones (at most one per
         # upload in flight, which the memory bound already counts).
         self._buffers = BufferPool(keep=config.max_uploads_in_flight)
+        self._upload_queue: list[object] = []  # uploads waiting for a slot, in order
 
     @property
     def global_flat(self) -> torch.Tensor:
         """The published model as one flat vector, read back from its checkpoint when
         it was released (see ``_run_round``)."""
         if self._global is None:
-            _, self._global = self.store.load(self.version, self.layout)
+            _, self._global = self.store.map(self.version, self.layout)
         return self._global
 
     # ------------------------------------------------------------ subscriptions
@@ -348,11 +350,12 @@ class RoundManager:
                 started=now,
                 encoding=self.config.training.to_proto().update_encoding,
             )
-            self.strategy.begin_round(self.layout.numel)
             # The checkpoint holds the base version and downloads stream from it, so the
             # round needs no copy in memory until it aggregates: peak RSS stays at the
-            # accumulator plus the uploads in flight.
+            # accumulator plus the uploads in flight. (The last model may be the
+            # strategy's accumulator, which begin_round resets: drop it first.)
             self._global = None
+            self.strategy.begin_round(self.layout.numel)
             self.state = state
             self.phase = "training"
             task = self._event(task=self._task_msg(state))
@@ -394,6 +397,7 @@ class RoundManager:
             elif reported >= self.policy.required_updates and reported > 0:
                 status, reason = "published", ""
                 t0 = time.monotonic()
+                self._buffers.trim(1)  # uploads are done: keep one buffer for the next round
                 self._global = self.strategy.aggregate(self.global_flat)
                 phases["aggregation_s"] = round(time.monotonic() - t0, 3)
                 self.version += 1
@@ -446,6 +450,7 @@ class RoundManager:
             self.last_record = record
             self.phase = "waiting"
         self.round_log.append(record)
+        release_free_memory()  # the round's transfer buffers, freed but kept by malloc
         for observer in self.observers:
             observer.round_closed(record)
         if success:
@@ -603,44 +608,75 @@ class RoundManager:
 
     # ------------------------------------------------------------ uploads
 
-    def open_upload(self, client_id: str, header: pb.UpdateHeader) -> UploadSession:
-        """Validate an update's header against the round; reserve the client's slot."""
+    def open_upload(
+        self, client_id: str, header: pb.UpdateHeader, alive: Callable[[], bool] = lambda: True
+    ) -> UploadSession:
+        """Validate an update's header against the round; reserve the client's slot.
+
+        When ``max_uploads_in_flight`` uploads are running, the upload waits for a slot
+        (first come, first served) up to ``upload_wait_s``, then gets RESOURCE_EXHAUSTED.
+        A waiting upload costs a thread and the stream's flow-control window, not a
+        receive buffer; ``alive`` tells whether its caller is still there.
+        """
+        deadline = time.monotonic() + self.config.upload_wait_s
+        ticket: object | None = None
         with self._cond:
-            state = self.state
-            if state is None or state.closed:
-                raise StaleUpdate(
-                    f"no round is open for updates (update names round {header.round}); "
-                    "wait for the next task"
-                )
-            if header.round != state.round:
-                raise StaleUpdate(
-                    f"update is for round {header.round}, but round {state.round} is open"
-                )
-            if header.base_version != state.base_version:
-                raise StaleUpdate(
-                    f"update is relative to model version {header.base_version}, but round "
-                    f"{state.round} trains version {state.base_version}; fetch the current model"
-                )
-            if client_id not in state.selected:
-                raise PermissionDenied(
-                    f"client {client_id} was not selected for round {state.round}"
-                )
-            if client_id in state.revoked:
-                raise PermissionDenied(f"client {client_id} was revoked")
-            if client_id in state.accepted or client_id in state.uploading:
-                raise DuplicateUpdate(
-                    f"client {client_id} already sent an update for round {state.round}"
-                )
-            if not 0 < header.num_samples <= MAX_SAMPLES_PER_UPDATE:
-                raise InvalidUpdate(f"num_samples must be positive, got {header.num_samples}")
-            if len(state.uploading) >= self.config.max_uploads_in_flight:
-                raise LimitExceeded(
-                    f"{len(state.uploading)} uploads are in flight, the limit is "
-                    f"{self.config.max_uploads_in_flight}: retry in a moment"
-                )
+            try:
+                while True:
+                    state = self._check_upload(client_id, header)
+                    busy = len(state.uploading)
+                    if busy < self.config.max_uploads_in_flight and (
+                        not self._upload_queue or self._upload_queue[0] is ticket
+                    ):
+                        break
+                    if ticket is None:
+                        ticket = object()
+                        self._upload_queue.append(ticket)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not alive():
+                        raise LimitExceeded(
+                            f"{busy} uploads are in flight (the limit is "
+                            f"{self.config.max_uploads_in_flight}) and {len(self._upload_queue)} "
+                            f"are waiting; no slot freed within {self.config.upload_wait_s:g}s: "
+                            "retry later"
+                        )
+                    self._cond.wait(min(remaining, 1.0))
+            finally:
+                if ticket is not None:
+                    self._upload_queue.remove(ticket)
+                    self._cond.notify_all()
             decoder = PayloadDecoder(self.layout, header.manifest, pool=self._buffers)
             state.uploading.add(client_id)
             return UploadSession(state, client_id, header, decoder)
+
+    def _check_upload(self, client_id: str, header: pb.UpdateHeader) -> RoundState:
+        """The open round, if this update may join it (called under the lock)."""
+        state = self.state
+        if state is None or state.closed:
+            raise StaleUpdate(
+                f"no round is open for updates (update names round {header.round}); "
+                "wait for the next task"
+            )
+        if header.round != state.round:
+            raise StaleUpdate(
+                f"update is for round {header.round}, but round {state.round} is open"
+            )
+        if header.base_version != state.base_version:
+            raise StaleUpdate(
+                f"update is relative to model version {header.base_version}, but round "
+                f"{state.round} trains version {state.base_version}; fetch the current model"
+            )
+        if client_id not in state.selected:
+            raise PermissionDenied(f"client {client_id} was not selected for round {state.round}")
+        if client_id in state.revoked:
+            raise PermissionDenied(f"client {client_id} was revoked")
+        if client_id in state.accepted or client_id in state.uploading:
+            raise DuplicateUpdate(
+                f"client {client_id} already sent an update for round {state.round}"
+            )
+        if not 0 < header.num_samples <= MAX_SAMPLES_PER_UPDATE:
+            raise InvalidUpdate(f"num_samples must be positive, got {header.num_samples}")
+        return state
 
     def complete_upload(self, session: UploadSession, digest: str) -> pb.UpdateReceipt:
         """Check the payload and fold it into the round's aggregate."""

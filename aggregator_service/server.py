@@ -160,7 +160,12 @@ class AggregatorServer:
         cfg = self.config
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="rpc"),
-            options=grpc_options(cfg.chunk_size),
+            options=[
+                *grpc_options(cfg.chunk_size),
+                # Each connection's read buffer grows to this with traffic and stays:
+                # 4 MiB by default, so 256 clients held ~1 GB (docs/BENCHMARKS.md).
+                ("grpc.experimental.tcp_max_read_chunk_size", 256 << 10),
+            ],
             interceptors=[RequestGuard()],
         )
         federation_servicer.add_to_server(

@@ -46,7 +46,11 @@ class Strategy(ABC):
 
     @abstractmethod
     def aggregate(self, global_flat: torch.Tensor) -> torch.Tensor:
-        """Return the next global model from the updates folded in this round."""
+        """Return the next global model from the updates folded in this round.
+
+        ``global_flat`` is mapped from the published checkpoint (copy-on-write). The
+        result may be memory the strategy owns, such as its accumulator: the round
+        manager drops it before the next ``begin_round``."""
 
 
 class FedAvg(Strategy):
@@ -72,7 +76,9 @@ class FedAvg(Strategy):
 
     def aggregate(self, global_flat: torch.Tensor) -> torch.Tensor:
         assert self._acc is not None and self._total > 0, "no updates to aggregate"
-        return global_flat.add_(self._acc, alpha=1.0 / self._total)
+        # Into the accumulator (θ read once from the page cache, nothing allocated);
+        # begin_round zeroes it for the next round once the new model is on disk.
+        return self._acc.mul_(1.0 / self._total).add_(global_flat)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg}

@@ -28,7 +28,7 @@ from benchmarks.common import (
     median_time,
 )
 from client_agent.local_training import train_local
-from client_agent.transfer import federation_stub, fetch_model, submit_update
+from client_agent.transfer import federation_stub
 from fedmae import tls
 from fedmae._proto import federation_pb2 as pb
 from fedmae.config import TrainingConfig
@@ -177,41 +177,41 @@ def bench_transfer(params: int, reps: int = 5) -> dict:
 # ------------------------------------------------------------------ rounds
 
 
+CLIENT_PROCESSES = 4  # benchmark clients are spread over this many processes
+
+
 def bench_round(params: int, clients: int, rounds: int = 3, raw_MiBps: float | None = None) -> dict:
-    """Seconds per round and the aggregator's peak RSS, clients sending a fixed delta."""
+    """Seconds per round and the aggregator's peak RSS, clients sending a fixed delta
+    (``benchmarks/round_clients.py``, in up to ``CLIENT_PROCESSES`` processes)."""
     names = [f"c{i}" for i in range(clients)]
     fed = Federation(names)
     agg = AggregatorProcess(
         fed.work, fed.certs, f"blob:{params}", "--min-clients", str(clients), "--rounds",
         str(rounds), "--round-timeout", "600", "--max-workers", str(max(64, 2 * clients + 16)),
     )  # fmt: skip
-    layout = _layout(params)
-    delta = _delta(layout)
-    bench_clients: list[BenchClient] = []
+    procs: list[subprocess.Popen] = []
     try:
         _wait_port(agg)
-        bench_clients = [BenchClient(agg.port, fed.ids[n]) for n in names]
-
-        def serve(c: BenchClient) -> None:
-            for _ in range(rounds):
-                task = c.tasks.get(timeout=600)
-                fetch_model(c.stub, layout, task.model_version, timeout=600)
-                submit_update(c.stub, layout, delta, round_=task.round,
-                              base_version=task.model_version, num_samples=1,
-                              timeout=600)  # fmt: skip
-
-        threads = [threading.Thread(target=serve, args=(c,), daemon=True) for c in bench_clients]
+        groups = min(clients, CLIENT_PROCESSES)
         t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=1800)
+        for g in range(groups):
+            ids = [str(fed.ids[n]) for n in names[g::groups]]
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.round_clients", "--port", str(agg.port),
+                 "--params", str(params), "--rounds", str(rounds), *ids],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            ))  # fmt: skip
+        for proc in procs:
+            _, err = proc.communicate(timeout=1800)
+            if proc.returncode != 0:
+                raise RuntimeError(f"benchmark clients failed:\n{err[-2000:]}")
         wall = time.perf_counter() - t0
         _wait_records(agg.state, rounds)
         rss = agg.stop()
     finally:
-        for c in bench_clients:
-            c.close()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
         if agg.proc.poll() is None:
             agg.stop()
     records = [json.loads(x) for x in (agg.state / "rounds.jsonl").read_text().splitlines()]

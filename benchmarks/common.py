@@ -9,6 +9,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -129,7 +130,8 @@ def raw_download(channel: grpc.Channel) -> int:
 
 
 class AggregatorProcess:
-    """`fedmae serve` in its own process, so its peak RSS is its own."""
+    """`fedmae serve` in its own process, so its peak RSS is its own (VmHWM, sampled
+    while it runs: it may exit on its own when its rounds are done)."""
 
     def __init__(self, work: Path, certs: Path, model: str, *args: str):
         self.port = free_port()
@@ -142,14 +144,27 @@ class AggregatorProcess:
             stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
+        self.peak_rss = 0
+        self._watch = threading.Thread(target=self._sample, daemon=True)
+        self._watch.start()
+
+    def _sample(self) -> None:
+        while self.proc.poll() is None:
+            try:
+                self.peak_rss = max(self.peak_rss, peak_rss_bytes(self.proc.pid))
+            except (OSError, RuntimeError):  # exiting
+                break
+            time.sleep(0.02)
 
     def stop(self) -> int:
-        rss = peak_rss_bytes(self.proc.pid) if self.proc.poll() is None else 0
+        """Stop the process (if it still runs); its peak RSS in bytes."""
         if self.proc.poll() is None:
+            self.peak_rss = max(self.peak_rss, peak_rss_bytes(self.proc.pid))
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        self._watch.join(timeout=5)
         self.log.close()
-        return rss
+        return self.peak_rss

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Iterator, Mapping
 
@@ -163,7 +164,7 @@ def submit_update(
     header = _header(layout, round_, base_version, num_samples, encoding, metrics or {})
     for attempt in range(busy_retries + 1):
         try:
-            return stub.SubmitUpdate(_messages(header, payload, chunk_size), timeout=timeout)
+            return _admitted_upload(stub, _messages(header, payload, chunk_size), timeout)
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == busy_retries:
                 raise
@@ -171,6 +172,27 @@ def submit_update(
             log.info("server busy (%s); sending the update again in %.1fs", err.details(), wait)
             time.sleep(wait)
     raise AssertionError("unreachable")
+
+
+def _admitted_upload(
+    stub: pb_grpc.FederationStub, messages: Iterator[pb.UpdateMessage | bytes], timeout
+) -> pb.UpdateReceipt:
+    """Send the header, then the chunks once the server admits the upload (its initial
+    metadata): an upload waiting for a slot on a busy server holds nothing there but
+    its header, however many clients wait."""
+    admitted = threading.Event()
+
+    def gated() -> Iterator[pb.UpdateMessage | bytes]:
+        yield next(messages)  # the header
+        admitted.wait()
+        yield from messages
+
+    call = stub.SubmitUpdate.future(gated(), timeout=timeout)
+    try:
+        call.initial_metadata()  # returns once admitted, or once the call has ended
+    finally:
+        admitted.set()
+    return call.result()
 
 
 def is_retryable(err: grpc.RpcError) -> bool:

@@ -123,6 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints,
         max_workers=args.max_workers,
         max_uploads_in_flight=args.max_uploads_in_flight,
+        upload_wait_s=args.upload_wait,
         max_requests_per_s=args.max_requests_per_s,
         max_update_norm=args.max_update_norm,
     )
@@ -377,7 +378,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="over-selection: close the round once this many updates arrived (0 = all)",
     )
-    s.add_argument("--max-uploads-in-flight", type=int, default=8)
+    s.add_argument(
+        "--max-uploads-in-flight",
+        type=int,
+        default=8,
+        help="updates received at once (each holds one model-sized buffer); more wait "
+        "for a slot, first come first served (default %(default)s)",
+    )
+    s.add_argument(
+        "--upload-wait",
+        type=float,
+        default=120.0,
+        help="seconds an upload may wait for a slot before RESOURCE_EXHAUSTED "
+        "(default %(default)s)",
+    )
     s.add_argument("--max-requests-per-s", type=float, default=20.0, help="per client; 0 = off")
     s.add_argument("--max-update-norm", type=float, default=0.0, help="L2 bound; 0 = off")
     s.add_argument("--local-epochs", type=int, default=1)
@@ -388,7 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--encoding", default="fp32", choices=ENCODING_NAMES)
     s.add_argument("--max-samples", type=int, default=0, help="per client per round; 0 = all")
     s.add_argument("--keep-checkpoints", type=int, default=0, help="0 = keep all")
-    s.add_argument("--max-workers", type=int, default=64)
+    s.add_argument(
+        "--max-workers",
+        type=int,
+        default=2048,
+        help="gRPC handler threads, made as needed: one per connected client plus one per "
+        "transfer (default %(default)s)",
+    )
     s.set_defaults(func=cmd_serve, role="aggregator")
 
     c = sub.add_parser("client", help="run a client agent")

@@ -322,9 +322,13 @@ class BufferPool:
             if len(self._free) < self.keep:
                 self._free.append(buf)
 
-    def clear(self) -> None:
+    def trim(self, keep: int) -> None:
+        """Keep at most ``keep`` free buffers; the rest go back to the system."""
         with self._lock:
-            self._free.clear()
+            del self._free[keep:]
+
+    def clear(self) -> None:
+        self.trim(0)
 
 
 class PayloadDecoder:

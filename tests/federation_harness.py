@@ -17,7 +17,7 @@ import torch
 from aggregator_service.config import RoundPolicy, ServerConfig
 from aggregator_service.registry import Registry
 from aggregator_service.server import AggregatorServer, grpc_options
-from client_agent.transfer import federation_stub, fetch_model
+from client_agent.transfer import federation_stub, fetch_model, update_messages
 from fedmae import tls
 from fedmae._proto import federation_pb2 as pb
 from fedmae.config import TrainingConfig
@@ -32,6 +32,7 @@ def make_server(
     min_clients: int,
     rounds: int,
     port: int = 0,
+    server: dict | None = None,
     **policy: object,
 ) -> AggregatorServer:
     config = ServerConfig(
@@ -44,8 +45,26 @@ def make_server(
         training=TrainingConfig(model="tiny"),
         heartbeat_s=1.0,
         exit_grace_s=0.5,
+        **(server or {}),
     )
     return AggregatorServer(config)
+
+
+def held_upload(client, layout, delta, round_, release: threading.Event, started: threading.Event):
+    """An upload that sends its header and first chunk, then waits for ``release``."""
+    msgs = list(update_messages(
+        layout, delta, round_=round_, base_version=0, num_samples=5,
+        encoding=pb.ENCODING_FP32, metrics={}, chunk_size=1 << 20,
+    ))  # fmt: skip
+
+    def stream():
+        yield msgs[0]
+        yield msgs[1]
+        started.set()
+        release.wait(TIMEOUT)
+        yield from msgs[2:]
+
+    return client.stub.SubmitUpdate.future(stream(), timeout=TIMEOUT)
 
 
 class ScriptedClient:

@@ -14,11 +14,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from federation_harness import TIMEOUT, ScriptedClient, fetch_flat, make_server, random_delta
+from federation_harness import (
+    TIMEOUT,
+    ScriptedClient,
+    fetch_flat,
+    held_upload,
+    make_server,
+    random_delta,
+)
 
 from aggregator_service.registry import MIGRATIONS, Registry
 from client_agent.enrollment import enroll
-from client_agent.transfer import submit_update, update_messages
+from client_agent.transfer import submit_update
 from fedmae import tls
 from fedmae._proto import admin_pb2 as apb
 from fedmae._proto import admin_pb2_grpc as apb_grpc
@@ -293,23 +300,6 @@ def test_unknown_or_foreign_certificates_and_roles(fed):
     assert _code(not_client) == grpc.StatusCode.PERMISSION_DENIED
 
 
-def _held_upload(client, layout, delta, round_, release: threading.Event, started: threading.Event):
-    """An upload that sends its header and first chunk, then waits for ``release``."""
-    msgs = list(update_messages(
-        layout, delta, round_=round_, base_version=0, num_samples=5,
-        encoding=pb.ENCODING_FP32, metrics={}, chunk_size=1 << 20,
-    ))  # fmt: skip
-
-    def stream():
-        yield msgs[0]
-        yield msgs[1]
-        started.set()
-        release.wait(TIMEOUT)
-        yield from msgs[2:]
-
-    return client.stub.SubmitUpdate.future(stream(), timeout=TIMEOUT)
-
-
 def test_revoked_client_is_cut_off_and_its_pending_update_dropped(fed):
     f = fed(min_clients=2, rounds=1, min_updates=1)
     a = f.connect(f.enroll(f.token(), name="a").identity.dir)
@@ -320,7 +310,7 @@ def test_revoked_client_is_cut_off_and_its_pending_update_dropped(fed):
     theta0 = fetch_flat(a, layout, 0)
     da, db = random_delta(layout, 1), random_delta(layout, 2, scale=1.0)
     release, started = threading.Event(), threading.Event()
-    pending = _held_upload(b, layout, db, 1, release, started)
+    pending = held_upload(b, layout, db, 1, release, started)
     assert started.wait(TIMEOUT)
     time.sleep(0.2)  # the server has the header and a chunk
     info = f.admin.RevokeClient(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -12,6 +15,7 @@ from federation_harness import (
     TIMEOUT,
     ScriptedClient,
     fetch_flat,
+    held_upload,
     make_identities,
     make_server,
     random_delta,
@@ -435,3 +439,51 @@ def test_plain_generated_stubs_interoperate(cluster):
     clients["a"].wait_for("model_published", version=1)
     np.testing.assert_allclose(fetch_flat(clients["a"], layout, 1).numpy(),
                                (fast + delta).numpy(), atol=1e-6)  # fmt: skip
+
+
+def test_uploads_beyond_the_limit_wait_for_a_slot_then_give_up(tmp_path):
+    """Over ``max_uploads_in_flight`` an upload waits its turn instead of being refused
+    (no client-side backoff sleeps); past ``upload_wait_s`` it gets RESOURCE_EXHAUSTED."""
+    names = ["a", "b", "c", "d"]
+    certs, ids = make_identities(tmp_path, names)
+    server = make_server(tmp_path / "state", certs, 4, 1,
+                         server={"max_uploads_in_flight": 1, "upload_wait_s": 2.0})  # fmt: skip
+    port = server.start()
+    clients = {n: ScriptedClient(port, ids[n]) for n in names}
+    pool = ThreadPoolExecutor(2)
+    try:
+        for c in clients.values():
+            c.wait_for("task")
+        layout = server.layout
+
+        def upload(name: str, seed: int):
+            return submit_update(clients[name].stub, layout, random_delta(layout, seed),
+                                 round_=1, base_version=0, num_samples=1, busy_retries=0,
+                                 timeout=TIMEOUT)  # fmt: skip
+
+        release, started = threading.Event(), threading.Event()
+        held = held_upload(clients["a"], layout, random_delta(layout, 1), 1, release, started)
+        assert started.wait(TIMEOUT)
+        waiting = pool.submit(upload, "b", 2)
+        time.sleep(1.0)
+        assert not waiting.done()  # b waits for a's slot (within its 2 s)
+        release.set()
+        assert held.result().updates_received == 1
+        assert waiting.result(TIMEOUT).updates_received == 2  # then gets it
+
+        release, started = threading.Event(), threading.Event()
+        held = held_upload(clients["c"], layout, random_delta(layout, 3), 1, release, started)
+        assert started.wait(TIMEOUT)
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            upload("d", 4)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "no slot freed within 2s" in refused.value.details()
+        assert 1.5 < time.monotonic() - t0 < 10
+        release.set()
+        assert held.result().updates_received == 3
+    finally:
+        pool.shutdown(wait=False)
+        for c in clients.values():
+            c.close()
+        server.stop(grace=0)
