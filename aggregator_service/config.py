@@ -66,7 +66,10 @@ class ServerConfig:
     heartbeat_s: float = 10.0
     exit_grace_s: float = 5.0  # after the run ends, time for clients to hear it
     max_uploads_in_flight: int = 8  # concurrent SubmitUpdate streams; more wait for a slot
-    upload_wait_s: float = 120.0  # ... this long at most, then RESOURCE_EXHAUSTED
+    transfer_wait_s: float = 120.0  # an upload/download waits this long for a slot at most
+    # Memory for downloads in flight: a download can hold up to a model's worth of frames
+    # in gRPC's send queue, so this many MB / model size downloads run at once (2..64).
+    download_budget_mb: int = 128
     max_requests_per_s: float = 20.0  # per client, token bucket (burst 2x); 0 = no limit
     max_update_norm: float = 0.0  # refuse deltas with a larger L2 norm; 0 = no bound
 

@@ -52,14 +52,21 @@ class FederationServicer(pb_grpc.FederationServicer):
     def FetchModel(self, request: pb.FetchModelRequest, context) -> Iterator[pb.ModelChunk]:
         try:
             client_id = self.auth.client(context)
-            header, chunks = self.rounds.model_stream(
-                request.version, request.encoding, request.chunk_size, request.offset
-            )
+            self.rounds.acquire_download(context.is_active)
         except FedmaeError as err:
             abort(context, err)
-        log.debug("client %s fetches version %d", client_id, header.version)
-        yield pb.ModelChunk(header=header)
-        yield from chunks  # serialized ModelChunk frames (fedmae.wire)
+        try:
+            try:
+                header, chunks = self.rounds.model_stream(
+                    request.version, request.encoding, request.chunk_size, request.offset
+                )
+            except FedmaeError as err:
+                abort(context, err)
+            log.debug("client %s fetches version %d", client_id, header.version)
+            yield pb.ModelChunk(header=header)
+            yield from chunks  # serialized ModelChunk frames (fedmae.wire)
+        finally:
+            self.rounds.release_download()
 
     def SubmitUpdate(self, request_iterator, context) -> pb.UpdateReceipt:
         try:

@@ -189,6 +189,10 @@ class RoundManager:
         # upload in flight, which the memory bound already counts).
         self._buffers = BufferPool(keep=config.max_uploads_in_flight)
         self._upload_queue: list[object] = []  # uploads waiting for a slot, in order
+        # Downloads at once: each may queue up to a model's worth of frames in gRPC.
+        model_mb = max(1, layout.numel * 4 >> 20)
+        self.max_downloads = max(2, min(64, config.download_budget_mb // model_mb))
+        self._downloads = threading.BoundedSemaphore(self.max_downloads)
 
     @property
     def global_flat(self) -> torch.Tensor:
@@ -614,11 +618,11 @@ class RoundManager:
         """Validate an update's header against the round; reserve the client's slot.
 
         When ``max_uploads_in_flight`` uploads are running, the upload waits for a slot
-        (first come, first served) up to ``upload_wait_s``, then gets RESOURCE_EXHAUSTED.
+        (first come, first served) up to ``transfer_wait_s``, then gets RESOURCE_EXHAUSTED.
         A waiting upload costs a thread and the stream's flow-control window, not a
         receive buffer; ``alive`` tells whether its caller is still there.
         """
-        deadline = time.monotonic() + self.config.upload_wait_s
+        deadline = time.monotonic() + self.config.transfer_wait_s
         ticket: object | None = None
         with self._cond:
             try:
@@ -637,7 +641,7 @@ class RoundManager:
                         raise LimitExceeded(
                             f"{busy} uploads are in flight (the limit is "
                             f"{self.config.max_uploads_in_flight}) and {len(self._upload_queue)} "
-                            f"are waiting; no slot freed within {self.config.upload_wait_s:g}s: "
+                            f"are waiting; no slot freed within {self.config.transfer_wait_s:g}s: "
                             "retry later"
                         )
                     self._cond.wait(min(remaining, 1.0))
@@ -697,12 +701,14 @@ class RoundManager:
             state.uploading.discard(session.client_id)
             state.bytes_in += session.bytes
             if session.client_id in state.revoked:
+                session.decoder.release()
                 state.rejected[session.client_id] = "client revoked during the upload"
                 self._notify_rejected(session.client_id, "revoked", "permission_denied")
                 raise PermissionDenied(
                     f"client {session.client_id} was revoked; its update is not aggregated"
                 )
             if state is not self.state or state.closed:
+                session.decoder.release()
                 state.rejected[session.client_id] = "round closed before the upload completed"
                 self._notify_rejected(session.client_id, "late", "deadline_exceeded")
                 raise RoundClosedError(
@@ -710,6 +716,8 @@ class RoundManager:
                     f"{session.client_id} completed"
                 )
             self.strategy.accumulate(delta, int(session.header.num_samples))
+            del delta
+            session.decoder.release()  # before the slot frees: the next upload reuses it
             state.rejected.pop(session.client_id, None)  # an earlier refused try is moot now
             state.accepted[session.client_id] = ClientResult(
                 client_id=session.client_id,
@@ -749,6 +757,7 @@ class RoundManager:
             if session.done:
                 return
             session.done = True
+            session.decoder.release()  # its buffer serves the next upload, which may now start
             session.state.uploading.discard(session.client_id)
             session.state.bytes_in += session.bytes
             session.state.rejected[session.client_id] = reason
@@ -759,6 +768,20 @@ class RoundManager:
         )
 
     # ------------------------------------------------------------ downloads
+
+    def acquire_download(self, alive: Callable[[], bool] = lambda: True) -> None:
+        """Wait for one of the ``max_downloads`` slots (``release_download`` frees it),
+        at most ``transfer_wait_s``; RESOURCE_EXHAUSTED after that."""
+        deadline = time.monotonic() + self.config.transfer_wait_s
+        while not self._downloads.acquire(timeout=min(1.0, self.config.transfer_wait_s)):
+            if time.monotonic() >= deadline or not alive():
+                raise LimitExceeded(
+                    f"{self.max_downloads} downloads are in flight (the limit for this model "
+                    f"size); no slot freed within {self.config.transfer_wait_s:g}s: retry later"
+                )
+
+    def release_download(self) -> None:
+        self._downloads.release()
 
     def model_stream(
         self, version: int, encoding: int, chunk_size: int, offset: int = 0

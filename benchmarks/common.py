@@ -159,7 +159,10 @@ class AggregatorProcess:
     def stop(self) -> int:
         """Stop the process (if it still runs); its peak RSS in bytes."""
         if self.proc.poll() is None:
-            self.peak_rss = max(self.peak_rss, peak_rss_bytes(self.proc.pid))
+            try:
+                self.peak_rss = max(self.peak_rss, peak_rss_bytes(self.proc.pid))
+            except (OSError, RuntimeError):  # exiting right now: the sampler saw the peak
+                pass
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=60)

@@ -62,7 +62,7 @@ def run(plan: dict, only: list[str]) -> dict:
                 for n in p["clients"]
             ]
         elif name == "many_clients":
-            out[name] = cases.bench_round(1_301_648, p["clients"], rounds=1, raw_MiBps=raw_rate)
+            out[name] = cases.bench_round(1_301_648, p["clients"], rounds=3, raw_MiBps=raw_rate)
         elif name == "big_model":
             out[name] = cases.bench_round(p["params"], 2, rounds=1, raw_MiBps=raw_rate)
         elif name == "encodings":

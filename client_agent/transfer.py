@@ -85,14 +85,16 @@ def fetch_model(
                 decoder.write(wire.chunk_of(msg))
             return header, decoder.finish(header.manifest.digest)
         except grpc.RpcError as err:
-            if not is_retryable(err) or attempt == resume_attempts:
+            busy = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # no download slot freed
+            if not (busy or is_retryable(err)) or attempt == resume_attempts:
                 raise
             log.warning(
-                "model download broken at byte %d (%s); resuming",
+                "model download %s at byte %d (%s); resuming",
+                "refused, server busy," if busy else "broken",
                 decoder.received if decoder else 0,
                 err.code().name,
             )
-            time.sleep(0.5 * 2**attempt)
+            time.sleep(0.5 * 2**attempt * (random.uniform(0.5, 1.5) if busy else 1))
     raise AssertionError("unreachable")
 
 

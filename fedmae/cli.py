@@ -123,7 +123,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints,
         max_workers=args.max_workers,
         max_uploads_in_flight=args.max_uploads_in_flight,
-        upload_wait_s=args.upload_wait,
+        transfer_wait_s=args.transfer_wait,
+        download_budget_mb=args.download_budget_mb,
         max_requests_per_s=args.max_requests_per_s,
         max_update_norm=args.max_update_norm,
     )
@@ -386,11 +387,18 @@ def build_parser() -> argparse.ArgumentParser:
         "for a slot, first come first served (default %(default)s)",
     )
     s.add_argument(
-        "--upload-wait",
+        "--transfer-wait",
         type=float,
         default=120.0,
-        help="seconds an upload may wait for a slot before RESOURCE_EXHAUSTED "
+        help="seconds an upload or download may wait for a slot before RESOURCE_EXHAUSTED "
         "(default %(default)s)",
+    )
+    s.add_argument(
+        "--download-budget-mb",
+        type=int,
+        default=128,
+        help="memory for downloads in flight: budget / model size downloads run at once, "
+        "2 to 64; more wait their turn (default %(default)s)",
     )
     s.add_argument("--max-requests-per-s", type=float, default=20.0, help="per client; 0 = off")
     s.add_argument("--max-update-norm", type=float, default=0.0, help="L2 bound; 0 = off")

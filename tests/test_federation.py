@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from safetensors.numpy import load_file
 
 from client_agent.transfer import fetch_model, submit_update, update_messages
-from fedmae import tls
+from fedmae import tls, wire
 from fedmae._proto import federation_pb2 as pb
 from fedmae._proto import federation_pb2_grpc as pb_grpc
 from fedmae.tensor_codec import encode, iter_chunks, payload_digest
@@ -443,11 +443,11 @@ def test_plain_generated_stubs_interoperate(cluster):
 
 def test_uploads_beyond_the_limit_wait_for_a_slot_then_give_up(tmp_path):
     """Over ``max_uploads_in_flight`` an upload waits its turn instead of being refused
-    (no client-side backoff sleeps); past ``upload_wait_s`` it gets RESOURCE_EXHAUSTED."""
+    (no client-side backoff sleeps); past ``transfer_wait_s`` it gets RESOURCE_EXHAUSTED."""
     names = ["a", "b", "c", "d"]
     certs, ids = make_identities(tmp_path, names)
     server = make_server(tmp_path / "state", certs, 4, 1,
-                         server={"max_uploads_in_flight": 1, "upload_wait_s": 2.0})  # fmt: skip
+                         server={"max_uploads_in_flight": 1, "transfer_wait_s": 2.0})  # fmt: skip
     port = server.start()
     clients = {n: ScriptedClient(port, ids[n]) for n in names}
     pool = ThreadPoolExecutor(2)
@@ -486,4 +486,31 @@ def test_uploads_beyond_the_limit_wait_for_a_slot_then_give_up(tmp_path):
         pool.shutdown(wait=False)
         for c in clients.values():
             c.close()
+        server.stop(grace=0)
+
+
+def test_downloads_beyond_the_budget_wait_for_a_slot(tmp_path):
+    """Downloads at once are bounded by ``download_budget_mb`` / model size (at least 2);
+    one more waits, and gets RESOURCE_EXHAUSTED after ``transfer_wait_s``."""
+    certs, ids = make_identities(tmp_path, ["a"])
+    server = make_server(tmp_path / "state", certs, 1, 1,
+                         server={"download_budget_mb": 1, "transfer_wait_s": 1.0})  # fmt: skip
+    port = server.start()
+    client = ScriptedClient(port, ids["a"], subscribe=False)
+    try:
+        assert server.rounds.max_downloads == 2
+        request = pb.FetchModelRequest(version=0, chunk_size=4096)  # many small frames
+        held = [client.stub.FetchModel(request, timeout=TIMEOUT) for _ in range(2)]
+        for stream in held:  # both started; unread, they stall on flow control
+            assert wire.part(next(stream)) == "header"
+        with pytest.raises(grpc.RpcError) as refused:
+            fetch_model(client.stub, server.layout, 0, timeout=TIMEOUT, resume_attempts=0)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 downloads are in flight" in refused.value.details()
+        held[0].cancel()  # frees a slot
+        _, flat = fetch_model(client.stub, server.layout, 0, timeout=TIMEOUT)
+        assert flat.numel() == server.layout.numel
+        held[1].cancel()
+    finally:
+        client.close()
         server.stop(grace=0)

@@ -73,7 +73,11 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitUpdate(self, request_iterator, context):
-        """One update: UpdateHeader, Chunks, UpdateTrailer.
+        """One update: UpdateHeader, Chunks, UpdateTrailer. The server reads the header,
+        then, once one of its upload slots is free, sends initial metadata
+        "fedmae-upload-admitted: 1"; clients should send their chunks only after it (a
+        waiting upload then holds nothing on the server but its header). Uploads wait for
+        a slot first come, first served, up to a limit, then get RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
