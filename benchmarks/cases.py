@@ -132,7 +132,7 @@ def bench_kernel(params: int, updates: int = 8, reps: int = 5) -> dict:
 # ------------------------------------------------------------------ transfer goodput
 
 
-def bench_transfer(params: int, reps: int = 5) -> dict:
+def bench_transfer(params: int, reps: int = 9) -> dict:
     """SubmitUpdate and FetchModel vs raw 1 MiB streams of the same bytes, same mTLS.
 
     The servers run here; the client runs in its own process, as a real client does,

@@ -79,14 +79,20 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes; under 3 minutes")
     parser.add_argument("--only", nargs="*", default=[], choices=CASES)
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite BENCHMARKS.md")
+    parser.add_argument("--render", metavar="RESULTS_JSON",
+                        help="only rewrite docs/BENCHMARKS.md from a results file")  # fmt: skip
     args = parser.parse_args()
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text()), ROOT / "docs"), flush=True)
+        return 0
     results = run(QUICK if args.quick else FULL, args.only)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = RESULTS / f"{'quick' if args.quick else 'full'}-{stamp}.json"
     path.write_text(json.dumps(results, indent=1))
     say(f"results: {path.relative_to(ROOT)}")
-    table = render(results, ROOT / "docs", write=not args.no_docs)
+    # docs/BENCHMARKS.md holds a full run: a quick one only prints its table
+    table = render(results, ROOT / "docs", write=not (args.no_docs or args.quick))
     print(table, flush=True)
     return 0
 
