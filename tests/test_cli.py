@@ -114,6 +114,9 @@ def test_demo_stops_every_process_on_ctrl_c(tmp_path):
          "--images-per-client", "300", "--state-dir", str(state)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # Ctrl-C as in a terminal: a run started in the background by a non-interactive
+        # shell (nohup ... &) ignores SIGINT, and children inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     lines = []
     for line in proc.stdout:
