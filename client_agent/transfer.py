@@ -192,6 +192,9 @@ def _admitted_upload(
     call = stub.SubmitUpdate.future(gated(), timeout=timeout)
     try:
         call.initial_metadata()  # returns once admitted, or once the call has ended
+    except BaseException:  # interrupted (Ctrl-C, agent stop): do not send it after all
+        call.cancel()
+        raise
     finally:
         admitted.set()
     return call.result()
