@@ -44,6 +44,7 @@ from fedmae.tensor_codec import (
     PayloadDecoder,
     encode,
     encoding_name,
+    iter_slices,
     payload_digest,
 )
 
@@ -804,9 +805,7 @@ class RoundManager:
         if encoding == pb.ENCODING_FP32:
             chunks = self._file_chunks(ckpt, chunk_size, offset)
         else:
-            chunks = (
-                (o, payload[o : o + chunk_size]) for o in range(offset, len(payload), chunk_size)
-            )
+            chunks = iter_slices(payload, chunk_size, offset)
         header = pb.ModelHeader(
             version=ckpt.version, round=ckpt.round, model=ckpt.model, manifest=manifest
         )
@@ -819,7 +818,7 @@ class RoundManager:
             cached = self._encoded_cache
             if cached is not None and cached[0] == (version, encoding):
                 return cached[1], cached[2]
-        _, flat = self.store.load(version, self.layout)
+        _, flat = self.store.map(version, self.layout)  # read once, from the page cache
         payload = encode(flat, encoding)
         digest = payload_digest(payload)
         with self._cond:

@@ -83,7 +83,7 @@ class AggregatorServer:
                 self.layout.numel,
             )
         else:
-            checkpoint, flat = self.store.load(latest, self.layout)
+            checkpoint, flat = self.store.map(latest, self.layout)
             if checkpoint.model and checkpoint.model != config.training.model:
                 raise ConfigError(
                     f"state directory {config.state_dir} holds model {checkpoint.model!r}, "

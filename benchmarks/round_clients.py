@@ -15,7 +15,6 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from benchmarks.cases import BenchClient
@@ -48,7 +47,7 @@ def main() -> int:
                 submit_update(client.stub, layout, delta, round_=task.round,
                               base_version=task.model_version, num_samples=1,
                               timeout=600)  # fmt: skip
-                pool.give(flat.numpy().view(np.uint8))
+                pool.give(flat)
         except BaseException as err:  # noqa: BLE001 - reported below
             errors.append(err)
         finally:

@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from benchmarks.common import raw_channel, raw_download, raw_upload
@@ -53,7 +52,7 @@ def main() -> int:
         out = fn(*args, **kwargs)
         times[key].append(time.perf_counter() - t0)
         if key == "fetch_s":
-            pool.give(out[1].numpy().view(np.uint8))  # the agent gives it back next round
+            pool.give(out[1])  # as the agent gives it back next round
 
     pool = BufferPool(keep=1)  # as the agent does: the last model's memory is reused
     for _ in range(a.reps + 1):

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import numpy as np
 import torch
 
 from aggregator_service.server import grpc_options
@@ -216,7 +215,7 @@ class ClientAgent:
         if self.cached is not None and self.cached[0] == version:
             return self.cached[1]
         if self.cached is not None:  # the last round's model is done with: reuse its memory
-            self._buffers.give(self.cached[1].numpy().view(np.uint8))
+            self._buffers.give(self.cached[1])
             self.cached = None
         t0 = time.perf_counter()
         header, flat = fetch_model(stub, self.layout, version, pool=self._buffers)

@@ -22,6 +22,7 @@ from fedmae.tensor_codec import (
     PayloadDecoder,
     PayloadDigest,
     encode,
+    iter_slices,
 )
 
 log = logging.getLogger(__name__)
@@ -132,12 +133,9 @@ def _messages(
 ) -> Iterator[pb.UpdateMessage | bytes]:
     """Header, chunks as serialized frames (``fedmae.wire``), trailer. The digest is
     taken chunk by chunk as they go out (one pass, while each is in cache)."""
-    if chunk_size <= 0:
-        raise ValueError("chunk_size must be positive")
     yield pb.UpdateMessage(header=header)
     digest = PayloadDigest()
-    for offset in range(0, len(payload), chunk_size):
-        piece = payload[offset : offset + chunk_size]
+    for offset, piece in iter_slices(payload, chunk_size):
         digest.update(piece)
         yield wire.frame(offset, piece)
     yield pb.UpdateMessage(trailer=pb.UpdateTrailer(digest=digest.hexdigest()))

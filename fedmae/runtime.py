@@ -29,14 +29,22 @@ MMAP_THRESHOLD = 8 << 20
 TRIM_THRESHOLD = 32 << 20
 
 
+def _glibc_function(name: str):
+    """A glibc function by name, or None (no libc found, or not glibc: musl has no
+    mallopt or malloc_trim)."""
+    path = ctypes.util.find_library("c")
+    if not path:
+        return None
+    try:
+        return getattr(ctypes.CDLL(path), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def tune_malloc(arenas: int | None = 2) -> bool:
     """Apply the settings above; False (and nothing changed) where libc is not glibc."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
         return False
     ok = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
     ok &= bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
@@ -54,10 +62,6 @@ def release_free_memory() -> None:
     buffers: measured with 256 clients, 857 MB resident of which 234 MB free. A trim
     takes milliseconds; the aggregator does it once a round.
     """
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    malloc_trim = _glibc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)

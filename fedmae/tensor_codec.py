@@ -274,23 +274,21 @@ def check_digest(
 
 
 def iter_slices(
-    payload: memoryview, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> Iterator[tuple[int, bytes]]:
-    """``(offset, bytes)`` pieces of a payload, at most ``chunk_size`` bytes each.
-
-    Senders on the hot path write ``fedmae.wire`` frames instead (one copy, no
-    protobuf); this is for tools and tests that build ``Chunk`` messages.
-    """
+    payload: memoryview, chunk_size: int = DEFAULT_CHUNK_SIZE, start: int = 0
+) -> Iterator[tuple[int, memoryview]]:
+    """``(offset, view)`` pieces of a payload from ``start``, at most ``chunk_size``
+    bytes each; views, not copies (``fedmae.wire.frame`` copies each once)."""
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
-    for offset in range(0, len(payload), chunk_size):
-        yield offset, bytes(payload[offset : offset + chunk_size])
+    for offset in range(start, len(payload), chunk_size):
+        yield offset, payload[offset : offset + chunk_size]
 
 
 def iter_chunks(payload: memoryview, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[pb.Chunk]:
-    """Cut a payload into ``Chunk`` messages of at most ``chunk_size`` bytes."""
+    """Cut a payload into ``Chunk`` messages, for tools and tests that build them
+    (the hot path writes ``fedmae.wire`` frames)."""
     for offset, data in iter_slices(payload, chunk_size):
-        yield pb.Chunk(offset=offset, data=data)
+        yield pb.Chunk(offset=offset, data=bytes(data))
 
 
 class BufferPool:
@@ -315,7 +313,11 @@ class BufferPool:
                     return buf
         return np.empty(nbytes, dtype=np.uint8)
 
-    def give(self, buf: np.ndarray) -> None:
+    def give(self, buf: np.ndarray | torch.Tensor) -> None:
+        """Offer memory for reuse: a buffer from ``take``, or a tensor decoded into one
+        (its bytes are overwritten by the next ``take``: only when it is done with)."""
+        if isinstance(buf, torch.Tensor):
+            buf = buf.numpy().view(np.uint8)
         with self._lock:
             if self._free and self._free[0].nbytes != buf.nbytes:
                 self._free.clear()  # the model changed size: keep the new kind only
