@@ -77,7 +77,7 @@ def _page_after(token: str) -> str:
     if not token:
         return ""
     try:
-        return base64.urlsafe_b64decode(token.encode("ascii")).decode()
+        return base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeError, ValueError):
         raise InvalidRequest(
             "invalid page_token: pass the next_page_token of the previous page unchanged"

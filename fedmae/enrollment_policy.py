@@ -59,7 +59,7 @@ def check_client_name(name: str) -> str:
     """``name`` if a client may be called so; else ``InvalidRequest`` saying why."""
     if not CLIENT_ID_RE.match(name):
         raise InvalidRequest(
-            f"invalid client name {printable(name, 80)!r}: use 1-64 letters, digits, '.', '_' "
+            f"invalid client name '{printable(name, 80)}': use 1-64 letters, digits, '.', '_' "
             "or '-', starting with a letter or digit"
         )
     lower = name.lower()
@@ -82,7 +82,7 @@ def check_labels(labels: dict[str, str], whose: str = "labels") -> dict[str, str
     for key, value in labels.items():
         if not LABEL_KEY_RE.match(key):
             raise InvalidRequest(
-                f"invalid label key {printable(key, 80)!r}: use 1-{MAX_LABEL_KEY_BYTES} "
+                f"invalid label key '{printable(key, 80)}': use 1-{MAX_LABEL_KEY_BYTES} "
                 "characters of a-z, 0-9, '.', '_', '-', '/', starting with a letter or digit"
             )
         size = len(value.encode("utf-8", "surrogatepass"))
