@@ -36,7 +36,7 @@ LABEL_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,63}$")
 # suffix ("admin-2", "health.probe").
 RESERVED_NAMES = frozenset(
     {
-        "admin", "administrator", "root", "operator", "aggregator", "server", "ca",
+        "admin", "administrator", "root", "operator", "aggregator", "server",
         "health", "healthcheck", "monitor", "monitoring", "metrics", "prometheus",
         "grafana", "localhost", "fedmae", "anonymous",
     }
