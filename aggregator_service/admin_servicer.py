@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 from collections.abc import Iterator
@@ -14,12 +16,17 @@ from aggregator_service.round_feed import RoundFeed
 from aggregator_service.round_manager import RoundManager
 from fedmae._proto import admin_pb2 as apb
 from fedmae._proto import admin_pb2_grpc as apb_grpc
+from fedmae.enrollment_policy import clamp_labels
 from fedmae.errors import FedmaeError, InvalidRequest, abort
-from fedmae.tls import validate_client_id
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_TTL_S = 3600
+# A ListClients page holds at most MAX_PAGE_SIZE clients of at most ~5.6 KB each (16
+# labels of 64 + 256 bytes, clamp_labels), ~1.1 MB: far below the 5 MiB message cap.
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 200
+MAX_AUDIT_ENTRIES = 1000  # an entry is under ~1 KB (reasons are cut to 300 characters)
 
 
 def _ts(seconds: float | None) -> Timestamp | None:
@@ -44,12 +51,14 @@ def token_info(t: TokenRecord) -> apb.TokenInfo:
 
 
 def client_info(c: ClientRecord, connected: bool) -> apb.ClientInfo:
+    labels, omitted = clamp_labels(c.labels)  # rows from before the limits may hold any
     return apb.ClientInfo(
         client_id=c.client_id,
         status=c.status,
         fingerprint_sha256=c.fingerprint,
         serial=c.serial,
-        labels=c.labels,
+        labels=labels,
+        labels_omitted=omitted,
         created=_ts(c.created),
         last_seen=_ts(c.last_seen),
         rounds_joined=c.rounds_joined,
@@ -57,6 +66,22 @@ def client_info(c: ClientRecord, connected: bool) -> apb.ClientInfo:
         connected=connected,
         revoked_at=_ts(c.revoked_at),
     )
+
+
+def _page_token(last_client_id: str) -> str:
+    return base64.urlsafe_b64encode(last_client_id.encode()).decode()
+
+
+def _page_after(token: str) -> str:
+    """The client id a page token says to continue after ("" for the first page)."""
+    if not token:
+        return ""
+    try:
+        return base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True).decode()
+    except (binascii.Error, UnicodeError, ValueError):
+        raise InvalidRequest(
+            "invalid page_token: pass the next_page_token of the previous page unchanged"
+        ) from None
 
 
 class AdminServicer(apb_grpc.AdminServicer):
@@ -96,8 +121,6 @@ class AdminServicer(apb_grpc.AdminServicer):
 
     def CreateToken(self, request: apb.CreateTokenRequest, context) -> apb.CreateTokenResponse:
         def create(actor: str) -> apb.CreateTokenResponse:
-            if request.name:
-                validate_client_id(request.name)
             token, record = self.registry.create_token(
                 actor,
                 name=request.name or None,
@@ -124,10 +147,15 @@ class AdminServicer(apb_grpc.AdminServicer):
 
     def ListClients(self, request: apb.ListClientsRequest, context) -> apb.ListClientsResponse:
         def list_(actor: str) -> apb.ListClientsResponse:
+            size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+            page = self.registry.clients_page(_page_after(request.page_token), size + 1)
             connected = set(self.rounds.connected())
             self.registry.audit(actor, "client.list")
+            more = len(page) > size
+            page = page[:size]
             return apb.ListClientsResponse(
-                clients=[client_info(c, c.client_id in connected) for c in self.registry.clients()]
+                clients=[client_info(c, c.client_id in connected) for c in page],
+                next_page_token=_page_token(page[-1].client_id) if more else "",
             )
 
         return self._run(context, list_)
@@ -152,7 +180,7 @@ class AdminServicer(apb_grpc.AdminServicer):
 
     def Audit(self, request: apb.AuditRequest, context) -> apb.AuditResponse:
         def audit(actor: str) -> apb.AuditResponse:
-            entries = self.registry.audit_log(request.limit or 100)
+            entries = self.registry.audit_log(min(request.limit or 100, MAX_AUDIT_ENTRIES))
             return apb.AuditResponse(
                 entries=[
                     apb.AuditEntry(

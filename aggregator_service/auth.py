@@ -7,6 +7,7 @@ registered one, status active) or for the admin role (OU=admin).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -14,7 +15,7 @@ import time
 import grpc
 
 from aggregator_service.registry import Registry
-from fedmae.errors import LimitExceeded, PermissionDenied, Unauthenticated
+from fedmae.errors import FedmaeError, LimitExceeded, PermissionDenied, Unauthenticated
 from fedmae.tls import ADMIN_ROLE, PeerCertificate, peer_certificate
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,23 @@ class RateLimiter:
         return ok
 
 
+def _audited(role: str):
+    """Audit an identity check's refusal (rate-limited by the registry), then re-raise."""
+
+    def wrap(check):
+        @functools.wraps(check)
+        def checked(self: Authorizer, context: grpc.ServicerContext) -> str:
+            try:
+                return check(self, context)
+            except (Unauthenticated, PermissionDenied) as err:
+                self.audit_refusal(context, role, err)
+                raise
+
+        return checked
+
+    return wrap
+
+
 class Authorizer:
     def __init__(self, registry: Registry, insecure: bool = False, max_requests_per_s: float = 0):
         self.registry = registry
@@ -51,6 +69,15 @@ class Authorizer:
     def _peer(self, context: grpc.ServicerContext) -> PeerCertificate | None:
         return peer_certificate(context)
 
+    def audit_refusal(self, context: grpc.ServicerContext, role: str, err: FedmaeError) -> None:
+        peer = self._peer(context)
+        self.registry.audit_refusal(
+            f"cert:{peer.common_name}" if peer else "anonymous", "auth.refused", role,
+            context.peer(), err,
+            **({"fingerprint": peer.fingerprint[:16]} if peer else {}),
+        )  # fmt: skip
+
+    @_audited("client")
     def client(self, context: grpc.ServicerContext) -> str:
         """The calling client's id; raises unless it is enrolled, current and active."""
         peer = self._peer(context)
@@ -95,6 +122,7 @@ class Authorizer:
                 f"(serial {record.serial}); it was replaced by a newer enrollment"
             )
 
+    @_audited("admin")
     def admin(self, context: grpc.ServicerContext) -> str:
         """The calling operator's name; raises unless the certificate has the admin role."""
         peer = self._peer(context)

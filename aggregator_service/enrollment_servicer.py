@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import logging
-import re
-import secrets
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from aggregator_service.registry import Registry
 from fedmae._proto import enrollment_pb2 as epb
 from fedmae._proto import enrollment_pb2_grpc as epb_grpc
+from fedmae.enrollment_policy import check_client_name, check_labels, new_generated_id
 from fedmae.errors import FedmaeError, InvalidRequest, abort
-from fedmae.tls import CertificateAuthority, validate_client_id
+from fedmae.tls import CertificateAuthority
 
 log = logging.getLogger(__name__)
-
-_LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
 class EnrollmentServicer(epb_grpc.EnrollmentServicer):
@@ -30,21 +27,26 @@ class EnrollmentServicer(epb_grpc.EnrollmentServicer):
             return self._enroll(request, context.peer())
         except FedmaeError as err:
             log.warning("enrollment from %s refused: %s", context.peer(), err)
+            self._audit_refusal(request, context.peer(), err)
             abort(context, err)
+
+    def _audit_refusal(self, request: epb.EnrollRequest, peer: str, err: FedmaeError) -> None:
+        token_id = self.registry.token_id_of(request.token) if request.token else None
+        self.registry.audit_refusal(
+            f"token:{token_id}" if token_id else "anonymous", "enroll.refused",
+            request.requested_name, peer, err, token_id=token_id,
+        )  # fmt: skip
 
     def _enroll(self, request: epb.EnrollRequest, peer: str) -> epb.EnrollResponse:
         if not request.token:
             raise InvalidRequest("an enrollment token is required (fedmae enroll --token ...)")
         if request.requested_name:
-            validate_client_id(request.requested_name)
-        labels = dict(request.labels)
-        for key, value in labels.items():
-            if not _LABEL_KEY.match(key) or len(value) > 256:
-                raise InvalidRequest(f"invalid label {key!r}: lowercase key, value <= 256 chars")
+            check_client_name(request.requested_name)
+        labels = check_labels(dict(request.labels))
         record, issued, renewed, use = self.registry.enroll(
             token=request.token,
             requested_name=request.requested_name,
-            make_id=lambda: f"client-{secrets.token_hex(3)}",
+            make_id=new_generated_id,
             issue=lambda cid: self._issue(cid, bytes(request.csr_pem)),
             labels=labels,
             peer=peer,

@@ -20,9 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aggregator_service.audit_throttle import OVERFLOW_KEY, AuditThrottle, Suppressed, peer_ip
+from fedmae.enrollment_policy import (
+    check_client_name,
+    check_labels,
+    is_generated_id,
+    printable,
+)
 from fedmae.errors import (
     AlreadyExists,
+    FedmaeError,
     InvalidRequest,
+    LimitExceeded,
     NotFound,
     PermissionDenied,
     Unauthenticated,
@@ -84,6 +93,7 @@ MIGRATIONS: list[str] = [
 
 TOKEN_PREFIX = "fmt"
 LAST_SEEN_EVERY_S = 30.0  # last_seen is a hint; don't write on every call
+MAX_REASON_CHARS = 300  # a refusal's message in the audit table (names in it are escaped)
 
 
 @dataclass(frozen=True)
@@ -148,6 +158,7 @@ class Registry:
         self._db.execute("PRAGMA busy_timeout=5000")  # another process (the CLI) may write
         self._migrate()
         self._seen: dict[str, float] = {}
+        self.refusal_throttle = AuditThrottle()  # refused requests come at a peer's pace
 
     def _migrate(self) -> None:
         with self._tx() as db:
@@ -175,6 +186,7 @@ class Registry:
 
     def close(self) -> None:
         with self._lock:
+            self._audit_suppressed(self.refusal_throttle.due(flush=True))
             self._db.close()
 
     # ------------------------------------------------------------ audit
@@ -190,7 +202,40 @@ class Registry:
         )
         log.info("audit: %s %s %s %s", actor, action, target, json.dumps(details, sort_keys=True))
 
+    def audit_refusal(
+        self, actor: str, action: str, target: str, peer: str, error: FedmaeError, **details: Any
+    ) -> bool:
+        """Audit a refused request from ``peer``, rate-limited (``AuditThrottle``: per peer
+        IP, action and status code); True if this one was written.
+
+        Never raises: a refusal is answered with its own error even if the table cannot be
+        written (the process log still has it).
+        """
+        admitted = self.refusal_throttle.admit((peer_ip(peer), action, error.code.name))
+        due = self.refusal_throttle.due()
+        if not (admitted or due):
+            return False
+        row = {"peer": peer, "code": error.code.name, **details}
+        row["reason"] = printable(str(error), MAX_REASON_CHARS)
+        try:
+            with self._tx() as db:
+                for s in due:
+                    self._audit(db, *_suppressed_entry(s))
+                if admitted:
+                    self._audit(db, actor, action, printable(target, 80), row)
+        except sqlite3.Error as err:
+            log.warning("could not audit a refusal (%s): %s %s %s", err, actor, action, row)
+            return False
+        return admitted
+
+    def _audit_suppressed(self, due: list[Suppressed]) -> None:
+        if due:
+            with self._tx() as db:
+                for s in due:
+                    self._audit(db, *_suppressed_entry(s))
+
     def audit_log(self, limit: int = 100) -> list[AuditRecord]:
+        self._audit_suppressed(self.refusal_throttle.due())  # what a closed window held back
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,)
@@ -215,6 +260,9 @@ class Registry:
             raise InvalidRequest("token ttl must be between 1 second and 366 days")
         if not 1 <= uses <= 10_000:
             raise InvalidRequest("token uses must be between 1 and 10000")
+        if name:
+            check_client_name(name)
+        check_labels(labels or {}, "token labels")
         token_id = secrets.token_hex(4)
         token = f"{TOKEN_PREFIX}_{token_id}_{secrets.token_urlsafe(32)}"
         now = time.time()
@@ -295,11 +343,23 @@ class Registry:
                 raise Unauthenticated(
                     f"enrollment token {tok.token_id} is used up ({tok.used} of {tok.uses} uses)"
                 )
+            # The binding first: a token bound to another name learns nothing about the
+            # name asked for (reserved, generated-looking, taken or free: same answer).
             if tok.name and requested_name and requested_name != tok.name:
                 raise PermissionDenied(
-                    f"this token is for client {tok.name!r}, not {requested_name!r}"
+                    f"this token is bound to another name: it is for client {tok.name!r}, "
+                    f"not {requested_name!r}"
                 )
-            client_id = tok.name or requested_name or make_id()
+            if requested_name and requested_name != tok.name and is_generated_id(requested_name):
+                raise InvalidRequest(
+                    f"the client name {requested_name!r} has the form of the ids the server "
+                    "generates (client-xxxxxx) and is reserved for them: choose another, or "
+                    "enroll without a name"
+                )
+            merged = check_labels(
+                {**tok.labels, **labels}, "labels (the token's and the request's together)"
+            )
+            client_id = tok.name or requested_name or self._free_id(db, make_id)
             existing = db.execute(
                 "SELECT * FROM clients WHERE client_id = ?", (client_id,)
             ).fetchone()
@@ -312,7 +372,6 @@ class Registry:
                     f"bound to it ('fedmae token create --name {client_id}') to renew"
                 )
             cert, fingerprint, serial, not_after = issue(client_id)
-            merged = {**tok.labels, **labels}
             if renewed:
                 db.execute(
                     "UPDATE clients SET fingerprint = ?, serial = ?, labels = ?, status = 'active',"
@@ -368,6 +427,35 @@ class Registry:
                 "SELECT * FROM clients WHERE client_id = ?", (client_id,)
             ).fetchone()
         return None if row is None else _client(row)
+
+    def _free_id(self, db: _Tx, make_id: Any) -> str:
+        """A generated id no client has and no token is bound to."""
+        for _ in range(16):
+            client_id = make_id()
+            if not db.execute(
+                "SELECT 1 FROM clients WHERE client_id = ? UNION ALL "
+                "SELECT 1 FROM tokens WHERE name = ?",
+                (client_id, client_id),
+            ).fetchone():
+                return client_id
+        raise LimitExceeded("could not generate a free client id: enroll with a name")
+
+    def token_id_of(self, token: str) -> str | None:
+        """The public id of a stored token given its secret (None if there is none)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT token_id FROM tokens WHERE token_hash = ?", (hash_token(token),)
+            ).fetchone()
+        return None if row is None else row["token_id"]
+
+    def clients_page(self, after: str, limit: int) -> list[ClientRecord]:
+        """Up to ``limit`` clients whose id sorts after ``after``, in id order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM clients WHERE client_id > ? ORDER BY client_id LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [_client(r) for r in rows]
 
     def clients(self) -> list[ClientRecord]:
         with self._lock:
@@ -449,6 +537,16 @@ class _Tx:
         for statement in script.split(";"):
             if statement.strip():
                 self._db.execute(statement)
+
+
+def _suppressed_entry(s: Suppressed) -> tuple[str, str, str, dict[str, Any]]:
+    ip, action, code = s.key
+    details = {"suppressed": s.count, "window_s": round(s.seconds), "code": code}
+    if s.key == OVERFLOW_KEY:
+        details["peer_ip"] = "* (over the limit for all peers together)"
+    else:
+        details["peer_ip"] = ip
+    return "fedmae:audit", "audit.suppressed", action, details
 
 
 def _client(row: sqlite3.Row) -> ClientRecord:

@@ -13,6 +13,7 @@ import grpc
 from fedmae import tls
 from fedmae._proto import enrollment_pb2 as epb
 from fedmae._proto import enrollment_pb2_grpc as epb_grpc
+from fedmae.enrollment_policy import check_client_name, check_labels
 from fedmae.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -51,15 +52,20 @@ def enroll(
     labels: dict[str, str] | None = None,
     timeout: float = 30.0,
 ) -> EnrollResult:
-    """Enroll with the aggregator's enrollment port; write ``out_dir`` (ca, cert, key)."""
+    """Enroll with the aggregator's enrollment port; write ``out_dir`` (ca, cert, key).
+
+    The name and labels are checked here first (the server checks them again), so a bad
+    one is reported before a key is made or the token is sent.
+    """
     if name:
-        tls.validate_client_id(name)
+        check_client_name(name)
+    labels = check_labels(labels or {})
     key_pem, csr_pem = tls.make_key_and_csr(name)
     creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
     with grpc.secure_channel(server, creds) as channel:
         response = epb_grpc.EnrollmentStub(channel).Enroll(
             epb.EnrollRequest(
-                token=token.strip(), csr_pem=csr_pem, requested_name=name, labels=labels or {}
+                token=token.strip(), csr_pem=csr_pem, requested_name=name, labels=labels
             ),
             timeout=timeout,
         )

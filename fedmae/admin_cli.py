@@ -16,6 +16,7 @@ from aggregator_service.server import grpc_options
 from fedmae import tls
 from fedmae._proto import admin_pb2 as apb
 from fedmae._proto import admin_pb2_grpc as apb_grpc
+from fedmae.enrollment_policy import printable
 from fedmae.errors import ConfigError
 from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE
 
@@ -65,6 +66,26 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join(fmt.format(*r).rstrip() for r in [header, *rows])
+
+
+def _labels(c: apb.ClientInfo) -> str:
+    """``k=v,k=v`` with anything a terminal would interpret escaped."""
+    text = ",".join(f"{printable(k)}={printable(v)}" for k, v in sorted(c.labels.items()))
+    if c.labels_omitted:
+        text += f" (+{c.labels_omitted} more not shown)"
+    return text
+
+
+def _all_clients(stub: apb_grpc.AdminStub) -> list[apb.ClientInfo]:
+    """Every client, a page per call (one response never nears the message cap)."""
+    clients: list[apb.ClientInfo] = []
+    token = ""
+    while True:
+        resp = stub.ListClients(apb.ListClientsRequest(page_token=token), timeout=30)
+        clients.extend(resp.clients)
+        token = resp.next_page_token
+        if not token:
+            return clients
 
 
 def _token_state(t: apb.TokenInfo) -> str:
@@ -137,12 +158,10 @@ def cmd_clients(args: argparse.Namespace) -> int:
     channel, stub = admin_stub(args)
     with channel:
         if args.clients_command == "list":
-            resp = stub.ListClients(apb.ListClientsRequest(), timeout=30)
             rows = [
                 [c.client_id, c.status, "yes" if c.connected else "no", str(c.rounds_joined),
-                 _when(c.last_seen), _when(c.not_after), ",".join(f"{k}={v}" for k, v in
-                 sorted(c.labels.items()))]
-                for c in resp.clients
+                 _when(c.last_seen), _when(c.not_after), _labels(c)]
+                for c in _all_clients(stub)
             ]  # fmt: skip
             print(
                 _table(rows, ["CLIENT", "STATUS", "CONNECTED", "ROUNDS", "LAST SEEN", "CERT UNTIL",
@@ -155,7 +174,7 @@ def cmd_clients(args: argparse.Namespace) -> int:
                 ("rounds joined", c.rounds_joined), ("enrolled", _when(c.created)),
                 ("last seen", _when(c.last_seen)), ("certificate serial", c.serial),
                 ("certificate sha256", c.fingerprint_sha256), ("valid until", _when(c.not_after)),
-                ("revoked at", _when(c.revoked_at)), ("labels", dict(c.labels)),
+                ("revoked at", _when(c.revoked_at)), ("labels", _labels(c) or "-"),
             ]:  # fmt: skip
                 print(f"{key:>20}: {value}")
         else:
@@ -176,7 +195,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print(json.dumps({"time": _when(e.time), "actor": e.actor, "action": e.action,
                               "target": e.target, "details": json.loads(e.details)}))  # fmt: skip
     else:
-        rows = [[_when(e.time), e.actor, e.action, e.target, e.details] for e in resp.entries]
+        rows = [
+            [_when(e.time), printable(e.actor), e.action, printable(e.target), printable(e.details)]
+            for e in resp.entries
+        ]
         print(_table(rows, ["TIME", "ACTOR", "ACTION", "TARGET", "DETAILS"]))
     return 0
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66\x65\x64mae/v1/admin.proto\x12\tfedmae.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaf\x01\n\x12\x43reateTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\x12\x0c\n\x04uses\x18\x03 \x01(\r\x12\x39\n\x06labels\x18\x04 \x03(\x0b\x32).fedmae.v1.CreateTokenRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc6\x01\n\tTokenInfo\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12+\n\x07\x63reated\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07\x65xpires\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04uses\x18\x05 \x01(\r\x12\x0c\n\x04used\x18\x06 \x01(\r\x12\x0f\n\x07revoked\x18\x07 \x01(\x08\x12\x12\n\ncreated_by\x18\x08 \x01(\t\"H\n\x13\x43reateTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\"\n\x04info\x18\x02 \x01(\x0b\x32\x14.fedmae.v1.TokenInfo\"-\n\x11ListTokensRequest\x12\x18\n\x10include_inactive\x18\x01 \x01(\x08\":\n\x12ListTokensResponse\x12$\n\x06tokens\x18\x01 \x03(\x0b\x32\x14.fedmae.v1.TokenInfo\"&\n\x12RevokeTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"\xa2\x03\n\nClientInfo\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x1a\n\x12\x66ingerprint_sha256\x18\x03 \x01(\t\x12\x0e\n\x06serial\x18\x04 \x01(\t\x12\x31\n\x06labels\x18\x05 \x03(\x0b\x32!.fedmae.v1.ClientInfo.LabelsEntry\x12+\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrounds_joined\x18\x08 \x01(\r\x12-\n\tnot_after\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tconnected\x18\n \x01(\x08\x12.\n\nrevoked_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x14\n\x12ListClientsRequest\"=\n\x13ListClientsResponse\x12&\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x15.fedmae.v1.ClientInfo\"%\n\x10GetClientRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"8\n\x13RevokeClientRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1d\n\x0c\x41uditRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"v\n\nAuditEntry\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x05 \x01(\t\"7\n\rAuditResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.fedmae.v1.AuditEntry\"K\n\x12WatchRoundsRequest\x12\x12\n\nfrom_round\x18\x01 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x11\n\tafter_seq\x18\x03 \x01(\x04\"/\n\x0bRoundRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x13\n\x0brecord_json\x18\x02 \x01(\t\"\x0f\n\rStatusRequest\"\x90\x02\n\x0eStatusResponse\x12\r\n\x05state\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x15\n\rrounds_target\x18\x05 \x01(\x04\x12\x11\n\tconnected\x18\x06 \x03(\t\x12\x10\n\x08selected\x18\x07 \x03(\t\x12\x10\n\x08reported\x18\x08 \x03(\t\x12\x11\n\tuploading\x18\t \x03(\t\x12\x17\n\x0fround_elapsed_s\x18\n \x01(\x01\x12\x15\n\rdeadline_in_s\x18\x0b \x01(\x01\x12\x13\n\x0bmin_clients\x18\x0c \x01(\r\x12\x18\n\x10last_record_json\x18\r \x01(\t2\xfd\x04\n\x05\x41\x64min\x12\x46\n\x0bWatchRounds\x12\x1d.fedmae.v1.WatchRoundsRequest\x1a\x16.fedmae.v1.RoundRecord0\x01\x12=\n\x06Status\x12\x18.fedmae.v1.StatusRequest\x1a\x19.fedmae.v1.StatusResponse\x12L\n\x0b\x43reateToken\x12\x1d.fedmae.v1.CreateTokenRequest\x1a\x1e.fedmae.v1.CreateTokenResponse\x12I\n\nListTokens\x12\x1c.fedmae.v1.ListTokensRequest\x1a\x1d.fedmae.v1.ListTokensResponse\x12\x42\n\x0bRevokeToken\x12\x1d.fedmae.v1.RevokeTokenRequest\x1a\x14.fedmae.v1.TokenInfo\x12L\n\x0bListClients\x12\x1d.fedmae.v1.ListClientsRequest\x1a\x1e.fedmae.v1.ListClientsResponse\x12?\n\tGetClient\x12\x1b.fedmae.v1.GetClientRequest\x1a\x15.fedmae.v1.ClientInfo\x12\x45\n\x0cRevokeClient\x12\x1e.fedmae.v1.RevokeClientRequest\x1a\x15.fedmae.v1.ClientInfo\x12:\n\x05\x41udit\x12\x17.fedmae.v1.AuditRequest\x1a\x18.fedmae.v1.AuditResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66\x65\x64mae/v1/admin.proto\x12\tfedmae.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaf\x01\n\x12\x43reateTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\x12\x0c\n\x04uses\x18\x03 \x01(\r\x12\x39\n\x06labels\x18\x04 \x03(\x0b\x32).fedmae.v1.CreateTokenRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc6\x01\n\tTokenInfo\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12+\n\x07\x63reated\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07\x65xpires\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04uses\x18\x05 \x01(\r\x12\x0c\n\x04used\x18\x06 \x01(\r\x12\x0f\n\x07revoked\x18\x07 \x01(\x08\x12\x12\n\ncreated_by\x18\x08 \x01(\t\"H\n\x13\x43reateTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\"\n\x04info\x18\x02 \x01(\x0b\x32\x14.fedmae.v1.TokenInfo\"-\n\x11ListTokensRequest\x12\x18\n\x10include_inactive\x18\x01 \x01(\x08\":\n\x12ListTokensResponse\x12$\n\x06tokens\x18\x01 \x03(\x0b\x32\x14.fedmae.v1.TokenInfo\"&\n\x12RevokeTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"\xba\x03\n\nClientInfo\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x1a\n\x12\x66ingerprint_sha256\x18\x03 \x01(\t\x12\x0e\n\x06serial\x18\x04 \x01(\t\x12\x31\n\x06labels\x18\x05 \x03(\x0b\x32!.fedmae.v1.ClientInfo.LabelsEntry\x12+\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrounds_joined\x18\x08 \x01(\r\x12-\n\tnot_after\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tconnected\x18\n \x01(\x08\x12.\n\nrevoked_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0elabels_omitted\x18\x0c \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\";\n\x12ListClientsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x13ListClientsResponse\x12&\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x15.fedmae.v1.ClientInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x10GetClientRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"8\n\x13RevokeClientRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1d\n\x0c\x41uditRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"v\n\nAuditEntry\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x05 \x01(\t\"7\n\rAuditResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.fedmae.v1.AuditEntry\"K\n\x12WatchRoundsRequest\x12\x12\n\nfrom_round\x18\x01 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x11\n\tafter_seq\x18\x03 \x01(\x04\"/\n\x0bRoundRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x13\n\x0brecord_json\x18\x02 \x01(\t\"\x0f\n\rStatusRequest\"\x90\x02\n\x0eStatusResponse\x12\r\n\x05state\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x15\n\rrounds_target\x18\x05 \x01(\x04\x12\x11\n\tconnected\x18\x06 \x03(\t\x12\x10\n\x08selected\x18\x07 \x03(\t\x12\x10\n\x08reported\x18\x08 \x03(\t\x12\x11\n\tuploading\x18\t \x03(\t\x12\x17\n\x0fround_elapsed_s\x18\n \x01(\x01\x12\x15\n\rdeadline_in_s\x18\x0b \x01(\x01\x12\x13\n\x0bmin_clients\x18\x0c \x01(\r\x12\x18\n\x10last_record_json\x18\r \x01(\t2\xfd\x04\n\x05\x41\x64min\x12\x46\n\x0bWatchRounds\x12\x1d.fedmae.v1.WatchRoundsRequest\x1a\x16.fedmae.v1.RoundRecord0\x01\x12=\n\x06Status\x12\x18.fedmae.v1.StatusRequest\x1a\x19.fedmae.v1.StatusResponse\x12L\n\x0b\x43reateToken\x12\x1d.fedmae.v1.CreateTokenRequest\x1a\x1e.fedmae.v1.CreateTokenResponse\x12I\n\nListTokens\x12\x1c.fedmae.v1.ListTokensRequest\x1a\x1d.fedmae.v1.ListTokensResponse\x12\x42\n\x0bRevokeToken\x12\x1d.fedmae.v1.RevokeTokenRequest\x1a\x14.fedmae.v1.TokenInfo\x12L\n\x0bListClients\x12\x1d.fedmae.v1.ListClientsRequest\x1a\x1e.fedmae.v1.ListClientsResponse\x12?\n\tGetClient\x12\x1b.fedmae.v1.GetClientRequest\x1a\x15.fedmae.v1.ClientInfo\x12\x45\n\x0cRevokeClient\x12\x1e.fedmae.v1.RevokeClientRequest\x1a\x15.fedmae.v1.ClientInfo\x12:\n\x05\x41udit\x12\x17.fedmae.v1.AuditRequest\x1a\x18.fedmae.v1.AuditResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,31 +51,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVOKETOKENREQUEST']._serialized_start=629
   _globals['_REVOKETOKENREQUEST']._serialized_end=667
   _globals['_CLIENTINFO']._serialized_start=670
-  _globals['_CLIENTINFO']._serialized_end=1088
+  _globals['_CLIENTINFO']._serialized_end=1112
   _globals['_CLIENTINFO_LABELSENTRY']._serialized_start=200
   _globals['_CLIENTINFO_LABELSENTRY']._serialized_end=245
-  _globals['_LISTCLIENTSREQUEST']._serialized_start=1090
-  _globals['_LISTCLIENTSREQUEST']._serialized_end=1110
-  _globals['_LISTCLIENTSRESPONSE']._serialized_start=1112
-  _globals['_LISTCLIENTSRESPONSE']._serialized_end=1173
-  _globals['_GETCLIENTREQUEST']._serialized_start=1175
-  _globals['_GETCLIENTREQUEST']._serialized_end=1212
-  _globals['_REVOKECLIENTREQUEST']._serialized_start=1214
-  _globals['_REVOKECLIENTREQUEST']._serialized_end=1270
-  _globals['_AUDITREQUEST']._serialized_start=1272
-  _globals['_AUDITREQUEST']._serialized_end=1301
-  _globals['_AUDITENTRY']._serialized_start=1303
-  _globals['_AUDITENTRY']._serialized_end=1421
-  _globals['_AUDITRESPONSE']._serialized_start=1423
-  _globals['_AUDITRESPONSE']._serialized_end=1478
-  _globals['_WATCHROUNDSREQUEST']._serialized_start=1480
-  _globals['_WATCHROUNDSREQUEST']._serialized_end=1555
-  _globals['_ROUNDRECORD']._serialized_start=1557
-  _globals['_ROUNDRECORD']._serialized_end=1604
-  _globals['_STATUSREQUEST']._serialized_start=1606
-  _globals['_STATUSREQUEST']._serialized_end=1621
-  _globals['_STATUSRESPONSE']._serialized_start=1624
-  _globals['_STATUSRESPONSE']._serialized_end=1896
-  _globals['_ADMIN']._serialized_start=1899
-  _globals['_ADMIN']._serialized_end=2536
+  _globals['_LISTCLIENTSREQUEST']._serialized_start=1114
+  _globals['_LISTCLIENTSREQUEST']._serialized_end=1173
+  _globals['_LISTCLIENTSRESPONSE']._serialized_start=1175
+  _globals['_LISTCLIENTSRESPONSE']._serialized_end=1261
+  _globals['_GETCLIENTREQUEST']._serialized_start=1263
+  _globals['_GETCLIENTREQUEST']._serialized_end=1300
+  _globals['_REVOKECLIENTREQUEST']._serialized_start=1302
+  _globals['_REVOKECLIENTREQUEST']._serialized_end=1358
+  _globals['_AUDITREQUEST']._serialized_start=1360
+  _globals['_AUDITREQUEST']._serialized_end=1389
+  _globals['_AUDITENTRY']._serialized_start=1391
+  _globals['_AUDITENTRY']._serialized_end=1509
+  _globals['_AUDITRESPONSE']._serialized_start=1511
+  _globals['_AUDITRESPONSE']._serialized_end=1566
+  _globals['_WATCHROUNDSREQUEST']._serialized_start=1568
+  _globals['_WATCHROUNDSREQUEST']._serialized_end=1643
+  _globals['_ROUNDRECORD']._serialized_start=1645
+  _globals['_ROUNDRECORD']._serialized_end=1692
+  _globals['_STATUSREQUEST']._serialized_start=1694
+  _globals['_STATUSREQUEST']._serialized_end=1709
+  _globals['_STATUSRESPONSE']._serialized_start=1712
+  _globals['_STATUSRESPONSE']._serialized_end=1984
+  _globals['_ADMIN']._serialized_start=1987
+  _globals['_ADMIN']._serialized_end=2624
 # @@protoc_insertion_point(module_scope)
