@@ -440,6 +440,8 @@ def _issue(
     days: float,
 ) -> ClientIdentity:
     validate_client_id(name)
+    if not 0 < days <= MAX_LEAF_DAYS:
+        raise ConfigError(f"certificate validity must be up to {MAX_LEAF_DAYS} days, not {days}")
     private_dir(ident.dir)
     key = _new_key()
     cert = _sign(_name(name, role), key.public_key(), issuer, issuer_key, days, "client")
