@@ -234,7 +234,7 @@ def _sign(
                 ca=is_ca, path_length=(1 if kind == "root" else 0) if is_ca else None
             ),
             True,
-        )  # fmt: skip
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
         .add_extension(_key_usage(signature=kind != "enrollment-ca", cert_sign=is_ca), True)
     )
