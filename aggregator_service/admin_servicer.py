@@ -1,4 +1,4 @@
-"""The Admin servicer: tokens, clients, revocation, audit. Admin role only."""
+"""The Admin servicer: tokens, clients, admins, revocation, audit. Pinned admins only."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ from collections.abc import Iterator
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from aggregator_service import admin_pins
 from aggregator_service.auth import Authorizer
-from aggregator_service.registry import ClientRecord, Registry, TokenRecord
+from aggregator_service.registry import AdminRecord, ClientRecord, Registry, TokenRecord
 from aggregator_service.round_feed import RoundFeed
 from aggregator_service.round_manager import RoundManager
 from fedmae._proto import admin_pb2 as apb
 from fedmae._proto import admin_pb2_grpc as apb_grpc
 from fedmae.enrollment_policy import clamp_labels
-from fedmae.errors import FedmaeError, InvalidRequest, abort
+from fedmae.errors import FailedPrecondition, FedmaeError, InvalidRequest, abort
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,21 @@ def _page_after(token: str) -> str:
         raise InvalidRequest(
             "invalid page_token: pass the next_page_token of the previous page unchanged"
         ) from None
+
+
+def admin_info(a: AdminRecord, caller_fingerprint: str) -> apb.AdminInfo:
+    return apb.AdminInfo(
+        name=a.name,
+        status=a.status,
+        fingerprint_sha256=a.fingerprint,
+        serial=a.serial,
+        created=_ts(a.created),
+        not_after=_ts(a.not_after),
+        added_by=a.added_by,
+        revoked_at=_ts(a.revoked_at),
+        revoke_reason=a.revoke_reason or "",
+        is_caller=a.fingerprint == caller_fingerprint,
+    )
 
 
 class AdminServicer(apb_grpc.AdminServicer):
@@ -195,3 +211,40 @@ class AdminServicer(apb_grpc.AdminServicer):
             )
 
         return self._run(context, audit)
+
+    def _caller_fingerprint(self, context) -> str:
+        peer = self.auth.admin_peer(context)
+        return peer.fingerprint if peer is not None else ""
+
+    def ListAdmins(self, request: apb.ListAdminsRequest, context) -> apb.ListAdminsResponse:
+        def list_(actor: str) -> apb.ListAdminsResponse:
+            caller = self._caller_fingerprint(context)
+            self.registry.audit(actor, "admin.list")
+            return apb.ListAdminsResponse(
+                admins=[admin_info(a, caller) for a in self.registry.admins()]
+            )
+
+        return self._run(context, list_)
+
+    def AddAdmin(self, request: apb.AddAdminRequest, context) -> apb.AdminInfo:
+        def add(actor: str) -> apb.AdminInfo:
+            if not request.certificate_pem:
+                raise InvalidRequest("certificate_pem is required (the admin's client.pem)")
+            if not self.auth.root_pem:
+                raise FailedPrecondition("this aggregator runs without certificates (--insecure)")
+            record = admin_pins.pin_admin(
+                self.registry, actor, bytes(request.certificate_pem), self.auth.root_pem
+            )
+            return admin_info(record, self._caller_fingerprint(context))
+
+        return self._run(context, add)
+
+    def RevokeAdmin(self, request: apb.RevokeAdminRequest, context) -> apb.RevokeAdminResponse:
+        def revoke(actor: str) -> apb.RevokeAdminResponse:
+            if not request.name:
+                raise InvalidRequest("name is required")
+            caller = self._caller_fingerprint(context)
+            revoked = self.registry.revoke_admin(actor, request.name, request.reason, caller)
+            return apb.RevokeAdminResponse(revoked=[admin_info(a, caller) for a in revoked])
+
+        return self._run(context, revoke)

@@ -1,6 +1,7 @@
-"""The aggregator's SQLite state: clients, enrollment tokens, audit trail.
+"""The aggregator's SQLite state: clients, admins, enrollment tokens, audit trail.
 
-One file, ``<state-dir>/fedmae.db``, stdlib ``sqlite3`` in WAL mode. The schema is
+One file, ``<state-dir>/fedmae.db`` (mode 0600, as are its WAL and SHM files, in a
+0700 directory), stdlib ``sqlite3`` in WAL mode. The schema is
 versioned with ``PRAGMA user_version``; ``MIGRATIONS[i]`` moves a database from
 version i to i+1, so an existing state directory is upgraded, never broken.
 """
@@ -29,6 +30,7 @@ from fedmae.enrollment_policy import (
 )
 from fedmae.errors import (
     AlreadyExists,
+    FailedPrecondition,
     FedmaeError,
     InvalidRequest,
     LimitExceeded,
@@ -36,6 +38,7 @@ from fedmae.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from fedmae.private_files import private_dir, private_file
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,21 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX rounds_by_round ON rounds (round);
     """,
+    # 2 -> 3: pinned admin certificates (an OU=admin certificate alone is not enough)
+    """
+    CREATE TABLE admins (
+        fingerprint   TEXT PRIMARY KEY,       -- sha256 of the certificate DER, hex
+        name          TEXT NOT NULL,          -- the certificate's CN
+        serial        TEXT NOT NULL,
+        status        TEXT NOT NULL DEFAULT 'active' CHECK (status IN ('active', 'revoked')),
+        created       REAL NOT NULL,
+        not_after     REAL,
+        added_by      TEXT NOT NULL,
+        revoked_at    REAL,
+        revoke_reason TEXT
+    );
+    CREATE INDEX admins_by_name ON admins (name);
+    """,
 ]
 
 TOKEN_PREFIX = "fmt"
@@ -113,6 +131,22 @@ class ClientRecord:
     @property
     def active(self) -> bool:
         return self.status == "active"
+
+
+@dataclass(frozen=True)
+class AdminRecord:
+    fingerprint: str
+    name: str
+    serial: str
+    status: str
+    created: float
+    not_after: float | None
+    added_by: str
+    revoked_at: float | None
+    revoke_reason: str | None
+
+    def usable(self, now: float) -> bool:
+        return self.status == "active" and (self.not_after is None or now < self.not_after)
 
 
 @dataclass(frozen=True)
@@ -149,7 +183,12 @@ class Registry:
 
     def __init__(self, path: Path):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
+        # SQLite gives the -wal and -shm files the database file's mode: make it 0600
+        # before SQLite creates it (and tighten one made by an older fedmae).
+        for existing in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm"))):
+            if existing == path or existing.exists():
+                private_file(existing)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -483,6 +522,90 @@ class Registry:
         with self._tx() as db:
             db.execute("UPDATE clients SET last_seen = ? WHERE client_id = ?", (now, client_id))
 
+    # ------------------------------------------------------------ admins
+
+    def find_admin(self, fingerprint: str) -> AdminRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM admins WHERE fingerprint = ?", (fingerprint,)
+            ).fetchone()
+        return None if row is None else _admin(row)
+
+    def admins(self) -> list[AdminRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM admins ORDER BY created, name").fetchall()
+        return [_admin(r) for r in rows]
+
+    def pin_admin(
+        self,
+        actor: str,
+        name: str,
+        fingerprint: str,
+        serial: str,
+        not_after: float | None,
+        if_new: bool = False,
+    ) -> AdminRecord | None:
+        """Pin an admin certificate. A known one is refused (or, with ``if_new``, left
+        as it is and None returned): a revoked certificate is never pinned again."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT * FROM admins WHERE fingerprint = ?", (fingerprint,)
+            ).fetchone()
+            if row is not None:
+                if if_new:
+                    return None
+                known = _admin(row)
+                if known.status == "revoked":
+                    raise PermissionDenied(
+                        f"admin certificate {known.name!r} (serial {known.serial}) was revoked "
+                        f"by the operator; a revoked certificate is never pinned again: issue "
+                        "a new one with 'fedmae certs issue-admin'"
+                    )
+                raise AlreadyExists(f"admin certificate {known.name!r} is already pinned")
+            db.execute(
+                "INSERT INTO admins (fingerprint, name, serial, created, not_after, added_by)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (fingerprint, name, serial, time.time(), not_after, actor),
+            )
+            self._audit(
+                db, actor, "admin.pin", name, {"serial": serial, "fingerprint": fingerprint[:16]}
+            )
+        return self.find_admin(fingerprint)
+
+    def revoke_admin(
+        self, actor: str, name: str, reason: str, caller_fingerprint: str
+    ) -> list[AdminRecord]:
+        """Revoke every active certificate of admin ``name``, unless that revokes the
+        caller or leaves no usable admin (then nobody could run the federation)."""
+        now = time.time()
+        with self._tx() as db:
+            rows = [_admin(r) for r in db.execute("SELECT * FROM admins").fetchall()]
+            targets = [a for a in rows if a.name == name and a.status == "active"]
+            if not targets:
+                if any(a.name == name for a in rows):
+                    raise NotFound(f"admin {name!r} has no active certificate (already revoked)")
+                raise NotFound(f"no admin {name!r} is pinned: see 'fedmae admins list'")
+            if any(a.fingerprint == caller_fingerprint for a in targets):
+                raise FailedPrecondition(
+                    f"you cannot revoke your own admin certificate ({name!r}): another admin "
+                    "must do it"
+                )
+            if not any(a.usable(now) and a not in targets for a in rows):
+                raise FailedPrecondition(
+                    f"{name!r} is the last active admin: pin another admin first "
+                    "('fedmae certs issue-admin', then 'fedmae admins add --cert')"
+                )
+            db.executemany(
+                "UPDATE admins SET status = 'revoked', revoked_at = ?, revoke_reason = ?"
+                " WHERE fingerprint = ?",
+                [(now, reason or None, a.fingerprint) for a in targets],
+            )
+            self._audit(
+                db, actor, "admin.revoke", name,
+                {"reason": reason, "serials": [a.serial for a in targets]},
+            )  # fmt: skip
+        return [self.find_admin(a.fingerprint) for a in targets]  # type: ignore[misc]
+
     # ------------------------------------------------------------ rounds
 
     def add_round(self, record: dict[str, Any]) -> int:
@@ -560,6 +683,20 @@ def _client(row: sqlite3.Row) -> ClientRecord:
         last_seen=row["last_seen"],
         rounds_joined=row["rounds_joined"],
         not_after=row["not_after"],
+        revoked_at=row["revoked_at"],
+        revoke_reason=row["revoke_reason"],
+    )
+
+
+def _admin(row: sqlite3.Row) -> AdminRecord:
+    return AdminRecord(
+        fingerprint=row["fingerprint"],
+        name=row["name"],
+        serial=row["serial"],
+        status=row["status"],
+        created=row["created"],
+        not_after=row["not_after"],
+        added_by=row["added_by"],
         revoked_at=row["revoked_at"],
         revoke_reason=row["revoke_reason"],
     )

@@ -7,15 +7,20 @@ import os
 from pathlib import Path
 from typing import Any, TextIO
 
+from fedmae.private_files import PRIVATE_FILE, private_file
+
 
 class RoundLog:
     def __init__(self, path: Path, echo: TextIO | None = None):
         self.path = path
         self.echo = echo
+        if path.exists():
+            private_file(path)  # one written by an older fedmae was 0644
 
     def append(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, sort_keys=False, separators=(",", ":"))
-        with open(self.path, "a", encoding="utf-8") as f:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
+        with open(fd, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from aggregator_service import federation_servicer
+from aggregator_service import admin_pins, federation_servicer
 from aggregator_service.admin_servicer import AdminServicer
 from aggregator_service.auth import Authorizer
 from aggregator_service.checkpoint_store import CheckpointStore
@@ -35,6 +35,7 @@ from fedmae._proto import enrollment_pb2_grpc as epb_grpc
 from fedmae._proto import federation_pb2 as pb
 from fedmae.errors import ConfigError
 from fedmae.model_zoo import initial_state
+from fedmae.private_files import private_dir
 from fedmae.tensor_codec import ModelLayout
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class AggregatorServer:
         self, config: ServerConfig, strategy: Strategy | None = None, echo: TextIO | None = None
     ):
         self.config = config
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(config.state_dir)
         self.store = CheckpointStore(config.state_dir / "checkpoints", keep=config.keep_checkpoints)
         state = initial_state(config.training.model, seed=config.model_seed)
         self.layout = ModelLayout.from_state(state)
@@ -117,10 +118,21 @@ class AggregatorServer:
         self.ca: tls.CertificateAuthority | None = None
         if not config.insecure:
             certs = tls.ServerCerts(config.certs)
-            if config.ca_key is not None or certs.ca_key.exists():
+            if not 0 < config.client_cert_days <= tls.MAX_LEAF_DAYS:
+                raise ConfigError(f"--client-cert-days must be 1 to {tls.MAX_LEAF_DAYS}")
+            # Signs enrollments: --ca-key, else the enrollment CA, else the root in CERTS.
+            if config.ca_key or certs.enrollment_ca_key.exists() or certs.ca_key.exists():
                 self.ca = tls.CertificateAuthority(certs, key_path=config.ca_key)
             else:
                 log.warning("no CA key in %s: enrollment is off (pass --ca-key)", config.certs)
+            if certs.ca_key.exists() and self.ca is not None and self.ca.cert is not self.ca.root:
+                log.warning(
+                    "the root CA key %s is within reach of this network-facing server, which "
+                    "signs with the enrollment CA: keep it elsewhere ('fedmae certs init "
+                    "--signer DIR')", certs.ca_key,
+                )  # fmt: skip
+            self.auth.root_pem = certs.root_pem()  # an admin to pin must be signed by it
+            admin_pins.pin_from_certs_dir(self.registry, certs)
         self._stop = threading.Event()
         self._server: grpc.Server | None = None
         self.enroll_port: int | None = None

@@ -1,4 +1,4 @@
-"""Operator commands (``fedmae token|clients|audit``) over the Admin service."""
+"""Operator commands (``fedmae token|clients|admins|audit``) over the Admin service."""
 
 from __future__ import annotations
 
@@ -203,6 +203,33 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_admins(args: argparse.Namespace) -> int:
+    channel, stub = admin_stub(args)
+    with channel:
+        if args.admins_command == "list":
+            resp = stub.ListAdmins(apb.ListAdminsRequest(), timeout=30)
+            rows = [
+                [a.name + (" (you)" if a.is_caller else ""), a.status, a.serial,
+                 a.fingerprint_sha256[:16], _when(a.created), _when(a.not_after), a.added_by,
+                 a.revoke_reason or "-"]
+                for a in resp.admins
+            ]  # fmt: skip
+            print(_table(rows, ["ADMIN", "STATUS", "SERIAL", "SHA256", "PINNED", "CERT UNTIL",
+                                "ADDED BY", "REVOKED FOR"]))  # fmt: skip
+        elif args.admins_command == "add":
+            a = stub.AddAdmin(
+                apb.AddAdminRequest(certificate_pem=Path(args.cert).read_bytes()), timeout=30
+            )
+            print(f"admin {a.name!r} pinned (serial {a.serial}, valid until {_when(a.not_after)})")
+        else:
+            resp = stub.RevokeAdmin(
+                apb.RevokeAdminRequest(name=args.name, reason=args.reason or ""), timeout=30
+            )
+            serials = ", ".join(a.serial for a in resp.revoked)
+            print(f"admin {args.name!r} revoked (serial {serials}): refused from its next call on")
+    return 0
+
+
 def build(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("token", help="enrollment tokens (admin)")
     tsub = t.add_subparsers(dest="token_command", required=True)
@@ -232,6 +259,22 @@ def build(sub: argparse._SubParsersAction) -> None:
     for p in (cl, cs, cr):
         add_connection_args(p)
         p.set_defaults(func=cmd_clients)
+
+    ad = sub.add_parser("admins", help="pinned admin certificates (admin)")
+    adsub = ad.add_subparsers(dest="admins_command", required=True)
+    al = adsub.add_parser("list", help="every pinned admin certificate, active and revoked")
+    aa = adsub.add_parser("add", help="pin another admin's certificate")
+    aa.add_argument(
+        "--cert",
+        required=True,
+        help="its client.pem (from 'fedmae certs issue-admin'; the public part only)",
+    )
+    ar = adsub.add_parser("revoke", help="revoke an admin: refused from its next call on")
+    ar.add_argument("name", help="the admin's name (certificate CN)")
+    ar.add_argument("--reason", help="recorded in the audit log (default: none)")
+    for p in (al, aa, ar):
+        add_connection_args(p)
+        p.set_defaults(func=cmd_admins)
 
     a = sub.add_parser("audit", help="the audit log (admin)")
     a.add_argument("--limit", type=int, default=100)

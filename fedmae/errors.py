@@ -75,6 +75,12 @@ class InvalidRequest(FedmaeError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class FailedPrecondition(FedmaeError):
+    """A request the current state forbids (revoking the last admin, or oneself)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class LimitExceeded(FedmaeError):
     """Over a size or rate limit."""
 

@@ -1,15 +1,26 @@
-"""Identity: the CA, server and client certificates, and the one place that builds
+"""Identity: the CAs, server and client certificates, and the one place that builds
 gRPC TLS credentials.
 
-Layout of a certificates directory (``fedmae certs init --out DIR``)::
+Layout of a certificates directory (``fedmae certs init --out CERTS``), mode 0700::
 
-    ca.pem  ca.key          the federation's CA (EC P-256); ca.key is 0600
-    server.pem server.key   the aggregator; SANs: localhost, 127.0.0.1, ::1, aggregator, --host
+    ca.pem                      the federation's root CA (EC P-256, 5 years): what clients trust
+    ca.key                      its key, 0600; with ``--signer DIR`` it lives in DIR/ca.key instead
+                                and never in CERTS (the aggregator does not need it)
+    enrollment-ca.pem/.key      the enrollment CA (2 years), signed by the root: signs the
+                                certificates of enrolled clients; clientAuth only and no sub-CAs,
+                                so its key cannot make a server certificate a client accepts
+    server.pem  server.key      the aggregator (1 year); SANs: localhost, 127.0.0.1, ::1,
+                                aggregator, --host
+    admins/NAME.pem             public certificates of the admins the server pins at start
+    admin/                      the operator's identity (OU=admin); ``--admin-out DIR`` puts it
+                                elsewhere (keep its key away from the aggregator)
+    health/                     a health-check identity (OU=health): no rights but gRPC health
 
 Layout of a client identity directory (``fedmae certs issue-client``, later ``fedmae
-enroll``)::
+enroll``), mode 0700::
 
-    ca.pem  client.pem  client.key   CN of client.pem = the client id
+    ca.pem  client.pem  client.key   CN of client.pem = the client id; client.pem holds the
+                                     certificate, then the enrollment CA that signed it
 """
 
 from __future__ import annotations
@@ -25,16 +36,32 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedmae.errors import ConfigError
+from fedmae.private_files import PRIVATE_FILE, PUBLIC_FILE, private_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SERVER_HOSTS = ("localhost", "127.0.0.1", "::1", "aggregator")
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+ADMIN_ROLE = "admin"
+HEALTH_ROLE = "health"  # may call grpc.health.v1.Health only (needs no app-level auth)
+
+# Lifetimes (days). The root signs rarely and offline; the enrollment CA sits in the
+# network-facing aggregator, so it is short-lived and `certs init` renews it while it
+# still outlives any leaf it may sign (a leaf never outlives its issuer: see _sign).
+ROOT_CA_DAYS = 1826  # 5 years
+ENROLLMENT_CA_DAYS = 730  # 2 years
+ENROLLMENT_CA_RENEW_DAYS = 400  # renewed by `certs init` below this, > MAX_LEAF_DAYS
+LEAF_DAYS = 365  # server, admin, health and client certificates
+MAX_LEAF_DAYS = 366
+LEAF_RENEW_DAYS = 30  # `certs init` re-issues the server, admin and health certificates
+ROOT_WARN_DAYS = 180
 
 
 @dataclass(frozen=True)
@@ -50,12 +77,32 @@ class ServerCerts:
         return self.dir / "ca.key"
 
     @property
+    def enrollment_ca_cert(self) -> Path:
+        return self.dir / "enrollment-ca.pem"
+
+    @property
+    def enrollment_ca_key(self) -> Path:
+        return self.dir / "enrollment-ca.key"
+
+    @property
     def server_cert(self) -> Path:
         return self.dir / "server.pem"
 
     @property
     def server_key(self) -> Path:
         return self.dir / "server.key"
+
+    def root_pem(self) -> bytes:
+        return _read(self.ca_cert)
+
+    @property
+    def admins_dir(self) -> Path:
+        """Public certificates of admins to pin (``NAME.pem``)."""
+        return self.dir / "admins"
+
+    @property
+    def health_dir(self) -> Path:
+        return self.dir / "health"
 
 
 @dataclass(frozen=True)
@@ -104,15 +151,13 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    private_dir(path.parent)
+    write_atomic(path, data, PRIVATE_FILE if private else PUBLIC_FILE)
 
 
 def _read(path: Path) -> bytes:
@@ -140,18 +185,42 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
+def _key_usage(*, signature: bool, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=signature,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def _sign(
     subject: x509.Name,
     public_key: ec.EllipticCurvePublicKey,
     ca_cert: x509.Certificate | None,
     ca_key: ec.EllipticCurvePrivateKey,
-    days: int,
-    *,
-    is_ca: bool = False,
+    days: float,
+    kind: str,
     server_hosts: list[str] | None = None,
-    client: bool = False,
 ) -> x509.Certificate:
+    """A certificate of ``kind``: root, enrollment-ca, server or client.
+
+    Leaves get KeyUsage digitalSignature (all an ECDHE handshake needs) and one EKU.
+    The enrollment CA may sign client certificates only: its EKU is clientAuth and TLS
+    libraries apply an intermediate's EKU to the whole chain (BoringSSL refuses a server
+    certificate under it with "unsupported certificate purpose"); path length 0 stops
+    it from making CAs. A certificate never outlives its issuer.
+    """
     now = dt.datetime.now(dt.UTC)
+    not_after = now + dt.timedelta(days=days)
+    if ca_cert is not None:
+        not_after = min(not_after, ca_cert.not_valid_after_utc)
+    is_ca = kind in ("root", "enrollment-ca")
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -159,72 +228,185 @@ def _sign(
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))  # tolerate small clock skew
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=0 if is_ca else None), True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
-    )
-    if is_ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
+        .not_valid_after(not_after)
+        .add_extension(
+            x509.BasicConstraints(
+                ca=is_ca, path_length=(1 if kind == "root" else 0) if is_ca else None
             ),
             True,
         )
-    else:
-        assert ca_cert is not None
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
+        .add_extension(_key_usage(signature=kind != "enrollment-ca", cert_sign=is_ca), True)
+    )
+    if ca_cert is not None:
         builder = builder.add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), False
         )
-    if server_hosts:
-        builder = builder.add_extension(_san(server_hosts), False).add_extension(
+    if kind == "server":
+        builder = builder.add_extension(_san(server_hosts or []), False).add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False
         )
-    if client:
+    elif kind in ("client", "enrollment-ca"):
         builder = builder.add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False
         )
+    elif kind != "root":
+        raise ValueError(f"unknown certificate kind {kind!r}")
     return builder.sign(ca_key, hashes.SHA256())
 
 
-def init_certs(
-    out_dir: Path | str, hosts: list[str] | None = None, days: int = 825, force: bool = False
-) -> ServerCerts:
-    """Create the CA and the server certificate in ``out_dir``.
+def _days_left(cert_path: Path) -> float:
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    return (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds() / 86400
 
-    Idempotent: an existing CA is reused (adding clients never rotates it), unless
-    ``force``. The server certificate is re-issued when ``hosts`` adds names.
+
+def _fresh(cert_path: Path, renew_days: float) -> bool:
+    return cert_path.exists() and _days_left(cert_path) > renew_days
+
+
+def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(_read(path), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{path} is not an EC private key")
+    return key
+
+
+def _is_key_of(key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> bool:
+    return key.public_key().public_numbers() == cert.public_key().public_numbers()
+
+
+def _root_key_path(certs: ServerCerts, signer: Path | None) -> Path:
+    """Where the root key is: ``signer/ca.key`` with a signer directory, else CERTS/ca.key.
+
+    A key found in CERTS while a signer is given is moved there (a layout made before
+    ``--signer``): the point of the signer is that CERTS, which the aggregator mounts,
+    holds no root key.
+    """
+    if signer is None:
+        return certs.ca_key
+    private_dir(signer)
+    path = signer / "ca.key"
+    if certs.ca_key.exists():
+        if not path.exists():
+            write_atomic(path, _read(certs.ca_key), PRIVATE_FILE)
+            log.warning("moved the root CA key from %s to %s", certs.ca_key, path)
+        elif _read(path) != _read(certs.ca_key):
+            raise ConfigError(
+                f"two different CA keys: {certs.ca_key} and {path}; keep the one that "
+                f"matches {certs.ca_cert} in {path} and delete the other"
+            )
+        certs.ca_key.unlink()
+    return path
+
+
+def init_certs(
+    out_dir: Path | str,
+    hosts: list[str] | None = None,
+    days: float = LEAF_DAYS,
+    force: bool = False,
+    signer: Path | str | None = None,
+    admin_out: Path | str | None = None,
+) -> ServerCerts:
+    """Create the root CA, the enrollment CA, the server, admin and health identities.
+
+    Idempotent: an existing root CA is reused (adding clients never rotates it), unless
+    ``force``. The server certificate is re-issued when ``hosts`` adds names; the server,
+    admin and health certificates when they have under ``LEAF_RENEW_DAYS`` left, the
+    enrollment CA under ``ENROLLMENT_CA_RENEW_DAYS`` (the server loads it at start).
+
+    ``signer``: keep the root key in this directory (0700), not in ``out_dir``.
+    ``admin_out``: write the admin identity there instead of ``out_dir/admin``; its
+    public certificate always goes to ``out_dir/admins/admin.pem`` for the server to pin.
     """
     certs = ServerCerts(Path(out_dir))
-    certs.dir.mkdir(parents=True, exist_ok=True)
-    if force or not (certs.ca_cert.exists() and certs.ca_key.exists()):
-        ca_key = _new_key()
-        ca_cert = _sign(_name("fedmae CA"), ca_key.public_key(), None, ca_key, days * 4, is_ca=True)
-        _write(certs.ca_key, _key_pem(ca_key), private=True)
-        _write(certs.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
-        log.info("created CA in %s", certs.dir)
+    private_dir(certs.dir)
+    key_path = _root_key_path(certs, Path(signer) if signer else None)
+    root_key: ec.EllipticCurvePrivateKey | None = None
+    if force or not certs.ca_cert.exists():
+        root_key = _new_key()
+        root = _sign(_name("fedmae CA"), root_key.public_key(), None, root_key, ROOT_CA_DAYS,
+                     "root")  # fmt: skip
+        _write(key_path, _key_pem(root_key), private=True)
+        _write(certs.ca_cert, _pem(root))
+        log.info("created the root CA in %s (key in %s)", certs.dir, key_path)
         force = True
-    ca_cert, ca_key = load_ca(certs)
+    root = x509.load_pem_x509_certificate(_read(certs.ca_cert))
+    if root_key is None and key_path.exists():
+        check_private_file(key_path)
+        root_key = _load_key(key_path)
+        if not _is_key_of(root_key, root):
+            raise ConfigError(f"{key_path} is not the key of the CA in {certs.ca_cert}")
+    if _days_left(certs.ca_cert) < ROOT_WARN_DAYS:
+        log.warning(
+            "the root CA %s expires in %.0f days: plan 'fedmae certs init --force' "
+            "(every client enrolls again)", certs.ca_cert, _days_left(certs.ca_cert),
+        )  # fmt: skip
+
+    def signing_key(what: str) -> ec.EllipticCurvePrivateKey:
+        if root_key is None:
+            raise ConfigError(
+                f"{what} must be (re)issued, which needs the root CA key, but {key_path} "
+                "does not exist: pass --signer DIR (the directory that holds ca.key)"
+            )
+        return root_key
+
     wanted = list(DEFAULT_SERVER_HOSTS) + list(hosts or [])
-    if force or not certs.server_cert.exists() or not _covers(certs.server_cert, wanted):
+    if (
+        force
+        or not _fresh(certs.server_cert, LEAF_RENEW_DAYS)
+        or not _covers(certs.server_cert, wanted)
+    ):
+        ca_key = signing_key("the server certificate")
         key = _new_key()
-        cert = _sign(
-            _name("fedmae aggregator"), key.public_key(), ca_cert, ca_key, days, server_hosts=wanted
-        )
+        cert = _sign(_name("fedmae aggregator"), key.public_key(), root, ca_key, days, "server",
+                     server_hosts=wanted)  # fmt: skip
         _write(certs.server_key, _key_pem(key), private=True)
-        _write(certs.server_cert, cert.public_bytes(serialization.Encoding.PEM))
+        _write(certs.server_cert, _pem(cert))
         log.info("issued server certificate for %s", ", ".join(dict.fromkeys(wanted)))
-    if not (certs.dir / "admin" / "client.pem").exists():
-        # The operator's identity (admin role), also used for health checks.
-        issue_client(certs.dir, "admin", certs.dir / "admin", days=days, role="admin")
+    _init_enrollment_ca(certs, root, force, signing_key)
+    if force or not _fresh(ClientIdentity(certs.health_dir).cert, LEAF_RENEW_DAYS):
+        _issue(ClientIdentity(certs.health_dir), "health", HEALTH_ROLE, root,
+               signing_key("the health identity"), b"", _pem(root), days)  # fmt: skip
+        log.info("issued the health-check identity in %s", certs.health_dir)
+    admin = ClientIdentity(Path(admin_out) if admin_out else certs.dir / "admin")
+    pinned = certs.admins_dir / "admin.pem"
+    if force or not (
+        _fresh(admin.cert, LEAF_RENEW_DAYS)
+        # issued by an earlier run into another --admin-out: its key is there, not here
+        or (not admin.cert.exists() and _fresh(pinned, LEAF_RENEW_DAYS))
+    ):
+        _issue(admin, "admin", ADMIN_ROLE, root, signing_key("the admin identity"), b"",
+               _pem(root), days)  # fmt: skip
+        log.info("issued the admin identity in %s", admin.dir)
+    if admin.cert.exists() and (not pinned.exists() or pinned.read_bytes() != _read(admin.cert)):
+        _write(pinned, _read(admin.cert))
     return certs
+
+
+def _init_enrollment_ca(certs: ServerCerts, root: x509.Certificate, force: bool, signing_key):
+    constraints = root.extensions.get_extension_for_class(x509.BasicConstraints).value
+    if constraints.path_length == 0:
+        # A root made before the enrollment CA existed cannot have one under it: the
+        # aggregator keeps signing clients with the root key (CERTS/ca.key or --ca-key).
+        log.warning(
+            "the root CA in %s allows no intermediate CA (made by an older fedmae): no "
+            "enrollment CA; 'fedmae certs init --force' makes a new root (clients re-enroll)",
+            certs.dir,
+        )
+        return
+    if (
+        not force
+        and certs.enrollment_ca_key.exists()
+        and _fresh(certs.enrollment_ca_cert, ENROLLMENT_CA_RENEW_DAYS)
+    ):
+        return
+    ca_key = signing_key("the enrollment CA")
+    key = _new_key()
+    cert = _sign(_name("fedmae enrollment CA"), key.public_key(), root, ca_key,
+                 ENROLLMENT_CA_DAYS, "enrollment-ca")  # fmt: skip
+    _write(certs.enrollment_ca_key, _key_pem(key), private=True)
+    _write(certs.enrollment_ca_cert, _pem(cert))
+    log.info("issued the enrollment CA in %s (restart the aggregator to use it)", certs.dir)
 
 
 def _covers(cert_path: Path, hosts: list[str]) -> bool:
@@ -247,35 +429,82 @@ def _is_ip(h: str) -> bool:
         return False
 
 
-def load_ca(certs: ServerCerts) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    cert = x509.load_pem_x509_certificate(_read(certs.ca_cert))
-    key = serialization.load_pem_private_key(_read(certs.ca_key), password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ConfigError(f"{certs.ca_key} is not an EC private key")
-    return cert, key
+def _issue(
+    ident: ClientIdentity,
+    name: str,
+    role: str | None,
+    issuer: x509.Certificate,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    chain: bytes,
+    root_pem: bytes,
+    days: float,
+) -> ClientIdentity:
+    validate_client_id(name)
+    if not 0 < days <= MAX_LEAF_DAYS:
+        raise ConfigError(f"certificate validity must be up to {MAX_LEAF_DAYS} days, not {days}")
+    private_dir(ident.dir)
+    key = _new_key()
+    cert = _sign(_name(name, role), key.public_key(), issuer, issuer_key, days, "client")
+    _write(ident.key, _key_pem(key), private=True)
+    _write(ident.cert, _pem(cert) + chain)
+    _write(ident.ca_cert, root_pem)
+    return ident
+
+
+def _root_signer(certs: ServerCerts, signer: Path | None) -> ec.EllipticCurvePrivateKey:
+    path = (signer / "ca.key") if signer else certs.ca_key
+    if not path.exists():
+        raise ConfigError(
+            f"the root CA key is not in {path.parent}: pass --signer DIR (the directory "
+            "given to 'fedmae certs init --signer')"
+        )
+    check_private_file(path)
+    key = _load_key(path)
+    if not _is_key_of(key, x509.load_pem_x509_certificate(_read(certs.ca_cert))):
+        raise ConfigError(f"{path} is not the key of the CA in {certs.ca_cert}")
+    return key
 
 
 def issue_client(
     certs_dir: Path | str,
     client_id: str,
     out_dir: Path | str,
-    days: int = 365,
+    days: float = LEAF_DAYS,
     role: str | None = None,
+    signer: Path | str | None = None,
 ) -> ClientIdentity:
-    """Issue a client certificate (CN = ``client_id``) signed by the CA in ``certs_dir``.
+    """Issue a client certificate (CN = ``client_id``) for the CA in ``certs_dir``.
 
     The operator-side shortcut for tests and demos; edge devices enroll with a CSR
-    instead, so their key never leaves them.
+    instead, so their key never leaves them. A plain client is signed like an enrolled
+    one, by the enrollment CA (the root for a CERTS made without one); an identity with
+    a ``role`` (admin, health) by the root, whose key is in ``signer`` or CERTS.
+    ``days`` may be a fraction (a test's short-lived certificate).
     """
-    validate_client_id(client_id)
     certs = ServerCerts(Path(certs_dir))
-    ca_cert, ca_key = load_ca(certs)
-    ident = ClientIdentity(Path(out_dir))
-    key = _new_key()
-    cert = _sign(_name(client_id, role), key.public_key(), ca_cert, ca_key, days, client=True)
-    _write(ident.key, _key_pem(key), private=True)
-    _write(ident.cert, cert.public_bytes(serialization.Encoding.PEM))
-    _write(ident.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
+    root_pem = _read(certs.ca_cert)
+    if role is None and certs.enrollment_ca_key.exists():
+        ca = CertificateAuthority(certs, certs.enrollment_ca_key)
+        return _issue(ClientIdentity(Path(out_dir)), client_id, None, ca.cert, ca._key,
+                      ca.chain_pem, root_pem, days)  # fmt: skip
+    key = _root_signer(certs, Path(signer) if signer else None)
+    root = x509.load_pem_x509_certificate(root_pem)
+    return _issue(ClientIdentity(Path(out_dir)), client_id, role, root, key, b"", root_pem, days)
+
+
+def issue_admin(
+    certs_dir: Path | str,
+    name: str,
+    out_dir: Path | str,
+    days: float = LEAF_DAYS,
+    signer: Path | str | None = None,
+) -> ClientIdentity:
+    """A new admin identity (OU=admin) signed by the root CA, and its public certificate
+    in ``CERTS/admins/NAME.pem`` (pinned when the aggregator next starts; pin it at once
+    with ``fedmae admins add --cert``)."""
+    certs = ServerCerts(Path(certs_dir))
+    ident = issue_client(certs.dir, name, out_dir, days=days, role=ADMIN_ROLE, signer=signer)
+    _write(certs.admins_dir / f"{name}.pem", _read(ident.cert))
     return ident
 
 
@@ -320,8 +549,6 @@ def peer_common_name(context: grpc.ServicerContext) -> str | None:
 
 # ---------------------------------------------------------------- enrollment: CSR and signing
 
-ADMIN_ROLE = "admin"
-
 
 def fingerprint(cert: x509.Certificate) -> str:
     """sha256 of the certificate's DER encoding, hex."""
@@ -349,29 +576,56 @@ class IssuedCertificate:
 
 
 class CertificateAuthority:
-    """The federation's CA, able to sign client CSRs.
+    """The CA that signs enrolled clients' CSRs: the enrollment CA, or the root itself for
+    a certificates directory made without one (or with ``--ca-key`` naming the root key).
 
-    The key is read from ``<certs>/ca.key`` or from ``key_path`` (to keep it outside
-    the state directory). Either way it must not be readable by group or others.
+    ``key_path`` (``--ca-key``) names the key; without it the enrollment CA's key in
+    CERTS is used if present, else ``CERTS/ca.key``. It must not be readable by group or
+    others, and must be the key of ``enrollment-ca.pem`` or ``ca.pem``.
     """
 
     def __init__(self, certs: ServerCerts, key_path: Path | None = None):
-        self.cert_path = certs.ca_cert
-        self.key_path = key_path or certs.ca_key
+        self.root_path = certs.ca_cert
+        if key_path is None:
+            key_path = certs.enrollment_ca_key if certs.enrollment_ca_key.exists() else certs.ca_key
+        self.key_path = key_path
         check_private_file(self.key_path)
-        self.cert = x509.load_pem_x509_certificate(_read(self.cert_path))
-        key = serialization.load_pem_private_key(_read(self.key_path), password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ConfigError(f"{self.key_path} is not an EC private key")
-        if key.public_key().public_numbers() != self.cert.public_key().public_numbers():
-            raise ConfigError(f"{self.key_path} is not the key of the CA in {self.cert_path}")
+        self.root = x509.load_pem_x509_certificate(_read(self.root_path))
+        key = _load_key(self.key_path)
+        self.chain_pem = b""  # certificates between a leaf and the root, sent with the leaf
+        if _is_key_of(key, self.root):
+            self.cert = self.root
+        elif certs.enrollment_ca_cert.exists() and _is_key_of(
+            key, enrollment := x509.load_pem_x509_certificate(_read(certs.enrollment_ca_cert))
+        ):
+            try:
+                enrollment.verify_directly_issued_by(self.root)
+            except (ValueError, TypeError, InvalidSignature):
+                raise ConfigError(
+                    f"{certs.enrollment_ca_cert} is not signed by the CA in {self.root_path}: "
+                    "run 'fedmae certs init' again"
+                ) from None
+            self.cert = enrollment
+            self.chain_pem = _pem(enrollment)
+        else:
+            raise ConfigError(
+                f"{self.key_path} is not the key of the CA in {self.root_path} (nor of the "
+                f"enrollment CA in {certs.enrollment_ca_cert})"
+            )
         self._key = key
+        days_left = (self.cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).days
+        if days_left < MAX_LEAF_DAYS:
+            log.warning(
+                "the signing CA %s expires in %d days: certificates it signs end then too; "
+                "run 'fedmae certs init' (with --signer) and restart", self.key_path, days_left,
+            )  # fmt: skip
 
     @property
     def cert_pem(self) -> bytes:
-        return self.cert.public_bytes(serialization.Encoding.PEM)
+        """The root certificate clients trust (never a key)."""
+        return _pem(self.root)
 
-    def sign_csr(self, csr_pem: bytes, client_id: str, days: int) -> IssuedCertificate:
+    def sign_csr(self, csr_pem: bytes, client_id: str, days: float) -> IssuedCertificate:
         """Sign a client CSR; the subject is ours (CN = ``client_id``), never the CSR's."""
         from fedmae.errors import InvalidRequest
 
@@ -397,11 +651,11 @@ class CertificateAuthority:
                 f"the CSR asks for the name {cns[0].value!r}, but this enrollment is for "
                 f"{client_id!r}"
             )
-        if not 1 <= days <= 3650:
-            raise InvalidRequest("certificate validity must be 1 to 3650 days")
-        cert = _sign(_name(client_id), public_key, self.cert, self._key, days, client=True)
+        if not 0 < days <= MAX_LEAF_DAYS:
+            raise InvalidRequest(f"certificate validity must be up to {MAX_LEAF_DAYS} days")
+        cert = _sign(_name(client_id), public_key, self.cert, self._key, days, "client")
         return IssuedCertificate(
-            pem=cert.public_bytes(serialization.Encoding.PEM),
+            pem=_pem(cert) + self.chain_pem,  # the leaf first: TLS presents the chain
             fingerprint=fingerprint(cert),
             serial=format(cert.serial_number, "x"),
             not_after=cert.not_valid_after_utc.timestamp(),
@@ -426,14 +680,13 @@ def check_private_file(path: Path) -> None:
 @dataclass(frozen=True)
 class PeerCertificate:
     common_name: str
-    role: str | None  # OU, "admin" for the operator
+    role: str | None  # OU: "admin" for an operator, "health" for health checks
     fingerprint: str
     serial: str
+    not_after: float  # unix time; TLS checks it at the handshake only, auth.py on every call
 
 
-@functools.lru_cache(maxsize=4096)
-def _parse_peer(pem: bytes) -> PeerCertificate:
-    cert = x509.load_pem_x509_certificate(pem)
+def _peer_of(cert: x509.Certificate) -> PeerCertificate:
     cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     ou = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
     return PeerCertificate(
@@ -441,7 +694,13 @@ def _parse_peer(pem: bytes) -> PeerCertificate:
         role=str(ou[0].value) if ou else None,
         fingerprint=fingerprint(cert),
         serial=format(cert.serial_number, "x"),
+        not_after=cert.not_valid_after_utc.timestamp(),
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_peer(pem: bytes) -> PeerCertificate:
+    return _peer_of(x509.load_pem_x509_certificate(pem))
 
 
 def peer_certificate(context: grpc.ServicerContext) -> PeerCertificate | None:
@@ -450,6 +709,46 @@ def peer_certificate(context: grpc.ServicerContext) -> PeerCertificate | None:
     if not values:
         return None
     return _parse_peer(bytes(values[0]))
+
+
+def admin_certificate(pem: bytes, root_pem: bytes, now: float) -> PeerCertificate:
+    """Check an admin certificate before pinning it: one certificate, OU=admin, a valid
+    name, signed directly by the root CA in ``root_pem``, not a CA, and not expired."""
+    from fedmae.errors import InvalidRequest
+
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError as err:
+        raise InvalidRequest(f"not a PEM certificate: {err}") from None
+    root = x509.load_pem_x509_certificate(root_pem)
+    try:
+        cert.verify_directly_issued_by(root)
+    except (ValueError, TypeError, InvalidSignature):
+        raise InvalidRequest(
+            "this certificate is not signed by this federation's root CA: issue admin "
+            "certificates with 'fedmae certs issue-admin'"
+        ) from None
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise InvalidRequest("a CA certificate cannot be an admin")
+    except x509.ExtensionNotFound:
+        pass
+    peer = _peer_of(cert)
+    if peer.role != ADMIN_ROLE:
+        raise InvalidRequest(
+            f"certificate {peer.common_name!r} has role {peer.role or 'none'!r}, not "
+            f"{ADMIN_ROLE!r}: issue it with 'fedmae certs issue-admin'"
+        )
+    if not CLIENT_ID_RE.match(peer.common_name):
+        raise InvalidRequest(f"invalid admin name {peer.common_name!r}")
+    if peer.not_after <= now:
+        raise InvalidRequest(f"certificate {peer.common_name!r} expired at {utc(peer.not_after)}")
+    return peer
+
+
+def utc(unix_time: float) -> str:
+    """``2026-01-31 12:00:00 UTC``: how messages name a certificate's expiry."""
+    return dt.datetime.fromtimestamp(unix_time, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def certificate_info(pem: bytes) -> IssuedCertificate:
@@ -465,8 +764,13 @@ def certificate_info(pem: bytes) -> IssuedCertificate:
 def save_identity(
     out_dir: Path | str, key_pem: bytes, cert_pem: bytes, ca_pem: bytes
 ) -> ClientIdentity:
-    """Write an identity directory (the key 0600) that ``fedmae client`` can use."""
+    """Write an identity directory (0700, the key 0600) that ``fedmae client`` can use.
+
+    ``cert_pem`` is the certificate followed by the CA certificates between it and the
+    root (the enrollment CA): gRPC presents the whole chain.
+    """
     ident = ClientIdentity(Path(out_dir))
+    private_dir(ident.dir)
     _write(ident.key, key_pem, private=True)
     _write(ident.cert, cert_pem)
     _write(ident.ca_cert, ca_pem)

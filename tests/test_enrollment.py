@@ -237,14 +237,17 @@ def test_enrollment_response_never_carries_the_ca_key(fed):
     _, csr = tls.make_key_and_csr("site-1")
     resp = _enroll_raw(f, f.token(), csr, name="site-1")
     wire = resp.SerializeToString()
-    ca_key = serialization.load_pem_private_key(f.certs.ca_key.read_bytes(), None)
-    secret = ca_key.private_numbers().private_value.to_bytes(32, "big")
     assert b"PRIVATE KEY" not in wire
-    assert f.certs.ca_key.read_bytes() not in wire and secret not in wire
+    for key_file in (f.certs.ca_key, f.certs.enrollment_ca_key):
+        ca_key = serialization.load_pem_private_key(key_file.read_bytes(), None)
+        secret = ca_key.private_numbers().private_value.to_bytes(32, "big")
+        assert key_file.read_bytes() not in wire and secret not in wire
     assert resp.ca_certificate_pem == f.ca_pem
-    cert = x509.load_pem_x509_certificate(resp.certificate_pem)
+    # The certificate, then the enrollment CA that signed it (which the root signed).
+    cert, enrollment_ca = x509.load_pem_x509_certificates(resp.certificate_pem)
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "site-1"
-    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(f.ca_pem))
+    cert.verify_directly_issued_by(enrollment_ca)
+    enrollment_ca.verify_directly_issued_by(x509.load_pem_x509_certificate(f.ca_pem))
 
 
 def test_renewal_needs_a_bound_token_and_replaces_the_old_certificate(fed):
@@ -361,7 +364,8 @@ def test_admin_actions_and_enrollments_are_audited(fed):
     f.admin.RevokeClient(apb.RevokeClientRequest(client_id="s1", reason="test"), timeout=TIMEOUT)
     entries = f.admin.Audit(apb.AuditRequest(), timeout=TIMEOUT).entries
     actions = [(e.actor.split(":")[0], e.action, e.target) for e in entries]
-    assert ("admin", "token.create", entries[0].target) == actions[0]
+    assert ("server", "admin.pin", "admin") == actions[0]  # CERTS/admins, at start
+    assert ("admin", "token.create", entries[1].target) == actions[1]
     assert ("token", "client.enroll", "s1") in actions
     assert ("admin", "client.revoke", "s1") in actions
     with pytest.raises(grpc.RpcError) as missing:
@@ -371,6 +375,10 @@ def test_admin_actions_and_enrollments_are_audited(fed):
 
 def test_ca_key_permissions_and_separate_path(tmp_path):
     certs = tls.init_certs(tmp_path / "certs")
+    certs.enrollment_ca_key.chmod(0o644)  # the key the aggregator signs enrollments with
+    with pytest.raises(ConfigError, match="chmod 600"):
+        make_server(tmp_path / "state", certs.dir, 1, 1)
+    certs.enrollment_ca_key.unlink()  # a CERTS made before the enrollment CA: the root signs
     certs.ca_key.chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         make_server(tmp_path / "state", certs.dir, 1, 1)

@@ -216,3 +216,57 @@ class StatusResponse(_message.Message):
     min_clients: int
     last_record_json: str
     def __init__(self, state: _Optional[str] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., version: _Optional[int] = ..., rounds_target: _Optional[int] = ..., connected: _Optional[_Iterable[str]] = ..., selected: _Optional[_Iterable[str]] = ..., reported: _Optional[_Iterable[str]] = ..., uploading: _Optional[_Iterable[str]] = ..., round_elapsed_s: _Optional[float] = ..., deadline_in_s: _Optional[float] = ..., min_clients: _Optional[int] = ..., last_record_json: _Optional[str] = ...) -> None: ...
+
+class AdminInfo(_message.Message):
+    __slots__ = ("name", "status", "fingerprint_sha256", "serial", "created", "not_after", "added_by", "revoked_at", "revoke_reason", "is_caller")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    ADDED_BY_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    REVOKE_REASON_FIELD_NUMBER: _ClassVar[int]
+    IS_CALLER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    status: str
+    fingerprint_sha256: str
+    serial: str
+    created: _timestamp_pb2.Timestamp
+    not_after: _timestamp_pb2.Timestamp
+    added_by: str
+    revoked_at: _timestamp_pb2.Timestamp
+    revoke_reason: str
+    is_caller: bool
+    def __init__(self, name: _Optional[str] = ..., status: _Optional[str] = ..., fingerprint_sha256: _Optional[str] = ..., serial: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., added_by: _Optional[str] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_reason: _Optional[str] = ..., is_caller: _Optional[bool] = ...) -> None: ...
+
+class ListAdminsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAdminsResponse(_message.Message):
+    __slots__ = ("admins",)
+    ADMINS_FIELD_NUMBER: _ClassVar[int]
+    admins: _containers.RepeatedCompositeFieldContainer[AdminInfo]
+    def __init__(self, admins: _Optional[_Iterable[_Union[AdminInfo, _Mapping]]] = ...) -> None: ...
+
+class AddAdminRequest(_message.Message):
+    __slots__ = ("certificate_pem",)
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    certificate_pem: bytes
+    def __init__(self, certificate_pem: _Optional[bytes] = ...) -> None: ...
+
+class RevokeAdminRequest(_message.Message):
+    __slots__ = ("name", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RevokeAdminResponse(_message.Message):
+    __slots__ = ("revoked",)
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    revoked: _containers.RepeatedCompositeFieldContainer[AdminInfo]
+    def __init__(self, revoked: _Optional[_Iterable[_Union[AdminInfo, _Mapping]]] = ...) -> None: ...

@@ -79,6 +79,21 @@ class AdminStub:
                 request_serializer=fedmae_dot_v1_dot_admin__pb2.AuditRequest.SerializeToString,
                 response_deserializer=fedmae_dot_v1_dot_admin__pb2.AuditResponse.FromString,
                 _registered_method=True)
+        self.ListAdmins = channel.unary_unary(
+                '/fedmae.v1.Admin/ListAdmins',
+                request_serializer=fedmae_dot_v1_dot_admin__pb2.ListAdminsRequest.SerializeToString,
+                response_deserializer=fedmae_dot_v1_dot_admin__pb2.ListAdminsResponse.FromString,
+                _registered_method=True)
+        self.AddAdmin = channel.unary_unary(
+                '/fedmae.v1.Admin/AddAdmin',
+                request_serializer=fedmae_dot_v1_dot_admin__pb2.AddAdminRequest.SerializeToString,
+                response_deserializer=fedmae_dot_v1_dot_admin__pb2.AdminInfo.FromString,
+                _registered_method=True)
+        self.RevokeAdmin = channel.unary_unary(
+                '/fedmae.v1.Admin/RevokeAdmin',
+                request_serializer=fedmae_dot_v1_dot_admin__pb2.RevokeAdminRequest.SerializeToString,
+                response_deserializer=fedmae_dot_v1_dot_admin__pb2.RevokeAdminResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -140,6 +155,27 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAdmins(self, request, context):
+        """Pinned admin certificates, active and revoked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddAdmin(self, request, context):
+        """Pin another admin's certificate (signed by the root CA, OU=admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeAdmin(self, request, context):
+        """Revoke every active certificate of an admin: refused from its next call on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +223,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Audit,
                     request_deserializer=fedmae_dot_v1_dot_admin__pb2.AuditRequest.FromString,
                     response_serializer=fedmae_dot_v1_dot_admin__pb2.AuditResponse.SerializeToString,
+            ),
+            'ListAdmins': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdmins,
+                    request_deserializer=fedmae_dot_v1_dot_admin__pb2.ListAdminsRequest.FromString,
+                    response_serializer=fedmae_dot_v1_dot_admin__pb2.ListAdminsResponse.SerializeToString,
+            ),
+            'AddAdmin': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddAdmin,
+                    request_deserializer=fedmae_dot_v1_dot_admin__pb2.AddAdminRequest.FromString,
+                    response_serializer=fedmae_dot_v1_dot_admin__pb2.AdminInfo.SerializeToString,
+            ),
+            'RevokeAdmin': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAdmin,
+                    request_deserializer=fedmae_dot_v1_dot_admin__pb2.RevokeAdminRequest.FromString,
+                    response_serializer=fedmae_dot_v1_dot_admin__pb2.RevokeAdminResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -432,6 +483,87 @@ class Admin:
             '/fedmae.v1.Admin/Audit',
             fedmae_dot_v1_dot_admin__pb2.AuditRequest.SerializeToString,
             fedmae_dot_v1_dot_admin__pb2.AuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdmins(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmae.v1.Admin/ListAdmins',
+            fedmae_dot_v1_dot_admin__pb2.ListAdminsRequest.SerializeToString,
+            fedmae_dot_v1_dot_admin__pb2.ListAdminsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddAdmin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmae.v1.Admin/AddAdmin',
+            fedmae_dot_v1_dot_admin__pb2.AddAdminRequest.SerializeToString,
+            fedmae_dot_v1_dot_admin__pb2.AdminInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeAdmin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmae.v1.Admin/RevokeAdmin',
+            fedmae_dot_v1_dot_admin__pb2.RevokeAdminRequest.SerializeToString,
+            fedmae_dot_v1_dot_admin__pb2.RevokeAdminResponse.FromString,
             options,
             channel_credentials,
             insecure,
