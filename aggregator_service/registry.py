@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aggregator_service.round_log import record_json
 from fedmae.errors import (
     AlreadyExists,
     InvalidRequest,
@@ -404,7 +405,7 @@ class Registry:
                 "INSERT INTO rounds (round, attempt, status, version, time, record)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (record["round"], record["attempt"], record["status"], record["version"],
-                 time.time(), json.dumps(record)),
+                 time.time(), record_json(record)),
             )  # fmt: skip
             if record["status"] == "published":
                 db.executemany(

@@ -8,13 +8,19 @@ from pathlib import Path
 from typing import Any, TextIO
 
 
+def record_json(record: dict[str, Any]) -> str:
+    """A round record as one line of strict JSON: a NaN or Infinity in it is a
+    ``ValueError`` here, never a ``NaN`` token that strict parsers reject."""
+    return json.dumps(record, separators=(",", ":"), allow_nan=False)
+
+
 class RoundLog:
     def __init__(self, path: Path, echo: TextIO | None = None):
         self.path = path
         self.echo = echo
 
     def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, sort_keys=False, separators=(",", ":"))
+        line = record_json(record)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
