@@ -74,7 +74,7 @@ class ServerConfig:
     # How far one update can move the model (aggregator_service/update_bounds.py):
     # its weight is min(num_samples, training.max_samples or max_client_samples), its
     # delta is clipped to the round's L2 bound: "auto", a fixed bound, or 0 = off.
-    max_client_samples: int = 100_000
+    max_client_samples: int = 10_000
     max_update_norm: float | str = "auto"
     norm_bound_factor: float = 3.0  # auto: B = factor x median norm of the last round
     norm_bound_ratio: float = 1.0  # auto, no history: B = ratio x norm of the model

@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--max-client-samples",
         type=int,
-        default=100_000,
+        default=10_000,
         help="an update weighs at most this many samples, whatever it claims, when "
         "--max-samples is 0 (with --max-samples set, that is the cap) (default %(default)s)",
     )
