@@ -76,8 +76,8 @@ class ServerConfig:
     # delta is clipped to the round's L2 bound: "auto", a fixed bound, or 0 = off.
     max_client_samples: int = 10_000
     max_update_norm: float | str = "auto"
-    norm_bound_factor: float = 3.0  # auto: B = factor x median norm of the last round
-    norm_bound_ratio: float = 1.0  # auto, no history: B = ratio x norm of the model
+    norm_bound_factor: float = 5.0  # auto: B = factor x median norm of the last round
+    norm_bound_ratio: float = 0.5  # auto, no history: B = ratio x norm of the model
 
     @property
     def certs(self) -> Path:

@@ -415,14 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--norm-bound-factor",
         type=float,
-        default=3.0,
+        default=5.0,
         help="auto bound: this many times the median update norm of the last published "
         "round (default %(default)s)",
     )
     s.add_argument(
         "--norm-bound-ratio",
         type=float,
-        default=1.0,
+        default=0.5,
         help="auto bound of a round without history (round 1, or a resumed log without "
         "norms): this fraction of the model's own L2 norm (default %(default)s)",
     )
