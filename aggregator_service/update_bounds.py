@@ -17,7 +17,8 @@ Two limits make every site's influence bounded (norm-bounded FedAvg, Sun et al. 
 
 With honest sites H (nᵢ <= W, ||Δᵢ|| <= B, weighted mean delta Δ̄_H over N_H samples) and
 k other sites, the published model stays within  kW / (N_H + kW) · (B + ||Δ̄_H||)  of
-the honest sites' FedAvg (docs/security.md has the derivation).
+the honest sites' FedAvg (derivation and the measurements behind the defaults:
+docs/round-log.md, "How far one site can move the model").
 """
 
 from __future__ import annotations

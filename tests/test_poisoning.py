@@ -2,7 +2,7 @@
 
 Over real gRPC with mutual TLS: scripted sites send deltas and sample counts the test
 chooses (a false 2^40 claim, a 100x scaled delta), and the published model is checked
-against the bound documented in docs/security.md: with weights capped at W and deltas
+against the bound documented in docs/round-log.md: with weights capped at W and deltas
 clipped to B, k dishonest sites move the model at most
 
     kW / (N_H + kW) * (B + ||mean honest delta||)
