@@ -14,6 +14,7 @@ from aggregator_service import admin_pins
 from aggregator_service.auth import Authorizer
 from aggregator_service.registry import AdminRecord, ClientRecord, Registry, TokenRecord
 from aggregator_service.round_feed import RoundFeed
+from aggregator_service.round_log import record_json
 from aggregator_service.round_manager import RoundManager
 from fedmae._proto import admin_pb2 as apb
 from fedmae._proto import admin_pb2_grpc as apb_grpc
@@ -124,7 +125,7 @@ class AdminServicer(apb_grpc.AdminServicer):
         def status(actor: str) -> apb.StatusResponse:
             snap = self.rounds.status()
             last = snap.pop("last_record")
-            return apb.StatusResponse(**snap, last_record_json=json.dumps(last) if last else "")
+            return apb.StatusResponse(**snap, last_record_json=record_json(last) if last else "")
 
         return self._run(context, status)
 

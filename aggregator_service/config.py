@@ -71,7 +71,13 @@ class ServerConfig:
     # in gRPC's send queue, so this many MB / model size downloads run at once (2..64).
     download_budget_mb: int = 128
     max_requests_per_s: float = 20.0  # per client, token bucket (burst 2x); 0 = no limit
-    max_update_norm: float = 0.0  # refuse deltas with a larger L2 norm; 0 = no bound
+    # How far one update can move the model (aggregator_service/update_bounds.py):
+    # its weight is min(num_samples, training.max_samples or max_client_samples), its
+    # delta is clipped to the round's L2 bound: "auto", a fixed bound, or 0 = off.
+    max_client_samples: int = 10_000
+    max_update_norm: float | str = "auto"
+    norm_bound_factor: float = 5.0  # auto: B = factor x median norm of the last round
+    norm_bound_ratio: float = 0.5  # auto, no history: B = ratio x norm of the model
 
     @property
     def certs(self) -> Path:

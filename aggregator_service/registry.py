@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator_service.audit_throttle import OVERFLOW_KEY, AuditThrottle, Suppressed, peer_ip
+from aggregator_service.round_log import record_json
 from fedmae.enrollment_policy import (
     check_client_name,
     check_labels,
@@ -615,7 +616,7 @@ class Registry:
                 "INSERT INTO rounds (round, attempt, status, version, time, record)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (record["round"], record["attempt"], record["status"], record["version"],
-                 time.time(), json.dumps(record)),
+                 time.time(), record_json(record)),
             )  # fmt: skip
             if record["status"] == "published":
                 db.executemany(

@@ -10,6 +10,12 @@ from typing import Any, TextIO
 from fedmae.private_files import PRIVATE_FILE, private_file
 
 
+def record_json(record: dict[str, Any]) -> str:
+    """A round record as one line of strict JSON: a NaN or Infinity in it is a
+    ``ValueError`` here, never a ``NaN`` token that strict parsers reject."""
+    return json.dumps(record, separators=(",", ":"), allow_nan=False)
+
+
 class RoundLog:
     def __init__(self, path: Path, echo: TextIO | None = None):
         self.path = path
@@ -18,7 +24,7 @@ class RoundLog:
             private_file(path)  # one written by an older fedmae was 0644
 
     def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, sort_keys=False, separators=(",", ":"))
+        line = record_json(record)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
         with open(fd, "a", encoding="utf-8") as f:
             f.write(line + "\n")

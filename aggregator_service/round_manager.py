@@ -9,6 +9,7 @@ else retry the round. All shared state is guarded by one condition variable.
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import os
 import queue
@@ -26,8 +27,10 @@ from aggregator_service.checkpoint_store import Checkpoint, CheckpointStore
 from aggregator_service.config import ServerConfig
 from aggregator_service.round_log import RoundLog
 from aggregator_service.strategy import Strategy
+from aggregator_service.update_bounds import UpdateBounds
 from fedmae import wire
 from fedmae._proto import federation_pb2 as pb
+from fedmae.config import check_update_metrics
 from fedmae.errors import (
     DuplicateUpdate,
     FedmaeError,
@@ -50,7 +53,6 @@ from fedmae.tensor_codec import (
 
 log = logging.getLogger(__name__)
 
-MAX_SAMPLES_PER_UPDATE = 1 << 40  # a sanity bound on the aggregation weight
 _RELEASE_EVERY = 8 << 20  # downloads: drop sent checkpoint pages from RSS this often
 
 
@@ -102,11 +104,13 @@ class Subscription:
 @dataclass
 class ClientResult:
     client_id: str
-    num_samples: int
+    num_samples: int  # the aggregation weight used: the claim, capped (update_bounds)
     metrics: dict[str, float]
     bytes: int
     upload_s: float
-    update_norm: float = 0.0
+    update_norm: float = 0.0  # of the delta as received, before clipping
+    claimed_samples: int = 0  # num_samples as the client reported it
+    clip_scale: float = 1.0  # the delta was folded in times this
 
 
 @dataclass
@@ -123,6 +127,7 @@ class RoundState:
     rejected: dict[str, str] = field(default_factory=dict)
     revoked: set[str] = field(default_factory=set)
     invalidated: str | None = None  # set when an aggregated update must not be published
+    norm_bound: float | None = None  # L2 bound updates are clipped to; None = off
     closed: bool = False
     bytes_in: int = 0
     bytes_out: int = 0
@@ -172,6 +177,7 @@ class RoundManager:
         self.store = store
         self.strategy = strategy
         self.round_log = round_log
+        self.bounds = UpdateBounds(config, history=round_log.read)
         self.version = checkpoint.version
         self.next_round = checkpoint.round + 1
         self._cond = threading.Condition()
@@ -345,6 +351,7 @@ class RoundManager:
                 self.policy.min_clients,
                 self.policy.seed,
             )
+            norm_bound = self.bounds.round_bound(round_, lambda: self.global_flat)
             now = time.monotonic()
             state = RoundState(
                 round=round_,
@@ -354,6 +361,7 @@ class RoundManager:
                 deadline=now + self.policy.round_timeout_s,
                 started=now,
                 encoding=self.config.training.to_proto().update_encoding,
+                norm_bound=norm_bound,
             )
             # The checkpoint holds the base version and downloads stream from it, so the
             # round needs no copy in memory until it aggregates: peak RSS stays at the
@@ -453,6 +461,8 @@ class RoundManager:
                 extra["reason"] = reason
             record = self._record(state, status, phases, **extra)
             self.last_record = record
+            if success:
+                self.bounds.published(record)  # the next round's auto norm bound
             self.phase = "waiting"
         self.round_log.append(record)
         release_free_memory()  # the round's transfer buffers, freed but kept by malloc
@@ -503,7 +513,7 @@ class RoundManager:
         """The round-log record (schema: docs/round-log.md)."""
         results = sorted(state.accepted.values(), key=lambda r: r.client_id)
         norms = sorted(r.update_norm for r in results)
-        return {
+        record = {
             "round": state.round,
             "attempt": state.attempt,
             "status": status,
@@ -525,6 +535,8 @@ class RoundManager:
             }
             if norms
             else None,  # fmt: skip
+            "norm_bound": state.norm_bound,
+            "weight_cap": self.bounds.cap,
             "duration_s": round(time.monotonic() - state.started, 3),
             "phases": phases,
             "bytes_in": state.bytes_in,
@@ -535,9 +547,12 @@ class RoundManager:
                 {
                     "id": r.client_id,
                     "samples": r.num_samples,
+                    "samples_claimed": r.claimed_samples,
+                    "capped": r.num_samples < r.claimed_samples,
                     "train_loss": r.metrics.get("train_loss"),
                     "val_loss": r.metrics.get("val_loss"),
                     "update_norm": r.update_norm,
+                    "clipped": r.clip_scale < 1.0,
                     "bytes": r.bytes,
                     "upload_s": round(r.upload_s, 3),
                 }
@@ -546,6 +561,13 @@ class RoundManager:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **extra,
         }
+        eval_loss = record.get("eval_loss")
+        if eval_loss is not None and not math.isfinite(eval_loss):
+            # The round log is strict JSON (no NaN/Infinity): a diverged model's loss is
+            # reported here and recorded as unknown.
+            log.error("round %d: the new model's evaluation loss is %s", state.round, eval_loss)
+            record["eval_loss"] = None
+        return record
 
     def recovered_record(self, round_: int, version: int) -> dict[str, Any]:
         """The record of a round whose checkpoint survived a crash but whose log line
@@ -554,7 +576,8 @@ class RoundManager:
             "round": round_, "attempt": 1, "status": "published", "version": version,
             "base_version": version - 1, "selected": [], "participants": [], "dropped": [],
             "dropped_reasons": {}, "rejected": [], "num_samples": 0, "train_loss": None,
-            "val_loss": None, "eval_loss": None, "update_norm": None, "duration_s": 0.0,
+            "val_loss": None, "eval_loss": None, "update_norm": None, "norm_bound": None,
+            "weight_cap": None, "duration_s": 0.0,
             "phases": {}, "bytes_in": 0, "bytes_out": 0,
             "encoding": encoding_name(self.config.training.to_proto().update_encoding),
             "strategy": self.strategy.name, "clients": [],
@@ -650,7 +673,9 @@ class RoundManager:
                 if ticket is not None:
                     self._upload_queue.remove(ticket)
                     self._cond.notify_all()
-            decoder = PayloadDecoder(self.layout, header.manifest, pool=self._buffers)
+            decoder = PayloadDecoder(
+                self.layout, header.manifest, pool=self._buffers, require_digest=True
+            )
             state.uploading.add(client_id)
             return UploadSession(state, client_id, header, decoder)
 
@@ -679,8 +704,9 @@ class RoundManager:
             raise DuplicateUpdate(
                 f"client {client_id} already sent an update for round {state.round}"
             )
-        if not 0 < header.num_samples <= MAX_SAMPLES_PER_UPDATE:
+        if header.num_samples <= 0:
             raise InvalidUpdate(f"num_samples must be positive, got {header.num_samples}")
+        check_update_metrics(header.metrics)
         return state
 
     def complete_upload(self, session: UploadSession, digest: str) -> pb.UpdateReceipt:
@@ -690,12 +716,9 @@ class RoundManager:
         except FedmaeError as err:
             self.abort_upload(session, str(err), err.code.name.lower())
             raise
-        norm = session.decoder.norm
-        bound = self.config.max_update_norm
-        if bound and norm > bound:
-            err = InvalidUpdate(f"update norm {norm:.4g} is over the bound {bound:.4g}")
-            self.abort_upload(session, str(err), err.code.name.lower())
-            raise err
+        weighing = self.bounds.weigh(
+            int(session.header.num_samples), session.decoder.norm, session.state.norm_bound
+        )
         with self._cond:
             state = session.state
             session.done = True
@@ -716,28 +739,42 @@ class RoundManager:
                     f"round {state.round} closed before the update from "
                     f"{session.client_id} completed"
                 )
-            self.strategy.accumulate(delta, int(session.header.num_samples))
+            self.strategy.accumulate(delta, weighing.weight, weighing.scale)
             del delta
             session.decoder.release()  # before the slot frees: the next upload reuses it
             state.rejected.pop(session.client_id, None)  # an earlier refused try is moot now
             state.accepted[session.client_id] = ClientResult(
                 client_id=session.client_id,
-                num_samples=int(session.header.num_samples),
+                num_samples=weighing.weight,
                 metrics=dict(session.header.metrics),
                 bytes=session.bytes,
                 upload_s=time.monotonic() - session.started,
-                update_norm=norm,
+                update_norm=weighing.norm,
+                claimed_samples=weighing.claimed,
+                clip_scale=weighing.scale,
             )
             self._cond.notify_all()
             log.info(
                 "round %d: accepted update from %s (%d samples, %d bytes, %d/%d)",
                 state.round,
                 session.client_id,
-                session.header.num_samples,
+                weighing.weight,
                 session.bytes,
                 len(state.accepted),
                 len(state.selected),
             )
+            if weighing.capped:
+                log.warning(
+                    "round %d: %s claims %d samples, more than the cap of %d: weighted as %d",
+                    state.round, session.client_id, weighing.claimed, self.bounds.cap,
+                    weighing.weight,
+                )  # fmt: skip
+            if weighing.clipped:
+                log.warning(
+                    "round %d: update from %s has L2 norm %.4g, over the bound %.4g: "
+                    "clipped (scaled by %.3g)", state.round, session.client_id, weighing.norm,
+                    state.norm_bound, weighing.scale,
+                )  # fmt: skip
             receipt = pb.UpdateReceipt(
                 round=state.round,
                 bytes_received=session.bytes,

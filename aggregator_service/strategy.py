@@ -38,11 +38,14 @@ class Strategy(ABC):
         """Reset per-round state before the first update arrives (``numel`` parameters)."""
 
     @abstractmethod
-    def accumulate(self, delta: torch.Tensor, num_samples: int) -> None:
+    def accumulate(self, delta: torch.Tensor, weight: int, scale: float = 1.0) -> None:
         """Fold one validated update (flat float32 delta) in. Called under a lock.
 
-        ``delta`` is valid only during the call: its memory is a receive buffer that
-        the next upload reuses. Copy whatever must outlive the call."""
+        ``weight`` is the update's capped sample count and ``scale`` its clipping factor
+        min(1, B/||delta||) (``update_bounds``): the update to fold in is
+        ``scale * delta`` with weight ``weight``. ``delta`` is valid only during the
+        call: its memory is a receive buffer that the next upload reuses. Copy whatever
+        must outlive the call."""
 
     @abstractmethod
     def aggregate(self, global_flat: torch.Tensor) -> torch.Tensor:
@@ -54,7 +57,9 @@ class Strategy(ABC):
 
 
 class FedAvg(Strategy):
-    """θ ← θ + Σ nᵢΔᵢ / Σ nᵢ (McMahan et al. 2017), accumulated in place."""
+    """θ ← θ + Σ wᵢsᵢΔᵢ / Σ wᵢ (McMahan et al. 2017), accumulated in place; with the
+    round manager's capped weights wᵢ and clipping factors sᵢ this is norm-bounded
+    FedAvg (Sun et al. 2019)."""
 
     name = "fedavg"
 
@@ -69,10 +74,10 @@ class FedAvg(Strategy):
             self._acc.zero_()  # reuse: no new allocation per round
         self._total = 0
 
-    def accumulate(self, delta: torch.Tensor, num_samples: int) -> None:
+    def accumulate(self, delta: torch.Tensor, weight: int, scale: float = 1.0) -> None:
         assert self._acc is not None, "begin_round was not called"
-        self._acc.add_(delta, alpha=float(num_samples))
-        self._total += num_samples
+        self._acc.add_(delta, alpha=float(weight) * scale)  # one pass; clipping costs nothing
+        self._total += weight
 
     def aggregate(self, global_flat: torch.Tensor) -> torch.Tensor:
         assert self._acc is not None and self._total > 0, "no updates to aggregate"

@@ -143,7 +143,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         transfer_wait_s=args.transfer_wait,
         download_budget_mb=args.download_budget_mb,
         max_requests_per_s=args.max_requests_per_s,
+        max_client_samples=args.max_client_samples,
         max_update_norm=args.max_update_norm,
+        norm_bound_factor=args.norm_bound_factor,
+        norm_bound_ratio=args.norm_bound_ratio,
     )
     if not config.insecure and not (config.certs / "server.pem").exists():
         from fedmae import tls
@@ -454,14 +457,48 @@ def build_parser() -> argparse.ArgumentParser:
         "2 to 64; more wait their turn (default %(default)s)",
     )
     s.add_argument("--max-requests-per-s", type=float, default=20.0, help="per client; 0 = off")
-    s.add_argument("--max-update-norm", type=float, default=0.0, help="L2 bound; 0 = off")
+    s.add_argument(
+        "--max-update-norm",
+        type=_norm_bound,
+        default="auto",
+        help="clip each update's delta to this L2 norm before averaging: 'auto' (from the "
+        "last round's norms, see --norm-bound-factor/--norm-bound-ratio), a number, or "
+        "'off' / 0 (default %(default)s)",
+    )
+    s.add_argument(
+        "--norm-bound-factor",
+        type=float,
+        default=5.0,
+        help="auto bound: this many times the median update norm of the last published "
+        "round (default %(default)s)",
+    )
+    s.add_argument(
+        "--norm-bound-ratio",
+        type=float,
+        default=0.5,
+        help="auto bound of a round without history (round 1, or a resumed log without "
+        "norms): this fraction of the model's own L2 norm (default %(default)s)",
+    )
+    s.add_argument(
+        "--max-client-samples",
+        type=int,
+        default=10_000,
+        help="an update weighs at most this many samples, whatever it claims, when "
+        "--max-samples is 0 (with --max-samples set, that is the cap) (default %(default)s)",
+    )
     s.add_argument("--local-epochs", type=int, default=1)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--weight-decay", type=float, default=0.05)
     s.add_argument("--mask-ratio", type=float, default=0.75)
     s.add_argument("--encoding", default="fp32", choices=ENCODING_NAMES)
-    s.add_argument("--max-samples", type=int, default=0, help="per client per round; 0 = all")
+    s.add_argument(
+        "--max-samples",
+        type=int,
+        default=0,
+        help="samples per client per round; 0 = all. Also caps an update's weight "
+        "(default %(default)s)",
+    )
     s.add_argument("--keep-checkpoints", type=int, default=0, help="0 = keep all")
     s.add_argument(
         "--max-workers",
@@ -540,6 +577,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep-state", action="store_true", help="resume instead of starting fresh")
     d.set_defaults(func=cmd_demo, role="demo")
     return p
+
+
+def _norm_bound(text: str) -> float | str:
+    from aggregator_service.update_bounds import parse_norm_bound
+
+    try:
+        return parse_norm_bound(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _client_name(args: argparse.Namespace) -> str:

@@ -2,10 +2,44 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from fedmae._proto import federation_pb2 as pb
+from fedmae.errors import InvalidUpdate
 from fedmae.tensor_codec import encoding_from_name, encoding_name
+
+# What a client may report with an update (``UpdateHeader.metrics``): the keys the
+# client agent sends, each with the range a real value falls in. The aggregator refuses
+# any other key, a non-finite value or one out of range (INVALID_ARGUMENT), so the round
+# log, ``fedmae watch`` and Prometheus only ever see finite, plausible numbers.
+UPDATE_METRICS: dict[str, tuple[float, float]] = {
+    "train_loss": (0.0, 1e6),  # masked-patch MSE of the last local epoch
+    "val_loss": (0.0, 1e6),  # masked-patch MSE on the client's held-out images
+    "train_seconds": (0.0, 1e7),  # wall time of local training (~4 months)
+    "images_per_s": (0.0, 1e12),  # training throughput
+}
+
+
+def check_update_metrics(metrics: Mapping[str, float]) -> None:
+    """``InvalidUpdate`` naming the first metric that is unknown, not finite or out of
+    range (see ``UPDATE_METRICS``)."""
+    if len(metrics) > len(UPDATE_METRICS):
+        raise InvalidUpdate(
+            f"{len(metrics)} metrics reported; at most {len(UPDATE_METRICS)} are known: "
+            f"{', '.join(UPDATE_METRICS)}"
+        )
+    for key, value in metrics.items():
+        if key not in UPDATE_METRICS:
+            raise InvalidUpdate(
+                f"unknown metric {key[:40]!r}; the known ones are {', '.join(UPDATE_METRICS)}"
+            )
+        low, high = UPDATE_METRICS[key]
+        if not (math.isfinite(value) and low <= value <= high):
+            raise InvalidUpdate(
+                f"metric {key!r} is {value!r}; it must be a finite number in [{low:g}, {high:g}]"
+            )
 
 
 @dataclass(frozen=True)

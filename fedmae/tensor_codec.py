@@ -340,6 +340,10 @@ class PayloadDecoder:
     size declaration is refused before any memory is allocated. With a ``pool`` the
     buffer comes from it, and ``release()`` gives it back once the decoded tensor
     (a view of the buffer for fp32) is no longer used.
+
+    The payload is checked against every digest it is given: the manifest's and the
+    one passed to ``finish`` (an update's trailer). With ``require_digest`` (the
+    aggregator's uploads) at least one must be given.
     """
 
     def __init__(
@@ -348,6 +352,7 @@ class PayloadDecoder:
         manifest: pb.Manifest,
         max_bytes: int | None = None,
         pool: BufferPool | None = None,
+        require_digest: bool = False,
     ):
         layout.check_manifest(manifest)
         if max_bytes is not None and manifest.total_bytes > max_bytes:
@@ -355,6 +360,8 @@ class PayloadDecoder:
                 f"payload of {manifest.total_bytes} bytes is over the limit of {max_bytes}"
             )
         self.layout = layout
+        self.declared_digest = manifest.digest  # the manifest's; "" = none
+        self.require_digest = require_digest
         self.encoding = manifest.encoding or pb.ENCODING_FP32
         self.total = int(manifest.total_bytes)
         self.received = 0
@@ -397,12 +404,15 @@ class PayloadDecoder:
                 self._summed = end
 
     def finish(self, expected_digest: str = "") -> torch.Tensor:
-        """Check completeness, digest and finiteness; return the flat float32 [P]."""
+        """Check completeness, digests and finiteness; return the flat float32 [P].
+
+        ``expected_digest`` (e.g. an update's trailer) and the manifest's digest are
+        each checked when given; two given with the same algorithm must be equal."""
         if self.received != self.total:
             raise InvalidUpdate(
                 f"payload incomplete: received {self.received} of {self.total} bytes"
             )
-        self.digest = check_digest(self._buf, expected_digest, self._hash.hexdigest())
+        self.digest = self._check_digests(expected_digest)
         if self.encoding == pb.ENCODING_FP32:
             flat = torch.from_numpy(self._buf.view(np.float32))  # zero-copy
             self.norm = check_finite(flat, self.layout, norm=math.sqrt(self._sumsq))
@@ -417,6 +427,28 @@ class PayloadDecoder:
         self.norm = check_finite(flat, self.layout)
         return flat
 
+    def _check_digests(self, trailer: str) -> str:
+        declared = [d for d in dict.fromkeys((self.declared_digest, trailer)) if d]
+        if not declared:
+            if self.require_digest:
+                raise InvalidUpdate(
+                    "no digest: give the payload's digest ('algorithm:hex') in the "
+                    "header's manifest.digest or in the trailer"
+                )
+            return check_digest(self._buf, "", self._hash.hexdigest())
+        if len(declared) == 2:
+            header_alg, trailer_alg = (d.partition(":")[0].lower() for d in declared)
+            if header_alg == trailer_alg and declared[0].lower() != declared[1].lower():
+                raise InvalidUpdate(
+                    f"the header's manifest.digest {declared[0][:28]}... and the trailer's "
+                    f"digest {declared[1][:28]}... disagree; send one, or the same in both"
+                )
+        digest = ""
+        for expected in declared:
+            checked = check_digest(self._buf, expected, self._hash.hexdigest())
+            digest = digest or checked  # the header's when given (the receipt's digest)
+        return digest
+
     def release(self) -> None:
         """Give the buffer back to the pool. The fp32 tensor from ``finish`` is a view
         of it: call this only when that tensor is no longer used."""
@@ -426,8 +458,8 @@ class PayloadDecoder:
 
 
 def check_finite(flat: torch.Tensor, layout: ModelLayout, norm: float | None = None) -> float:
-    """The L2 norm of ``flat`` (``norm`` when the caller already took it);
-    ``InvalidUpdate`` naming the first tensor with NaN/Inf."""
+    """The L2 norm of ``flat`` (``norm`` when the caller already took it), always
+    finite; ``InvalidUpdate`` naming the first tensor with NaN/Inf."""
     # Fast path: one reduction, no mask. NaN and Inf propagate into the norm; a finite
     # norm means every value is finite. An infinite norm may also be a harmless
     # overflow of large finite values, which the exact pass below tells apart.
@@ -440,4 +472,6 @@ def check_finite(flat: torch.Tensor, layout: ModelLayout, norm: float | None = N
         if not bool(torch.isfinite(part).all()):
             bad = int((~torch.isfinite(part)).sum())
             raise InvalidUpdate(f"tensor {e.name!r} holds {bad} NaN/Inf values")
-    return norm
+    # Finite values whose float32 sum of squares overflowed (|x| ~ 1e19 and up): the
+    # exact norm, which clipping divides by and the round log records.
+    return float(torch.linalg.vector_norm(flat, dtype=torch.float64))

@@ -121,3 +121,34 @@ def test_manifest_validator_accepts_exactly_the_layout(layout, data):
         except InvalidUpdate:
             return
         raise AssertionError(f"a manifest with a changed {field} was accepted")
+
+
+DIGEST_KINDS = ["none", "right", "right-sha256", "wrong", "wrong-sha256"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts, st.integers(0, 2**31), st.sampled_from(DIGEST_KINDS),
+       st.sampled_from(DIGEST_KINDS))  # fmt: skip
+def test_f10_every_given_digest_is_checked(layout, seed, in_header, in_trailer):
+    """An upload's payload is accepted iff it carries a digest (manifest, trailer or
+    both) and every digest given matches it."""
+    payload = bytes(encode(_values(layout, seed)))
+    other = payload[:-1] + bytes([payload[-1] ^ 1])  # one bit off
+    digests = {
+        "none": "",
+        "right": payload_digest(payload),
+        "right-sha256": payload_digest(payload, "sha256"),
+        "wrong": payload_digest(other),
+        "wrong-sha256": payload_digest(other, "sha256"),
+    }
+    manifest = layout.manifest()
+    manifest.digest = digests[in_header]
+    dec = PayloadDecoder(layout, manifest, require_digest=True)
+    dec.write(pb.Chunk(offset=0, data=payload))
+    given = [kind for kind in (in_header, in_trailer) if kind != "none"]
+    try:
+        dec.finish(digests[in_trailer])
+        accepted = True
+    except InvalidUpdate:
+        accepted = False
+    assert accepted == (bool(given) and all(kind.startswith("right") for kind in given))

@@ -180,11 +180,16 @@ def _cases():
     nan[5] = float("nan")
     inf = random_delta(LAYOUT, 4)
     inf[-1] = float("inf")
-    huge = random_delta(LAYOUT, 5, scale=10.0)  # norm ~ 10 * sqrt(1.3M) >> 1000
     zero_samples = pb.UpdateMessage()
     zero_samples.CopyFrom(header)
     zero_samples.header.num_samples = 0
     bad_offset = pb.UpdateMessage(chunk=pb.Chunk(offset=7, data=chunks[0].chunk.data))
+    nan_loss = pb.UpdateMessage()
+    nan_loss.CopyFrom(header)
+    nan_loss.header.metrics["train_loss"] = float("nan")
+    contradicting = pb.UpdateMessage()  # the trailer is right, the header's digest is not
+    contradicting.CopyFrom(header)
+    contradicting.header.manifest.digest = BAD_DIGEST
     return {
         "malformed protobuf": (lambda c: _raw(c, [b"\xff\xfe garbage"]), "INVALID_ARGUMENT"),
         "malformed second message": (
@@ -199,7 +204,15 @@ def _cases():
         "wrong dtype": ([wrong_dtype, *chunks, trailer], "INVALID_ARGUMENT"),
         "NaN": (_with_payload(nan), "INVALID_ARGUMENT"),
         "Inf": (_with_payload(inf), "INVALID_ARGUMENT"),
-        "norm over the bound": (_with_payload(huge), "INVALID_ARGUMENT"),
+        "NaN loss reported": ([nan_loss, *chunks, trailer], "INVALID_ARGUMENT"),
+        "header digest contradicts the payload": (
+            [contradicting, *chunks, trailer],
+            "INVALID_ARGUMENT",
+        ),
+        "no digest": (
+            [header, *chunks, pb.UpdateMessage(trailer=pb.UpdateTrailer())],
+            "INVALID_ARGUMENT",
+        ),
         "zero samples": ([zero_samples, *chunks, trailer], "INVALID_ARGUMENT"),
         "bad checksum": (
             [header, *chunks, pb.UpdateMessage(trailer=pb.UpdateTrailer(digest=BAD_DIGEST))],
