@@ -131,7 +131,10 @@ def make_identities(
     return certs.dir, ids
 
 
-def fetch_flat(client: ScriptedClient, layout: ModelLayout, version: int = 0) -> torch.Tensor:
+def fetch_flat(
+    client: ScriptedClient, layout: ModelLayout, version: int | None = None
+) -> torch.Tensor:
+    """A published version (``None`` = the latest) as a flat tensor."""
     _, flat = fetch_model(client.stub, layout, version, timeout=TIMEOUT)
     return flat.clone()
 

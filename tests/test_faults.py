@@ -109,7 +109,7 @@ class Aggregator:
 
 
 def _model_sha(client: ScriptedClient) -> str:
-    header, _ = fetch_model(client.stub, LAYOUT, 0, timeout=TIMEOUT)
+    header, _ = fetch_model(client.stub, LAYOUT, None, timeout=TIMEOUT)  # the latest
     return header.manifest.digest
 
 
