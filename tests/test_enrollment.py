@@ -284,7 +284,8 @@ def test_unknown_or_foreign_certificates_and_roles(fed):
         from fedmae._proto import federation_pb2_grpc as pb_grpc
 
         with pytest.raises(grpc.RpcError) as anon:
-            list(pb_grpc.FederationStub(ch).FetchModel(pb.FetchModelRequest(latest=True), timeout=TIMEOUT))
+            request = pb.FetchModelRequest(latest=True)
+            list(pb_grpc.FederationStub(ch).FetchModel(request, timeout=TIMEOUT))
         assert _code(anon) == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.RpcError) as anon_admin:
             apb_grpc.AdminStub(ch).ListClients(apb.ListClientsRequest(), timeout=TIMEOUT)
