@@ -13,6 +13,7 @@ import pytest
 import torch
 from federation_harness import (
     TIMEOUT,
+    UNREAD_DOWNLOADS,
     ScriptedClient,
     fetch_flat,
     held_upload,
@@ -496,10 +497,10 @@ def test_downloads_beyond_the_budget_wait_for_a_slot(tmp_path):
     server = make_server(tmp_path / "state", certs, 1, 1,
                          server={"download_budget_mb": 1, "transfer_wait_s": 1.0})  # fmt: skip
     port = server.start()
-    a, b = (ScriptedClient(port, ids[n], subscribe=False) for n in ("a", "b"))
+    a, b = (ScriptedClient(port, ids[n], False, UNREAD_DOWNLOADS) for n in ("a", "b"))
     try:
         assert server.rounds.max_downloads == 2
-        request = pb.FetchModelRequest(version=0, chunk_size=65536)  # the smallest frames
+        request = pb.FetchModelRequest(version=0)
         held = [c.stub.FetchModel(request, timeout=TIMEOUT) for c in (a, b)]
         for stream in held:  # both started; unread, they stall on flow control
             assert wire.part(next(stream)) == "header"

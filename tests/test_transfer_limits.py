@@ -14,6 +14,7 @@ import grpc
 import pytest
 from federation_harness import (
     TIMEOUT,
+    UNREAD_DOWNLOADS,
     ScriptedClient,
     held_upload,
     make_identities,
@@ -44,7 +45,10 @@ def federation(tmp_path):
         certs, ids = make_identities(tmp_path, names)
         server = make_server(tmp_path / "state", certs, min_clients, 1, server=server_cfg)
         port = server.start()
-        clients = {n: ScriptedClient(port, ids[n], subscribe=subscribe) for n in names}
+        clients = {
+            n: ScriptedClient(port, ids[n], subscribe=subscribe, options=UNREAD_DOWNLOADS)
+            for n in names
+        }
         made.append((server, clients))
         return server, clients
 
@@ -56,8 +60,8 @@ def federation(tmp_path):
 
 
 def _held_download(client: ScriptedClient):
-    """A download that receives its header and then reads nothing (it stalls in the
-    server's send once gRPC's window is full)."""
+    """A download that receives its header and then reads nothing: it stalls in the
+    server's send once gRPC's window is full (``UNREAD_DOWNLOADS``: well before the end)."""
     stream = client.stub.FetchModel(pb.FetchModelRequest(version=0), timeout=TIMEOUT)
     assert wire.part(next(stream)) == "header"
     return stream
@@ -142,17 +146,18 @@ def test_f9_an_idle_upload_is_refused_and_frees_its_slot(federation):
         assert "no chunk for 1s" in err.details() and "send the update again" in err.details()
         assert waiting.result(TIMEOUT).updates_received == 1  # b got the freed slot
         assert "no chunk for 1s" in server.rounds.state.rejected["a"]
+        # The server's reader thread of a's upload ended with the call, although a's
+        # stream is still open on the client side (its generator waits for ``release``).
+        _until(
+            lambda: not any(t.name == "upload-reader" for t in threading.enumerate()),
+            "upload reader threads to end",
+        )
         receipt = submit_update(clients["a"].stub, layout, random_delta(layout, 1), round_=1,
                                 base_version=0, num_samples=5, timeout=TIMEOUT)  # fmt: skip
         assert receipt.updates_received == 2
     finally:
         release.set()
         pool.shutdown(wait=False)
-    # The reader thread of the refused upload ended with it.
-    _until(
-        lambda: not any(t.name == "upload-reader" for t in threading.enumerate()),
-        "upload reader threads to end",
-    )
 
 
 def test_f9_download_slots_fit_the_budget(federation):
