@@ -81,6 +81,12 @@ class ServerConfig:
     max_requests_per_s: float = 20.0  # per client, token bucket (burst 2x); 0 = no limit
     max_update_norm: float = 0.0  # refuse deltas with a larger L2 norm; 0 = no bound
 
+    def __post_init__(self) -> None:
+        for name in ("final_grace_s", "max_downloads_per_client", "download_idle_s",
+                     "upload_idle_s"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+
     @property
     def certs(self) -> Path:
         return self.certs_dir or self.state_dir / "certs"

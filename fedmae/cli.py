@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=300.0,
         help="after the last round, seconds to keep serving the final model until every "
-        "client subscribed at the end has fetched it (default %(default)s)",
+        "client subscribed at the end has fetched it (0 = exit at once) (default %(default)s)",
     )
     s.add_argument("--max-requests-per-s", type=float, default=20.0, help="per client; 0 = off")
     s.add_argument("--max-update-norm", type=float, default=0.0, help="L2 bound; 0 = off")

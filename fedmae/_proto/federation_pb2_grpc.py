@@ -71,8 +71,9 @@ class FederationServicer:
         """A published model version: ModelHeader, then Chunks. After the run ends the
         server keeps serving the final version for a grace period (or until every client
         subscribed at the end has fetched it). Chunk sizes are clamped to [64 KiB,
-        4 x the server's chunk size]; at most 2 downloads per client at once; a download
-        the client does not read for the idle timeout is cancelled.
+        4 x the server's chunk size]; a client runs a few downloads at once at most (2 by
+        default; RESOURCE_EXHAUSTED over it); a download the client does not read for the
+        idle timeout (60 s by default) is cancelled.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
