@@ -65,6 +65,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             except FedmaeError as err:
                 abort(context, err)
             log.debug("client %s fetches version %d", client_id, header.version)
+            download.touch()  # preparing it (encoding a version once) is not the client's idling
             yield pb.ModelChunk(header=header)
             for frame in chunks:  # serialized ModelChunk frames (fedmae.wire)
                 download.touch()  # the previous frame left: the client reads

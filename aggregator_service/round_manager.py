@@ -215,11 +215,11 @@ class RoundManager:
         self._downloads = threading.BoundedSemaphore(self.max_downloads)
         self._client_downloads: dict[str, int] = {}
         self.idle_downloads = IdleWatchdog(config.download_idle_s, "download")
-        # After a completed run: clients that should still fetch the final version
-        # (subscribed at the end, or since), and those that did.
+        # The newest version each client downloaded in full; after a completed run, the
+        # clients (subscribed at the end, or since) that still have to fetch the final one.
+        self._fetched: dict[str, int] = {}
         self.completed = False
         self._final_waiting: set[str] = set()
-        self._final_fetched: set[str] = set()
 
     @property
     def global_flat(self) -> torch.Tensor:
@@ -257,7 +257,7 @@ class RoundManager:
                 and self.next_round > self.policy.rounds
             ):
                 sub.push(self._event(run_finished=self._run_finished_msg()))
-                if self.completed and client_id not in self._final_fetched:
+                if self.completed and self._fetched.get(client_id) != self.version:
                     self._final_waiting.add(client_id)
             elif (
                 state is not None
@@ -348,7 +348,9 @@ class RoundManager:
                 self.finished.set()
                 if completed:
                     self._broadcast(run_finished=self._run_finished_msg())
-                    self._final_waiting = set(self._subs)
+                    self._final_waiting = {
+                        c for c in self._subs if self._fetched.get(c) != self.version
+                    }
                 self._cond.notify_all()
             for observer in self.observers:
                 observer.run_ended(completed)
@@ -881,9 +883,9 @@ class RoundManager:
         """A client received all of ``version``: after a completed run, the final
         version's downloads are what the server still waits for."""
         with self._cond:
+            self._fetched[client_id] = max(version, self._fetched.get(client_id, version))
             if not self.completed or version != self.version:
                 return
-            self._final_fetched.add(client_id)
             if client_id in self._final_waiting:
                 self._final_waiting.discard(client_id)
                 log.info("client %s fetched the final version %d (%d still to fetch it)",
