@@ -65,11 +65,19 @@ class ServerConfig:
     max_workers: int = 2048
     heartbeat_s: float = 10.0
     exit_grace_s: float = 5.0  # after the run ends, time for clients to hear it
+    # After a completed run, keep serving downloads of the final version this long, or
+    # until every client subscribed at the end has fetched it (whichever comes first).
+    final_grace_s: float = 300.0
     max_uploads_in_flight: int = 8  # concurrent SubmitUpdate streams; more wait for a slot
     transfer_wait_s: float = 120.0  # an upload/download waits this long for a slot at most
     # Memory for downloads in flight: a download can hold up to a model's worth of frames
     # in gRPC's send queue, so this many MB / model size downloads run at once (2..64).
     download_budget_mb: int = 128
+    max_downloads_per_client: int = 2  # one client's FetchModel streams at once
+    # A download the client reads nothing of for this long is cancelled, an admitted
+    # upload that sends no chunk for this long is refused: either frees its slot.
+    download_idle_s: float = 60.0
+    upload_idle_s: float = 60.0
     max_requests_per_s: float = 20.0  # per client, token bucket (burst 2x); 0 = no limit
     # How far one update can move the model (aggregator_service/update_bounds.py):
     # its weight is min(num_samples, training.max_samples or max_client_samples), its
@@ -78,6 +86,12 @@ class ServerConfig:
     max_update_norm: float | str = "auto"
     norm_bound_factor: float = 5.0  # auto: B = factor x median norm of the last round
     norm_bound_ratio: float = 0.5  # auto, no history: B = ratio x norm of the model
+
+    def __post_init__(self) -> None:
+        for name in ("final_grace_s", "max_downloads_per_client", "download_idle_s",
+                     "upload_idle_s"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
 
     @property
     def certs(self) -> Path:

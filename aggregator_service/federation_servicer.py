@@ -9,11 +9,12 @@ from collections.abc import Iterator
 import grpc
 
 from aggregator_service.auth import Authorizer
+from aggregator_service.idle_transfers import read_with_idle_limit
 from aggregator_service.round_manager import RoundManager
 from fedmae import wire
 from fedmae._proto import federation_pb2 as pb
 from fedmae._proto import federation_pb2_grpc as pb_grpc
-from fedmae.errors import FedmaeError, InvalidUpdate, abort
+from fedmae.errors import FedmaeError, InvalidRequest, InvalidUpdate, TransferIdle, abort
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             client_id = self.auth.client(context)
         except FedmaeError as err:
             abort(context, err)
-        sub = self.rounds.subscribe(client_id)
+        sub = self.rounds.subscribe(client_id, context.peer())
         context.add_callback(lambda: self.rounds.unsubscribe(sub))
         while True:
             event = sub.next(timeout=self.heartbeat_s)
@@ -52,21 +53,26 @@ class FederationServicer(pb_grpc.FederationServicer):
     def FetchModel(self, request: pb.FetchModelRequest, context) -> Iterator[pb.ModelChunk]:
         try:
             client_id = self.auth.client(context)
-            self.rounds.acquire_download(context.is_active)
+            version = _requested_version(request)
+            download = self.rounds.acquire_download(client_id, context.is_active, context.cancel)
         except FedmaeError as err:
             abort(context, err)
         try:
             try:
                 header, chunks = self.rounds.model_stream(
-                    request.version, request.encoding, request.chunk_size, request.offset
+                    version, request.encoding, request.chunk_size, request.offset
                 )
             except FedmaeError as err:
                 abort(context, err)
             log.debug("client %s fetches version %d", client_id, header.version)
+            download.touch()  # preparing it (encoding a version once) is not the client's idling
             yield pb.ModelChunk(header=header)
-            yield from chunks  # serialized ModelChunk frames (fedmae.wire)
+            for frame in chunks:  # serialized ModelChunk frames (fedmae.wire)
+                download.touch()  # the previous frame left: the client reads
+                yield frame
+            self.rounds.download_finished(client_id, header.version)
         finally:
-            self.rounds.release_download()
+            self.rounds.release_download(download)
 
     def SubmitUpdate(self, request_iterator, context) -> pb.UpdateReceipt:
         try:
@@ -80,8 +86,16 @@ class FederationServicer(pb_grpc.FederationServicer):
         # Admitted: tell the client to send its chunks now. Until then a waiting upload
         # holds only its header here (fedmae clients wait for this; see transfer.py).
         context.send_initial_metadata(((ADMITTED_KEY, "1"),))
+        idle_s = self.rounds.config.upload_idle_s
+
+        def idle() -> TransferIdle:
+            return TransferIdle(
+                f"no chunk for {idle_s:g}s after {session.bytes} bytes: the upload was "
+                "dropped to free its slot; send the update again while the round is open"
+            )
+
         try:
-            for msg in request_iterator:
+            for msg in read_with_idle_limit(request_iterator, idle_s, idle):
                 part = wire.part(msg)
                 if part == "chunk":
                     session.write(wire.chunk_of(msg))
@@ -101,6 +115,17 @@ class FederationServicer(pb_grpc.FederationServicer):
             raise
         finally:  # folded in or refused: the receive buffer serves the next upload
             session.decoder.release()
+
+
+def _requested_version(request: pb.FetchModelRequest) -> int | None:
+    """The version a FetchModel asks for; ``None`` = the latest."""
+    which = request.WhichOneof("which")
+    if which == "version":
+        return request.version
+    if which == "latest" and request.latest:
+        return None
+    raise InvalidRequest("FetchModel needs a version: set 'version' (0 = the initial model) "
+                         "or 'latest: true'")  # fmt: skip
 
 
 def add_to_server(servicer: FederationServicer, server) -> None:

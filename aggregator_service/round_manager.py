@@ -25,6 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from aggregator_service.checkpoint_store import Checkpoint, CheckpointStore
 from aggregator_service.config import ServerConfig
+from aggregator_service.idle_transfers import IdleWatchdog, Watch
 from aggregator_service.round_log import RoundLog
 from aggregator_service.strategy import Strategy
 from aggregator_service.update_bounds import UpdateBounds
@@ -32,6 +33,7 @@ from fedmae import wire
 from fedmae._proto import federation_pb2 as pb
 from fedmae.config import check_update_metrics
 from fedmae.errors import (
+    ConnectionReplaced,
     DuplicateUpdate,
     FedmaeError,
     InvalidUpdate,
@@ -54,6 +56,9 @@ from fedmae.tensor_codec import (
 log = logging.getLogger(__name__)
 
 _RELEASE_EVERY = 8 << 20  # downloads: drop sent checkpoint pages from RSS this often
+# Smallest download chunk: FetchModel(chunk_size=1) would send one message per byte
+# (a 5 MB model: ~30 min of server CPU). Smaller requests are raised to this.
+MIN_DOWNLOAD_CHUNK = 64 << 10
 
 
 class RoundObserver:
@@ -76,8 +81,9 @@ class RoundObserver:
 class Subscription:
     """One client's event stream. ``next`` blocks; ``None`` means the stream ends."""
 
-    def __init__(self, client_id: str):
+    def __init__(self, client_id: str, peer: str = ""):
         self.client_id = client_id
+        self.peer = peer
         self._queue: queue.Queue[pb.RoundEvent | None] = queue.Queue()
         self.closed = False
         self.error: FedmaeError | None = None  # why the server ended the stream, if it did
@@ -87,7 +93,7 @@ class Subscription:
             self._queue.put(event)
 
     def close(self, error: FedmaeError | None = None) -> None:
-        self.error = error
+        self.error = self.error or error  # the first reason stands (unsubscribe follows)
         self.closed = True
         self._queue.put(None)
 
@@ -158,6 +164,18 @@ class UploadSession:
         self.bytes += len(chunk.data)
 
 
+class Download:
+    """A held download slot: ``touch`` on progress; an idle one is ended by the watchdog."""
+
+    def __init__(self, client_id: str, watch: Watch):
+        self.client_id = client_id
+        self.watch = watch
+        self.released = False
+
+    def touch(self) -> None:
+        self.watch.touch()
+
+
 class RoundManager:
     def __init__(
         self,
@@ -197,9 +215,17 @@ class RoundManager:
         self._buffers = BufferPool(keep=config.max_uploads_in_flight)
         self._upload_queue: list[object] = []  # uploads waiting for a slot, in order
         # Downloads at once: each may queue up to a model's worth of frames in gRPC.
-        model_mb = max(1, layout.numel * 4 >> 20)
-        self.max_downloads = max(2, min(64, config.download_budget_mb // model_mb))
+        # (In bytes: whole MiB rounded a 4.97 MiB model down to 4, 32 slots for 128 MiB.)
+        budget = config.download_budget_mb << 20
+        self.max_downloads = max(2, min(64, budget // (layout.numel * 4)))
         self._downloads = threading.BoundedSemaphore(self.max_downloads)
+        self._client_downloads: dict[str, int] = {}
+        self.idle_downloads = IdleWatchdog(config.download_idle_s, "download")
+        # The newest version each client downloaded in full; after a completed run, the
+        # clients (subscribed at the end, or since) that still have to fetch the final one.
+        self._fetched: dict[str, int] = {}
+        self.completed = False
+        self._final_waiting: set[str] = set()
 
     @property
     def global_flat(self) -> torch.Tensor:
@@ -211,13 +237,24 @@ class RoundManager:
 
     # ------------------------------------------------------------ subscriptions
 
-    def subscribe(self, client_id: str) -> Subscription:
-        sub = Subscription(client_id)
+    def subscribe(self, client_id: str, peer: str = "") -> Subscription:
+        """A new event stream for ``client_id``. One stream per identity: an older one
+        is ended with ``ConnectionReplaced`` (after a reconnect it is a dead stream;
+        otherwise two agents share the identity, and the older one must stop)."""
+        sub = Subscription(client_id, peer)
         with self._cond:
             old = self._subs.get(client_id)
             self._subs[client_id] = sub
             if old is not None:
-                old.close()  # a reconnect replaces the stale stream
+                old.close(
+                    ConnectionReplaced(
+                        f"replaced by a newer connection from {peer or 'an unknown peer'} "
+                        f"with the same identity ({client_id}); two agents must not share "
+                        "one identity"
+                    )
+                )
+                log.warning("client %s: a newer connection from %s replaces the one from %s",
+                            client_id, peer or "?", old.peer or "?")  # fmt: skip
             self._cond.notify_all()
             state = self.state
             if (
@@ -226,6 +263,8 @@ class RoundManager:
                 and self.next_round > self.policy.rounds
             ):
                 sub.push(self._event(run_finished=self._run_finished_msg()))
+                if self.completed and self._fetched.get(client_id) != self.version:
+                    self._final_waiting.add(client_id)
             elif (
                 state is not None
                 and not state.closed
@@ -275,7 +314,10 @@ class RoundManager:
 
     def _run_finished_msg(self) -> pb.RunFinished:
         return pb.RunFinished(
-            final_version=self.version, rounds=self.next_round - 1, reason="completed"
+            final_version=self.version,
+            rounds=self.next_round - 1,
+            reason="completed",
+            model=self.config.training.model,
         )
 
     def run(self, stop: threading.Event) -> None:
@@ -308,9 +350,13 @@ class RoundManager:
         finally:
             self._buffers.clear()
             with self._cond:
+                self.completed = completed
                 self.finished.set()
                 if completed:
                     self._broadcast(run_finished=self._run_finished_msg())
+                    self._final_waiting = {
+                        c for c in self._subs if self._fetched.get(c) != self.version
+                    }
                 self._cond.notify_all()
             for observer in self.observers:
                 observer.run_ended(completed)
@@ -807,31 +853,107 @@ class RoundManager:
 
     # ------------------------------------------------------------ downloads
 
-    def acquire_download(self, alive: Callable[[], bool] = lambda: True) -> None:
-        """Wait for one of the ``max_downloads`` slots (``release_download`` frees it),
-        at most ``transfer_wait_s``; RESOURCE_EXHAUSTED after that."""
-        deadline = time.monotonic() + self.config.transfer_wait_s
-        while not self._downloads.acquire(timeout=min(1.0, self.config.transfer_wait_s)):
-            if time.monotonic() >= deadline or not alive():
-                raise LimitExceeded(
-                    f"{self.max_downloads} downloads are in flight (the limit for this model "
-                    f"size); no slot freed within {self.config.transfer_wait_s:g}s: retry later"
-                )
+    def acquire_download(
+        self,
+        client_id: str,
+        alive: Callable[[], bool] = lambda: True,
+        on_idle: Callable[[], None] = lambda: None,
+    ) -> Download:
+        """One of the ``max_downloads`` slots (``release_download`` frees it).
 
-    def release_download(self) -> None:
+        A client holds at most ``max_downloads_per_client`` at once (more: refused at
+        once). A free slot is waited for at most ``transfer_wait_s``; RESOURCE_EXHAUSTED
+        after that. ``on_idle`` ends the download (``context.cancel``) when the client
+        reads nothing for ``download_idle_s``: its ``finally`` then frees the slot.
+        """
+        cap = self.config.max_downloads_per_client
+        with self._cond:
+            held = self._client_downloads.get(client_id, 0)
+            if cap and held >= cap:
+                raise LimitExceeded(
+                    f"client {client_id} already has {held} downloads in flight (the limit "
+                    f"per client is {cap}): finish or cancel one first"
+                )
+            self._client_downloads[client_id] = held + 1
+        try:
+            deadline = time.monotonic() + self.config.transfer_wait_s
+            while not self._downloads.acquire(timeout=min(1.0, self.config.transfer_wait_s)):
+                if time.monotonic() >= deadline or not alive():
+                    raise LimitExceeded(
+                        f"{self.max_downloads} downloads are in flight (the limit for this "
+                        f"model size); no slot freed within {self.config.transfer_wait_s:g}s: "
+                        "retry later"
+                    )
+        except BaseException:
+            self._forget_download(client_id)
+            raise
+
+        def idle() -> None:
+            log.warning(
+                "download by %s read nothing for %gs: cancelled, its slot is free",
+                client_id,
+                self.config.download_idle_s,
+            )
+            on_idle()
+
+        return Download(client_id, self.idle_downloads.watch(idle))
+
+    def release_download(self, download: Download) -> None:
+        """Free a download's slot (idempotent)."""
+        with self._cond:
+            if download.released:
+                return
+            download.released = True
+        download.watch.close()
         self._downloads.release()
+        self._forget_download(download.client_id)
+
+    def _forget_download(self, client_id: str) -> None:
+        with self._cond:
+            left = self._client_downloads.get(client_id, 1) - 1
+            if left > 0:
+                self._client_downloads[client_id] = left
+            else:
+                self._client_downloads.pop(client_id, None)
+
+    def download_finished(self, client_id: str, version: int) -> None:
+        """A client received all of ``version``: after a completed run, the final
+        version's downloads are what the server still waits for."""
+        with self._cond:
+            self._fetched[client_id] = max(version, self._fetched.get(client_id, version))
+            if not self.completed or version != self.version:
+                return
+            if client_id in self._final_waiting:
+                self._final_waiting.discard(client_id)
+                log.info("client %s fetched the final version %d (%d still to fetch it)",
+                         client_id, version, len(self._final_waiting))  # fmt: skip
+                self._cond.notify_all()
+
+    def wait_final_fetches(self, timeout: float) -> list[str]:
+        """After a completed run: wait up to ``timeout`` s until every client subscribed
+        at the end (or since) has fetched the final version; return those still owing."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._final_waiting and (remaining := deadline - time.monotonic()) > 0:
+                self._cond.wait(remaining)
+            return sorted(self._final_waiting)
 
     def model_stream(
-        self, version: int, encoding: int, chunk_size: int, offset: int = 0
+        self, version: int | None, encoding: int, chunk_size: int, offset: int = 0
     ) -> tuple[pb.ModelHeader, Iterator[bytes]]:
         """Header and serialized chunk messages (``fedmae.wire`` frames) of a published
-        version; fp32 is read from the checkpoint file."""
+        version (``None`` = the latest); fp32 is read from the checkpoint file.
+
+        ``chunk_size`` (0 = the server's) is clamped to ``MIN_DOWNLOAD_CHUNK`` (or the
+        server's chunk size if that is smaller) .. 4 × the server's chunk size.
+        """
         with self._cond:
-            version = version or self.version
+            version = self.version if version is None else version
             current = self.checkpoint if version == self.version else None
         ckpt = current or self.store.describe(version, self.layout)
         encoding = encoding or pb.ENCODING_FP32
-        chunk_size = min(chunk_size or self.config.chunk_size, 4 * self.config.chunk_size)
+        default = self.config.chunk_size
+        chunk_size = max(min(MIN_DOWNLOAD_CHUNK, default), min(chunk_size or default, 4 * default))
         if encoding == pb.ENCODING_FP32:
             manifest = self.layout.manifest(encoding, digest=ckpt.payload_digest)
         else:

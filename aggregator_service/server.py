@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from concurrent import futures
 from typing import TextIO
 
@@ -239,6 +240,31 @@ class AggregatorServer:
         """Block until the run finished (True) or ``timeout`` passed (False)."""
         return self.rounds.finished.wait(timeout)
 
+    def serve_final_model(self, stop: threading.Event | None = None) -> list[str]:
+        """After a completed run: keep serving downloads of the final version (no round
+        starts) for up to ``final_grace_s``, or until every client subscribed at the end
+        (or since) has fetched it, or ``stop``. Returns the clients that did not."""
+        rounds = self.rounds
+        waiting = rounds.wait_final_fetches(0) if rounds.completed else []
+        grace = self.config.final_grace_s
+        if not waiting or grace <= 0:
+            return waiting
+        log.info("run complete: serving the final version %d for up to %gs, until %s %s "
+                 "fetched it", rounds.version, grace, _names(waiting),
+                 "has" if len(waiting) == 1 else "have")  # fmt: skip
+        deadline = time.monotonic() + grace
+        while waiting and not (stop is not None and stop.is_set()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            waiting = rounds.wait_final_fetches(min(0.5, left))
+        if waiting:
+            log.warning("no longer serving the final version %d: %s did not fetch it",
+                        rounds.version, _names(waiting))  # fmt: skip
+        else:
+            log.info("every client fetched the final version %d", rounds.version)
+        return waiting
+
     def stop(self, grace: float | None = None) -> None:
         self._stop.set()
         if self._loop is not None:
@@ -268,6 +294,13 @@ def serve(config: ServerConfig) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     while not stop.is_set() and not server.wait(timeout=0.5):
         pass
-    # Give subscribers a moment to receive RunFinished before the server goes away.
+    if not stop.is_set():
+        server.serve_final_model(stop)  # a slow client still gets the final model
+    # Give in-flight calls a moment to end before the server goes away.
     server.stop(grace=config.exit_grace_s)
     return 0
+
+
+def _names(clients: list[str], show: int = 10) -> str:
+    more = len(clients) - show
+    return ", ".join(clients[:show]) + (f" and {more} more" if more > 0 else "")

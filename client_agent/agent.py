@@ -65,6 +65,7 @@ class ClientAgent:
         self.cached: tuple[int, torch.Tensor] | None = None  # (version, flat)
         self._buffers = BufferPool(keep=1)  # the last model's memory, for the next download
         self.rounds_done = 0
+        self._mask_ratio = TrainingConfig().mask_ratio  # of the last task, for evaluation
         self.stop_event = threading.Event()
         if config.insecure:
             self.client_id = config.client_id or "anonymous"
@@ -119,6 +120,18 @@ class ClientAgent:
             except RunFinished:
                 return 0
             except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.ABORTED:
+                    # Another agent connected with our identity. Reconnecting would evict
+                    # it, and it would evict us again, forever: stop, and say why.
+                    self._status("refused", error=f"ABORTED: {err.details()}")
+                    log.error(
+                        "%s: stopping: the server ended our event stream: %s. Another "
+                        "agent uses this identity; give each site its own identity "
+                        "(fedmae enroll) and run one agent per identity",
+                        self.client_id,
+                        err.details(),
+                    )
+                    return 2
                 if not is_retryable(err):
                     self._status("refused", error=f"{err.code().name}: {err.details()}")
                     log.error(
@@ -196,10 +209,40 @@ class ClientAgent:
                     event.run_finished.rounds,
                     self.rounds_done,
                 )
+                self._final_model(stub, event.run_finished)
                 self._status("finished")
                 raise RunFinished()
         # The stream ended without RunFinished: the server went away.
         raise _Unavailable()
+
+    def _final_model(self, stub: pb_grpc.FederationStub, done: pb.RunFinished) -> None:
+        """Fetch the run's final model and log its loss on the local validation images.
+        (The server serves it for a grace period, and exits early once every client
+        subscribed at the end has fetched it.) A failure here does not fail the run."""
+        name = done.model or self.model_name
+        if not name:
+            return
+        try:
+            self._ensure_model(name)
+            flat = self._global(stub, done.final_version)
+        except grpc.RpcError as err:
+            log.warning(
+                "%s: could not fetch the final model version %d: %s: %s",
+                self.client_id,
+                done.final_version,
+                err.code().name,
+                err.details(),
+            )
+            return
+        load_trainable_state(self.model, self.layout.unflatten(flat))
+        val_loss = evaluate(self.model, self.val_images, self._mask_ratio)
+        log.info(
+            "%s: final model version %d: val_loss %.4f on %d local images",
+            self.client_id,
+            done.final_version,
+            val_loss,
+            len(self.val_images),
+        )
 
     # ------------------------------------------------------------ one task
 
@@ -231,6 +274,7 @@ class ClientAgent:
 
     def _handle_task(self, stub: pb_grpc.FederationStub, task: pb.RoundTask) -> None:
         cfg = TrainingConfig.from_proto(task.config).with_overrides(**self.config.overrides)
+        self._mask_ratio = cfg.mask_ratio
         log.info(
             "%s: round %d task: train version %d for %d epoch(s) on %d images",
             self.client_id,

@@ -51,25 +51,29 @@ def federation_stub(channel: grpc.Channel) -> pb_grpc.FederationStub:
 def fetch_model(
     stub: pb_grpc.FederationStub,
     layout: ModelLayout,
-    version: int = 0,
+    version: int | None = None,
     encoding: int = pb.ENCODING_FP32,
     timeout: float | None = None,
     resume_attempts: int = 3,
     pool: BufferPool | None = None,
 ) -> tuple[pb.ModelHeader, torch.Tensor]:
-    """Download a published version into one flat float32 tensor, checked end to end.
+    """Download a published version (``None`` = the latest) into one flat float32
+    tensor, checked end to end.
 
-    A broken download resumes from the last byte received instead of starting over.
+    A broken download resumes from the last byte received (of the same version, also
+    when the latest was asked for) instead of starting over.
     With a ``pool`` the receive buffer is taken from it (see ``BufferPool``).
     """
     header: pb.ModelHeader | None = None
     decoder: PayloadDecoder | None = None
     for attempt in range(resume_attempts + 1):
-        request = pb.FetchModelRequest(
-            version=header.version if header else version,
-            encoding=encoding,
-            offset=decoder.received if decoder else 0,
-        )
+        if header is not None:
+            version = header.version
+        request = pb.FetchModelRequest(encoding=encoding, offset=decoder.received if decoder else 0)
+        if version is None:
+            request.latest = True
+        else:
+            request.version = version
         try:
             stream = stub.FetchModel(request, timeout=timeout)
             first = next(stream, None)

@@ -142,6 +142,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_uploads_in_flight=args.max_uploads_in_flight,
         transfer_wait_s=args.transfer_wait,
         download_budget_mb=args.download_budget_mb,
+        max_downloads_per_client=args.max_downloads_per_client,
+        download_idle_s=args.download_idle_timeout,
+        upload_idle_s=args.upload_idle_timeout,
+        final_grace_s=args.final_grace,
         max_requests_per_s=args.max_requests_per_s,
         max_client_samples=args.max_client_samples,
         max_update_norm=args.max_update_norm,
@@ -455,6 +459,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=128,
         help="memory for downloads in flight: budget / model size downloads run at once, "
         "2 to 64; more wait their turn (default %(default)s)",
+    )
+    s.add_argument(
+        "--max-downloads-per-client",
+        type=int,
+        default=2,
+        help="FetchModel streams one client may run at once; more get RESOURCE_EXHAUSTED "
+        "(0 = no cap) (default %(default)s)",
+    )
+    s.add_argument(
+        "--download-idle-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a download may go without the client reading; then it is cancelled "
+        "and its slot freed (0 = never) (default %(default)s)",
+    )
+    s.add_argument(
+        "--upload-idle-timeout",
+        type=float,
+        default=60.0,
+        help="seconds an admitted upload may go without sending a chunk; then it is refused "
+        "(DEADLINE_EXCEEDED) and its slot freed (0 = never) (default %(default)s)",
+    )
+    s.add_argument(
+        "--final-grace",
+        type=float,
+        default=300.0,
+        help="after the last round, seconds to keep serving the final model until every "
+        "client subscribed at the end has fetched it (0 = exit at once) (default %(default)s)",
     )
     s.add_argument("--max-requests-per-s", type=float, default=20.0, help="per client; 0 = off")
     s.add_argument(

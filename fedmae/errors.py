@@ -87,6 +87,20 @@ class LimitExceeded(FedmaeError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class TransferIdle(FedmaeError):
+    """An admitted transfer that moved no data for the idle timeout: its slot is freed."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class ConnectionReplaced(FedmaeError):
+    """A newer connection of the same identity took over this one. ABORTED (a conflict
+    between two holders of one identity, not a server fault): agents stop on it instead
+    of reconnecting, or two agents sharing an identity would evict each other forever."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class ConfigError(FedmaeError):
     """A local configuration problem (files, flags); reported before serving."""
 

@@ -24,6 +24,10 @@ from fedmae.config import TrainingConfig
 from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE, ModelLayout
 
 TIMEOUT = 30.0
+# Channel options of a client that holds downloads unread: without BDP probing its
+# receive window stays small, so an unread FetchModel stalls after about one 1 MiB frame.
+# (With probing gRPC buffered 4 of the 5.2 MB tiny model, at times all of it.)
+UNREAD_DOWNLOADS = [("grpc.http2.bdp_probe", 0)]
 
 
 def make_server(
@@ -70,12 +74,12 @@ def held_upload(client, layout, delta, round_, release: threading.Event, started
 class ScriptedClient:
     """A client identity, a channel, and a background Subscribe stream."""
 
-    def __init__(self, port: int, identity_dir: Path, subscribe: bool = True):
+    def __init__(self, port: int, identity_dir: Path, subscribe: bool = True, options: list = ()):
         self.identity = tls.ClientIdentity(identity_dir)
         self.channel = grpc.secure_channel(
             f"127.0.0.1:{port}",
             tls.channel_credentials(self.identity),
-            options=grpc_options(DEFAULT_CHUNK_SIZE),
+            options=[*grpc_options(DEFAULT_CHUNK_SIZE), *options],
         )
         self.stub = federation_stub(self.channel)
         self.events: queue.Queue[pb.RoundEvent] = queue.Queue()
@@ -131,7 +135,10 @@ def make_identities(
     return certs.dir, ids
 
 
-def fetch_flat(client: ScriptedClient, layout: ModelLayout, version: int = 0) -> torch.Tensor:
+def fetch_flat(
+    client: ScriptedClient, layout: ModelLayout, version: int | None = None
+) -> torch.Tensor:
+    """A published version (``None`` = the latest) as a flat tensor."""
     _, flat = fetch_model(client.stub, layout, version, timeout=TIMEOUT)
     return flat.clone()
 

@@ -3,9 +3,11 @@ and reconnects by itself when the aggregator restarts."""
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 
-from federation_harness import make_identities, make_server
+from federation_harness import TIMEOUT, ScriptedClient, make_identities, make_server
 
 from aggregator_service.round_log import RoundLog
 from client_agent.agent import AgentConfig, ClientAgent
@@ -43,6 +45,8 @@ def test_agents_train_and_the_run_ends(tmp_path):
         for thread, rc in runs:
             thread.join(timeout=30)
             assert rc == [0]
+        # Each agent fetched the final model after RunFinished: the server need not wait.
+        assert server.rounds.wait_final_fetches(TIMEOUT) == []
     finally:
         for a in agents:
             a.stop()
@@ -91,3 +95,32 @@ def test_agent_reconnects_after_the_aggregator_restarts(tmp_path):
     assert published == [(1, 1), (2, 2)]  # no round lost or published twice
     # Round 2 may have started before the stop: then it is logged once as aborted.
     assert {r["status"] for r in records if r["status"] != "published"} <= {"aborted"}
+
+
+def test_f11_an_agent_replaced_by_another_connection_stops(tmp_path):
+    """Two agents with one identity: the older one is told (ABORTED) and exits non-zero
+    instead of reconnecting, which would evict the newer one, and so on forever."""
+    certs, ids = make_identities(tmp_path, ["s1"])
+    server = make_server(tmp_path / "state", certs, min_clients=2, rounds=1)  # no round
+    port = server.start()
+    agent = _agent(port, ids["s1"], 0, 1)
+    agent.config.status_file = tmp_path / "status.json"
+    thread, rc = _run_in_thread(agent)
+    other = None
+    try:
+        deadline = time.monotonic() + 60
+        while server.rounds.connected() != ["s1"]:  # the agent's stream is registered
+            assert time.monotonic() < deadline, "the agent did not subscribe"
+            time.sleep(0.05)
+        other = ScriptedClient(port, ids["s1"])  # a second agent with the same identity
+        thread.join(timeout=30)
+        assert rc == [2], "the replaced agent did not stop"
+        status = json.loads(agent.config.status_file.read_text())
+        assert status["state"] == "refused" and status["error"].startswith("ABORTED: replaced")
+        assert server.rounds.connected() == ["s1"]  # the newer one stays connected
+        assert other._call.is_active()
+    finally:
+        agent.stop()
+        if other is not None:
+            other.close()
+        server.stop(grace=0)

@@ -287,7 +287,8 @@ def test_unknown_or_foreign_certificates_and_roles(fed):
         from fedmae._proto import federation_pb2_grpc as pb_grpc
 
         with pytest.raises(grpc.RpcError) as anon:
-            list(pb_grpc.FederationStub(ch).FetchModel(pb.FetchModelRequest(), timeout=TIMEOUT))
+            request = pb.FetchModelRequest(latest=True)
+            list(pb_grpc.FederationStub(ch).FetchModel(request, timeout=TIMEOUT))
         assert _code(anon) == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.RpcError) as anon_admin:
             apb_grpc.AdminStub(ch).ListClients(apb.ListClientsRequest(), timeout=TIMEOUT)
@@ -354,7 +355,7 @@ def test_revocation_after_aggregation_fails_and_retries_the_round(fed):
     assert not closed.success and "revoked after its update was aggregated" in closed.reason
     retry = a.wait_for("task", round=1, attempt=2).task
     assert retry.model_version == 0
-    assert torch.equal(fetch_flat(a, layout, 0), theta0)
+    assert torch.equal(fetch_flat(a, layout, None), theta0)  # the latest is still version 0
     assert f.server.rounds.state.selected == ["a", "c"]
 
 

@@ -19,7 +19,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from federation_harness import TIMEOUT, ScriptedClient, make_identities, random_delta
+from federation_harness import (
+    TIMEOUT,
+    ScriptedClient,
+    drive_rounds,
+    make_identities,
+    random_delta,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client_agent.transfer import fetch_model, submit_update, update_messages
@@ -109,7 +115,7 @@ class Aggregator:
 
 
 def _model_sha(client: ScriptedClient) -> str:
-    header, _ = fetch_model(client.stub, LAYOUT, 0, timeout=TIMEOUT)
+    header, _ = fetch_model(client.stub, LAYOUT, None, timeout=TIMEOUT)  # the latest
     return header.manifest.digest
 
 
@@ -429,6 +435,36 @@ def test_update_submission_after_restart_is_refused_cleanly(tmp_path):
         assert agg.published() == [1]
         a2.close()
         b2.close()
+    finally:
+        a.close()
+        b.close()
+        agg.stop()
+
+
+def test_f12_the_final_model_is_served_after_the_run_until_every_client_has_it(tmp_path):
+    """`fedmae serve` keeps serving the final version after RunFinished, so a slow client
+    still gets it, and exits once every client subscribed at the end has fetched it."""
+    certs, ids = make_identities(tmp_path, ["a", "b"])
+    agg = Aggregator(tmp_path, certs, "--min-clients", "2", "--rounds", "1",
+                     "--final-grace", "600").start()  # fmt: skip
+    log = tmp_path / "serve-1.log"
+    a, b = ScriptedClient(agg.port, ids["a"]), ScriptedClient(agg.port, ids["b"])
+    try:
+        drive_rounds({"a": a, "b": b}, LAYOUT, [1])
+        for c in (a, b):
+            c.wait_for("run_finished", final_version=1)
+        _wait(lambda: "serving the final version 1" in log.read_text()
+              or agg.proc.poll() is not None, TIMEOUT, "the run to end")  # fmt: skip
+        header, _ = fetch_model(a.stub, LAYOUT, None, timeout=TIMEOUT, resume_attempts=0)
+        assert header.version == 1  # the latest is the final version
+        header, _ = fetch_model(b.stub, LAYOUT, 0, timeout=TIMEOUT, resume_attempts=0)
+        assert header.version == 0  # any kept version can be asked for; not the final one
+        assert agg.proc.poll() is None  # b has not fetched the final version yet
+        fetch_model(b.stub, LAYOUT, 1, timeout=TIMEOUT, resume_attempts=0)
+        assert agg.proc.wait(timeout=TIMEOUT) == 0  # every client has it: the server exits
+        text = log.read_text()
+        assert "until a, b have fetched it" in text
+        assert "every client fetched the final version 1" in text
     finally:
         a.close()
         b.close()

@@ -13,6 +13,7 @@ import pytest
 import torch
 from federation_harness import (
     TIMEOUT,
+    UNREAD_DOWNLOADS,
     ScriptedClient,
     fetch_flat,
     held_upload,
@@ -242,7 +243,7 @@ def test_malformed_updates_get_invalid_argument_and_change_nothing(cluster):
         assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT, name
         assert words in err.value.details(), (name, err.value.details())
         # A refused upload frees the slot: the same client may send a good one later.
-    assert torch.equal(fetch_flat(a, layout, 0), before)
+    assert torch.equal(fetch_flat(a, layout, None), before)  # the latest is still version 0
     receipt = _send_raw(a, good)
     assert receipt.updates_received == 1
 
@@ -259,7 +260,7 @@ def test_clients_without_a_ca_certificate_are_refused(cluster, tmp_path):
     for ident in (foreign.dir, anonymous):
         intruder = ScriptedClient(port, ident, subscribe=False)
         with pytest.raises(grpc.RpcError) as err:
-            list(intruder.stub.FetchModel(pb.FetchModelRequest(), timeout=10))
+            list(intruder.stub.FetchModel(pb.FetchModelRequest(latest=True), timeout=10))
         assert _code(err) == grpc.StatusCode.UNAVAILABLE  # refused in the TLS handshake
         intruder.close()
     assert server.rounds.connected() == ["a"]
@@ -328,7 +329,7 @@ def test_round_without_enough_updates_fails_and_is_retried(cluster):
     # The round is retried from the same version; the lone update was not applied.
     retry = clients["b"].wait_for("task", round=1, attempt=2).task
     assert retry.model_version == 0
-    assert torch.equal(fetch_flat(clients["a"], layout, 0), theta0)
+    assert torch.equal(fetch_flat(clients["a"], layout, None), theta0)  # nothing published
     assert server.rounds.version == 0
     records = server.rounds.round_log.read()
     assert records[0]["status"] == "failed" and records[0]["dropped"] == ["b"]
@@ -493,25 +494,26 @@ def test_uploads_beyond_the_limit_wait_for_a_slot_then_give_up(tmp_path):
 def test_downloads_beyond_the_budget_wait_for_a_slot(tmp_path):
     """Downloads at once are bounded by ``download_budget_mb`` / model size (at least 2);
     one more waits, and gets RESOURCE_EXHAUSTED after ``transfer_wait_s``."""
-    certs, ids = make_identities(tmp_path, ["a"])
+    certs, ids = make_identities(tmp_path, ["a", "b"])
     server = make_server(tmp_path / "state", certs, 1, 1,
                          server={"download_budget_mb": 1, "transfer_wait_s": 1.0})  # fmt: skip
     port = server.start()
-    client = ScriptedClient(port, ids["a"], subscribe=False)
+    a, b = (ScriptedClient(port, ids[n], False, UNREAD_DOWNLOADS) for n in ("a", "b"))
     try:
         assert server.rounds.max_downloads == 2
-        request = pb.FetchModelRequest(version=0, chunk_size=4096)  # many small frames
-        held = [client.stub.FetchModel(request, timeout=TIMEOUT) for _ in range(2)]
+        request = pb.FetchModelRequest(version=0)
+        held = [c.stub.FetchModel(request, timeout=TIMEOUT) for c in (a, b)]
         for stream in held:  # both started; unread, they stall on flow control
             assert wire.part(next(stream)) == "header"
         with pytest.raises(grpc.RpcError) as refused:
-            fetch_model(client.stub, server.layout, 0, timeout=TIMEOUT, resume_attempts=0)
+            fetch_model(a.stub, server.layout, 0, timeout=TIMEOUT, resume_attempts=0)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "2 downloads are in flight" in refused.value.details()
         held[0].cancel()  # frees a slot
-        _, flat = fetch_model(client.stub, server.layout, 0, timeout=TIMEOUT)
+        _, flat = fetch_model(a.stub, server.layout, 0, timeout=TIMEOUT)
         assert flat.numel() == server.layout.numel
         held[1].cancel()
     finally:
-        client.close()
+        a.close()
+        b.close()
         server.stop(grace=0)

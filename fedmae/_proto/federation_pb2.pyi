@@ -135,14 +135,16 @@ class RoundClosed(_message.Message):
     def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., success: _Optional[bool] = ..., version: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., num_samples: _Optional[int] = ..., train_loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RunFinished(_message.Message):
-    __slots__ = ("final_version", "rounds", "reason")
+    __slots__ = ("final_version", "rounds", "reason", "model")
     FINAL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     final_version: int
     rounds: int
     reason: str
-    def __init__(self, final_version: _Optional[int] = ..., rounds: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, final_version: _Optional[int] = ..., rounds: _Optional[int] = ..., reason: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("time",)
@@ -175,16 +177,18 @@ class RoundEvent(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., task: _Optional[_Union[RoundTask, _Mapping]] = ..., model_published: _Optional[_Union[ModelPublished, _Mapping]] = ..., round_closed: _Optional[_Union[RoundClosed, _Mapping]] = ..., run_finished: _Optional[_Union[RunFinished, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
 
 class FetchModelRequest(_message.Message):
-    __slots__ = ("version", "encoding", "chunk_size", "offset")
+    __slots__ = ("version", "latest", "encoding", "chunk_size", "offset")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    LATEST_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     version: int
+    latest: bool
     encoding: Encoding
     chunk_size: int
     offset: int
-    def __init__(self, version: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., chunk_size: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., latest: _Optional[bool] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., chunk_size: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
     __slots__ = ("version", "round", "model", "manifest")

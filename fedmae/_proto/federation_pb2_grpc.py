@@ -59,14 +59,21 @@ class FederationServicer:
     """
 
     def Subscribe(self, request, context):
-        """Round events for this client until the run ends.
+        """Round events for this client until the run ends. One stream per identity: a
+        newer Subscribe ends the older one with ABORTED ("replaced by a newer connection
+        from <peer>").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def FetchModel(self, request, context):
-        """A published model version: ModelHeader, then Chunks.
+        """A published model version: ModelHeader, then Chunks. After the run ends the
+        server keeps serving the final version for a grace period (or until every client
+        subscribed at the end has fetched it). Chunk sizes are clamped to [64 KiB,
+        4 x the server's chunk size]; a client runs a few downloads at once at most (2 by
+        default; RESOURCE_EXHAUSTED over it); a download the client does not read for the
+        idle timeout (60 s by default) is cancelled.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
