@@ -8,11 +8,10 @@ registered one, status active) or for the admin role (OU=admin).
 from __future__ import annotations
 
 import logging
-import threading
-import time
 
 import grpc
 
+from aggregator_service.rate_limit import RateLimiter
 from aggregator_service.registry import Registry
 from fedmae.errors import LimitExceeded, PermissionDenied, Unauthenticated
 from fedmae.tls import ADMIN_ROLE, PeerCertificate, peer_certificate
@@ -20,26 +19,6 @@ from fedmae.tls import ADMIN_ROLE, PeerCertificate, peer_certificate
 log = logging.getLogger(__name__)
 
 INSECURE_ID_HEADER = "x-fedmae-client-id"
-
-
-class RateLimiter:
-    """A token bucket per client: ``rate`` requests per second, bursts of ``2 * rate``."""
-
-    def __init__(self, rate: float):
-        self.rate = rate
-        self._buckets: dict[str, tuple[float, float]] = {}  # id -> (tokens, last time)
-        self._lock = threading.Lock()
-
-    def allow(self, client_id: str) -> bool:
-        if self.rate <= 0:
-            return True
-        now = time.monotonic()
-        with self._lock:
-            tokens, last = self._buckets.get(client_id, (2 * self.rate, now))
-            tokens = min(2 * self.rate, tokens + (now - last) * self.rate)
-            ok = tokens >= 1.0
-            self._buckets[client_id] = (tokens - 1.0 if ok else tokens, now)
-        return ok
 
 
 class Authorizer:
@@ -99,8 +78,6 @@ class Authorizer:
         """The calling operator's name; raises unless the certificate has the admin role."""
         peer = self._peer(context)
         if peer is None:
-            if self.insecure:
-                return "insecure-admin"
             raise Unauthenticated("the Admin service needs the operator's admin certificate")
         if peer.role != ADMIN_ROLE:
             raise PermissionDenied(

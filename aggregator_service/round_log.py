@@ -14,13 +14,16 @@ class RoundLog:
         self.echo = echo
 
     def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, sort_keys=False, separators=(",", ":"))
+        """Write one record durably: flushed and fsynced when this returns."""
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+            f.write(_line(record))
             f.flush()
             os.fsync(f.fileno())
+
+    def echo_record(self, record: dict[str, Any]) -> None:
+        """Show the record on the echo stream (the server's stdout), if there is one."""
         if self.echo is not None:
-            self.echo.write(line + "\n")
+            self.echo.write(_line(record))
             self.echo.flush()
 
     def repair(self) -> bool:
@@ -42,3 +45,7 @@ class RoundLog:
             return []
         with open(self.path, encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]
+
+
+def _line(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=False, separators=(",", ":")) + "\n"
