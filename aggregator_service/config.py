@@ -87,7 +87,7 @@ class ServerConfig:
     # FetchModel, SubmitUpdate), an admin tool 2 (WatchRounds, Status). More queue in
     # the caller's gRPC library until one ends.
     max_streams_per_connection: int = 16
-    enroll_rate: float = 1.0  # enrollment calls per second per peer address (burst 2x)
+    enroll_rate: float = 5.0  # enrollment calls per second per peer address (burst 2x)
 
     def __post_init__(self) -> None:
         if self.insecure and not is_loopback(self.listen):

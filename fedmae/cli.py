@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--enroll-rate",
         type=float,
-        default=1.0,
+        default=5.0,
         help="enrollment calls per second from one address (IPv6: one /64), bursts of twice "
         "that; more get RESOURCE_EXHAUSTED; 0 = no limit (default %(default)s)",
     )

@@ -31,6 +31,7 @@ from aggregator_service.config import ServerConfig
 from aggregator_service.rate_limit import peer_address
 from aggregator_service.server import ENROLL_WORKERS
 from client_agent.agent import AgentConfig, ClientAgent
+from client_agent.enrollment import enroll
 from client_agent.transfer import submit_update
 from fedmae import tls
 from fedmae._proto import admin_pb2 as apb
@@ -179,6 +180,31 @@ def test_f1_enrollment_port_serves_enrollment_only_with_small_limits(tmp_path):
         assert "more than 0.1 requests per second from 127.0.0.1" in second.value.details()
     finally:
         channel.close()
+        server.stop(grace=0)
+
+
+def test_f1_enroll_waits_out_the_rate_limit(tmp_path, caplog):
+    """A script enrolling many devices from one address is slowed down, not refused:
+    ``enroll`` waits and tries again on RESOURCE_EXHAUSTED."""
+    certs, _ = make_identities(tmp_path, [])
+    server = make_server(tmp_path / "state", certs, 1, 1, server={"enroll_rate": 2.0})
+    port = server.start()
+    admin_channel, admin = _admin(port, certs)
+    ca_pem = (certs / "ca.pem").read_bytes()
+    try:
+        request = apb.CreateTokenRequest(uses=7, ttl_seconds=600)
+        token = admin.CreateToken(request, timeout=TIMEOUT).token
+        with caplog.at_level("INFO", logger="client_agent.enrollment"):
+            enrolled = {
+                enroll(
+                    f"127.0.0.1:{server.enroll_port}", ca_pem, token, tmp_path / f"d{i}"
+                ).client_id
+                for i in range(7)  # a burst of 4 passes, then 2 per second
+            }
+        assert len(enrolled) == 7
+        assert "enrollment port busy" in caplog.text
+    finally:
+        admin_channel.close()
         server.stop(grace=0)
 
 
