@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
 from collections.abc import Callable
 
 import grpc
 
+from aggregator_service.rate_limit import RateLimiter
 from aggregator_service.registry import AdminRecord, Registry
 from fedmae.errors import FedmaeError, LimitExceeded, PermissionDenied, Unauthenticated
 from fedmae.tls import ADMIN_ROLE, HEALTH_ROLE, PeerCertificate, peer_certificate, utc
@@ -25,26 +25,6 @@ from fedmae.tls import ADMIN_ROLE, HEALTH_ROLE, PeerCertificate, peer_certificat
 log = logging.getLogger(__name__)
 
 INSECURE_ID_HEADER = "x-fedmae-client-id"
-
-
-class RateLimiter:
-    """A token bucket per client: ``rate`` requests per second, bursts of ``2 * rate``."""
-
-    def __init__(self, rate: float):
-        self.rate = rate
-        self._buckets: dict[str, tuple[float, float]] = {}  # id -> (tokens, last time)
-        self._lock = threading.Lock()
-
-    def allow(self, client_id: str) -> bool:
-        if self.rate <= 0:
-            return True
-        now = time.monotonic()
-        with self._lock:
-            tokens, last = self._buckets.get(client_id, (2 * self.rate, now))
-            tokens = min(2 * self.rate, tokens + (now - last) * self.rate)
-            ok = tokens >= 1.0
-            self._buckets[client_id] = (tokens - 1.0 if ok else tokens, now)
-        return ok
 
 
 def _audited(role: str):
@@ -155,8 +135,6 @@ class Authorizer:
         and its fingerprint is pinned and active in the registry."""
         peer = self._peer(context)
         if peer is None:
-            if self.insecure:
-                return "insecure-admin"
             raise Unauthenticated("the Admin service needs the operator's admin certificate")
         self.admin_record(peer)
         return f"admin:{peer.common_name}"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmae.config import TrainingConfig
+from fedmae.errors import ConfigError
 from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE
 
 
@@ -86,12 +88,31 @@ class ServerConfig:
     max_update_norm: float | str = "auto"
     norm_bound_factor: float = 5.0  # auto: B = factor x median norm of the last round
     norm_bound_ratio: float = 0.5  # auto, no history: B = ratio x norm of the model
+    reflection: bool = False  # gRPC server reflection on the mTLS port
+    # Every connection is sent GOAWAY after this long (gRPC adds +-10% jitter): new calls
+    # then open a new connection, whose TLS handshake checks the certificate again.
+    # 0 = never.
+    max_connection_age_s: float = 3600.0
+    # Calls still running on a connection past its age may finish within this; 0 = no
+    # limit (an agent's event stream is not cut mid-round; the authorizer re-checks it
+    # on every heartbeat).
+    max_connection_age_grace_s: float = 0.0
+    # HTTP/2 streams (calls) at once on one mTLS connection: an agent uses 3 (Subscribe,
+    # FetchModel, SubmitUpdate), an admin tool 2 (WatchRounds, Status). More queue in
+    # the caller's gRPC library until one ends.
+    max_streams_per_connection: int = 16
+    enroll_rate: float = 5.0  # enrollment calls per second per peer address (burst 2x)
 
     def __post_init__(self) -> None:
         for name in ("final_grace_s", "max_downloads_per_client", "download_idle_s",
                      "upload_idle_s"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+        if self.insecure and not is_loopback(self.listen):
+            raise ConfigError(
+                f"--insecure serves plaintext without authentication: it may only listen on a "
+                f"loopback address (127.0.0.1, ::1, localhost), not {self.listen!r}"
+            )
 
     @property
     def certs(self) -> Path:
@@ -105,3 +126,15 @@ class ServerConfig:
             return self.enroll_listen
         host, _, port = self.listen.rpartition(":")
         return f"{host}:{int(port) + 1 if int(port) else 0}"
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether a ``HOST:PORT`` listen address binds loopback only (127.0.0.0/8, ::1,
+    localhost). An empty host, a wildcard or any other name is not."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -26,7 +26,10 @@ class EnrollmentServicer(epb_grpc.EnrollmentServicer):
         try:
             return self._enroll(request, context.peer())
         except FedmaeError as err:
-            log.warning("enrollment from %s refused: %s", context.peer(), err)
+            # str(err), not err: a record that keeps the exception keeps its traceback,
+            # whose frames hold this call, and gRPC frees the call's HTTP/2 stream (one of
+            # ENROLL_STREAMS_PER_CONNECTION) only when that is collected.
+            log.warning("enrollment from %s refused: %s", context.peer(), str(err))
             self._audit_refusal(request, context.peer(), err)
             abort(context, err)
 

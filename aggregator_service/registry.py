@@ -15,7 +15,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,8 +182,9 @@ def hash_token(token: str) -> str:
 class Registry:
     """Thread-safe access to the state database (one connection, one lock)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time):
         self.path = path
+        self.clock = clock  # the time tokens are made and expire by (tests move it)
         private_dir(path.parent)
         # SQLite gives the -wal and -shm files the database file's mode: make it 0600
         # before SQLite creates it (and tighten one made by an older fedmae).
@@ -305,7 +306,7 @@ class Registry:
         check_labels(labels or {}, "token labels")
         token_id = secrets.token_hex(4)
         token = f"{TOKEN_PREFIX}_{token_id}_{secrets.token_urlsafe(32)}"
-        now = time.time()
+        now = self.clock()
         with self._tx() as db:
             db.execute(
                 "INSERT INTO tokens (token_id, token_hash, name, labels, created, expires, uses,"
@@ -330,7 +331,7 @@ class Registry:
     def tokens(self, include_inactive: bool = False) -> list[TokenRecord]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM tokens ORDER BY created").fetchall()
-        now = time.time()
+        now = self.clock()
         records = [_token(r) for r in rows]
         return records if include_inactive else [t for t in records if t.usable(now)]
 
@@ -364,7 +365,7 @@ class Registry:
         ``issue(client_id)`` signs the certificate and returns ``(cert, fingerprint,
         serial, not_after)``. Nothing is written unless every check passes.
         """
-        now = time.time()
+        now = self.clock()
         with self._tx() as db:
             row = db.execute(
                 "SELECT * FROM tokens WHERE token_hash = ?", (hash_token(token),)

@@ -24,14 +24,17 @@ class RoundLog:
             private_file(path)  # one written by an older fedmae was 0644
 
     def append(self, record: dict[str, Any]) -> None:
-        line = record_json(record)
+        """Write one record durably: flushed and fsynced when this returns."""
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
         with open(fd, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+            f.write(_line(record))
             f.flush()
             os.fsync(f.fileno())
+
+    def echo_record(self, record: dict[str, Any]) -> None:
+        """Show the record on the echo stream (the server's stdout), if there is one."""
         if self.echo is not None:
-            self.echo.write(line + "\n")
+            self.echo.write(_line(record))
             self.echo.flush()
 
     def repair(self) -> bool:
@@ -53,3 +56,7 @@ class RoundLog:
             return []
         with open(self.path, encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]
+
+
+def _line(record: dict[str, Any]) -> str:
+    return record_json(record) + "\n"

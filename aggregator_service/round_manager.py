@@ -476,7 +476,17 @@ class RoundManager:
                 status = "failed"
                 reason = f"only {reported} of {self.policy.required_updates} required updates"
             success = status == "published"
-            t0 = time.monotonic()
+            if reason:
+                extra["reason"] = reason
+            record = self._record(state, status, phases, **extra)
+            self.last_record = record
+            if success:
+                self.bounds.published(record)  # the next round's auto norm bound
+            # Durable before anyone hears of it: a client or monitor that sees version N
+            # finds round N in the log. Status and downloads read the version under this
+            # lock, so none sees it before the line is on disk (one small fsync, after the
+            # checkpoint's big one).
+            self.round_log.append(record)
             if success:
                 self._broadcast(
                     model_published=pb.ModelPublished(
@@ -502,15 +512,8 @@ class RoundManager:
                     reason=reason,
                 )
             )
-            phases["publish_s"] = round(time.monotonic() - t0, 3)
-            if reason:
-                extra["reason"] = reason
-            record = self._record(state, status, phases, **extra)
-            self.last_record = record
-            if success:
-                self.bounds.published(record)  # the next round's auto norm bound
             self.phase = "waiting"
-        self.round_log.append(record)
+        self.round_log.echo_record(record)
         release_free_memory()  # the round's transfer buffers, freed but kept by malloc
         for observer in self.observers:
             observer.round_closed(record)

@@ -22,6 +22,7 @@ from aggregator_service.enrollment_servicer import EnrollmentServicer
 from aggregator_service.federation_servicer import FederationServicer
 from aggregator_service.global_eval import GlobalEvaluator
 from aggregator_service.metrics import Metrics
+from aggregator_service.rate_limit import PeerRateLimit
 from aggregator_service.registry import Registry
 from aggregator_service.request_guard import RequestGuard
 from aggregator_service.round_feed import RoundFeed
@@ -45,6 +46,18 @@ FEDERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Federation"].full_name
 ADMIN_SERVICE = apb.DESCRIPTOR.services_by_name["Admin"].full_name
 ENROLLMENT_SERVICE = epb.DESCRIPTOR.services_by_name["Enrollment"].full_name
 
+# The enrollment port takes callers without a certificate: everything it may use is
+# small and fixed. An EnrollRequest is a token (56 B), a CSR (359 B PEM for P-256,
+# 1.6 kB for RSA-4096) and labels: 466 B as `fedmae enroll` sends it with two labels;
+# the response, two certificates, 1.3 kB. 64 KiB leaves room for any sane labels.
+ENROLL_WORKERS = 8  # handler threads = calls at once; more get RESOURCE_EXHAUSTED
+ENROLL_MAX_MESSAGE_BYTES = 64 << 10
+ENROLL_STREAMS_PER_CONNECTION = 4
+# An enrollment is one short call: a connection goes away after a minute, and calls
+# still open 10 s later (a caller that never sends its request) are cut.
+ENROLL_CONNECTION_AGE_S = 60.0
+ENROLL_CONNECTION_AGE_GRACE_S = 10.0
+
 
 def grpc_options(chunk_size: int) -> list[tuple[str, int]]:
     """Channel/server options shared by both ends: bounded messages, keepalive."""
@@ -60,8 +73,20 @@ def grpc_options(chunk_size: int) -> list[tuple[str, int]]:
     ]
 
 
+def _connection_age(age_s: float, grace_s: float) -> list[tuple[str, int]]:
+    """GOAWAY after ``age_s`` (0 = never); calls still running are cut ``grace_s``
+    later (0 = never)."""
+    options = []
+    if age_s > 0:
+        options.append(("grpc.max_connection_age_ms", int(age_s * 1000)))
+        if grace_s > 0:
+            options.append(("grpc.max_connection_age_grace_ms", int(grace_s * 1000)))
+    return options
+
+
 class AggregatorServer:
-    """Owns the state directory and serves ``Federation``, health and reflection.
+    """Owns the state directory and serves ``Federation``, ``Admin`` and health on the
+    mTLS port, and ``Enrollment`` on a separate server (TLS without client certificates).
 
     ``start()`` returns the bound port (``listen`` may end in ``:0``); ``wait()`` blocks
     until the run ends or ``stop()`` is called.
@@ -136,6 +161,7 @@ class AggregatorServer:
             admin_pins.pin_from_certs_dir(self.registry, certs)
         self._stop = threading.Event()
         self._server: grpc.Server | None = None
+        self._enroll_server: grpc.Server | None = None
         self.enroll_port: int | None = None
         self._loop: threading.Thread | None = None
         self.health = health.HealthServicer()
@@ -162,6 +188,7 @@ class AggregatorServer:
         if record is None:
             record = self.rounds.recovered_record(checkpoint.round, version)
             round_log.append(record)
+            round_log.echo_record(record)
             log.warning(
                 "round %d published version %d but was not logged before a crash: "
                 "logged now (recovered)", checkpoint.round, version,
@@ -171,6 +198,8 @@ class AggregatorServer:
 
     def start(self) -> int:
         cfg = self.config
+        # One handler thread per admitted call, never a queue: past max_workers calls a
+        # new one gets RESOURCE_EXHAUSTED at once instead of waiting behind long streams.
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="rpc"),
             options=[
@@ -178,45 +207,45 @@ class AggregatorServer:
                 # Each connection's read buffer grows to this with traffic and stays:
                 # 4 MiB by default, so 256 clients held ~1 GB (docs/BENCHMARKS.md).
                 ("grpc.experimental.tcp_max_read_chunk_size", 256 << 10),
+                ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
+                *_connection_age(cfg.max_connection_age_s, cfg.max_connection_age_grace_s),
             ],
             interceptors=[RequestGuard()],
+            maximum_concurrent_rpcs=cfg.max_workers,
         )
         federation_servicer.add_to_server(
             FederationServicer(self.rounds, self.auth, cfg.heartbeat_s), server
         )
-        apb_grpc.add_AdminServicer_to_server(
-            AdminServicer(self.registry, self.rounds, self.auth, self.feed), server
-        )
-        services = [FEDERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME]
-        if self.ca is not None:
-            epb_grpc.add_EnrollmentServicer_to_server(
-                EnrollmentServicer(self.registry, self.ca, cfg.client_cert_days), server
+        services = [FEDERATION_SERVICE, health.SERVICE_NAME]
+        if not cfg.insecure:  # without certificates nobody can be told from an admin
+            apb_grpc.add_AdminServicer_to_server(
+                AdminServicer(self.registry, self.rounds, self.auth, self.feed), server
             )
-            services.append(ENROLLMENT_SERVICE)
+            services.append(ADMIN_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)
+        if cfg.reflection:
+            reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)
         if cfg.insecure:
             log.warning(
                 "--insecure: serving PLAINTEXT without client authentication on %s; "
-                "anyone who can reach this port can join and read the model",
+                "anyone who can reach this port can join and read the model (Admin is off)",
                 cfg.listen,
             )
             port = server.add_insecure_port(cfg.listen)
         else:
-            certs = tls.ServerCerts(cfg.certs)
-            port = server.add_secure_port(cfg.listen, tls.server_credentials(certs))
-            if self.ca is not None and cfg.enroll_address:
-                # Same services, but TLS without client certificates: only Enrollment
-                # (and Health) answer a caller who has no certificate yet.
-                self.enroll_port = server.add_secure_port(
-                    cfg.enroll_address, tls.server_credentials(certs, require_client_auth=False)
-                )
-                if self.enroll_port == 0:
-                    raise ConfigError(f"cannot listen on {cfg.enroll_address} (address in use?)")
+            port = server.add_secure_port(
+                cfg.listen, tls.server_credentials(tls.ServerCerts(cfg.certs))
+            )
         if port == 0:
             raise ConfigError(f"cannot listen on {cfg.listen} (address in use?)")
+        enrollment = None
+        if self.ca is not None and cfg.enroll_address:
+            enrollment, self.enroll_port = self._enrollment_server(cfg.enroll_address)
+            services.append(ENROLLMENT_SERVICE)  # its health, as seen from the mTLS port
         server.start()
-        self._server, self.port = server, port
+        if enrollment is not None:
+            enrollment.start()
+        self._server, self._enroll_server, self.port = server, enrollment, port
         for name in ("", *services):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._loop = threading.Thread(
@@ -235,6 +264,35 @@ class AggregatorServer:
         if cfg.metrics_listen:
             self.metrics_port = self.metrics.serve(cfg.metrics_listen)
         return port
+
+    def _enrollment_server(self, address: str) -> tuple[grpc.Server, int]:
+        """Enrollment on a server of its own: TLS without client certificates, so anyone
+        who reaches the port can call it. Only ``Enrollment`` is served (other services
+        answer UNIMPLEMENTED without taking a thread); its few threads, calls, streams
+        and small messages are all it can ever take from this process."""
+        cfg = self.config
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=ENROLL_WORKERS, thread_name_prefix="enroll"),
+            options=[
+                ("grpc.max_receive_message_length", ENROLL_MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", ENROLL_MAX_MESSAGE_BYTES),
+                ("grpc.max_concurrent_streams", ENROLL_STREAMS_PER_CONNECTION),
+                ("grpc.experimental.tcp_max_read_chunk_size", 64 << 10),
+                *_connection_age(ENROLL_CONNECTION_AGE_S, ENROLL_CONNECTION_AGE_GRACE_S),
+            ],
+            interceptors=[PeerRateLimit(cfg.enroll_rate, "enrollment"), RequestGuard()],
+            maximum_concurrent_rpcs=ENROLL_WORKERS,
+        )
+        epb_grpc.add_EnrollmentServicer_to_server(
+            EnrollmentServicer(self.registry, self.ca, cfg.client_cert_days), server
+        )
+        certs = tls.ServerCerts(cfg.certs)
+        port = server.add_secure_port(
+            address, tls.server_credentials(certs, require_client_auth=False)
+        )
+        if port == 0:
+            raise ConfigError(f"cannot listen on {address} (address in use?)")
+        return server, port
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the run finished (True) or ``timeout`` passed (False)."""
@@ -271,9 +329,12 @@ class AggregatorServer:
             self._loop.join(timeout=10)
         self.health.enter_graceful_shutdown()
         self.metrics.stop()
+        grace = self.config.exit_grace_s if grace is None else grace
+        stopped = [srv.stop(grace) for srv in (self._enroll_server, self._server) if srv]
+        for event in stopped:
+            event.wait()
         if self._server is not None:
-            self._server.stop(self.config.exit_grace_s if grace is None else grace).wait()
-            self._server = None
+            self._server, self._enroll_server = None, None
             self.registry.close()
         log.info("aggregator stopped")
 

@@ -132,7 +132,10 @@ class ClientAgent:
                         err.details(),
                     )
                     return 2
-                if not is_retryable(err):
+                # RESOURCE_EXHAUSTED: the server is at its limit of calls at once (or of
+                # requests per second): back off and come again, as when it is away.
+                busy = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                if not (busy or is_retryable(err)):
                     self._status("refused", error=f"{err.code().name}: {err.details()}")
                     log.error(
                         "%s: server refused us: %s: %s",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,7 @@ def enroll(
     name: str = "",
     labels: dict[str, str] | None = None,
     timeout: float = 30.0,
+    busy_retries: int = 5,
 ) -> EnrollResult:
     """Enroll with the aggregator's enrollment port; write ``out_dir`` (ca, cert, key).
 
@@ -62,13 +65,26 @@ def enroll(
     labels = check_labels(labels or {})
     key_pem, csr_pem = tls.make_key_and_csr(name)
     creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    request = epb.EnrollRequest(
+        token=token.strip(), csr_pem=csr_pem, requested_name=name, labels=labels or {}
+    )
     with grpc.secure_channel(server, creds) as channel:
-        response = epb_grpc.EnrollmentStub(channel).Enroll(
-            epb.EnrollRequest(
-                token=token.strip(), csr_pem=csr_pem, requested_name=name, labels=labels
-            ),
-            timeout=timeout,
-        )
+        stub = epb_grpc.EnrollmentStub(channel)
+        for attempt in range(busy_retries + 1):
+            try:
+                response = stub.Enroll(request, timeout=timeout)
+                break
+            except grpc.RpcError as err:
+                # The port is busy (its calls at once) or we are over its rate per
+                # address (e.g. a script enrolling many devices): wait and try again.
+                # A request over the size limit is not worth sending again.
+                busy = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                too_big = "larger than max" in (err.details() or "")
+                if not busy or too_big or attempt == busy_retries:
+                    raise
+                wait = min(8.0, 0.5 * 2**attempt) * random.uniform(0.5, 1.5)
+                log.info("enrollment port busy (%s); trying again in %.1fs", err.details(), wait)
+                time.sleep(wait)
     if response.ca_certificate_pem.strip() != ca_pem.strip():
         raise ConfigError("the server answered with a different CA than the one you trust")
     ident = tls.save_identity(out_dir, key_pem, response.certificate_pem, ca_pem)

@@ -151,6 +151,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_update_norm=args.max_update_norm,
         norm_bound_factor=args.norm_bound_factor,
         norm_bound_ratio=args.norm_bound_ratio,
+        reflection=args.reflection,
+        max_connection_age_s=args.max_connection_age,
+        max_connection_age_grace_s=args.max_connection_age_grace,
+        enroll_rate=args.enroll_rate,
     )
     if not config.insecure and not (config.certs / "server.pem").exists():
         from fedmae import tls
@@ -418,7 +422,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--eval-data", help="held-out data the server evaluates each model on")
     s.add_argument("--eval-images", type=int, default=500)
-    s.add_argument("--insecure", action="store_true", help="plaintext, no client auth (testing)")
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext, no client authentication, no Admin service; loopback --listen only "
+        "(testing; default off)",
+    )
+    s.add_argument(
+        "--enroll-rate",
+        type=float,
+        default=5.0,
+        help="enrollment calls per second from one address (IPv6: one /64), bursts of twice "
+        "that; more get RESOURCE_EXHAUSTED; 0 = no limit (default %(default)s)",
+    )
+    s.add_argument(
+        "--reflection",
+        action="store_true",
+        help="serve gRPC reflection on the mTLS port (for grpcurl; default off)",
+    )
+    s.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=3600.0,
+        help="seconds after which a connection is asked to go away, so the next call's TLS "
+        "handshake checks the certificate again; 0 = never (default %(default)s)",
+    )
+    s.add_argument(
+        "--max-connection-age-grace",
+        type=float,
+        default=0.0,
+        help="seconds that calls running on such a connection may go on before it is cut; "
+        "0 = until they end, so no transfer or event stream is cut (default %(default)s)",
+    )
     s.add_argument("--model", default="tiny", help="MAE config: tiny, vit_base, ...")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--min-clients", type=int, default=2)
@@ -536,8 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-workers",
         type=int,
         default=2048,
-        help="gRPC handler threads, made as needed: one per connected client plus one per "
-        "transfer (default %(default)s)",
+        help="gRPC handler threads, made as needed, and calls at once on the mTLS port: one "
+        "per connected client plus one per transfer; more calls get RESOURCE_EXHAUSTED "
+        "(default %(default)s)",
     )
     s.set_defaults(func=cmd_serve, role="aggregator")
 

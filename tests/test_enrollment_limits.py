@@ -32,7 +32,12 @@ class Fed:
     def __init__(self, tmp_path):
         self.tmp = tmp_path
         self.certs = tls.init_certs(tmp_path / "certs")
-        self.server = make_server(tmp_path / "state", self.certs.dir, min_clients=2, rounds=1)
+        # The per-address rate limit (tests/test_hardening_server.py) is off: these tests
+        # send many refused enrollments in a row from 127.0.0.1 on purpose.
+        self.server = make_server(
+            tmp_path / "state", self.certs.dir, min_clients=2, rounds=1,
+            server={"enroll_rate": 0},
+        )  # fmt: skip
         self.port = self.server.start()
         self.addr = f"127.0.0.1:{self.port}"
         self.ca_pem = self.certs.ca_cert.read_bytes()

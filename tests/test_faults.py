@@ -30,6 +30,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client_agent.transfer import fetch_model, submit_update, update_messages
 from fedmae import tls
+from fedmae._proto import admin_pb2 as apb
+from fedmae._proto import admin_pb2_grpc as apb_grpc
 from fedmae._proto import federation_pb2 as pb
 from fedmae.mae import build_model, trainable_state
 from fedmae.tensor_codec import ModelLayout, encode, iter_chunks, payload_digest
@@ -91,6 +93,11 @@ class Aggregator:
             except grpc.RpcError:
                 return False
         return status == health_pb2.HealthCheckResponse.SERVING
+
+    def status(self) -> apb.StatusResponse:
+        creds = tls.channel_credentials(tls.ClientIdentity(self.certs / "admin"))
+        with grpc.secure_channel(f"127.0.0.1:{self.port}", creds) as ch:
+            return apb_grpc.AdminStub(ch).Status(apb.StatusRequest(), timeout=TIMEOUT)
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -270,7 +277,7 @@ def test_a_cut_connection_frees_the_slot(hostile):
 
     future = a.stub.SubmitUpdate.future(stalled(), timeout=TIMEOUT)
     assert started.wait(TIMEOUT)
-    time.sleep(0.3)
+    _wait(lambda: "a" in agg.status().uploading, TIMEOUT, "the server to hold a's upload")
     future.cancel()  # the connection is cut mid-stream
     assert agg.healthy() and _model_sha(a) == sha
     # The round still takes a complete update from the same client afterwards, once the
