@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_logging("INFO", f"replica-{args.step}", os.environ.get("FEDMAE_LOG_FORMAT", "text"))
-    if args.clients < 1:
-        log.error("--clients must be at least 1")
+    if args.clients < (0 if args.step == "issue" else 1):  # 0 replicas: edge clients only
+        log.error("--clients must be at least %d", 0 if args.step == "issue" else 1)
         return 2
     if args.step == "issue":
         made = issue(Path(args.state_dir), Path(args.tokens), args.clients, args.ttl, args.keep)

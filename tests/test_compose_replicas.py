@@ -94,6 +94,8 @@ def test_f5_tokens_rerun_keeps_valid_skips_enrolled_and_revokes_the_rest(tmp_pat
     third = _files(tokens)
     assert sorted(third) == ["client-1"]
     assert third["client-1"]["token"] != first["client-1"]["token"], "a dead token was kept"
+    _issue(state, tokens, 0)  # FEDMAE_CLIENTS=0: an aggregator for edge devices only
+    assert _files(tokens) == {}
 
 
 def test_f5_tokens_near_expiry_are_replaced(tmp_path):
