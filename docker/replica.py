@@ -202,6 +202,8 @@ def ensure_identity(slot: Path, name: str, tokens: Path, enroll_server: str, ca:
 def start(args: argparse.Namespace) -> int:
     import grpc
 
+    from fedmae.errors import FedmaeError
+
     slots, tokens = Path(args.slots), Path(args.tokens)
     try:
         k, fd = claim_slot(slots, args.clients)
@@ -219,6 +221,9 @@ def start(args: argparse.Namespace) -> int:
     except grpc.RpcError as err:
         log.error("enrolling %s: %s: %s", name, err.code().name, err.details())
         return REFUSED if err.code() != grpc.StatusCode.UNAVAILABLE else 1
+    except FedmaeError as err:  # e.g. the slot holds another name's identity
+        log.error("%s", err)
+        return REFUSED
     command = [*args.command, f"--identity={slot}", f"--partition={k - 1}/{args.clients}"]
     os.set_inheritable(fd, True)  # the slot stays ours for as long as the client runs
     sys.stdout.flush()
