@@ -15,7 +15,7 @@ from aggregator_service.round_feed import RoundFeed
 from aggregator_service.round_manager import RoundManager
 from fedmae._proto import admin_pb2 as apb
 from fedmae._proto import admin_pb2_grpc as apb_grpc
-from fedmae.errors import FedmaeError, InvalidRequest, abort
+from fedmae.errors import FailedPrecondition, FedmaeError, InvalidRequest, abort
 from fedmae.tls import validate_client_id
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ class AdminServicer(apb_grpc.AdminServicer):
             if not request.certificate_pem:
                 raise InvalidRequest("certificate_pem is required (the admin's client.pem)")
             if not self.auth.root_pem:
-                raise InvalidRequest("this aggregator runs without certificates")
+                raise FailedPrecondition("this aggregator runs without certificates (--insecure)")
             record = admin_pins.pin_admin(
                 self.registry, actor, bytes(request.certificate_pem), self.auth.root_pem
             )

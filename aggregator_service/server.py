@@ -118,6 +118,8 @@ class AggregatorServer:
         self.ca: tls.CertificateAuthority | None = None
         if not config.insecure:
             certs = tls.ServerCerts(config.certs)
+            if not 0 < config.client_cert_days <= tls.MAX_LEAF_DAYS:
+                raise ConfigError(f"--client-cert-days must be 1 to {tls.MAX_LEAF_DAYS}")
             # Signs enrollments: --ca-key, else the enrollment CA, else the root in CERTS.
             if config.ca_key or certs.enrollment_ca_key.exists() or certs.ca_key.exists():
                 self.ca = tls.CertificateAuthority(certs, key_path=config.ca_key)

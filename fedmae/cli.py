@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--certs", required=True, help="certificates directory (made by certs init)")
     cc.add_argument("--name", required=True, help="client id (becomes the certificate CN)")
     cc.add_argument("--out", help="identity directory (default: CERTS/clients/NAME)")
-    cc.add_argument("--days", type=int, default=365, help="validity (default %(default)s)")
+    cc.add_argument("--days", type=int, default=365, help="validity, <= 366 (default %(default)s)")
     cc.add_argument(
         "--signer",
         help="root CA key directory, for a CERTS without an enrollment CA (default: CERTS)",
@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--certs", required=True, help="certificates directory (made by certs init)")
     ca.add_argument("--name", required=True, help="admin name (becomes the certificate CN)")
     ca.add_argument("--out", required=True, help="identity directory to write (made 0700)")
-    ca.add_argument("--days", type=int, default=365, help="validity (default %(default)s)")
+    ca.add_argument("--days", type=int, default=365, help="validity, <= 366 (default %(default)s)")
     ca.add_argument(
         "--signer", help="the directory holding the root CA key ca.key (default: CERTS)"
     )
@@ -393,8 +393,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="TLS port for enrollment (default: --listen port + 1; 'off' to disable)",
     )
-    s.add_argument("--ca-key", help="CA signing key outside the certs dir (must be mode 0600)")
-    s.add_argument("--client-cert-days", type=int, default=365)
+    s.add_argument(
+        "--ca-key",
+        help="the key to sign enrollments with, kept outside the certs dir (mode 0600): the "
+        "enrollment CA's, or the root's for a certs dir without one (default: "
+        "CERTS/enrollment-ca.key, else CERTS/ca.key)",
+    )
+    s.add_argument(
+        "--client-cert-days",
+        type=int,
+        default=365,
+        help="validity of enrolled clients' certificates, 1 to 366 days, never past the "
+        "enrollment CA's (default %(default)s)",
+    )
     s.add_argument(
         "--metrics-listen", help="serve Prometheus /metrics on HOST:PORT (off by default)"
     )

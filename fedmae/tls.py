@@ -234,7 +234,7 @@ def _sign(
                 ca=is_ca, path_length=(1 if kind == "root" else 0) if is_ca else None
             ),
             True,
-        )  # fmt: skip
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
         .add_extension(_key_usage(signature=kind != "enrollment-ca", cert_sign=is_ca), True)
     )
@@ -440,6 +440,8 @@ def _issue(
     days: float,
 ) -> ClientIdentity:
     validate_client_id(name)
+    if not 0 < days <= MAX_LEAF_DAYS:
+        raise ConfigError(f"certificate validity must be up to {MAX_LEAF_DAYS} days, not {days}")
     private_dir(ident.dir)
     key = _new_key()
     cert = _sign(_name(name, role), key.public_key(), issuer, issuer_key, days, "client")

@@ -52,7 +52,7 @@ def _admin_call(port: int, identity: Path) -> grpc.RpcError | None:
     """One Admin call with ``identity``: None if it was answered, else its error."""
     with _channel(port, identity) as ch:
         try:
-            apb_grpc.AdminStub(ch).ListAdmins(apb.ListAdminsRequest(), timeout=TIMEOUT)
+            apb_grpc.AdminStub(ch).Status(apb.StatusRequest(), timeout=TIMEOUT)
         except grpc.RpcError as err:
             return err
     return None
