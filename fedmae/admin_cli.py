@@ -12,13 +12,11 @@ from pathlib import Path
 
 import grpc
 
-from aggregator_service.server import grpc_options
 from fedmae import tls
 from fedmae._proto import admin_pb2 as apb
 from fedmae._proto import admin_pb2_grpc as apb_grpc
 from fedmae.enrollment_policy import printable
 from fedmae.errors import ConfigError
-from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -51,6 +49,11 @@ def admin_stub(args: argparse.Namespace) -> tuple[grpc.Channel, apb_grpc.AdminSt
             "admin commands need the operator identity: --identity CERTS/admin "
             "(or set FEDMAE_ADMIN_IDENTITY)"
         )
+    # Imported here, not at the top: both pull in torch (3-5 s, 25 s on a loaded host),
+    # and every `fedmae` command, health checks included, imports this module.
+    from aggregator_service.server import grpc_options
+    from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE
+
     creds = tls.channel_credentials(tls.ClientIdentity(Path(args.identity)))
     channel = grpc.secure_channel(args.server, creds, options=grpc_options(DEFAULT_CHUNK_SIZE))
     return channel, apb_grpc.AdminStub(channel)
