@@ -395,8 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     admin_cli.build(sub)
     watch_cli.build(sub)
 
+    D = " (default %(default)s)"
     s = sub.add_parser("serve", help="run the aggregator")
-    s.add_argument("--state-dir", required=True, help="checkpoints, round log, certs")
+    s.add_argument(
+        "--state-dir", required=True, help="checkpoints, round log, registry, certs (required)"
+    )
     s.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (default %(default)s)")
     s.add_argument("--certs", help="certificates directory (default STATE_DIR/certs)")
     s.add_argument(
@@ -420,8 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--metrics-listen", help="serve Prometheus /metrics on HOST:PORT (off by default)"
     )
-    s.add_argument("--eval-data", help="held-out data the server evaluates each model on")
-    s.add_argument("--eval-images", type=int, default=500)
+    s.add_argument(
+        "--eval-data", help="held-out data the server evaluates each new model on (default: off)"
+    )
+    s.add_argument("--eval-images", type=int, default=500, help="images of --eval-data used" + D)
     s.add_argument(
         "--insecure",
         action="store_true",
@@ -454,13 +459,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds that calls running on such a connection may go on before it is cut; "
         "0 = until they end, so no transfer or event stream is cut (default %(default)s)",
     )
-    s.add_argument("--model", default="tiny", help="MAE config: tiny, vit_base, ...")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--min-clients", type=int, default=2)
-    s.add_argument("--fraction", type=float, default=1.0)
-    s.add_argument("--min-updates", type=int, default=0, help="0 = min-clients")
-    s.add_argument("--rounds", type=int, default=5, help="0 = until stopped")
-    s.add_argument("--round-timeout", type=float, default=600.0, help="seconds")
+    s.add_argument("--model", default="tiny", help="MAE config: tiny, vit_base, ..." + D)
+    s.add_argument("--seed", type=int, default=0, help="initial model and client selection" + D)
+    s.add_argument(
+        "--min-clients", type=int, default=2, help="connected clients to start a round" + D
+    )
+    s.add_argument(
+        "--fraction", type=float, default=1.0, help="share of clients asked each round" + D
+    )
+    s.add_argument(
+        "--min-updates", type=int, default=0, help="updates to publish; 0 = min-clients" + D
+    )
+    s.add_argument("--rounds", type=int, default=5, help="rounds to run; 0 = until stopped" + D)
+    s.add_argument(
+        "--round-timeout", type=float, default=600.0, help="round deadline in seconds" + D
+    )
     s.add_argument(
         "--dropout-grace",
         type=float,
@@ -472,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-updates",
         type=int,
         default=0,
-        help="over-selection: close the round once this many updates arrived (0 = all)",
+        help="over-selection: close the round once this many updates arrived (0 = all)" + D,
     )
     s.add_argument(
         "--max-uploads-in-flight",
@@ -523,7 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="after the last round, seconds to keep serving the final model until every "
         "client subscribed at the end has fetched it (0 = exit at once) (default %(default)s)",
     )
-    s.add_argument("--max-requests-per-s", type=float, default=20.0, help="per client; 0 = off")
+    s.add_argument(
+        "--max-requests-per-s",
+        type=float,
+        default=20.0,
+        help="calls per second per client, bursts of 2x; 0 = off" + D,
+    )
     s.add_argument(
         "--max-update-norm",
         type=_norm_bound,
@@ -553,12 +571,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="an update weighs at most this many samples, whatever it claims, when "
         "--max-samples is 0 (with --max-samples set, that is the cap) (default %(default)s)",
     )
-    s.add_argument("--local-epochs", type=int, default=1)
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--weight-decay", type=float, default=0.05)
-    s.add_argument("--mask-ratio", type=float, default=0.75)
-    s.add_argument("--encoding", default="fp32", choices=ENCODING_NAMES)
+    s.add_argument("--local-epochs", type=int, default=1, help="sent to clients" + D)
+    s.add_argument("--batch-size", type=int, default=64, help="sent to clients" + D)
+    s.add_argument("--lr", type=float, default=1e-3, help="clients' AdamW learning rate" + D)
+    s.add_argument("--weight-decay", type=float, default=0.05, help="sent to clients" + D)
+    s.add_argument("--mask-ratio", type=float, default=0.75, help="MAE mask ratio" + D)
+    s.add_argument("--encoding", default="fp32", choices=ENCODING_NAMES, help="update encoding" + D)
     s.add_argument(
         "--max-samples",
         type=int,
@@ -566,7 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="samples per client per round; 0 = all. Also caps an update's weight "
         "(default %(default)s)",
     )
-    s.add_argument("--keep-checkpoints", type=int, default=0, help="0 = keep all")
+    s.add_argument(
+        "--keep-checkpoints", type=int, default=0, help="versions kept; 0 = keep all" + D
+    )
     s.add_argument(
         "--max-workers",
         type=int,
