@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -28,6 +29,19 @@ TIMEOUT = 30.0
 # receive window stays small, so an unread FetchModel stalls after about one 1 MiB frame.
 # (With probing gRPC buffered 4 of the 5.2 MB tiny model, at times all of it.)
 UNREAD_DOWNLOADS = [("grpc.http2.bdp_probe", 0)]
+
+
+def wait_until(predicate, what: str, timeout: float = TIMEOUT, every: float = 0.05):
+    """The first truthy value of ``predicate()`` within ``timeout`` seconds, else an
+    AssertionError naming ``what``. Polls observable state; the interval is not a
+    synchronisation."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def make_server(

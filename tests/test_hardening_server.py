@@ -23,6 +23,7 @@ from federation_harness import (
     make_identities,
     make_server,
     random_delta,
+    wait_until,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -42,17 +43,6 @@ from fedmae.data import client_split, load_fashion_mnist
 from fedmae.errors import ConfigError
 
 FLOOD = Path(__file__).with_name("enrollment_flood.py")
-
-
-def _poll(predicate, what: str, timeout: float = TIMEOUT, every: float = 0.05):
-    """The first truthy value of ``predicate()`` within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)  # a polling interval, not a synchronisation
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _admin(port: int, certs: Path) -> tuple[grpc.Channel, apb_grpc.AdminStub]:
@@ -126,7 +116,7 @@ def test_f1_enrollment_flood_does_not_stall_the_federation(tmp_path):
             base_version=task.model_version, num_samples=5, timeout=TIMEOUT,
         )  # fmt: skip
         client.wait_for("model_published", version=1)
-        report = _poll(
+        report = wait_until(
             lambda: (
                 (r := flood.report())["open"]["watch"] == 0
                 and sum(r["codes"]["held"].values()) == held - ENROLL_WORKERS
@@ -280,7 +270,7 @@ def test_f1_agent_backs_off_while_the_server_is_at_its_call_limit(tmp_path):
             return None  # the watches have not all reached the server yet
 
         # The three watches hold every call the server takes.
-        assert _poll(turned_away, "a full server") == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert wait_until(turned_away, "a full server") == grpc.StatusCode.RESOURCE_EXHAUSTED
         thread.start()
 
         def backing_off():
@@ -290,7 +280,7 @@ def test_f1_agent_backs_off_while_the_server_is_at_its_call_limit(tmp_path):
                 return False
             return state["state"] == "reconnecting" and state["error"] == "RESOURCE_EXHAUSTED"
 
-        _poll(lambda: backing_off() or rc, "the agent to be turned away")
+        wait_until(lambda: backing_off() or rc, "the agent to be turned away")
         assert rc == []  # still trying
         for w in watches:
             w.cancel()
@@ -361,7 +351,7 @@ def test_f6_connection_age_makes_callers_handshake_again_without_cutting_a_round
                 return err.code()
             return None
 
-        assert _poll(refused, "a new handshake", every=0.2) == grpc.StatusCode.UNAVAILABLE
+        assert wait_until(refused, "a new handshake", every=0.2) == grpc.StatusCode.UNAVAILABLE
         assert time.time() >= expires - 1  # refused for its expiry, not before
         submit_update(
             client.stub, server.layout, random_delta(server.layout, 1), round_=1,

@@ -20,18 +20,11 @@ from federation_harness import (
     fetch_flat,
     make_identities,
     make_server,
+    wait_until,
 )
 
 from client_agent.transfer import fetch_model
 from fedmae._proto import federation_pb2 as pb
-
-
-def _until(predicate, what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)  # polling an observable state
 
 
 @pytest.fixture
@@ -56,7 +49,7 @@ def test_f11_a_newer_subscribe_ends_the_older_with_aborted(started):
     first, second = (ScriptedClient(port, ids["a"], subscribe=False) for _ in range(2))
     try:
         old = first.stub.Subscribe(pb.SubscribeRequest(agent_version="test"), timeout=TIMEOUT)
-        _until(lambda: server.rounds.connected() == ["a"], "the first stream to register")
+        wait_until(lambda: server.rounds.connected() == ["a"], "the first stream to register")
         new = second.stub.Subscribe(pb.SubscribeRequest(agent_version="test"), timeout=TIMEOUT)
         with pytest.raises(grpc.RpcError) as ended:
             for _ in old:
@@ -111,7 +104,7 @@ def test_f12_the_final_model_is_served_until_the_grace_ends(started):
         header, _ = fetch_model(a.stub, server.layout, None, timeout=TIMEOUT)
         assert header.version == 1
         # (Counted once the server's last send completed, a moment after the client read.)
-        _until(lambda: server.rounds.wait_final_fetches(0) == ["b"], "a's fetch to count")
+        wait_until(lambda: server.rounds.wait_final_fetches(0) == ["b"], "a's fetch to count")
         t0 = time.monotonic()
         assert server.serve_final_model() == ["b"]  # b never fetches: the grace ends
         assert 0.5 < time.monotonic() - t0 < 10

@@ -7,7 +7,6 @@ and the tests wait on observable state (status codes, server counters), not on t
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -20,20 +19,13 @@ from federation_harness import (
     make_identities,
     make_server,
     random_delta,
+    wait_until,
 )
 
 from aggregator_service.round_manager import MIN_DOWNLOAD_CHUNK
 from client_agent.transfer import fetch_model, submit_update
 from fedmae import wire
 from fedmae._proto import federation_pb2 as pb
-
-
-def _until(predicate, what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)  # polling an observable state
 
 
 @pytest.fixture
@@ -95,7 +87,7 @@ def test_f9_downloads_per_client_are_capped(federation):
     _, flat = fetch_model(clients["b"].stub, server.layout, 0, timeout=TIMEOUT)
     assert flat.numel() == server.layout.numel
     held[0].cancel()  # a's own slot frees with it
-    _until(lambda: server.rounds._client_downloads.get("a") == 1, "a's slot to be freed")
+    wait_until(lambda: server.rounds._client_downloads.get("a") == 1, "a's slot to be freed")
     _, flat = fetch_model(clients["a"].stub, server.layout, 0, timeout=TIMEOUT)
     assert flat.numel() == server.layout.numel
     held[1].cancel()
@@ -112,13 +104,13 @@ def test_f9_an_unread_download_is_cancelled_and_frees_its_slot(federation):
     held = [_held_download(clients[n]) for n in ("a", "b")]
     _, flat = fetch_model(clients["c"].stub, server.layout, 0, timeout=TIMEOUT, resume_attempts=0)
     assert flat.numel() == server.layout.numel  # it waited for a slot, and got one
-    _until(lambda: server.rounds.idle_downloads.fired == 2, "both idle downloads to end")
+    wait_until(lambda: server.rounds.idle_downloads.fired == 2, "both idle downloads to end")
     for stream in held:
         with pytest.raises(grpc.RpcError) as ended:
             for _ in stream:
                 pass
         assert ended.value.code() == grpc.StatusCode.CANCELLED
-    _until(lambda: not server.rounds._client_downloads, "every download slot to be free")
+    wait_until(lambda: not server.rounds._client_downloads, "every download slot to be free")
 
 
 def test_f9_an_idle_upload_is_refused_and_frees_its_slot(federation):
@@ -136,7 +128,7 @@ def test_f9_an_idle_upload_is_refused_and_frees_its_slot(federation):
     try:
         held = held_upload(clients["a"], layout, random_delta(layout, 1), 1, release, started)
         assert started.wait(TIMEOUT)
-        _until(lambda: server.rounds.state.uploading == {"a"}, "a's upload to be admitted")
+        wait_until(lambda: server.rounds.state.uploading == {"a"}, "a's upload to be admitted")
         waiting = pool.submit(
             submit_update, clients["b"].stub, layout, random_delta(layout, 2), round_=1,
             base_version=0, num_samples=3, busy_retries=0, timeout=TIMEOUT,
@@ -148,7 +140,7 @@ def test_f9_an_idle_upload_is_refused_and_frees_its_slot(federation):
         assert "no chunk for 1s" in server.rounds.state.rejected["a"]
         # The server's reader thread of a's upload ended with the call, although a's
         # stream is still open on the client side (its generator waits for ``release``).
-        _until(
+        wait_until(
             lambda: not any(t.name == "upload-reader" for t in threading.enumerate()),
             "upload reader threads to end",
         )
