@@ -35,6 +35,7 @@ from fedmae._proto import admin_pb2_grpc as apb_grpc
 from fedmae._proto import enrollment_pb2 as epb
 from fedmae._proto import enrollment_pb2_grpc as epb_grpc
 from fedmae._proto import federation_pb2 as pb
+from fedmae.channel_options import grpc_options
 from fedmae.errors import ConfigError
 from fedmae.model_zoo import initial_state
 from fedmae.private_files import private_dir
@@ -57,20 +58,6 @@ ENROLL_STREAMS_PER_CONNECTION = 4
 # still open 10 s later (a caller that never sends its request) are cut.
 ENROLL_CONNECTION_AGE_S = 60.0
 ENROLL_CONNECTION_AGE_GRACE_S = 10.0
-
-
-def grpc_options(chunk_size: int) -> list[tuple[str, int]]:
-    """Channel/server options shared by both ends: bounded messages, keepalive."""
-    max_msg = chunk_size * 4 + (1 << 20)  # a chunk plus its envelope; anything bigger is hostile
-    return [
-        ("grpc.max_receive_message_length", max_msg),
-        ("grpc.max_send_message_length", max_msg),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
 
 
 def _connection_age(age_s: float, grace_s: float) -> list[tuple[str, int]]:

@@ -16,12 +16,12 @@ from pathlib import Path
 import grpc
 import torch
 
-from aggregator_service.server import grpc_options
 from client_agent.local_training import evaluate, train_local
 from client_agent.transfer import federation_stub, fetch_model, is_retryable, submit_update
 from fedmae import tls
 from fedmae._proto import federation_pb2 as pb
 from fedmae._proto import federation_pb2_grpc as pb_grpc
+from fedmae.channel_options import grpc_options
 from fedmae.config import TrainingConfig
 from fedmae.data import ClientData
 from fedmae.errors import ConfigError

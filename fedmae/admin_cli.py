@@ -15,6 +15,7 @@ import grpc
 from fedmae import tls
 from fedmae._proto import admin_pb2 as apb
 from fedmae._proto import admin_pb2_grpc as apb_grpc
+from fedmae.channel_options import DEFAULT_CHUNK_SIZE, grpc_options
 from fedmae.enrollment_policy import printable
 from fedmae.errors import ConfigError
 
@@ -49,11 +50,6 @@ def admin_stub(args: argparse.Namespace) -> tuple[grpc.Channel, apb_grpc.AdminSt
             "admin commands need the operator identity: --identity CERTS/admin "
             "(or set FEDMAE_ADMIN_IDENTITY)"
         )
-    # Imported here, not at the top: both pull in torch (3-5 s, 25 s on a loaded host),
-    # and every `fedmae` command, health checks included, imports this module.
-    from aggregator_service.server import grpc_options
-    from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE
-
     creds = tls.channel_credentials(tls.ClientIdentity(Path(args.identity)))
     channel = grpc.secure_channel(args.server, creds, options=grpc_options(DEFAULT_CHUNK_SIZE))
     return channel, apb_grpc.AdminStub(channel)

@@ -32,13 +32,13 @@ import torch
 import xxhash
 
 from fedmae._proto import federation_pb2 as pb
+from fedmae.channel_options import DEFAULT_CHUNK_SIZE
 from fedmae.errors import InvalidUpdate
 from fedmae.wire import RawChunk
 
 if sys.byteorder != "little":  # the wire format is little-endian; so are numpy views here
     raise ImportError("fedmae needs a little-endian host")
 
-DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB
 DEFAULT_DIGEST = "xxh3-128"
 _DIGESTS: dict[str, Callable] = {"xxh3-128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 INT8_BLOCK = 4096  # values per float32 scale in the int8 encoding

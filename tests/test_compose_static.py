@@ -317,3 +317,19 @@ def test_f5_health_checks_do_not_import_torch():
                          cwd=REPO, timeout=120)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]", f"the fedmae parser imports {res.stdout.strip()}"
+
+
+def test_admin_commands_do_not_import_torch(tmp_path):
+    """`fedmae status`, `watch`, `clients …` (and compose's admin tool) open their channel
+    without torch: a status answer is worth nothing if the command needs 5-25 s to start."""
+    code = (
+        "import argparse, sys; from fedmae import admin_cli, tls, watch_cli; "
+        f"certs = tls.init_certs(__import__('pathlib').Path({str(tmp_path)!r})); "
+        "admin_cli.admin_stub(argparse.Namespace("
+        "identity=str(certs.dir / 'admin'), server='127.0.0.1:1')); "
+        "print(sorted(m for m in ('torch', 'aggregator_service.server') if m in sys.modules))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]", f"admin commands import {res.stdout.strip()}"
