@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
-from federation_harness import TIMEOUT, ScriptedClient, make_identities, make_server
+from federation_harness import (
+    TIMEOUT,
+    ScriptedClient,
+    make_identities,
+    make_server,
+    wait_until,
+)
 
 from aggregator_service.round_log import RoundLog
 from client_agent.agent import AgentConfig, ClientAgent
@@ -108,10 +113,7 @@ def test_f11_an_agent_replaced_by_another_connection_stops(tmp_path):
     thread, rc = _run_in_thread(agent)
     other = None
     try:
-        deadline = time.monotonic() + 60
-        while server.rounds.connected() != ["s1"]:  # the agent's stream is registered
-            assert time.monotonic() < deadline, "the agent did not subscribe"
-            time.sleep(0.05)
+        wait_until(lambda: server.rounds.connected() == ["s1"], "the agent to subscribe", 60)
         other = ScriptedClient(port, ids["s1"])  # a second agent with the same identity
         thread.join(timeout=30)
         assert rc == [2], "the replaced agent did not stop"

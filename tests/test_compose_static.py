@@ -306,30 +306,30 @@ def test_f5_base_image_can_be_pinned_by_digest(tmp_path):
     assert "@sha256:" in documented, ".env.example must show the pinned form"
 
 
+def _heavy_modules_after(code: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter; which of torch and the aggregator's server
+    module it loaded."""
+    probe = "; print(sorted(m for m in ('torch', 'aggregator_service.server') if m in sys.modules))"
+    res = subprocess.run([sys.executable, "-c", "import sys; " + code + probe],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().replace("'", '"'))
+
+
 def test_f5_health_checks_do_not_import_torch():
     """`fedmae health` and `client-health` run every few seconds under load: the CLI's
     parser must not import torch (3-5 s idle, over the 10 s check timeout on a busy host)."""
-    code = (
-        "import sys; from fedmae import cli; cli.build_parser(); "
-        "print(sorted(m for m in ('torch', 'aggregator_service.server') if m in sys.modules))"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=REPO, timeout=120)  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "[]", f"the fedmae parser imports {res.stdout.strip()}"
+    loaded = _heavy_modules_after("from fedmae import cli; cli.build_parser()")
+    assert loaded == [], f"the fedmae parser imports {loaded}"
 
 
 def test_admin_commands_do_not_import_torch(tmp_path):
     """`fedmae status`, `watch`, `clients …` (and compose's admin tool) open their channel
     without torch: a status answer is worth nothing if the command needs 5-25 s to start."""
-    code = (
-        "import argparse, sys; from fedmae import admin_cli, tls, watch_cli; "
-        f"certs = tls.init_certs(__import__('pathlib').Path({str(tmp_path)!r})); "
+    loaded = _heavy_modules_after(
+        "import argparse, pathlib; from fedmae import admin_cli, tls, watch_cli; "
+        f"certs = tls.init_certs(pathlib.Path({str(tmp_path)!r})); "
         "admin_cli.admin_stub(argparse.Namespace("
-        "identity=str(certs.dir / 'admin'), server='127.0.0.1:1')); "
-        "print(sorted(m for m in ('torch', 'aggregator_service.server') if m in sys.modules))"
+        "identity=str(certs.dir / 'admin'), server='127.0.0.1:1'))"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=REPO, timeout=120)  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "[]", f"admin commands import {res.stdout.strip()}"
+    assert loaded == [], f"admin commands import {loaded}"

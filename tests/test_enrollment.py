@@ -21,6 +21,7 @@ from federation_harness import (
     held_upload,
     make_server,
     random_delta,
+    wait_until,
 )
 
 from aggregator_service.registry import MIGRATIONS, Registry
@@ -319,10 +320,7 @@ def test_revoked_client_is_cut_off_and_its_pending_update_dropped(fed):
     release, started = threading.Event(), threading.Event()
     pending = held_upload(b, layout, db, 1, release, started)
     assert started.wait(TIMEOUT)
-    deadline = time.monotonic() + TIMEOUT
-    while "b" not in f.server.rounds.status()["uploading"] and time.monotonic() < deadline:
-        time.sleep(0.01)  # polling until the server holds b's upload (header and a chunk)
-    assert "b" in f.server.rounds.status()["uploading"]
+    wait_until(lambda: "b" in f.server.rounds.status()["uploading"], "b's upload to be held")
     info = f.admin.RevokeClient(
         apb.RevokeClientRequest(client_id="b", reason="device stolen"), timeout=TIMEOUT
     )

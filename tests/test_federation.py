@@ -20,6 +20,7 @@ from federation_harness import (
     make_identities,
     make_server,
     random_delta,
+    wait_until,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.numpy import load_file
@@ -456,10 +457,7 @@ def test_uploads_beyond_the_limit_wait_for_a_slot_then_give_up(tmp_path):
         held = held_upload(clients["a"], layout, random_delta(layout, 1), 1, release, started)
         assert started.wait(TIMEOUT)
         waiting = pool.submit(upload, "b", 2)
-        deadline = time.monotonic() + TIMEOUT
-        while not server.rounds._upload_queue and time.monotonic() < deadline:
-            time.sleep(0.01)  # polling until b is in the server's queue
-        assert server.rounds._upload_queue, "b's upload never reached the server"
+        wait_until(lambda: server.rounds._upload_queue, "b's upload to reach the server")
         assert not waiting.done()  # b waits for a's slot (within its 2 s)
         release.set()
         assert held.result().updates_received == 1
