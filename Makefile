@@ -54,9 +54,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Regenerate fedmae/_proto from proto/ (the committed code must match: tests/test_proto.py checks).
+# Regenerate fedmae/transport/_proto from proto/ (the committed code must match: tests/test_proto.py checks).
 proto: $(STAMP)
-	$(BIN)/python -m fedmae.protogen
+	$(BIN)/python -m scripts.protogen
 
 clean:
 	rm -rf $(VENV) demo-state .pytest_cache

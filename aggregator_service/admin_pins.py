@@ -12,8 +12,8 @@ import logging
 import time
 
 from aggregator_service.registry import AdminRecord, Registry
-from fedmae import tls
 from fedmae.errors import InvalidRequest
+from fedmae.pki import certs as tls
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import logging
 
 import torch
 
-from client_agent.local_training import evaluate
-from fedmae.data import load_dataset
-from fedmae.mae import build_model, load_trainable_state
+from fedmae.ml.data import load_dataset
+from fedmae.ml.mae import build_model, load_trainable_state
+from fedmae.ml.training import evaluate
 from fedmae.tensor_codec import ModelLayout
 
 log = logging.getLogger(__name__)

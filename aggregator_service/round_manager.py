@@ -29,8 +29,6 @@ from aggregator_service.idle_transfers import IdleWatchdog, Watch
 from aggregator_service.round_log import RoundLog
 from aggregator_service.strategy import Strategy
 from aggregator_service.update_bounds import UpdateBounds
-from fedmae import wire
-from fedmae._proto import federation_pb2 as pb
 from fedmae.config import check_update_metrics
 from fedmae.errors import (
     ConnectionReplaced,
@@ -52,6 +50,8 @@ from fedmae.tensor_codec import (
     iter_slices,
     payload_digest,
 )
+from fedmae.transport import frames as wire
+from fedmae.transport._proto import federation_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -944,7 +944,7 @@ class RoundManager:
     def model_stream(
         self, version: int | None, encoding: int, chunk_size: int, offset: int = 0
     ) -> tuple[pb.ModelHeader, Iterator[bytes]]:
-        """Header and serialized chunk messages (``fedmae.wire`` frames) of a published
+        """Header and serialized chunk messages (``fedmae.transport.frames`` frames) of a published
         version (``None`` = the latest); fp32 is read from the checkpoint file.
 
         ``chunk_size`` (0 = the server's) is clamped to ``MIN_DOWNLOAD_CHUNK`` (or the

@@ -19,7 +19,7 @@ import torch
 
 from aggregator_service.config import RoundPolicy, ServerConfig
 from aggregator_service.registry import Registry
-from aggregator_service.server import AggregatorServer, grpc_options
+from aggregator_service.rpc.server import AggregatorServer, grpc_options
 from aggregator_service.strategy import FedAvg
 from benchmarks.common import (
     AggregatorProcess,
@@ -27,15 +27,15 @@ from benchmarks.common import (
     RawStreamServer,
     median_time,
 )
-from client_agent.local_training import train_local
 from client_agent.transfer import federation_stub
-from fedmae import tls
-from fedmae._proto import federation_pb2 as pb
 from fedmae.config import TrainingConfig
-from fedmae.data import batches, client_split, load_fashion_mnist
-from fedmae.mae import build_model, make_optimizer
-from fedmae.model_zoo import initial_state
+from fedmae.ml.data import batches, client_split, load_fashion_mnist
+from fedmae.ml.mae import build_model, make_optimizer
+from fedmae.ml.model_zoo import initial_state
+from fedmae.ml.training import train_local
+from fedmae.pki import certs as tls
 from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE, ModelLayout, encode
+from fedmae.transport._proto import federation_pb2 as pb
 
 # ------------------------------------------------------------------ helpers
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 import torch
 
-from fedmae import tls
-from fedmae.demo import free_port
+from fedmae.cli.demo import free_port
+from fedmae.pki import certs as tls
 
 MiB = 1 << 20
 

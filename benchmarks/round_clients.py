@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.cases import BenchClient
 from client_agent.transfer import fetch_model, submit_update
-from fedmae.model_zoo import initial_state
+from fedmae.ml.model_zoo import initial_state
 from fedmae.runtime import tune_malloc
 from fedmae.tensor_codec import BufferPool, ModelLayout
 

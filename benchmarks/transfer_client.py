@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.common import raw_channel, raw_download, raw_upload
 from client_agent.transfer import fetch_model, submit_update
-from fedmae.model_zoo import initial_state
+from fedmae.ml.model_zoo import initial_state
 from fedmae.runtime import tune_malloc
 from fedmae.tensor_codec import BufferPool, ModelLayout, encode
 

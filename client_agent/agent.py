@@ -16,17 +16,17 @@ from pathlib import Path
 import grpc
 import torch
 
-from client_agent.local_training import evaluate, train_local
 from client_agent.transfer import federation_stub, fetch_model, is_retryable, submit_update
-from fedmae import tls
-from fedmae._proto import federation_pb2 as pb
-from fedmae._proto import federation_pb2_grpc as pb_grpc
-from fedmae.channel_options import grpc_options
 from fedmae.config import TrainingConfig
-from fedmae.data import ClientData
 from fedmae.errors import ConfigError
-from fedmae.mae import build_model, load_trainable_state, make_optimizer, trainable_state
+from fedmae.ml.data import ClientData
+from fedmae.ml.mae import build_model, load_trainable_state, make_optimizer, trainable_state
+from fedmae.ml.training import evaluate, train_local
+from fedmae.pki import certs as tls
 from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE, BufferPool, ModelLayout, encoding_from_name
+from fedmae.transport._proto import federation_pb2 as pb
+from fedmae.transport._proto import federation_pb2_grpc as pb_grpc
+from fedmae.transport.channels import grpc_options
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import grpc
 
-from fedmae import tls
-from fedmae._proto import enrollment_pb2 as epb
-from fedmae._proto import enrollment_pb2_grpc as epb_grpc
 from fedmae.enrollment_policy import check_client_name, check_labels
 from fedmae.errors import ConfigError
+from fedmae.pki import certs as tls
+from fedmae.transport._proto import enrollment_pb2 as epb
+from fedmae.transport._proto import enrollment_pb2_grpc as epb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,6 @@ from collections.abc import Iterator, Mapping
 import grpc
 import torch
 
-from fedmae import wire
-from fedmae._proto import federation_pb2 as pb
-from fedmae._proto import federation_pb2_grpc as pb_grpc
 from fedmae.errors import InvalidUpdate
 from fedmae.tensor_codec import (
     DEFAULT_CHUNK_SIZE,
@@ -24,12 +21,15 @@ from fedmae.tensor_codec import (
     encode,
     iter_slices,
 )
+from fedmae.transport import frames as wire
+from fedmae.transport._proto import federation_pb2 as pb
+from fedmae.transport._proto import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 
 def federation_stub(channel: grpc.Channel) -> pb_grpc.FederationStub:
-    """The generated stub, with payload chunks framed by ``fedmae.wire`` (no protobuf
+    """The generated stub, with payload chunks framed by ``fedmae.transport.frames`` (no protobuf
     copies of the bytes). Same RPCs and the same bytes on the wire."""
     stub = pb_grpc.FederationStub(channel)
     service = "/" + pb.DESCRIPTOR.services_by_name["Federation"].full_name
@@ -135,7 +135,7 @@ def _header(layout, round_, base_version, num_samples, encoding, metrics) -> pb.
 def _messages(
     header: pb.UpdateHeader, payload: memoryview, chunk_size: int
 ) -> Iterator[pb.UpdateMessage | bytes]:
-    """Header, chunks as serialized frames (``fedmae.wire``), trailer. The digest is
+    """Header, chunks as serialized frames (``fedmae.transport.frames``), trailer. The digest is
     taken chunk by chunk as they go out (one pass, while each is in cache)."""
     yield pb.UpdateMessage(header=header)
     digest = PayloadDigest()

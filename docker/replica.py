@@ -178,8 +178,8 @@ def _holder(slots: Path, k: int) -> str:
 def ensure_identity(slot: Path, name: str, tokens: Path, enroll_server: str, ca: Path) -> bool:
     """Enroll ``slot`` as ``name`` unless it already holds that identity; True if it did."""
     from client_agent.enrollment import enroll
-    from fedmae import tls
     from fedmae.errors import ConfigError
+    from fedmae.pki import certs as tls
     from fedmae.private_files import private_dir
 
     if (slot / "client.pem").exists() and (slot / "client.key").exists():

@@ -1,5 +1,5 @@
 import sys
 
-from fedmae.cli import main
+from fedmae.cli.main import main
 
 sys.exit(main())

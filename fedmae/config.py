@@ -6,9 +6,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from fedmae._proto import federation_pb2 as pb
 from fedmae.errors import InvalidUpdate
 from fedmae.tensor_codec import encoding_from_name, encoding_name
+from fedmae.transport._proto import federation_pb2 as pb
 
 # What a client may report with an update (``UpdateHeader.metrics``): the keys the
 # client agent sends, each with the range a real value falls in. The aggregator refuses

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 import xxhash
 
-from fedmae._proto import federation_pb2 as pb
-from fedmae.channel_options import DEFAULT_CHUNK_SIZE
 from fedmae.errors import InvalidUpdate
-from fedmae.wire import RawChunk
+from fedmae.transport._proto import federation_pb2 as pb
+from fedmae.transport.channels import DEFAULT_CHUNK_SIZE
+from fedmae.transport.frames import RawChunk
 
 if sys.byteorder != "little":  # the wire format is little-endian; so are numpy views here
     raise ImportError("fedmae needs a little-endian host")
@@ -277,7 +277,7 @@ def iter_slices(
     payload: memoryview, chunk_size: int = DEFAULT_CHUNK_SIZE, start: int = 0
 ) -> Iterator[tuple[int, memoryview]]:
     """``(offset, view)`` pieces of a payload from ``start``, at most ``chunk_size``
-    bytes each; views, not copies (``fedmae.wire.frame`` copies each once)."""
+    bytes each; views, not copies (``fedmae.transport.frames.frame`` copies each once)."""
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
     for offset in range(start, len(payload), chunk_size):
@@ -286,7 +286,7 @@ def iter_slices(
 
 def iter_chunks(payload: memoryview, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[pb.Chunk]:
     """Cut a payload into ``Chunk`` messages, for tools and tests that build them
-    (the hot path writes ``fedmae.wire`` frames)."""
+    (the hot path writes ``fedmae.transport.frames`` frames)."""
     for offset, data in iter_slices(payload, chunk_size):
         yield pb.Chunk(offset=offset, data=bytes(data))
 

@@ -45,7 +45,7 @@ import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fedmae.demo import free_port  # noqa: E402
+from fedmae.cli.demo import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 WHEELS = REPO / "docker" / "wheels"

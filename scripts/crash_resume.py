@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fedmae.demo import free_port  # noqa: E402
+from fedmae.cli.demo import free_port  # noqa: E402
 
 FEDMAE = [sys.executable, "-m", "fedmae"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}

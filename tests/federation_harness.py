@@ -17,12 +17,12 @@ import torch
 
 from aggregator_service.config import RoundPolicy, ServerConfig
 from aggregator_service.registry import Registry
-from aggregator_service.server import AggregatorServer, grpc_options
+from aggregator_service.rpc.server import AggregatorServer, grpc_options
 from client_agent.transfer import federation_stub, fetch_model, update_messages
-from fedmae import tls
-from fedmae._proto import federation_pb2 as pb
 from fedmae.config import TrainingConfig
+from fedmae.pki import certs as tls
 from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE, ModelLayout
+from fedmae.transport._proto import federation_pb2 as pb
 
 TIMEOUT = 30.0
 # Channel options of a client that holds downloads unread: without BDP probing its

@@ -1,0 +1,251 @@
+"""The Admin servicer: tokens, clients, admins, revocation, audit. Pinned admins only."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from collections.abc import Iterator
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from aggregator_service import admin_pins
+from aggregator_service.registry import AdminRecord, ClientRecord, Registry, TokenRecord
+from aggregator_service.round_feed import RoundFeed
+from aggregator_service.round_log import record_json
+from aggregator_service.round_manager import RoundManager
+from aggregator_service.rpc.auth import Authorizer
+from fedmae.enrollment_policy import clamp_labels
+from fedmae.errors import FailedPrecondition, FedmaeError, InvalidRequest, abort
+from fedmae.transport._proto import admin_pb2 as apb
+from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOKEN_TTL_S = 3600
+# A ListClients page holds at most MAX_PAGE_SIZE clients of at most ~5.6 KB each (16
+# labels of 64 + 256 bytes, clamp_labels), ~1.1 MB: far below the 5 MiB message cap.
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 200
+MAX_AUDIT_ENTRIES = 1000  # an entry is under ~1 KB (reasons are cut to 300 characters)
+
+
+def _ts(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def token_info(t: TokenRecord) -> apb.TokenInfo:
+    return apb.TokenInfo(
+        token_id=t.token_id,
+        name=t.name or "",
+        created=_ts(t.created),
+        expires=_ts(t.expires),
+        uses=t.uses,
+        used=t.used,
+        revoked=t.revoked,
+        created_by=t.created_by,
+    )
+
+
+def client_info(c: ClientRecord, connected: bool) -> apb.ClientInfo:
+    labels, omitted = clamp_labels(c.labels)  # rows from before the limits may hold any
+    return apb.ClientInfo(
+        client_id=c.client_id,
+        status=c.status,
+        fingerprint_sha256=c.fingerprint,
+        serial=c.serial,
+        labels=labels,
+        labels_omitted=omitted,
+        created=_ts(c.created),
+        last_seen=_ts(c.last_seen),
+        rounds_joined=c.rounds_joined,
+        not_after=_ts(c.not_after),
+        connected=connected,
+        revoked_at=_ts(c.revoked_at),
+    )
+
+
+def _page_token(last_client_id: str) -> str:
+    return base64.urlsafe_b64encode(last_client_id.encode()).decode()
+
+
+def _page_after(token: str) -> str:
+    """The client id a page token says to continue after ("" for the first page)."""
+    if not token:
+        return ""
+    try:
+        return base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True).decode()
+    except (binascii.Error, UnicodeError, ValueError):
+        raise InvalidRequest(
+            "invalid page_token: pass the next_page_token of the previous page unchanged"
+        ) from None
+
+
+def admin_info(a: AdminRecord, caller_fingerprint: str) -> apb.AdminInfo:
+    return apb.AdminInfo(
+        name=a.name,
+        status=a.status,
+        fingerprint_sha256=a.fingerprint,
+        serial=a.serial,
+        created=_ts(a.created),
+        not_after=_ts(a.not_after),
+        added_by=a.added_by,
+        revoked_at=_ts(a.revoked_at),
+        revoke_reason=a.revoke_reason or "",
+        is_caller=a.fingerprint == caller_fingerprint,
+    )
+
+
+class AdminServicer(apb_grpc.AdminServicer):
+    def __init__(self, registry: Registry, rounds: RoundManager, auth: Authorizer, feed: RoundFeed):
+        self.registry = registry
+        self.rounds = rounds
+        self.auth = auth
+        self.feed = feed
+
+    def WatchRounds(self, request: apb.WatchRoundsRequest, context) -> Iterator[apb.RoundRecord]:
+        try:
+            self.auth.admin(context)
+        except FedmaeError as err:
+            abort(context, err)
+        for seq, record in self.feed.watch(
+            from_round=request.from_round,
+            after_seq=request.after_seq,
+            follow=request.follow,
+            active=context.is_active,
+        ):
+            yield apb.RoundRecord(seq=seq, record_json=record)
+
+    def Status(self, request: apb.StatusRequest, context) -> apb.StatusResponse:
+        def status(actor: str) -> apb.StatusResponse:
+            snap = self.rounds.status()
+            last = snap.pop("last_record")
+            return apb.StatusResponse(**snap, last_record_json=record_json(last) if last else "")
+
+        return self._run(context, status)
+
+    def _run(self, context, action):
+        try:
+            actor = self.auth.admin(context)
+            return action(actor)
+        except FedmaeError as err:
+            abort(context, err)
+
+    def CreateToken(self, request: apb.CreateTokenRequest, context) -> apb.CreateTokenResponse:
+        def create(actor: str) -> apb.CreateTokenResponse:
+            token, record = self.registry.create_token(
+                actor,
+                name=request.name or None,
+                ttl_s=request.ttl_seconds or DEFAULT_TOKEN_TTL_S,
+                uses=request.uses or 1,
+                labels=dict(request.labels),
+            )
+            return apb.CreateTokenResponse(token=token, info=token_info(record))
+
+        return self._run(context, create)
+
+    def ListTokens(self, request: apb.ListTokensRequest, context) -> apb.ListTokensResponse:
+        def list_(actor: str) -> apb.ListTokensResponse:
+            tokens = self.registry.tokens(include_inactive=request.include_inactive)
+            self.registry.audit(actor, "token.list")
+            return apb.ListTokensResponse(tokens=[token_info(t) for t in tokens])
+
+        return self._run(context, list_)
+
+    def RevokeToken(self, request: apb.RevokeTokenRequest, context) -> apb.TokenInfo:
+        return self._run(
+            context, lambda actor: token_info(self.registry.revoke_token(actor, request.token_id))
+        )
+
+    def ListClients(self, request: apb.ListClientsRequest, context) -> apb.ListClientsResponse:
+        def list_(actor: str) -> apb.ListClientsResponse:
+            size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+            page = self.registry.clients_page(_page_after(request.page_token), size + 1)
+            connected = set(self.rounds.connected())
+            self.registry.audit(actor, "client.list")
+            more = len(page) > size
+            page = page[:size]
+            return apb.ListClientsResponse(
+                clients=[client_info(c, c.client_id in connected) for c in page],
+                next_page_token=_page_token(page[-1].client_id) if more else "",
+            )
+
+        return self._run(context, list_)
+
+    def GetClient(self, request: apb.GetClientRequest, context) -> apb.ClientInfo:
+        def get(actor: str) -> apb.ClientInfo:
+            record = self.registry.client(request.client_id)
+            self.registry.audit(actor, "client.show", request.client_id)
+            return client_info(record, request.client_id in self.rounds.connected())
+
+        return self._run(context, get)
+
+    def RevokeClient(self, request: apb.RevokeClientRequest, context) -> apb.ClientInfo:
+        def revoke(actor: str) -> apb.ClientInfo:
+            if not request.client_id:
+                raise InvalidRequest("client_id is required")
+            record = self.registry.revoke_client(actor, request.client_id, request.reason)
+            self.rounds.revoke(request.client_id, request.reason)
+            return client_info(record, connected=False)
+
+        return self._run(context, revoke)
+
+    def Audit(self, request: apb.AuditRequest, context) -> apb.AuditResponse:
+        def audit(actor: str) -> apb.AuditResponse:
+            entries = self.registry.audit_log(min(request.limit or 100, MAX_AUDIT_ENTRIES))
+            return apb.AuditResponse(
+                entries=[
+                    apb.AuditEntry(
+                        time=_ts(e.time),
+                        actor=e.actor,
+                        action=e.action,
+                        target=e.target,
+                        details=json.dumps(e.details, sort_keys=True),
+                    )
+                    for e in entries
+                ]
+            )
+
+        return self._run(context, audit)
+
+    def _caller_fingerprint(self, context) -> str:
+        peer = self.auth.admin_peer(context)
+        return peer.fingerprint if peer is not None else ""
+
+    def ListAdmins(self, request: apb.ListAdminsRequest, context) -> apb.ListAdminsResponse:
+        def list_(actor: str) -> apb.ListAdminsResponse:
+            caller = self._caller_fingerprint(context)
+            self.registry.audit(actor, "admin.list")
+            return apb.ListAdminsResponse(
+                admins=[admin_info(a, caller) for a in self.registry.admins()]
+            )
+
+        return self._run(context, list_)
+
+    def AddAdmin(self, request: apb.AddAdminRequest, context) -> apb.AdminInfo:
+        def add(actor: str) -> apb.AdminInfo:
+            if not request.certificate_pem:
+                raise InvalidRequest("certificate_pem is required (the admin's client.pem)")
+            if not self.auth.root_pem:
+                raise FailedPrecondition("this aggregator runs without certificates (--insecure)")
+            record = admin_pins.pin_admin(
+                self.registry, actor, bytes(request.certificate_pem), self.auth.root_pem
+            )
+            return admin_info(record, self._caller_fingerprint(context))
+
+        return self._run(context, add)
+
+    def RevokeAdmin(self, request: apb.RevokeAdminRequest, context) -> apb.RevokeAdminResponse:
+        def revoke(actor: str) -> apb.RevokeAdminResponse:
+            if not request.name:
+                raise InvalidRequest("name is required")
+            caller = self._caller_fingerprint(context)
+            revoked = self.registry.revoke_admin(actor, request.name, request.reason, caller)
+            return apb.RevokeAdminResponse(revoked=[admin_info(a, caller) for a in revoked])
+
+        return self._run(context, revoke)

@@ -1,1 +1,0 @@
-"""Generated from proto/ by fedmae.protogen; do not edit."""

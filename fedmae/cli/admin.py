@@ -1,0 +1,282 @@
+"""Operator commands (``fedmae token|clients|admins|audit``) over the Admin service."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from fedmae.enrollment_policy import printable
+from fedmae.errors import ConfigError
+from fedmae.pki import certs as tls
+from fedmae.transport._proto import admin_pb2 as apb
+from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
+from fedmae.transport.channels import DEFAULT_CHUNK_SIZE, grpc_options
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """``"90"``, ``"45s"``, ``"30m"``, ``"1h"``, ``"7d"`` -> seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"invalid duration {text!r}: use e.g. 45s, 30m, 1h or 7d")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--server",
+        default=os.environ.get("FEDMAE_SERVER", "127.0.0.1:50051"),
+        help="aggregator HOST:PORT (env FEDMAE_SERVER; default %(default)s)",
+    )
+    p.add_argument(
+        "--identity",
+        default=os.environ.get("FEDMAE_ADMIN_IDENTITY"),
+        help="the admin identity directory, CERTS/admin (env FEDMAE_ADMIN_IDENTITY)",
+    )
+
+
+def admin_stub(args: argparse.Namespace) -> tuple[grpc.Channel, apb_grpc.AdminStub]:
+    if not args.identity:
+        raise ConfigError(
+            "admin commands need the operator identity: --identity CERTS/admin "
+            "(or set FEDMAE_ADMIN_IDENTITY)"
+        )
+    creds = tls.channel_credentials(tls.ClientIdentity(Path(args.identity)))
+    channel = grpc.secure_channel(args.server, creds, options=grpc_options(DEFAULT_CHUNK_SIZE))
+    return channel, apb_grpc.AdminStub(channel)
+
+
+def _when(ts) -> str:
+    if not ts.seconds:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts.seconds))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*r).rstrip() for r in [header, *rows])
+
+
+def _labels(c: apb.ClientInfo) -> str:
+    """``k=v,k=v`` with anything a terminal would interpret escaped."""
+    text = ",".join(f"{printable(k)}={printable(v)}" for k, v in sorted(c.labels.items()))
+    if c.labels_omitted:
+        text += f" (+{c.labels_omitted} more not shown)"
+    return text
+
+
+def _all_clients(stub: apb_grpc.AdminStub) -> list[apb.ClientInfo]:
+    """Every client, a page per call (one response never nears the message cap)."""
+    clients: list[apb.ClientInfo] = []
+    token = ""
+    while True:
+        resp = stub.ListClients(apb.ListClientsRequest(page_token=token), timeout=30)
+        clients.extend(resp.clients)
+        token = resp.next_page_token
+        if not token:
+            return clients
+
+
+def _token_state(t: apb.TokenInfo) -> str:
+    if t.revoked:
+        return "revoked"
+    if t.used >= t.uses:
+        return "used up"
+    if t.expires.seconds <= time.time():
+        return "expired"
+    return "usable"
+
+
+def _create_token_offline(args: argparse.Namespace) -> int:
+    """Write a token straight into a state directory (no server running yet)."""
+    from aggregator_service.registry import Registry
+
+    if args.name:
+        tls.validate_client_id(args.name)
+    registry = Registry(Path(args.state_dir) / "fedmae.db")
+    try:
+        token, record = registry.create_token(
+            "operator:offline", name=args.name, ttl_s=parse_duration(args.ttl), uses=args.uses
+        )
+    finally:
+        registry.close()
+    print(token, flush=True)
+    print(
+        f"token {record.token_id}: {record.uses} use(s), expires "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(record.expires))}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    if args.token_command == "create" and args.state_dir:
+        return _create_token_offline(args)
+    channel, stub = admin_stub(args)
+    with channel:
+        if args.token_command == "create":
+            resp = stub.CreateToken(
+                apb.CreateTokenRequest(
+                    name=args.name or "", ttl_seconds=parse_duration(args.ttl), uses=args.uses
+                ),
+                timeout=30,
+            )
+            info = resp.info
+            bound = f" for client {info.name!r}" if info.name else ""
+            print(resp.token, flush=True)  # alone on stdout: TOKEN=$(fedmae token create)
+            print(
+                f"token {info.token_id}{bound}: {info.uses} use(s), "
+                f"expires {_when(info.expires)}. Shown once; only its hash is stored.",
+                file=sys.stderr,
+            )
+        elif args.token_command == "list":
+            resp = stub.ListTokens(apb.ListTokensRequest(include_inactive=args.all), timeout=30)
+            rows = [
+                [t.token_id, t.name or "-", f"{t.used}/{t.uses}", _when(t.expires),
+                 _token_state(t), t.created_by]
+                for t in resp.tokens
+            ]  # fmt: skip
+            print(_table(rows, ["TOKEN", "NAME", "USED", "EXPIRES", "STATE", "CREATED BY"]))
+        else:
+            info = stub.RevokeToken(apb.RevokeTokenRequest(token_id=args.token_id), timeout=30)
+            print(f"token {info.token_id} revoked")
+    return 0
+
+
+def cmd_clients(args: argparse.Namespace) -> int:
+    channel, stub = admin_stub(args)
+    with channel:
+        if args.clients_command == "list":
+            rows = [
+                [c.client_id, c.status, "yes" if c.connected else "no", str(c.rounds_joined),
+                 _when(c.last_seen), _when(c.not_after), _labels(c)]
+                for c in _all_clients(stub)
+            ]  # fmt: skip
+            print(
+                _table(rows, ["CLIENT", "STATUS", "CONNECTED", "ROUNDS", "LAST SEEN", "CERT UNTIL",
+                              "LABELS"])
+            )  # fmt: skip
+        elif args.clients_command == "show":
+            c = stub.GetClient(apb.GetClientRequest(client_id=args.client_id), timeout=30)
+            for key, value in [
+                ("client", c.client_id), ("status", c.status), ("connected", c.connected),
+                ("rounds joined", c.rounds_joined), ("enrolled", _when(c.created)),
+                ("last seen", _when(c.last_seen)), ("certificate serial", c.serial),
+                ("certificate sha256", c.fingerprint_sha256), ("valid until", _when(c.not_after)),
+                ("revoked at", _when(c.revoked_at)), ("labels", _labels(c) or "-"),
+            ]:  # fmt: skip
+                print(f"{key:>20}: {value}")
+        else:
+            c = stub.RevokeClient(
+                apb.RevokeClientRequest(client_id=args.client_id, reason=args.reason or ""),
+                timeout=30,
+            )
+            print(f"client {c.client_id} revoked: its next call is refused, it is disconnected now")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    channel, stub = admin_stub(args)
+    with channel:
+        resp = stub.Audit(apb.AuditRequest(limit=args.limit), timeout=30)
+    if args.json:
+        for e in resp.entries:
+            print(json.dumps({"time": _when(e.time), "actor": e.actor, "action": e.action,
+                              "target": e.target, "details": json.loads(e.details)}))  # fmt: skip
+    else:
+        rows = [
+            [_when(e.time), printable(e.actor), e.action, printable(e.target), printable(e.details)]
+            for e in resp.entries
+        ]
+        print(_table(rows, ["TIME", "ACTOR", "ACTION", "TARGET", "DETAILS"]))
+    return 0
+
+
+def cmd_admins(args: argparse.Namespace) -> int:
+    channel, stub = admin_stub(args)
+    with channel:
+        if args.admins_command == "list":
+            resp = stub.ListAdmins(apb.ListAdminsRequest(), timeout=30)
+            rows = [
+                [a.name + (" (you)" if a.is_caller else ""), a.status, a.serial,
+                 a.fingerprint_sha256[:16], _when(a.created), _when(a.not_after), a.added_by,
+                 a.revoke_reason or "-"]
+                for a in resp.admins
+            ]  # fmt: skip
+            print(_table(rows, ["ADMIN", "STATUS", "SERIAL", "SHA256", "PINNED", "CERT UNTIL",
+                                "ADDED BY", "REVOKED FOR"]))  # fmt: skip
+        elif args.admins_command == "add":
+            a = stub.AddAdmin(
+                apb.AddAdminRequest(certificate_pem=Path(args.cert).read_bytes()), timeout=30
+            )
+            print(f"admin {a.name!r} pinned (serial {a.serial}, valid until {_when(a.not_after)})")
+        else:
+            resp = stub.RevokeAdmin(
+                apb.RevokeAdminRequest(name=args.name, reason=args.reason or ""), timeout=30
+            )
+            serials = ", ".join(a.serial for a in resp.revoked)
+            print(f"admin {args.name!r} revoked (serial {serials}): refused from its next call on")
+    return 0
+
+
+def build(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("token", help="enrollment tokens (admin)")
+    tsub = t.add_subparsers(dest="token_command", required=True)
+    tc = tsub.add_parser("create", help="make a one-time enrollment token (printed once)")
+    tc.add_argument("--name", help="bind the token to this client id")
+    tc.add_argument("--ttl", default="1h", help="validity, e.g. 30m, 1h, 7d (default 1h)")
+    tc.add_argument("--uses", type=int, default=1, help="enrollments allowed (default 1)")
+    tc.add_argument(
+        "--state-dir", help="write into this aggregator state dir directly (server not running)"
+    )
+    tl = tsub.add_parser("list", help="tokens that can still be used")
+    tl.add_argument("--all", action="store_true", help="also expired, used-up and revoked")
+    tr = tsub.add_parser("revoke", help="revoke a token by its id")
+    tr.add_argument("token_id")
+    for p in (tc, tl, tr):
+        add_connection_args(p)
+        p.set_defaults(func=cmd_token)
+
+    c = sub.add_parser("clients", help="enrolled clients (admin)")
+    csub = c.add_subparsers(dest="clients_command", required=True)
+    cl = csub.add_parser("list", help="every registered client")
+    cs = csub.add_parser("show", help="one client in detail")
+    cs.add_argument("client_id")
+    cr = csub.add_parser("revoke", help="revoke a client: refused from its next call on")
+    cr.add_argument("client_id")
+    cr.add_argument("--reason", help="recorded in the audit log and shown to the client")
+    for p in (cl, cs, cr):
+        add_connection_args(p)
+        p.set_defaults(func=cmd_clients)
+
+    ad = sub.add_parser("admins", help="pinned admin certificates (admin)")
+    adsub = ad.add_subparsers(dest="admins_command", required=True)
+    al = adsub.add_parser("list", help="every pinned admin certificate, active and revoked")
+    aa = adsub.add_parser("add", help="pin another admin's certificate")
+    aa.add_argument(
+        "--cert",
+        required=True,
+        help="its client.pem (from 'fedmae certs issue-admin'; the public part only)",
+    )
+    ar = adsub.add_parser("revoke", help="revoke an admin: refused from its next call on")
+    ar.add_argument("name", help="the admin's name (certificate CN)")
+    ar.add_argument("--reason", help="recorded in the audit log (default: none)")
+    for p in (al, aa, ar):
+        add_connection_args(p)
+        p.set_defaults(func=cmd_admins)
+
+    a = sub.add_parser("audit", help="the audit log (admin)")
+    a.add_argument("--limit", type=int, default=100)
+    a.add_argument("--json", action="store_true")
+    add_connection_args(a)
+    a.set_defaults(func=cmd_audit)

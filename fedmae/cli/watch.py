@@ -1,0 +1,212 @@
+"""``fedmae watch`` (a live view of the rounds) and ``fedmae status`` (one snapshot)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import threading
+import time
+from typing import Any
+
+import grpc
+
+from fedmae.cli.admin import add_connection_args, admin_stub
+from fedmae.transport._proto import admin_pb2 as apb
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
+def follow_rounds(
+    args: argparse.Namespace, out: queue.Queue, stop: threading.Event, from_round: int = 0
+) -> None:
+    """Put ``(seq, record)`` on ``out`` for every closed round, reconnecting while the
+    aggregator restarts; ``None`` when the run has finished (or on a hard error)."""
+    after_seq, delay = 0, 0.5
+    while not stop.is_set():
+        channel, stub = admin_stub(args)
+        try:
+            with channel:
+                stream = stub.WatchRounds(
+                    apb.WatchRoundsRequest(from_round=from_round, after_seq=after_seq, follow=True)
+                )
+                for msg in stream:
+                    delay = 0.5
+                    after_seq = msg.seq
+                    out.put((msg.seq, json.loads(msg.record_json)))
+                    if stop.is_set():
+                        return
+            out.put(None)  # the stream ended normally: the run finished
+            return
+        except grpc.RpcError as err:
+            if err.code() not in RETRYABLE:
+                out.put(err)
+                return
+            stop.wait(delay)  # aggregator away (restart?): resume after the last record
+            delay = min(delay * 2, 10.0)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    records: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=follow_rounds, args=(args, records, stop, args.from_round), daemon=True
+    )
+    thread.start()
+    try:
+        if args.json:
+            return _watch_json(records)
+        return _watch_live(args, records)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        stop.set()
+
+
+def _watch_json(records: queue.Queue) -> int:
+    while True:
+        item = records.get()
+        if item is None:
+            return 0
+        if isinstance(item, grpc.RpcError):
+            raise item
+        print(json.dumps(item[1]), flush=True)
+
+
+def _fmt(value: Any, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _rounds_table(rows: list[dict]):
+    from rich.table import Table
+
+    table = Table(title="closed rounds", expand=False, header_style="bold")
+    for col in ("round", "status", "version", "clients", "samples", "train", "val", "eval",
+                "MB in", "MB out", "seconds"):  # fmt: skip
+        table.add_column(col, justify="right")
+    for r in rows[-20:]:
+        style = {"published": "", "failed": "red", "aborted": "yellow"}.get(r["status"], "")
+        table.add_row(
+            f"{r['round']}" + (f".{r['attempt']}" if r["attempt"] > 1 else ""),
+            r["status"], str(r["version"]),
+            f"{len(r['participants'])}/{len(r['selected'])}", str(r["num_samples"]),
+            _fmt(r["train_loss"]), _fmt(r["val_loss"]), _fmt(r.get("eval_loss")),
+            f"{r['bytes_in'] / 1e6:.1f}", f"{r['bytes_out'] / 1e6:.1f}", f"{r['duration_s']:.1f}",
+            style=style,
+        )  # fmt: skip
+    return table
+
+
+def _status_panel(status: apb.StatusResponse | None, error: str):
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.progress_bar import ProgressBar
+    from rich.text import Text
+
+    if status is None:
+        return Panel(Text(error or "connecting...", style="yellow"), title="aggregator")
+    target = f"/{status.rounds_target}" if status.rounds_target else ""
+    head = Text.assemble(
+        ("state ", "dim"), (status.state, "bold"),
+        ("   round ", "dim"), f"{status.round}{target}",
+        ("   version ", "dim"), str(status.version),
+        ("   connected ", "dim"), f"{len(status.connected)} (min {status.min_clients})",
+    )  # fmt: skip
+    parts: list = [head, Text(", ".join(status.connected) or "no clients connected", style="dim")]
+    if status.state == "training" and status.selected:
+        done, total = len(status.reported), len(status.selected)
+        parts.append(
+            Text.assemble(
+                ("updates ", "dim"),
+                f"{done}/{total}",
+                ("   uploading ", "dim"),
+                str(len(status.uploading)),
+                ("   elapsed ", "dim"),
+                f"{status.round_elapsed_s:.0f}s",
+                ("   deadline in ", "dim"),
+                f"{status.deadline_in_s:.0f}s",
+            )  # fmt: skip
+        )
+        parts.append(ProgressBar(total=total, completed=done, width=50))
+    return Panel(Group(*parts), title=f"aggregator {error}".strip())
+
+
+def _watch_live(args: argparse.Namespace, records: queue.Queue) -> int:
+    from rich.console import Group
+    from rich.live import Live
+
+    rows: list[dict] = []
+    status, error, finished = None, "", False
+    channel, stub = admin_stub(args)
+    with channel, Live(refresh_per_second=4, transient=False) as live:
+        while not finished:
+            while True:
+                try:
+                    item = records.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    finished = True
+                elif isinstance(item, grpc.RpcError):
+                    raise item
+                else:
+                    rows.append(item[1])
+            if finished:
+                error = "(run finished)"
+            else:
+                try:
+                    status, error = stub.Status(apb.StatusRequest(), timeout=5), ""
+                except grpc.RpcError as err:
+                    if err.code() not in RETRYABLE:
+                        raise
+                    error = "(unreachable: reconnecting)"
+            live.update(Group(_status_panel(status, error), _rounds_table(rows)))
+            if not finished:
+                time.sleep(1.0)
+    print(f"\nrun finished: {sum(r['status'] == 'published' for r in rows)} rounds published")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    channel, stub = admin_stub(args)
+    with channel:
+        s = stub.Status(apb.StatusRequest(), timeout=10)
+    last = json.loads(s.last_record_json) if s.last_record_json else None
+    if args.json:
+        snap = {
+            "state": s.state, "round": s.round, "attempt": s.attempt, "version": s.version,
+            "rounds_target": s.rounds_target, "connected": list(s.connected),
+            "selected": list(s.selected), "reported": list(s.reported),
+            "uploading": list(s.uploading), "last_round": last,
+        }  # fmt: skip
+        print(json.dumps(snap))
+        return 0
+    target = f" of {s.rounds_target}" if s.rounds_target else ""
+    print(f"state:     {s.state}")
+    print(f"round:     {s.round}{target}" + (f" (attempt {s.attempt})" if s.attempt > 1 else ""))
+    print(f"version:   {s.version}")
+    print(f"clients:   {len(s.connected)} connected (min {s.min_clients}): "
+          f"{', '.join(s.connected) or '-'}")  # fmt: skip
+    if s.state == "training":
+        print(f"updates:   {len(s.reported)}/{len(s.selected)} received, "
+              f"{len(s.uploading)} uploading, deadline in {s.deadline_in_s:.0f}s")  # fmt: skip
+    if last:
+        print(
+            f"last:      round {last['round']} {last['status']}: {len(last['participants'])} "
+            f"clients, {last['num_samples']} samples, train {_fmt(last['train_loss'])}, "
+            f"val {_fmt(last['val_loss'])}, eval {_fmt(last.get('eval_loss'))}, "
+            f"{last['duration_s']:.1f}s"
+        )
+    return 0
+
+
+def build(sub: argparse._SubParsersAction) -> None:
+    w = sub.add_parser("watch", help="live view of the rounds (admin)")
+    w.add_argument("--json", action="store_true", help="print each closed round as a JSON line")
+    w.add_argument("--from-round", type=int, default=0, help="replay from this round (0 = all)")
+    add_connection_args(w)
+    w.set_defaults(func=cmd_watch)
+    st = sub.add_parser("status", help="one snapshot of the run (admin)")
+    st.add_argument("--json", action="store_true")
+    add_connection_args(st)
+    st.set_defaults(func=cmd_status)

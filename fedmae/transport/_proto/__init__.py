@@ -1,0 +1,1 @@
+"""Generated from proto/ by scripts.protogen; do not edit."""

@@ -1,0 +1,426 @@
+"""The PKI and who may call what (issue 11: #4 admins, #5 CA key, #6 expiry, #7 files).
+
+Real certificates, a real aggregator on 127.0.0.1 over mTLS, real SQLite.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import queue
+import stat
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from federation_harness import TIMEOUT, make_identities, make_server
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from aggregator_service.registry import Registry
+from aggregator_service.round_log import RoundLog
+from client_agent.enrollment import enroll
+from client_agent.transfer import federation_stub, fetch_model
+from fedmae.cli.main import main
+from fedmae.errors import FailedPrecondition
+from fedmae.pki import certs as tls
+from fedmae.transport._proto import admin_pb2 as apb
+from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
+from fedmae.transport._proto import federation_pb2 as pb
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def _cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def _channel(port: int, identity: Path) -> grpc.Channel:
+    creds = tls.channel_credentials(tls.ClientIdentity(identity))
+    return grpc.secure_channel(f"127.0.0.1:{port}", creds)
+
+
+def _admin_call(port: int, identity: Path) -> grpc.RpcError | None:
+    """One Admin call with ``identity``: None if it was answered, else its error."""
+    with _channel(port, identity) as ch:
+        try:
+            apb_grpc.AdminStub(ch).Status(apb.StatusRequest(), timeout=TIMEOUT)
+        except grpc.RpcError as err:
+            return err
+    return None
+
+
+@pytest.fixture
+def umask_022():
+    """The usual umask, so a file's mode shows what the code chose, not the environment."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+# ---------------------------------------------------------------- #5: the CA key, the enrollment CA
+
+
+def test_f5_certs_init_with_signer_keeps_the_root_key_out_of_certs(tmp_path, umask_022):
+    certs, signer, admin = tmp_path / "certs", tmp_path / "signer", tmp_path / "admin"
+    argv = ["certs", "init", "--out", str(certs), "--signer", str(signer),
+            "--admin-out", str(admin), "--host", "fl.example.org"]  # fmt: skip
+    assert main(argv) == 0
+    root_value = (
+        serialization.load_pem_private_key((signer / "ca.key").read_bytes(), None)
+        .private_numbers()
+        .private_value
+    )
+    for path in certs.rglob("*"):  # no copy of the root key anywhere the aggregator mounts
+        assert path.name != "ca.key"
+        if path.is_file():
+            assert root_value.to_bytes(32, "big") not in path.read_bytes()
+        if path.suffix == ".key":
+            key = serialization.load_pem_private_key(path.read_bytes(), None)
+            assert key.private_numbers().private_value != root_value, path
+    assert _mode(signer) == 0o700 and _mode(signer / "ca.key") == 0o600
+    assert not (certs / "admin").exists() and (admin / "client.key").exists()
+    assert (certs / "admins" / "admin.pem").read_bytes() == (admin / "client.pem").read_bytes()
+    health_cert = _cert(certs / "health" / "client.pem")
+    ou = health_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    assert ou[0].value == "health"
+
+    root, enrollment = _cert(certs / "ca.pem"), _cert(certs / "enrollment-ca.pem")
+    enrollment.verify_directly_issued_by(root)
+    assert enrollment.extensions.get_extension_for_class(x509.BasicConstraints).value == (
+        x509.BasicConstraints(ca=True, path_length=0)
+    )
+    usage = enrollment.extensions.get_extension_for_class(x509.KeyUsage)
+    assert usage.critical and usage.value.key_cert_sign and usage.value.crl_sign
+    eku = enrollment.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert enrollment.not_valid_after_utc < root.not_valid_after_utc
+
+    # Idempotent: a second run changes nothing, with or without --signer.
+    before = {p: p.read_bytes() for p in certs.rglob("*") if p.is_file()}
+    assert main(argv) == 0
+    assert main(["certs", "init", "--out", str(certs), "--admin-out", str(admin),
+                 "--host", "fl.example.org"]) == 0  # fmt: skip
+    assert {p: p.read_bytes() for p in certs.rglob("*") if p.is_file()} == before
+
+
+def test_f5_a_root_key_left_in_certs_moves_to_the_signer(tmp_path):
+    certs = tls.init_certs(tmp_path / "certs")  # the layout before --signer
+    key = certs.ca_key.read_bytes()
+    tls.init_certs(certs.dir, signer=tmp_path / "signer")
+    assert not certs.ca_key.exists() and (tmp_path / "signer" / "ca.key").read_bytes() == key
+
+
+def _health_server(cert_pem: bytes, key_pem: bytes) -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_secure_port("localhost:0", grpc.ssl_server_credentials([(key_pem, cert_pem)]))
+    server.start()
+    return server, port
+
+
+def _check(port: int, ca_pem: bytes) -> grpc.RpcError | None:
+    creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    with grpc.secure_channel(f"localhost:{port}", creds) as ch:
+        try:
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        except grpc.RpcError as err:
+            return err
+    return None
+
+
+def test_f5_enrollment_ca_cannot_mint_a_server_certificate_that_clients_accept(tmp_path):
+    """Whoever steals the aggregator's enrollment CA key cannot impersonate the server:
+    the intermediate's EKU (clientAuth only) binds the whole chain, and BoringSSL checks
+    it ("unsupported certificate purpose")."""
+    certs = tls.init_certs(tmp_path / "certs")
+    ca_pem = certs.ca_cert.read_bytes()
+    enrollment = _cert(certs.enrollment_ca_cert)
+    enrollment_key = serialization.load_pem_private_key(certs.enrollment_ca_key.read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    forged = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedmae aggregator")]))
+        .issuer_name(enrollment.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        .sign(enrollment_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )  # fmt: skip
+    chain = forged.public_bytes(serialization.Encoding.PEM) + certs.enrollment_ca_cert.read_bytes()
+    server, port = _health_server(chain, key_pem)
+    try:
+        refused = _check(port, ca_pem)
+    finally:
+        server.stop(0)
+    assert refused is not None and refused.code() == grpc.StatusCode.UNAVAILABLE
+    # The control: the real server certificate (signed by the root) is accepted.
+    server, port = _health_server(certs.server_cert.read_bytes(), certs.server_key.read_bytes())
+    try:
+        assert _check(port, ca_pem) is None
+    finally:
+        server.stop(0)
+
+
+def test_f5_aggregator_enrolls_with_the_enrollment_ca_and_no_root_key(tmp_path, capsys):
+    certs, signer, admin = tmp_path / "certs", tmp_path / "signer", tmp_path / "admin"
+    tls.init_certs(certs, signer=signer, admin_out=admin)
+    server = make_server(tmp_path / "state", certs, min_clients=2, rounds=1)
+    port = server.start()
+    try:
+        assert server.ca is not None and server.ca.key_path == certs / "enrollment-ca.key"
+        with _channel(port, admin) as ch:
+            token = (
+                apb_grpc.AdminStub(ch)
+                .CreateToken(apb.CreateTokenRequest(name="site-1"), timeout=TIMEOUT)
+                .token
+            )
+        result = enroll(f"127.0.0.1:{server.enroll_port}", (certs / "ca.pem").read_bytes(),
+                        token, tmp_path / "site-1", name="site-1")  # fmt: skip
+        chain = x509.load_pem_x509_certificates(result.identity.cert.read_bytes())
+        assert [c.issuer for c in chain] == [_cert(certs / "enrollment-ca.pem").subject,
+                                             _cert(certs / "ca.pem").subject]  # fmt: skip
+        # The client presents leaf + enrollment CA; the server trusts only the root.
+        with _channel(port, result.identity.dir) as ch:
+            version, _ = fetch_model(federation_stub(ch), server.layout, 0, timeout=TIMEOUT)
+        assert version.version == 0
+
+        # The health identity: gRPC health works, nothing else does.
+        assert main(["health", "--server", f"127.0.0.1:{port}",
+                     "--identity", str(certs / "health")]) == 0  # fmt: skip
+        assert "SERVING" in capsys.readouterr().out
+        denied = _admin_call(port, certs / "health")
+        assert denied is not None and denied.code() == grpc.StatusCode.PERMISSION_DENIED
+        with _channel(port, certs / "health") as ch:
+            with pytest.raises(grpc.RpcError) as federation:
+                fetch_model(federation_stub(ch), server.layout, 0, timeout=TIMEOUT)
+        assert federation.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "health" in federation.value.details()
+    finally:
+        server.stop(grace=0)
+
+
+# ---------------------------------------------------------------- #4: admins are pinned
+
+
+@pytest.fixture
+def admin_server(tmp_path):
+    certs, _ = make_identities(tmp_path, [])
+    servers = []
+
+    def start():
+        servers.append(make_server(tmp_path / "state", certs, min_clients=2, rounds=1))
+        return servers[-1], servers[-1].start()
+
+    yield certs, start
+    for s in servers:
+        s.stop(grace=0)
+
+
+def test_f4_an_unpinned_admin_certificate_is_refused(tmp_path, admin_server):
+    certs, start = admin_server
+    # Signed by the federation's CA with OU=admin, but never pinned.
+    rogue = tls.issue_client(certs, "mallory", tmp_path / "mallory", role="admin")
+    _, port = start()
+    assert _admin_call(port, certs / "admin") is None
+    refused = _admin_call(port, rogue.dir)
+    assert refused is not None and refused.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "not pinned" in refused.details()
+
+
+def test_f4_a_revoked_admin_is_refused_on_its_next_call(tmp_path, admin_server, capsys):
+    certs, start = admin_server
+    _, port = start()
+    cli = ["--server", f"127.0.0.1:{port}", "--identity", str(certs / "admin")]
+    assert main(["certs", "issue-admin", "--certs", str(certs), "--name", "bob",
+                 "--out", str(tmp_path / "bob")]) == 0  # fmt: skip
+    bob = tmp_path / "bob"
+    assert _admin_call(port, bob) is not None  # issued, but not pinned until added
+    assert main(["admins", "add", "--cert", str(bob / "client.pem"), *cli]) == 0
+    with _channel(port, bob) as bob_channel:
+        bob_stub = apb_grpc.AdminStub(bob_channel)
+        listed = bob_stub.ListAdmins(apb.ListAdminsRequest(), timeout=TIMEOUT).admins
+        assert {(a.name, a.status, a.is_caller) for a in listed} == {
+            ("admin", "active", False),
+            ("bob", "active", True),
+        }
+        with pytest.raises(grpc.RpcError) as self_revoke:
+            bob_stub.RevokeAdmin(apb.RevokeAdminRequest(name="bob"), timeout=TIMEOUT)
+        assert self_revoke.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "your own" in self_revoke.value.details()
+        assert main(["admins", "revoke", "bob", "--reason", "left the team", *cli]) == 0
+        # The same open connection: refused from the next call on, no restart.
+        with pytest.raises(grpc.RpcError) as revoked:
+            bob_stub.Status(apb.StatusRequest(), timeout=TIMEOUT)
+    assert revoked.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "revoked (left the team)" in revoked.value.details()
+    capsys.readouterr()
+    assert main(["admins", "list", *cli]) == 0
+    out = capsys.readouterr().out
+    assert "admin (you)" in out and "left the team" in out
+    assert main(["audit", "--json", *cli]) == 0
+    actions = capsys.readouterr().out
+    assert '"action": "admin.pin"' in actions and '"action": "admin.revoke"' in actions
+    # Pinning a revoked certificate again is refused too.
+    assert main(["admins", "add", "--cert", str(bob / "client.pem"), *cli]) == 2
+
+
+def test_f4_pins_survive_a_restart_and_a_revoked_admin_is_never_repinned(tmp_path, admin_server):
+    certs, start = admin_server
+    tls.issue_admin(certs, "bob", tmp_path / "bob")  # CERTS/admins/bob.pem: pinned at start
+    server, port = start()
+    assert _admin_call(port, tmp_path / "bob") is None
+    with _channel(port, certs / "admin") as ch:
+        apb_grpc.AdminStub(ch).RevokeAdmin(
+            apb.RevokeAdminRequest(name="bob", reason="key lost"), timeout=TIMEOUT
+        )
+    server.stop(grace=0)
+    _, port = start()  # CERTS/admins/bob.pem is still there
+    refused = _admin_call(port, tmp_path / "bob")
+    assert refused is not None and refused.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert _admin_call(port, certs / "admin") is None
+
+
+def test_f4_the_last_admin_cannot_be_revoked(tmp_path):
+    registry = Registry(tmp_path / "fedmae.db")
+    registry.pin_admin("test", "root-op", "ab" * 32, "1", time.time() + 3600)
+    with pytest.raises(FailedPrecondition, match="last active admin"):
+        registry.revoke_admin("insecure-admin", "root-op", "", caller_fingerprint="")
+    registry.close()
+
+
+# ---------------------------------------------------------------- #6: expiry on every call
+
+
+def test_f6_an_expired_certificate_ends_the_stream(tmp_path):
+    certs, _ = make_identities(tmp_path, [])
+    short = tls.issue_client(certs, "short", tmp_path / "short", days=600 / 86400)  # 10 min
+    info = tls.certificate_info(short.cert.read_bytes())
+    registry = Registry(tmp_path / "state" / "fedmae.db")
+    registry.register("test", "short", info.fingerprint, info.serial, info.not_after)
+    registry.close()
+    server = make_server(tmp_path / "state", certs, min_clients=2, rounds=1)  # heartbeats 1 s
+    port = server.start()
+    events: queue.Queue = queue.Queue()
+    try:
+        with _channel(port, short.dir) as ch:
+            call = federation_stub(ch).Subscribe(pb.SubscribeRequest(agent_version="test"))
+
+            def pump():
+                try:
+                    for event in call:
+                        events.put(event)
+                except grpc.RpcError as err:
+                    events.put(err)
+
+            threading.Thread(target=pump, daemon=True).start()
+            assert isinstance(events.get(timeout=TIMEOUT), pb.RoundEvent)  # streaming
+            # The clock passes not_after: the next heartbeat check ends the stream.
+            server.auth.clock = lambda: info.not_after + 1
+            deadline = time.monotonic() + TIMEOUT
+            while not isinstance(item := events.get(timeout=TIMEOUT), grpc.RpcError):
+                assert time.monotonic() < deadline, "the stream kept going"
+            assert item.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "expired at" in item.details() and "renew it" in item.details()
+            # A new call is refused at once, an admin's too.
+            with pytest.raises(grpc.RpcError) as fetch:
+                fetch_model(federation_stub(ch), server.layout, 0, timeout=TIMEOUT)
+            assert fetch.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        admin_not_after = _cert(certs / "admin" / "client.pem").not_valid_after_utc.timestamp()
+        server.auth.clock = lambda: admin_not_after + 1
+        expired = _admin_call(port, certs / "admin")
+        assert expired is not None and expired.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "expired at" in expired.details()
+    finally:
+        server.stop(grace=0)
+
+
+# ---------------------------------------------------------------- #7: keys, files and modes
+
+
+def test_f7_a_planted_tmp_symlink_is_not_followed_and_the_key_ends_0600(tmp_path, umask_022):
+    certs = tls.init_certs(tmp_path / "certs")
+    ident = tmp_path / "ids" / "site-1"
+    ident.mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("do not touch")
+    victim.chmod(0o644)
+    (ident / "client.key.tmp").symlink_to(victim)  # planted
+    (ident / "client.pem.tmp").write_text("stale")  # a crash's leftover, 0644
+    tls.issue_client(certs.dir, "site-1", ident)
+    assert victim.read_text() == "do not touch" and _mode(victim) == 0o644
+    key = ident / "client.key"
+    assert not key.is_symlink() and _mode(key) == 0o600
+    assert b"PRIVATE KEY" in key.read_bytes()
+    assert not (ident / "client.key.tmp").exists() and not (ident / "client.pem.tmp").exists()
+    assert _mode(ident) == 0o700 and _mode(certs.dir) == 0o700
+
+
+def test_f7_state_files_and_directories_are_private(tmp_path, umask_022):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    RoundLog(state / "rounds.jsonl").append({"round": 1})  # an existing 0644 log is tightened
+    (state / "rounds.jsonl").chmod(0o644)
+    certs, _ = make_identities(tmp_path, [], state_dir=state)
+    server = make_server(state, certs, min_clients=2, rounds=1)
+    server.rounds.round_log.append({"round": 2})
+    server.registry.create_token("test")  # a write: SQLite has made its -wal and -shm
+    try:
+        assert _mode(state) == 0o700
+        for name in ("fedmae.db", "fedmae.db-wal", "fedmae.db-shm", "rounds.jsonl"):
+            assert _mode(state / name) == 0o600, name
+        fresh = tmp_path / "fresh"
+        fresh.mkdir()
+        RoundLog(fresh / "rounds.jsonl").append({"round": 1})
+        assert _mode(fresh / "rounds.jsonl") == 0o600
+        for path in (certs, certs / "admin", certs / "health", certs / "admins"):
+            assert _mode(path) == 0o700, path
+        for path in certs.rglob("*.key"):
+            assert _mode(path) == 0o600, path
+    finally:
+        server.stop(grace=0)
+        server.registry.close()
+
+
+def test_f7_certificates_have_key_usage_and_bounded_lifetimes(tmp_path):
+    certs = tls.init_certs(tmp_path / "certs")
+    client = tls.issue_client(certs.dir, "site-1", tmp_path / "site-1")
+    now = dt.datetime.now(dt.UTC)
+    leaves = {
+        "server": (certs.server_cert, ExtendedKeyUsageOID.SERVER_AUTH),
+        "admin": (certs.dir / "admin" / "client.pem", ExtendedKeyUsageOID.CLIENT_AUTH),
+        "health": (certs.dir / "health" / "client.pem", ExtendedKeyUsageOID.CLIENT_AUTH),
+        "client": (client.cert, ExtendedKeyUsageOID.CLIENT_AUTH),
+    }
+    for name, (path, purpose) in leaves.items():
+        cert = _cert(path)
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage)
+        assert usage.critical and usage.value.digital_signature, name
+        assert not usage.value.key_cert_sign, name
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert list(eku) == [purpose], name
+        assert cert.not_valid_after_utc - now <= dt.timedelta(days=366), name
+    assert _cert(certs.ca_cert).not_valid_after_utc - now <= dt.timedelta(days=5 * 365 + 2)
+    assert _cert(certs.enrollment_ca_cert).not_valid_after_utc - now <= dt.timedelta(days=731)
+    # A leaf never outlives the CA that signed it.
+    ca = tls.CertificateAuthority(certs)
+    _, csr = tls.make_key_and_csr("site-2")
+    issued = x509.load_pem_x509_certificates(ca.sign_csr(csr, "site-2", 366).pem)
+    assert issued[0].not_valid_after_utc <= issued[1].not_valid_after_utc
