@@ -29,7 +29,7 @@ from aggregator_service.idle_transfers import IdleWatchdog, Watch
 from aggregator_service.round_log import RoundLog
 from aggregator_service.strategies import Strategy
 from aggregator_service.update_bounds import UpdateBounds
-from aggregator_service.update_store import UpdateStore
+from aggregator_service.update_store import SPILL_FILE, UpdateStore
 from fedmae.config import check_update_metrics
 from fedmae.errors import (
     ConnectionReplaced,
@@ -418,7 +418,7 @@ class RoundManager:
             self.strategy.begin_round(self.layout.numel)
             if self.strategy.needs_all_updates:  # strategies: spill, not RAM
                 self._updates = UpdateStore(
-                    self.config.state_dir / "round-updates.f32", self.layout.numel, len(selected)
+                    self.config.state_dir / SPILL_FILE, self.layout.numel, len(selected)
                 )
             self.state = state
             self.phase = "training"

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 _FLOAT = 4  # bytes per float32 coordinate
+# The open round's store, in the state directory (one round is open at a time).
+SPILL_FILE = "round-updates.f32"
 
 
 class UpdateStore:

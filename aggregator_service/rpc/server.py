@@ -30,6 +30,7 @@ from aggregator_service.rpc.federation import FederationServicer
 from aggregator_service.rpc.rate_limit import PeerRateLimit
 from aggregator_service.rpc.request_guard import RequestGuard
 from aggregator_service.strategies import Strategy, make_strategy
+from aggregator_service.update_store import SPILL_FILE
 from fedmae.errors import ConfigError
 from fedmae.ml.model_zoo import initial_state
 from fedmae.pki import certs as tls
@@ -169,6 +170,10 @@ class AggregatorServer:
         for tmp in self.store.dir.glob("*.tmp"):
             tmp.unlink()
             log.warning("removed %s, a checkpoint a crash left half-written", tmp.name)
+        spill = self.config.state_dir / SPILL_FILE
+        if spill.exists():  # its round was lost with the crash and is run again
+            spill.unlink()
+            log.warning("removed %s, the updates of a round a crash interrupted", spill.name)
         round_log = self.rounds.round_log
         if round_log.repair():
             log.warning("cut a torn last line from %s", round_log.path)

@@ -22,6 +22,7 @@ from federation_harness import (
 from strategy_rules import CoordinateMedian
 
 from aggregator_service.strategies import STRATEGIES
+from aggregator_service.update_store import SPILL_FILE
 from client_agent.transfer import submit_update
 from fedmae.cli.main import main
 from fedmae.ml.model_zoo import initial_state
@@ -46,7 +47,7 @@ def test_a_needs_all_rule_aggregates_the_spilled_updates(tmp_path):
         # Norm ~34, below round 1's default bound (~42): not clipped.
         deltas = {n: random_delta(layout, seed=i + 1, scale=0.03) for i, n in enumerate(names)}
         samples = {"a": 10, "b": 50, "c": 200}
-        spill = state_dir / "round-updates.f32"
+        spill = state_dir / SPILL_FILE
         for n in names:
             if n == "c":  # two updates in: they wait on disk, not in the aggregator's RAM
                 assert spill.exists()
@@ -128,3 +129,15 @@ def test_serve_refuses_an_unknown_strategy_listing_the_choices(tmp_path, caplog)
     assert code == 2
     assert f"unknown strategy 'nope': choose one of {', '.join(sorted(STRATEGIES))}" in caplog.text
     assert not state_dir.exists()  # refused before anything was made
+
+
+def test_a_spill_file_a_crash_left_behind_is_removed_at_start(tmp_path):
+    certs, _ = make_identities(tmp_path, [])
+    state_dir = tmp_path / "state"
+    leftover = state_dir / SPILL_FILE
+    leftover.write_bytes(b"\0" * 4096)  # a needs-all round cut short by kill -9
+    server = make_server(state_dir, certs, min_clients=1, rounds=1)
+    try:
+        assert not leftover.exists()
+    finally:
+        server.registry.close()
