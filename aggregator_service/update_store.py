@@ -32,6 +32,7 @@ class UpdateStore:
 
     Rows start on page boundaries, so a row's pages can be dropped on their own. The
     file is sparse: disk holds only the rows appended. ``close`` unmaps and deletes it.
+    Not thread-safe: the caller serialises ``append`` (the engine folds under a lock).
     """
 
     def __init__(self, path: Path, numel: int, capacity: int):

@@ -455,8 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--strategy",
         default="fedavg",
-        help="aggregation rule by name; choices: fedavg (weighted mean of the clipped "
-        "updates) (default %(default)s)",
+        help="aggregation rule by name; choices: fedavg (the sample-weighted mean of the "
+        "clipped updates); default %(default)s",
     )
     s.add_argument(
         "--min-clients", type=int, default=2, help="connected clients to start a round" + D

@@ -48,7 +48,7 @@ def test_serve_help_names_the_default_and_every_choice(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     line = help_text[help_text.rindex("--strategy STRATEGY") :]  # the option, not the usage
     line = line[: line.index(" --", 2)]
-    assert f"(default {DEFAULT_STRATEGY})" in line
+    assert f"default {DEFAULT_STRATEGY}" in line
     for name in STRATEGIES:  # the help lists the registry's names (it must not import torch)
         assert name in line
 
