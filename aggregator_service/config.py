@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aggregator_service.strategies import DEFAULT_STRATEGY, strategy_class
 from fedmae.config import TrainingConfig
 from fedmae.errors import ConfigError
 from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE
@@ -59,6 +60,8 @@ class ServerConfig:
     insecure: bool = False
     model_seed: int = 0
     policy: RoundPolicy = field(default_factory=RoundPolicy)
+    # The aggregation rule by name (aggregator_service/strategies/: fedavg, ...).
+    strategy: str = DEFAULT_STRATEGY
     training: TrainingConfig = field(default_factory=TrainingConfig)
     chunk_size: int = DEFAULT_CHUNK_SIZE
     keep_checkpoints: int = 0  # 0 = keep every published version
@@ -108,6 +111,7 @@ class ServerConfig:
                      "upload_idle_s"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+        strategy_class(self.strategy)  # an unknown name fails here, naming the choices
         if self.insecure and not is_loopback(self.listen):
             raise ConfigError(
                 f"--insecure serves plaintext without authentication: it may only listen on a "

@@ -27,8 +27,9 @@ from aggregator_service.checkpoint_store import Checkpoint, CheckpointStore
 from aggregator_service.config import ServerConfig
 from aggregator_service.idle_transfers import IdleWatchdog, Watch
 from aggregator_service.round_log import RoundLog
-from aggregator_service.strategy import Strategy
+from aggregator_service.strategies import Strategy
 from aggregator_service.update_bounds import UpdateBounds
+from aggregator_service.update_store import SPILL_FILE, UpdateStore
 from fedmae.config import check_update_metrics
 from fedmae.errors import (
     ConnectionReplaced,
@@ -204,8 +205,8 @@ class RoundManager:
         self.state: RoundState | None = None
         self.finished = threading.Event()
         self.observers: list[RoundObserver] = []
-        # Optional global evaluation of each published model: (layout, flat) -> loss.
-        self.evaluator: Callable[[ModelLayout, torch.Tensor], float] | None = None
+        # strategies: a needs-all rule's accepted updates, spilled to disk for the round.
+        self._updates: UpdateStore | None = None
         self.phase = "waiting"
         self.last_record: dict[str, Any] | None = None
         self._waited_s = 0.0
@@ -415,6 +416,10 @@ class RoundManager:
             # strategy's accumulator, which begin_round resets: drop it first.)
             self._global = None
             self.strategy.begin_round(self.layout.numel)
+            if self.strategy.needs_all_updates:  # strategies: spill, not RAM
+                self._updates = UpdateStore(
+                    self.config.state_dir / SPILL_FILE, self.layout.numel, len(selected)
+                )
             self.state = state
             self.phase = "training"
             task = self._event(task=self._task_msg(state))
@@ -450,14 +455,15 @@ class RoundManager:
             self.phase = "closing"
             phases["training_s"] = round(time.monotonic() - state.started, 3)
             reported = len(state.accepted)
+            required = self.strategy.updates_to_publish(self.policy.required_updates)  # strategies
             extra: dict[str, Any] = {}
             if state.invalidated:
                 status, reason = "failed", state.invalidated
-            elif reported >= self.policy.required_updates and reported > 0:
+            elif reported >= required:
                 status, reason = "published", ""
                 t0 = time.monotonic()
                 self._buffers.trim(1)  # uploads are done: keep one buffer for the next round
-                self._global = self.strategy.aggregate(self.global_flat)
+                self._global = self.strategy.aggregate(self.global_flat, self._updates)
                 phases["aggregation_s"] = round(time.monotonic() - t0, 3)
                 self.version += 1
                 t0 = time.monotonic()
@@ -465,16 +471,20 @@ class RoundManager:
                     self.version, round_, self.config.training.model, self.layout, self.global_flat
                 )
                 phases["checkpoint_s"] = round(time.monotonic() - t0, 3)
-                if self.evaluator is not None:
-                    t0 = time.monotonic()
-                    extra["eval_loss"] = self.evaluator(self.layout, self.global_flat)
+                t0 = time.monotonic()
+                eval_loss = self.strategy.evaluate(self.layout, self.global_flat)  # strategies
+                if eval_loss is not None:
+                    extra["eval_loss"] = eval_loss
                     phases["evaluation_s"] = round(time.monotonic() - t0, 3)
                 self.next_round = round_ + 1
             elif stop.is_set():
                 status, reason = "aborted", "aggregator stopped during the round"
             else:
                 status = "failed"
-                reason = f"only {reported} of {self.policy.required_updates} required updates"
+                reason = f"only {reported} of {required} required updates"
+            if self._updates is not None:  # strategies: the round's spill file goes
+                self._updates.close()
+                self._updates = None
             success = status == "published"
             if reason:
                 extra["reason"] = reason
@@ -534,8 +544,7 @@ class RoundManager:
     def _needed(self, state: RoundState) -> int:
         """Updates that close the round early: every selected client, or the target."""
         available = len(set(state.selected) - state.revoked)
-        target = self.policy.target_updates
-        return min(target, available) if target else available
+        return self.strategy.updates_to_close(available, self.policy.target_updates)
 
     def _owing_all_gone(self, state: RoundState) -> bool:
         owing = set(state.selected) - set(state.accepted) - state.revoked
@@ -788,7 +797,10 @@ class RoundManager:
                     f"round {state.round} closed before the update from "
                     f"{session.client_id} completed"
                 )
-            self.strategy.accumulate(delta, weighing.weight, weighing.scale)
+            if self._updates is not None:  # strategies: a needs-all rule reads them at the close
+                self._updates.append(delta, weighing.weight, weighing.scale)
+            else:
+                self.strategy.accumulate(delta, weighing.weight, weighing.scale)
             del delta
             session.decoder.release()  # before the slot frees: the next upload reuses it
             state.rejected.pop(session.client_id, None)  # an earlier refused try is moot now

@@ -20,7 +20,7 @@ import torch
 from aggregator_service.config import RoundPolicy, ServerConfig
 from aggregator_service.registry import Registry
 from aggregator_service.rpc.server import AggregatorServer, grpc_options
-from aggregator_service.strategy import FedAvg
+from aggregator_service.strategies import FedAvg
 from benchmarks.common import (
     AggregatorProcess,
     MiB,

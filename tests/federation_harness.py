@@ -18,6 +18,7 @@ import torch
 from aggregator_service.config import RoundPolicy, ServerConfig
 from aggregator_service.registry import Registry
 from aggregator_service.rpc.server import AggregatorServer, grpc_options
+from aggregator_service.strategies import Strategy
 from client_agent.transfer import federation_stub, fetch_model, update_messages
 from fedmae.config import TrainingConfig
 from fedmae.pki import certs as tls
@@ -51,6 +52,7 @@ def make_server(
     rounds: int,
     port: int = 0,
     server: dict | None = None,
+    strategy: Strategy | None = None,
     **policy: object,
 ) -> AggregatorServer:
     config = ServerConfig(
@@ -65,7 +67,7 @@ def make_server(
         exit_grace_s=0.5,
         **(server or {}),
     )
-    return AggregatorServer(config)
+    return AggregatorServer(config, strategy=strategy)
 
 
 def held_upload(client, layout, delta, round_, release: threading.Event, started: threading.Event):

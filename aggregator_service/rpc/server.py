@@ -29,7 +29,8 @@ from aggregator_service.rpc.enrollment import EnrollmentServicer
 from aggregator_service.rpc.federation import FederationServicer
 from aggregator_service.rpc.rate_limit import PeerRateLimit
 from aggregator_service.rpc.request_guard import RequestGuard
-from aggregator_service.strategy import FedAvg, Strategy
+from aggregator_service.strategies import Strategy, make_strategy
+from aggregator_service.update_store import SPILL_FILE
 from fedmae.errors import ConfigError
 from fedmae.ml.model_zoo import initial_state
 from fedmae.pki import certs as tls
@@ -77,7 +78,8 @@ class AggregatorServer:
     mTLS port, and ``Enrollment`` on a separate server (TLS without client certificates).
 
     ``start()`` returns the bound port (``listen`` may end in ``:0``); ``wait()`` blocks
-    until the run ends or ``stop()`` is called.
+    until the run ends or ``stop()`` is called. Without a ``strategy`` the one named by
+    ``config.strategy`` is built, evaluating each model on ``config.eval_data`` if set.
     """
 
     def __init__(
@@ -106,24 +108,27 @@ class AggregatorServer:
                 )
             log.info("resuming from version %d (round %d)", checkpoint.version, checkpoint.round)
         del state
+        if strategy is None:
+            evaluator = None
+            if config.eval_data:
+                evaluator = GlobalEvaluator(
+                    config.training.model, config.eval_data, config.eval_images,
+                    config.training.mask_ratio,
+                )  # fmt: skip
+            strategy = make_strategy(config.strategy, evaluator=evaluator)
         self.rounds = RoundManager(
             config,
             self.layout,
             flat,
             checkpoint,
             self.store,
-            strategy or FedAvg(),
+            strategy,
             RoundLog(config.state_dir / "rounds.jsonl", echo=echo),
         )
         self.registry = Registry(config.state_dir / "fedmae.db")
         self.feed = RoundFeed(self.registry)
         self.metrics = Metrics(self.rounds)
         self.rounds.observers += [self.feed, self.metrics]
-        if config.eval_data:
-            self.rounds.evaluator = GlobalEvaluator(
-                config.training.model, config.eval_data, config.eval_images,
-                config.training.mask_ratio,
-            )  # fmt: skip
         self.metrics_port: int | None = None
         self._recover(checkpoint)
         self.auth = Authorizer(
@@ -165,6 +170,10 @@ class AggregatorServer:
         for tmp in self.store.dir.glob("*.tmp"):
             tmp.unlink()
             log.warning("removed %s, a checkpoint a crash left half-written", tmp.name)
+        spill = self.config.state_dir / SPILL_FILE
+        if spill.exists():  # its round was lost with the crash and is run again
+            spill.unlink()
+            log.warning("removed %s, the updates of a round a crash interrupted", spill.name)
         round_log = self.rounds.round_log
         if round_log.repair():
             log.warning("cut a torn last line from %s", round_log.path)

@@ -117,6 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         client_cert_days=args.client_cert_days,
         insecure=args.insecure,
         model_seed=args.seed,
+        strategy=args.strategy,
         policy=RoundPolicy(
             min_clients=args.min_clients,
             fraction=args.fraction,
@@ -451,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--model", default="tiny", help="MAE config: tiny, vit_base, ..." + D)
     s.add_argument("--seed", type=int, default=0, help="initial model and client selection" + D)
+    s.add_argument(
+        "--strategy",
+        default="fedavg",
+        help="aggregation rule by name; choices: fedavg (the sample-weighted mean of the "
+        "clipped updates); default %(default)s",
+    )
     s.add_argument(
         "--min-clients", type=int, default=2, help="connected clients to start a round" + D
     )

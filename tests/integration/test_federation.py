@@ -328,7 +328,7 @@ def test_round_without_enough_updates_fails_and_is_retried(cluster):
 
 
 def test_selection_is_seeded_and_respects_fraction():
-    from aggregator_service.strategy import FedAvg
+    from aggregator_service.strategies import FedAvg
 
     pool = [f"c{i}" for i in range(10)]
     s = FedAvg()

@@ -1,0 +1,46 @@
+"""FedAvg: the default rule, folded in place as updates arrive."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from aggregator_service.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from aggregator_service.update_store import UpdateStore
+
+
+class FedAvg(Strategy):
+    """θ ← θ + Σ wᵢsᵢΔᵢ / Σ wᵢ (McMahan et al. 2017), accumulated in place; with the
+    round engine's capped weights wᵢ and clipping factors sᵢ this is norm-bounded
+    FedAvg (Sun et al. 2019)."""
+
+    name = "fedavg"
+    needs_all_updates = False
+
+    def __init__(self, evaluator=None) -> None:
+        super().__init__(evaluator)
+        self._acc: torch.Tensor | None = None
+        self._total = 0
+
+    def begin_round(self, numel: int) -> None:
+        if self._acc is None or self._acc.numel() != numel:
+            self._acc = torch.zeros(numel, dtype=torch.float32)
+        else:
+            self._acc.zero_()  # reuse: no new allocation per round
+        self._total = 0
+
+    def accumulate(self, delta: torch.Tensor, weight: int, scale: float = 1.0) -> None:
+        assert self._acc is not None, "begin_round was not called"
+        self._acc.add_(delta, alpha=float(weight) * scale)  # one pass; clipping costs nothing
+        self._total += weight
+
+    def aggregate(
+        self, global_flat: torch.Tensor, updates: UpdateStore | None = None
+    ) -> torch.Tensor:
+        assert self._acc is not None and self._total > 0, "no updates to aggregate"
+        # Into the accumulator (θ read once from the page cache, nothing allocated);
+        # begin_round zeroes it for the next round once the new model is on disk.
+        return self._acc.mul_(1.0 / self._total).add_(global_flat)
