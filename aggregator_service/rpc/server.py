@@ -41,6 +41,7 @@ from fedmae.transport._proto import enrollment_pb2 as epb
 from fedmae.transport._proto import enrollment_pb2_grpc as epb_grpc
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport.channels import grpc_options
+from fedmae.transport.status import StatusInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class AggregatorServer:
                 ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
                 *_connection_age(cfg.max_connection_age_s, cfg.max_connection_age_grace_s),
             ],
-            interceptors=[RequestGuard()],
+            interceptors=[StatusInterceptor(), RequestGuard()],
             maximum_concurrent_rpcs=cfg.max_workers,
         )
         federation_servicer.add_to_server(
@@ -268,7 +269,11 @@ class AggregatorServer:
                 ("grpc.experimental.tcp_max_read_chunk_size", 64 << 10),
                 *_connection_age(ENROLL_CONNECTION_AGE_S, ENROLL_CONNECTION_AGE_GRACE_S),
             ],
-            interceptors=[PeerRateLimit(cfg.enroll_rate, "enrollment"), RequestGuard()],
+            interceptors=[
+                StatusInterceptor(),
+                PeerRateLimit(cfg.enroll_rate, "enrollment"),
+                RequestGuard(),
+            ],
             maximum_concurrent_rpcs=ENROLL_WORKERS,
         )
         epb_grpc.add_EnrollmentServicer_to_server(
