@@ -21,11 +21,11 @@ from fedmae.errors import ConfigError
 from fedmae.ml.data import ClientData
 from fedmae.ml.mae import build_model, load_trainable_state, make_optimizer, trainable_state
 from fedmae.ml.training import evaluate, train_local
-from fedmae.pki import certs as tls
+from fedmae.pki.files import ClientIdentity
 from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE, BufferPool, ModelLayout, encoding_from_name
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport._proto import federation_pb2_grpc as pb_grpc
-from fedmae.transport.channels import grpc_options
+from fedmae.transport.channels import open_channel
 from fedmae.transport.retry import CONNECTION_LOST, TRANSIENT, RetryPolicy, Verdict
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class ClientAgent:
         else:
             if config.identity is None:
                 raise ConfigError("--identity DIR is required (or --insecure)")
-            self.identity = tls.ClientIdentity(config.identity)
+            self.identity = ClientIdentity(config.identity)
             self.client_id = self.identity.client_id
         self._channel: grpc.Channel | None = None
         # RESOURCE_EXHAUSTED too: the server is at its limit of calls at once (or of
@@ -100,13 +100,12 @@ class ClientAgent:
     # ------------------------------------------------------------ connection
 
     def _connect(self) -> pb_grpc.FederationStub:
-        opts = grpc_options(self.config.chunk_size)
-        if self.config.insecure:
-            channel = grpc.insecure_channel(self.config.server, options=opts)
-        else:
-            channel = grpc.secure_channel(
-                self.config.server, tls.channel_credentials(self.identity), options=opts
-            )
+        channel = open_channel(
+            self.config.server,
+            None if self.config.insecure else self.identity,
+            insecure=self.config.insecure,
+            chunk_size=self.config.chunk_size,
+        )
         self._channel = channel
         return federation_stub(channel)
 

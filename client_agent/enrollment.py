@@ -13,9 +13,11 @@ import grpc
 
 from fedmae.enrollment_policy import check_client_name, check_labels
 from fedmae.errors import ConfigError
-from fedmae.pki import certs as tls
+from fedmae.pki.ca import make_key_and_csr
+from fedmae.pki.files import ClientIdentity, save_identity
 from fedmae.transport._proto import enrollment_pb2 as epb
 from fedmae.transport._proto import enrollment_pb2_grpc as epb_grpc
+from fedmae.transport.channels import open_channel
 from fedmae.transport.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ BUSY_ENROLL_RETRY = RetryPolicy(
 @dataclass(frozen=True)
 class EnrollResult:
     client_id: str
-    identity: tls.ClientIdentity
+    identity: ClientIdentity
     not_after: str
     renewed: bool
     token_use: int
@@ -71,12 +73,11 @@ def enroll(
     if name:
         check_client_name(name)
     labels = check_labels(labels or {})
-    key_pem, csr_pem = tls.make_key_and_csr(name)
-    creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    key_pem, csr_pem = make_key_and_csr(name)
     request = epb.EnrollRequest(
         token=token.strip(), csr_pem=csr_pem, requested_name=name, labels=labels or {}
     )
-    with grpc.secure_channel(server, creds) as channel:
+    with open_channel(server, ca_pem=ca_pem) as channel:
         stub = epb_grpc.EnrollmentStub(channel)
         retries = dataclasses.replace(BUSY_ENROLL_RETRY, max_retries=busy_retries).start()
         response = retries.call(
@@ -88,7 +89,7 @@ def enroll(
         )
     if response.ca_certificate_pem.strip() != ca_pem.strip():
         raise ConfigError("the server answered with a different CA than the one you trust")
-    ident = tls.save_identity(out_dir, key_pem, response.certificate_pem, ca_pem)
+    ident = save_identity(out_dir, key_pem, response.certificate_pem, ca_pem)
     if ident.client_id != response.client_id:
         raise ConfigError("the issued certificate does not name the assigned client id")
     not_after = response.not_after.ToDatetime().strftime("%Y-%m-%d")

@@ -20,7 +20,9 @@ import grpc
 from aggregator_service.registry import AdminRecord, Registry
 from aggregator_service.rpc.rate_limit import RateLimiter
 from fedmae.errors import FedmaeError, LimitExceeded, PermissionDenied, Unauthenticated
-from fedmae.pki.certs import ADMIN_ROLE, HEALTH_ROLE, PeerCertificate, peer_certificate, utc
+from fedmae.pki.files import ADMIN_ROLE, HEALTH_ROLE
+from fedmae.pki.peer import PeerCertificate, utc
+from fedmae.transport.credentials import peer_certificate
 from fedmae.transport.status import status_code
 
 log = logging.getLogger(__name__)

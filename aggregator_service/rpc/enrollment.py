@@ -13,7 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from aggregator_service.registry import Registry
 from fedmae.enrollment_policy import check_client_name, check_labels, new_generated_id
 from fedmae.errors import FedmaeError, InvalidRequest
-from fedmae.pki.certs import CertificateAuthority
+from fedmae.pki.ca import CertificateAuthority
 from fedmae.transport._proto import enrollment_pb2 as epb
 from fedmae.transport._proto import enrollment_pb2_grpc as epb_grpc
 from fedmae.transport.status import status_code
