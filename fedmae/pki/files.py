@@ -43,6 +43,8 @@ HEALTH_ROLE = "health"  # may call grpc.health.v1.Health only (needs no app-leve
 
 @dataclass(frozen=True)
 class ServerCerts:
+    """The paths in a certificates directory (the layout above)."""
+
     dir: Path
 
     @property
@@ -84,6 +86,8 @@ class ServerCerts:
 
 @dataclass(frozen=True)
 class ClientIdentity:
+    """The paths in an identity directory (a client's, the admin's or health's)."""
+
     dir: Path
 
     @property
@@ -105,6 +109,7 @@ class ClientIdentity:
 
 
 def validate_client_id(name: str) -> str:
+    """``name`` if it is a valid client id (``CLIENT_ID_RE``), else ``ConfigError``."""
     if not CLIENT_ID_RE.match(name):
         raise ConfigError(
             f"invalid client id {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
