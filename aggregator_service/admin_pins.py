@@ -13,7 +13,8 @@ import time
 
 from aggregator_service.registry import AdminRecord, Registry
 from fedmae.errors import InvalidRequest
-from fedmae.pki import certs as tls
+from fedmae.pki.files import ServerCerts
+from fedmae.pki.peer import admin_certificate
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +23,14 @@ STARTUP_ACTOR = "server:startup"
 
 def pin_admin(registry: Registry, actor: str, pem: bytes, root_pem: bytes) -> AdminRecord:
     """Check ``pem`` (an admin certificate of this federation's root CA) and pin it."""
-    peer = tls.admin_certificate(pem, root_pem, time.time())
+    peer = admin_certificate(pem, root_pem, time.time())
     record = registry.pin_admin(actor, peer.common_name, peer.fingerprint, peer.serial,
                                 peer.not_after)  # fmt: skip
     assert record is not None
     return record
 
 
-def pin_from_certs_dir(registry: Registry, certs: tls.ServerCerts) -> list[str]:
+def pin_from_certs_dir(registry: Registry, certs: ServerCerts) -> list[str]:
     """Pin the admin certificates found in ``CERTS/admins`` (and, for a directory made
     before it existed, ``CERTS/admin/client.pem``); return the names newly pinned."""
     files = sorted(certs.admins_dir.glob("*.pem")) if certs.admins_dir.is_dir() else []
@@ -40,7 +41,7 @@ def pin_from_certs_dir(registry: Registry, certs: tls.ServerCerts) -> list[str]:
     pinned: list[str] = []
     for path in files:
         try:
-            peer = tls.admin_certificate(path.read_bytes(), root_pem, time.time())
+            peer = admin_certificate(path.read_bytes(), root_pem, time.time())
         except (InvalidRequest, OSError) as err:
             log.warning("not pinning %s: %s", path, err)
             continue

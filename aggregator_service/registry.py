@@ -244,19 +244,27 @@ class Registry:
         log.info("audit: %s %s %s %s", actor, action, target, json.dumps(details, sort_keys=True))
 
     def audit_refusal(
-        self, actor: str, action: str, target: str, peer: str, error: FedmaeError, **details: Any
+        self,
+        actor: str,
+        action: str,
+        target: str,
+        peer: str,
+        error: FedmaeError,
+        code: str,
+        **details: Any,
     ) -> bool:
-        """Audit a refused request from ``peer``, rate-limited (``AuditThrottle``: per peer
-        IP, action and status code); True if this one was written.
+        """Audit a refused request from ``peer`` answered with status ``code`` (its name,
+        e.g. ``UNAUTHENTICATED``), rate-limited (``AuditThrottle``: per peer IP, action
+        and status code); True if this one was written.
 
         Never raises: a refusal is answered with its own error even if the table cannot be
         written (the process log still has it).
         """
-        admitted = self.refusal_throttle.admit((peer_ip(peer), action, error.code.name))
+        admitted = self.refusal_throttle.admit((peer_ip(peer), action, code))
         due = self.refusal_throttle.due()
         if not (admitted or due):
             return False
-        row = {"peer": peer, "code": error.code.name, **details}
+        row = {"peer": peer, "code": code, **details}
         row["reason"] = printable(str(error), MAX_REASON_CHARS)
         try:
             with self._tx() as db:

@@ -769,11 +769,8 @@ class RoundManager:
 
     def complete_upload(self, session: UploadSession, digest: str) -> pb.UpdateReceipt:
         """Check the payload and fold it into the round's aggregate."""
-        try:
-            delta = session.decoder.finish(digest)  # outside the lock: hashing/decoding is slow
-        except FedmaeError as err:
-            self.abort_upload(session, str(err), err.code.name.lower())
-            raise
+        # A refused payload raises: the servicer frees the slot (abort_upload).
+        delta = session.decoder.finish(digest)  # outside the lock: hashing/decoding is slow
         weighing = self.bounds.weigh(
             int(session.header.num_samples), session.decoder.norm, session.state.norm_bound
         )

@@ -19,7 +19,7 @@ import torch
 
 from aggregator_service.config import RoundPolicy, ServerConfig
 from aggregator_service.registry import Registry
-from aggregator_service.rpc.server import AggregatorServer, grpc_options
+from aggregator_service.rpc.server import AggregatorServer
 from aggregator_service.strategies import FedAvg
 from benchmarks.common import (
     AggregatorProcess,
@@ -33,9 +33,12 @@ from fedmae.ml.data import batches, client_split, load_fashion_mnist
 from fedmae.ml.mae import build_model, make_optimizer
 from fedmae.ml.model_zoo import initial_state
 from fedmae.ml.training import train_local
-from fedmae.pki import certs as tls
-from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE, ModelLayout, encode
+from fedmae.pki.files import ClientIdentity
+from fedmae.pki.issue import init_certs, issue_client
+from fedmae.pki.peer import certificate_info
+from fedmae.tensor_codec import ModelLayout, encode
 from fedmae.transport._proto import federation_pb2 as pb
+from fedmae.transport.channels import open_channel
 
 # ------------------------------------------------------------------ helpers
 
@@ -45,12 +48,12 @@ class Federation:
 
     def __init__(self, names: list[str]):
         self.work = Path(tempfile.mkdtemp(prefix="fedmae-bench-"))
-        self.certs = tls.init_certs(self.work / "certs").dir
+        self.certs = init_certs(self.work / "certs").dir
         registry = Registry(self.work / "state" / "fedmae.db")
         self.ids = {}
         for name in names:
-            ident = tls.issue_client(self.certs, name, self.work / "ids" / name)
-            info = tls.certificate_info(ident.cert.read_bytes())
+            ident = issue_client(self.certs, name, self.work / "ids" / name)
+            info = certificate_info(ident.cert.read_bytes())
             registry.register("bench", name, info.fingerprint, info.serial, info.not_after)
             self.ids[name] = ident.dir
         registry.close()
@@ -61,10 +64,7 @@ class Federation:
 
 class BenchClient:
     def __init__(self, port: int, identity: Path):
-        creds = tls.channel_credentials(tls.ClientIdentity(identity))
-        self.channel = grpc.secure_channel(
-            f"127.0.0.1:{port}", creds, options=grpc_options(DEFAULT_CHUNK_SIZE)
-        )
+        self.channel = open_channel(f"127.0.0.1:{port}", ClientIdentity(identity))
         self.stub = federation_stub(self.channel)
         self.tasks: queue.Queue = queue.Queue()
         self._call = self.stub.Subscribe(pb.SubscribeRequest(agent_version="bench"))

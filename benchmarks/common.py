@@ -19,7 +19,8 @@ import grpc
 import torch
 
 from fedmae.cli.demo import free_port
-from fedmae.pki import certs as tls
+from fedmae.pki.files import ClientIdentity, ServerCerts
+from fedmae.transport.credentials import channel_credentials, server_credentials
 
 MiB = 1 << 20
 
@@ -90,7 +91,7 @@ class RawStreamServer:
         self.server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler("bench.Raw", handlers),)
         )
-        creds = tls.server_credentials(tls.ServerCerts(certs))
+        creds = server_credentials(ServerCerts(certs))
         self.port = self.server.add_secure_port("127.0.0.1:0", creds)
         self.server.start()
 
@@ -111,7 +112,7 @@ class RawStreamServer:
 def raw_channel(port: int, identity: Path) -> grpc.Channel:
     opts = [("grpc.max_receive_message_length", 8 * MiB),
             ("grpc.max_send_message_length", 8 * MiB)]  # fmt: skip
-    creds = tls.channel_credentials(tls.ClientIdentity(identity))
+    creds = channel_credentials(ClientIdentity(identity))
     return grpc.secure_channel(f"127.0.0.1:{port}", creds, options=opts)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import threading
 import time
 import zlib
@@ -16,17 +15,18 @@ from pathlib import Path
 import grpc
 import torch
 
-from client_agent.transfer import federation_stub, fetch_model, is_retryable, submit_update
+from client_agent.transfer import federation_stub, fetch_model, submit_update
 from fedmae.config import TrainingConfig
 from fedmae.errors import ConfigError
 from fedmae.ml.data import ClientData
 from fedmae.ml.mae import build_model, load_trainable_state, make_optimizer, trainable_state
 from fedmae.ml.training import evaluate, train_local
-from fedmae.pki import certs as tls
+from fedmae.pki.files import ClientIdentity
 from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE, BufferPool, ModelLayout, encoding_from_name
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport._proto import federation_pb2_grpc as pb_grpc
-from fedmae.transport.channels import grpc_options
+from fedmae.transport.channels import open_channel
+from fedmae.transport.retry import CONNECTION_LOST, TRANSIENT, RetryPolicy, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,17 @@ class ClientAgent:
         else:
             if config.identity is None:
                 raise ConfigError("--identity DIR is required (or --insecure)")
-            self.identity = tls.ClientIdentity(config.identity)
+            self.identity = ClientIdentity(config.identity)
             self.client_id = self.identity.client_id
         self._channel: grpc.Channel | None = None
+        # RESOURCE_EXHAUSTED too: the server is at its limit of calls at once (or of
+        # requests per second): back off and come again, as when it is away.
+        self.reconnect_policy = RetryPolicy(
+            retry_on=TRANSIENT | CONNECTION_LOST,
+            initial_s=config.backoff_initial_s,
+            max_s=config.backoff_max_s,
+            give_up_after_s=config.give_up_after_s or None,
+        )
 
     def _status(self, state: str, round_: int | None = None, **extra: object) -> None:
         """Write the agent's state atomically (read by container health checks)."""
@@ -92,13 +100,12 @@ class ClientAgent:
     # ------------------------------------------------------------ connection
 
     def _connect(self) -> pb_grpc.FederationStub:
-        opts = grpc_options(self.config.chunk_size)
-        if self.config.insecure:
-            channel = grpc.insecure_channel(self.config.server, options=opts)
-        else:
-            channel = grpc.secure_channel(
-                self.config.server, tls.channel_credentials(self.identity), options=opts
-            )
+        channel = open_channel(
+            self.config.server,
+            None if self.config.insecure else self.identity,
+            insecure=self.config.insecure,
+            chunk_size=self.config.chunk_size,
+        )
         self._channel = channel
         return federation_stub(channel)
 
@@ -108,9 +115,9 @@ class ClientAgent:
         return None
 
     def run(self) -> int:
-        """Serve the federation until the run ends; return a process exit code."""
-        delay = self.config.backoff_initial_s
-        away_since: float | None = None
+        """Serve the federation until the run ends; return a process exit code: 0 done,
+        2 refused (or the server failed again and again), 3 unreachable too long."""
+        retries = self.reconnect_policy.start(self.stop_event)
         while not self.stop_event.is_set():
             stub = self._connect()
             self._heard_from_server = False
@@ -132,42 +139,35 @@ class ClientAgent:
                         err.details(),
                     )
                     return 2
-                # RESOURCE_EXHAUSTED: the server is at its limit of calls at once (or of
-                # requests per second): back off and come again, as when it is away.
-                busy = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                if not (busy or is_retryable(err)):
-                    self._status("refused", error=f"{err.code().name}: {err.details()}")
-                    log.error(
-                        "%s: server refused us: %s: %s",
-                        self.client_id,
-                        err.code().name,
-                        err.details(),
-                    )
-                    return 2
                 if self._heard_from_server:  # we were connected: start backing off afresh
-                    delay, away_since = self.config.backoff_initial_s, None
-                away_since = away_since or time.monotonic()
-                if self.config.give_up_after_s and (
-                    time.monotonic() - away_since > self.config.give_up_after_s
-                ):
+                    retries.reset()
+                decision = retries.decide(err)
+                if decision.verdict is Verdict.TIMED_OUT:
                     log.error(
                         "%s: server unreachable for %.0fs; giving up",
                         self.client_id,
-                        time.monotonic() - away_since,
+                        retries.failing_for(),
                     )
                     return 3
-                # Jitter: clients that lost the server together don't return in lockstep.
-                sleep = delay * random.uniform(0.5, 1.5)
+                if not decision.retry:
+                    final = retries.give_up(err, decision)
+                    self._status("refused", error=f"{final.code().name}: {final.details()}")
+                    log.error(
+                        "%s: server refused us: %s: %s",
+                        self.client_id,
+                        final.code().name,
+                        final.details(),
+                    )
+                    return 2
                 self._status("reconnecting", error=err.code().name)
                 log.warning(
                     "%s: connection to %s lost (%s); reconnecting in %.1fs",
                     self.client_id,
                     self.config.server,
                     err.code().name,
-                    sleep,
+                    decision.delay_s,
                 )
-                self.stop_event.wait(sleep)
-                delay = min(delay * 2, self.config.backoff_max_s)
+                retries.wait(decision.delay_s)
             finally:
                 if self._channel is not None:
                     self._channel.close()
@@ -264,7 +264,9 @@ class ClientAgent:
             self._buffers.give(self.cached[1])
             self.cached = None
         t0 = time.perf_counter()
-        header, flat = fetch_model(stub, self.layout, version, pool=self._buffers)
+        header, flat = fetch_model(
+            stub, self.layout, version, pool=self._buffers, stop=self.stop_event
+        )
         log.info(
             "%s: fetched model version %d (%.1f MB) in %.2fs",
             self.client_id,
@@ -338,10 +340,11 @@ class ClientAgent:
                 encoding=encoding_from_name(cfg.update_encoding),
                 metrics=metrics,
                 chunk_size=self.config.chunk_size,
+                stop=self.stop_event,
             )
         except grpc.RpcError as err:
-            if is_retryable(err):
-                raise
+            if err.code() in CONNECTION_LOST or err.code() == grpc.StatusCode.UNKNOWN:
+                raise  # the connection, not the update: reconnect (as the policy says)
             # Refused (round closed, stale, ...): this update is lost, the agent is not.
             log.warning(
                 "%s: round %d update refused: %s: %s",

@@ -3,10 +3,9 @@ save the identity. The private key never leaves this machine."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,20 +13,31 @@ import grpc
 
 from fedmae.enrollment_policy import check_client_name, check_labels
 from fedmae.errors import ConfigError
-from fedmae.pki import certs as tls
+from fedmae.pki.ca import make_key_and_csr
+from fedmae.pki.files import ClientIdentity, save_identity
 from fedmae.transport._proto import enrollment_pb2 as epb
 from fedmae.transport._proto import enrollment_pb2_grpc as epb_grpc
+from fedmae.transport.channels import open_channel
+from fedmae.transport.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
 
 ENROLLMENT_FILE = "enrollment.json"
+# The port is busy (its calls at once) or we are over its rate per address (e.g. a
+# script enrolling many devices): wait and try again. Any other answer is final.
+BUSY_ENROLL_RETRY = RetryPolicy(
+    retry_on=frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED}),
+    initial_s=0.5,
+    max_s=8.0,
+    max_fault_retries=0,
+)
 
 
 @dataclass(frozen=True)
 class EnrollResult:
     client_id: str
-    identity: tls.ClientIdentity
+    identity: ClientIdentity
     not_after: str
     renewed: bool
     token_use: int
@@ -63,31 +73,23 @@ def enroll(
     if name:
         check_client_name(name)
     labels = check_labels(labels or {})
-    key_pem, csr_pem = tls.make_key_and_csr(name)
-    creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    key_pem, csr_pem = make_key_and_csr(name)
     request = epb.EnrollRequest(
         token=token.strip(), csr_pem=csr_pem, requested_name=name, labels=labels or {}
     )
-    with grpc.secure_channel(server, creds) as channel:
+    with open_channel(server, ca_pem=ca_pem) as channel:
         stub = epb_grpc.EnrollmentStub(channel)
-        for attempt in range(busy_retries + 1):
-            try:
-                response = stub.Enroll(request, timeout=timeout)
-                break
-            except grpc.RpcError as err:
-                # The port is busy (its calls at once) or we are over its rate per
-                # address (e.g. a script enrolling many devices): wait and try again.
-                # A request over the size limit is not worth sending again.
-                busy = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                too_big = "larger than max" in (err.details() or "")
-                if not busy or too_big or attempt == busy_retries:
-                    raise
-                wait = min(8.0, 0.5 * 2**attempt) * random.uniform(0.5, 1.5)
-                log.info("enrollment port busy (%s); trying again in %.1fs", err.details(), wait)
-                time.sleep(wait)
+        retries = dataclasses.replace(BUSY_ENROLL_RETRY, max_retries=busy_retries).start()
+        response = retries.call(
+            lambda: stub.Enroll(request, timeout=timeout),
+            "enrollment port busy",
+            # A request over the size limit is not worth sending again.
+            give_up_if=lambda err: "larger than max" in (err.details() or ""),
+            logger=log,
+        )
     if response.ca_certificate_pem.strip() != ca_pem.strip():
         raise ConfigError("the server answered with a different CA than the one you trust")
-    ident = tls.save_identity(out_dir, key_pem, response.certificate_pem, ca_pem)
+    ident = save_identity(out_dir, key_pem, response.certificate_pem, ca_pem)
     if ident.client_id != response.client_id:
         raise ConfigError("the issued certificate does not name the assigned client id")
     not_after = response.not_after.ToDatetime().strftime("%Y-%m-%d")

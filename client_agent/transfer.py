@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import random
 import threading
-import time
 from collections.abc import Iterator, Mapping
 
 import grpc
@@ -24,8 +23,23 @@ from fedmae.tensor_codec import (
 from fedmae.transport import frames as wire
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport._proto import federation_pb2_grpc as pb_grpc
+from fedmae.transport.retry import CONNECTION_LOST, RetryPolicy
 
 log = logging.getLogger(__name__)
+
+# A broken download resumes from its last byte; a busy server (no download slot
+# freed) is asked again.
+DOWNLOAD_RETRY = RetryPolicy(
+    retry_on=CONNECTION_LOST | {grpc.StatusCode.RESOURCE_EXHAUSTED}, initial_s=0.5
+)
+# Uploads in flight or the request rate at their limit: wait, then send it again.
+# Nothing else: a refused update (stale, round closed) is not worth a second try.
+BUSY_UPLOAD_RETRY = RetryPolicy(
+    retry_on=frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED}),
+    initial_s=0.25,
+    max_s=30.0,
+    max_fault_retries=0,
+)
 
 
 def federation_stub(channel: grpc.Channel) -> pb_grpc.FederationStub:
@@ -56,17 +70,20 @@ def fetch_model(
     timeout: float | None = None,
     resume_attempts: int = 3,
     pool: BufferPool | None = None,
+    stop: threading.Event | None = None,
 ) -> tuple[pb.ModelHeader, torch.Tensor]:
     """Download a published version (``None`` = the latest) into one flat float32
     tensor, checked end to end.
 
     A broken download resumes from the last byte received (of the same version, also
     when the latest was asked for) instead of starting over.
-    With a ``pool`` the receive buffer is taken from it (see ``BufferPool``).
+    With a ``pool`` the receive buffer is taken from it (see ``BufferPool``); ``stop``
+    cuts a wait before resuming short.
     """
     header: pb.ModelHeader | None = None
     decoder: PayloadDecoder | None = None
-    for attempt in range(resume_attempts + 1):
+    retries = dataclasses.replace(DOWNLOAD_RETRY, max_retries=resume_attempts).start(stop)
+    while True:
         if header is not None:
             version = header.version
         request = pb.FetchModelRequest(encoding=encoding, offset=decoder.received if decoder else 0)
@@ -90,17 +107,22 @@ def fetch_model(
                 decoder.write(wire.chunk_of(msg))
             return header, decoder.finish(header.manifest.digest)
         except grpc.RpcError as err:
+            decision = retries.decide(err)
+            if not decision.retry:
+                final = retries.give_up(err, decision)
+                if final is err:
+                    raise
+                raise final from err
             busy = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # no download slot freed
-            if not (busy or is_retryable(err)) or attempt == resume_attempts:
-                raise
             log.warning(
-                "model download %s at byte %d (%s); resuming",
+                "model download %s at byte %d (%s); resuming in %.1fs",
                 "refused, server busy," if busy else "broken",
                 decoder.received if decoder else 0,
                 err.code().name,
+                decision.delay_s,
             )
-            time.sleep(0.5 * 2**attempt * (random.uniform(0.5, 1.5) if busy else 1))
-    raise AssertionError("unreachable")
+            if not retries.wait(decision.delay_s):
+                raise
 
 
 def update_messages(
@@ -158,24 +180,22 @@ def submit_update(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     timeout: float | None = None,
     busy_retries: int = 8,
+    stop: threading.Event | None = None,
 ) -> pb.UpdateReceipt:
     """Upload ``delta`` (local − global, flat float32) for a round; return the receipt.
 
     The payload is encoded once. When the server is busy (RESOURCE_EXHAUSTED:
-    uploads in flight, request rate) the upload waits with backoff and is sent again.
+    uploads in flight, request rate) the upload waits with backoff (``stop`` cuts it
+    short) and is sent again.
     """
     payload = encode(delta, encoding)
     header = _header(layout, round_, base_version, num_samples, encoding, metrics or {})
-    for attempt in range(busy_retries + 1):
-        try:
-            return _admitted_upload(stub, _messages(header, payload, chunk_size), timeout)
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == busy_retries:
-                raise
-            wait = min(30.0, 0.25 * 2**attempt) * random.uniform(0.5, 1.5)
-            log.info("server busy (%s); sending the update again in %.1fs", err.details(), wait)
-            time.sleep(wait)
-    raise AssertionError("unreachable")
+    retries = dataclasses.replace(BUSY_UPLOAD_RETRY, max_retries=busy_retries).start(stop)
+    return retries.call(
+        lambda: _admitted_upload(stub, _messages(header, payload, chunk_size), timeout),
+        "server busy; sending the update again",
+        logger=log,
+    )
 
 
 def _admitted_upload(
@@ -200,12 +220,3 @@ def _admitted_upload(
     finally:
         admitted.set()
     return call.result()
-
-
-def is_retryable(err: grpc.RpcError) -> bool:
-    """Errors worth reconnecting for (server away, connection cut)."""
-    return err.code() in (
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.UNKNOWN,
-    )

@@ -179,11 +179,11 @@ def ensure_identity(slot: Path, name: str, tokens: Path, enroll_server: str, ca:
     """Enroll ``slot`` as ``name`` unless it already holds that identity; True if it did."""
     from client_agent.enrollment import enroll
     from fedmae.errors import ConfigError
-    from fedmae.pki import certs as tls
+    from fedmae.pki.files import ClientIdentity
     from fedmae.private_files import private_dir
 
     if (slot / "client.pem").exists() and (slot / "client.key").exists():
-        have = tls.ClientIdentity(slot).client_id
+        have = ClientIdentity(slot).client_id
         if have != name:
             raise ConfigError(f"{slot} holds the identity of {have!r}, not {name!r}")
         return False

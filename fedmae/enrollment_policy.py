@@ -24,7 +24,7 @@ import re
 import secrets
 
 from fedmae.errors import InvalidRequest
-from fedmae.pki.certs import CLIENT_ID_RE
+from fedmae.pki.files import CLIENT_ID_RE
 
 MAX_LABELS = 16
 MAX_LABEL_KEY_BYTES = 64

@@ -17,13 +17,16 @@ import torch
 
 from aggregator_service.config import RoundPolicy, ServerConfig
 from aggregator_service.registry import Registry
-from aggregator_service.rpc.server import AggregatorServer, grpc_options
+from aggregator_service.rpc.server import AggregatorServer
 from aggregator_service.strategies import Strategy
 from client_agent.transfer import federation_stub, fetch_model, update_messages
 from fedmae.config import TrainingConfig
-from fedmae.pki import certs as tls
-from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE, ModelLayout
+from fedmae.pki.files import ClientIdentity
+from fedmae.pki.issue import init_certs, issue_client
+from fedmae.pki.peer import certificate_info
+from fedmae.tensor_codec import ModelLayout
 from fedmae.transport._proto import federation_pb2 as pb
+from fedmae.transport.channels import open_channel
 
 TIMEOUT = 30.0
 # Channel options of a client that holds downloads unread: without BDP probing its
@@ -91,12 +94,8 @@ class ScriptedClient:
     """A client identity, a channel, and a background Subscribe stream."""
 
     def __init__(self, port: int, identity_dir: Path, subscribe: bool = True, options: list = ()):
-        self.identity = tls.ClientIdentity(identity_dir)
-        self.channel = grpc.secure_channel(
-            f"127.0.0.1:{port}",
-            tls.channel_credentials(self.identity),
-            options=[*grpc_options(DEFAULT_CHUNK_SIZE), *options],
-        )
+        self.identity = ClientIdentity(identity_dir)
+        self.channel = open_channel(f"127.0.0.1:{port}", self.identity, options=options)
         self.stub = federation_stub(self.channel)
         self.events: queue.Queue[pb.RoundEvent] = queue.Queue()
         self._call = None
@@ -141,11 +140,11 @@ def make_identities(
     tmp_path: Path, names: list[str], state_dir: Path | None = None
 ) -> tuple[Path, dict[str, Path]]:
     """A CA, and client identities registered in ``state_dir`` (default tmp/state)."""
-    certs = tls.init_certs(tmp_path / "certs")
-    ids = {n: tls.issue_client(certs.dir, n, tmp_path / "ids" / n).dir for n in names}
+    certs = init_certs(tmp_path / "certs")
+    ids = {n: issue_client(certs.dir, n, tmp_path / "ids" / n).dir for n in names}
     registry = Registry((state_dir or tmp_path / "state") / "fedmae.db")
     for name, ident in ids.items():
-        info = tls.certificate_info((ident / "client.pem").read_bytes())
+        info = certificate_info((ident / "client.pem").read_bytes())
         registry.register("test", name, info.fingerprint, info.serial, info.not_after)
     registry.close()
     return certs.dir, ids

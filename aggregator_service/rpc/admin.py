@@ -1,4 +1,7 @@
-"""The Admin servicer: tokens, clients, admins, revocation, audit. Pinned admins only."""
+"""The Admin servicer: tokens, clients, admins, revocation, audit. Pinned admins only.
+
+Each method checks the caller (``Authorizer.admin``), then translates and delegates;
+domain errors are answered by ``fedmae.transport.status.StatusInterceptor``."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from aggregator_service.round_log import record_json
 from aggregator_service.round_manager import RoundManager
 from aggregator_service.rpc.auth import Authorizer
 from fedmae.enrollment_policy import clamp_labels
-from fedmae.errors import FailedPrecondition, FedmaeError, InvalidRequest, abort
+from fedmae.errors import FailedPrecondition, InvalidRequest
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 
@@ -109,10 +112,7 @@ class AdminServicer(apb_grpc.AdminServicer):
         self.feed = feed
 
     def WatchRounds(self, request: apb.WatchRoundsRequest, context) -> Iterator[apb.RoundRecord]:
-        try:
-            self.auth.admin(context)
-        except FedmaeError as err:
-            abort(context, err)
+        self.auth.admin(context)
         for seq, record in self.feed.watch(
             from_round=request.from_round,
             after_seq=request.after_seq,
@@ -122,130 +122,102 @@ class AdminServicer(apb_grpc.AdminServicer):
             yield apb.RoundRecord(seq=seq, record_json=record)
 
     def Status(self, request: apb.StatusRequest, context) -> apb.StatusResponse:
-        def status(actor: str) -> apb.StatusResponse:
-            snap = self.rounds.status()
-            last = snap.pop("last_record")
-            return apb.StatusResponse(**snap, last_record_json=record_json(last) if last else "")
-
-        return self._run(context, status)
-
-    def _run(self, context, action):
-        try:
-            actor = self.auth.admin(context)
-            return action(actor)
-        except FedmaeError as err:
-            abort(context, err)
+        self.auth.admin(context)
+        snap = self.rounds.status()
+        last = snap.pop("last_record")
+        return apb.StatusResponse(**snap, last_record_json=record_json(last) if last else "")
 
     def CreateToken(self, request: apb.CreateTokenRequest, context) -> apb.CreateTokenResponse:
-        def create(actor: str) -> apb.CreateTokenResponse:
-            token, record = self.registry.create_token(
-                actor,
-                name=request.name or None,
-                ttl_s=request.ttl_seconds or DEFAULT_TOKEN_TTL_S,
-                uses=request.uses or 1,
-                labels=dict(request.labels),
-            )
-            return apb.CreateTokenResponse(token=token, info=token_info(record))
-
-        return self._run(context, create)
+        actor = self.auth.admin(context)
+        token, record = self.registry.create_token(
+            actor,
+            name=request.name or None,
+            ttl_s=request.ttl_seconds or DEFAULT_TOKEN_TTL_S,
+            uses=request.uses or 1,
+            labels=dict(request.labels),
+        )
+        return apb.CreateTokenResponse(token=token, info=token_info(record))
 
     def ListTokens(self, request: apb.ListTokensRequest, context) -> apb.ListTokensResponse:
-        def list_(actor: str) -> apb.ListTokensResponse:
-            tokens = self.registry.tokens(include_inactive=request.include_inactive)
-            self.registry.audit(actor, "token.list")
-            return apb.ListTokensResponse(tokens=[token_info(t) for t in tokens])
-
-        return self._run(context, list_)
+        actor = self.auth.admin(context)
+        tokens = self.registry.tokens(include_inactive=request.include_inactive)
+        self.registry.audit(actor, "token.list")
+        return apb.ListTokensResponse(tokens=[token_info(t) for t in tokens])
 
     def RevokeToken(self, request: apb.RevokeTokenRequest, context) -> apb.TokenInfo:
-        return self._run(
-            context, lambda actor: token_info(self.registry.revoke_token(actor, request.token_id))
-        )
+        actor = self.auth.admin(context)
+        return token_info(self.registry.revoke_token(actor, request.token_id))
 
     def ListClients(self, request: apb.ListClientsRequest, context) -> apb.ListClientsResponse:
-        def list_(actor: str) -> apb.ListClientsResponse:
-            size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-            page = self.registry.clients_page(_page_after(request.page_token), size + 1)
-            connected = set(self.rounds.connected())
-            self.registry.audit(actor, "client.list")
-            more = len(page) > size
-            page = page[:size]
-            return apb.ListClientsResponse(
-                clients=[client_info(c, c.client_id in connected) for c in page],
-                next_page_token=_page_token(page[-1].client_id) if more else "",
-            )
-
-        return self._run(context, list_)
+        actor = self.auth.admin(context)
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        page = self.registry.clients_page(_page_after(request.page_token), size + 1)
+        connected = set(self.rounds.connected())
+        self.registry.audit(actor, "client.list")
+        more = len(page) > size
+        page = page[:size]
+        return apb.ListClientsResponse(
+            clients=[client_info(c, c.client_id in connected) for c in page],
+            next_page_token=_page_token(page[-1].client_id) if more else "",
+        )
 
     def GetClient(self, request: apb.GetClientRequest, context) -> apb.ClientInfo:
-        def get(actor: str) -> apb.ClientInfo:
-            record = self.registry.client(request.client_id)
-            self.registry.audit(actor, "client.show", request.client_id)
-            return client_info(record, request.client_id in self.rounds.connected())
-
-        return self._run(context, get)
+        actor = self.auth.admin(context)
+        record = self.registry.client(request.client_id)
+        self.registry.audit(actor, "client.show", request.client_id)
+        return client_info(record, request.client_id in self.rounds.connected())
 
     def RevokeClient(self, request: apb.RevokeClientRequest, context) -> apb.ClientInfo:
-        def revoke(actor: str) -> apb.ClientInfo:
-            if not request.client_id:
-                raise InvalidRequest("client_id is required")
-            record = self.registry.revoke_client(actor, request.client_id, request.reason)
-            self.rounds.revoke(request.client_id, request.reason)
-            return client_info(record, connected=False)
-
-        return self._run(context, revoke)
+        actor = self.auth.admin(context)
+        if not request.client_id:
+            raise InvalidRequest("client_id is required")
+        record = self.registry.revoke_client(actor, request.client_id, request.reason)
+        self.rounds.revoke(request.client_id, request.reason)
+        return client_info(record, connected=False)
 
     def Audit(self, request: apb.AuditRequest, context) -> apb.AuditResponse:
-        def audit(actor: str) -> apb.AuditResponse:
-            entries = self.registry.audit_log(min(request.limit or 100, MAX_AUDIT_ENTRIES))
-            return apb.AuditResponse(
-                entries=[
-                    apb.AuditEntry(
-                        time=_ts(e.time),
-                        actor=e.actor,
-                        action=e.action,
-                        target=e.target,
-                        details=json.dumps(e.details, sort_keys=True),
-                    )
-                    for e in entries
-                ]
-            )
-
-        return self._run(context, audit)
+        self.auth.admin(context)
+        entries = self.registry.audit_log(min(request.limit or 100, MAX_AUDIT_ENTRIES))
+        return apb.AuditResponse(
+            entries=[
+                apb.AuditEntry(
+                    time=_ts(e.time),
+                    actor=e.actor,
+                    action=e.action,
+                    target=e.target,
+                    details=json.dumps(e.details, sort_keys=True),
+                )
+                for e in entries
+            ]
+        )
 
     def _caller_fingerprint(self, context) -> str:
         peer = self.auth.admin_peer(context)
         return peer.fingerprint if peer is not None else ""
 
     def ListAdmins(self, request: apb.ListAdminsRequest, context) -> apb.ListAdminsResponse:
-        def list_(actor: str) -> apb.ListAdminsResponse:
-            caller = self._caller_fingerprint(context)
-            self.registry.audit(actor, "admin.list")
-            return apb.ListAdminsResponse(
-                admins=[admin_info(a, caller) for a in self.registry.admins()]
-            )
-
-        return self._run(context, list_)
+        actor = self.auth.admin(context)
+        caller = self._caller_fingerprint(context)
+        self.registry.audit(actor, "admin.list")
+        return apb.ListAdminsResponse(
+            admins=[admin_info(a, caller) for a in self.registry.admins()]
+        )
 
     def AddAdmin(self, request: apb.AddAdminRequest, context) -> apb.AdminInfo:
-        def add(actor: str) -> apb.AdminInfo:
-            if not request.certificate_pem:
-                raise InvalidRequest("certificate_pem is required (the admin's client.pem)")
-            if not self.auth.root_pem:
-                raise FailedPrecondition("this aggregator runs without certificates (--insecure)")
-            record = admin_pins.pin_admin(
-                self.registry, actor, bytes(request.certificate_pem), self.auth.root_pem
-            )
-            return admin_info(record, self._caller_fingerprint(context))
-
-        return self._run(context, add)
+        actor = self.auth.admin(context)
+        if not request.certificate_pem:
+            raise InvalidRequest("certificate_pem is required (the admin's client.pem)")
+        if not self.auth.root_pem:
+            raise FailedPrecondition("this aggregator runs without certificates (--insecure)")
+        record = admin_pins.pin_admin(
+            self.registry, actor, bytes(request.certificate_pem), self.auth.root_pem
+        )
+        return admin_info(record, self._caller_fingerprint(context))
 
     def RevokeAdmin(self, request: apb.RevokeAdminRequest, context) -> apb.RevokeAdminResponse:
-        def revoke(actor: str) -> apb.RevokeAdminResponse:
-            if not request.name:
-                raise InvalidRequest("name is required")
-            caller = self._caller_fingerprint(context)
-            revoked = self.registry.revoke_admin(actor, request.name, request.reason, caller)
-            return apb.RevokeAdminResponse(revoked=[admin_info(a, caller) for a in revoked])
-
-        return self._run(context, revoke)
+        actor = self.auth.admin(context)
+        if not request.name:
+            raise InvalidRequest("name is required")
+        caller = self._caller_fingerprint(context)
+        revoked = self.registry.revoke_admin(actor, request.name, request.reason, caller)
+        return apb.RevokeAdminResponse(revoked=[admin_info(a, caller) for a in revoked])

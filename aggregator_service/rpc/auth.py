@@ -20,7 +20,10 @@ import grpc
 from aggregator_service.registry import AdminRecord, Registry
 from aggregator_service.rpc.rate_limit import RateLimiter
 from fedmae.errors import FedmaeError, LimitExceeded, PermissionDenied, Unauthenticated
-from fedmae.pki.certs import ADMIN_ROLE, HEALTH_ROLE, PeerCertificate, peer_certificate, utc
+from fedmae.pki.files import ADMIN_ROLE, HEALTH_ROLE
+from fedmae.pki.peer import PeerCertificate, utc
+from fedmae.transport.credentials import peer_certificate
+from fedmae.transport.status import status_code
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ class Authorizer:
         peer = self._peer(context)
         self.registry.audit_refusal(
             f"cert:{peer.common_name}" if peer else "anonymous", "auth.refused", role,
-            context.peer(), err,
+            context.peer(), err, status_code(err).name,
             **({"fingerprint": peer.fingerprint[:16]} if peer else {}),
         )  # fmt: skip
 

@@ -1,17 +1,22 @@
-"""The Enrollment servicer: a one-time token and a CSR in, a certificate out."""
+"""The Enrollment servicer: a one-time token and a CSR in, a certificate out.
+
+Refusals are audited here and answered by ``fedmae.transport.status.StatusInterceptor``."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from aggregator_service.registry import Registry
 from fedmae.enrollment_policy import check_client_name, check_labels, new_generated_id
-from fedmae.errors import FedmaeError, InvalidRequest, abort
-from fedmae.pki.certs import CertificateAuthority
+from fedmae.errors import FedmaeError, InvalidRequest
+from fedmae.pki.ca import CertificateAuthority
 from fedmae.transport._proto import enrollment_pb2 as epb
 from fedmae.transport._proto import enrollment_pb2_grpc as epb_grpc
+from fedmae.transport.status import status_code
 
 log = logging.getLogger(__name__)
 
@@ -23,22 +28,25 @@ class EnrollmentServicer(epb_grpc.EnrollmentServicer):
         self.cert_days = cert_days
 
     def Enroll(self, request: epb.EnrollRequest, context) -> epb.EnrollResponse:
-        try:
+        with self._refusal_audited(request, context.peer()):
             return self._enroll(request, context.peer())
+
+    @contextlib.contextmanager
+    def _refusal_audited(self, request: epb.EnrollRequest, peer: str) -> Iterator[None]:
+        """Log and audit a refused enrollment; the error goes on to be answered."""
+        try:
+            yield
         except FedmaeError as err:
             # str(err), not err: a record that keeps the exception keeps its traceback,
             # whose frames hold this call, and gRPC frees the call's HTTP/2 stream (one of
             # ENROLL_STREAMS_PER_CONNECTION) only when that is collected.
-            log.warning("enrollment from %s refused: %s", context.peer(), str(err))
-            self._audit_refusal(request, context.peer(), err)
-            abort(context, err)
-
-    def _audit_refusal(self, request: epb.EnrollRequest, peer: str, err: FedmaeError) -> None:
-        token_id = self.registry.token_id_of(request.token) if request.token else None
-        self.registry.audit_refusal(
-            f"token:{token_id}" if token_id else "anonymous", "enroll.refused",
-            request.requested_name, peer, err, token_id=token_id,
-        )  # fmt: skip
+            log.warning("enrollment from %s refused: %s", peer, str(err))
+            token_id = self.registry.token_id_of(request.token) if request.token else None
+            self.registry.audit_refusal(
+                f"token:{token_id}" if token_id else "anonymous", "enroll.refused",
+                request.requested_name, peer, err, status_code(err).name, token_id=token_id,
+            )  # fmt: skip
+            raise
 
     def _enroll(self, request: epb.EnrollRequest, peer: str) -> epb.EnrollResponse:
         if not request.token:

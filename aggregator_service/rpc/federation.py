@@ -1,5 +1,5 @@
-"""The Federation servicer: translate messages to RoundManager calls and domain
-errors to status codes; nothing else."""
+"""The Federation servicer: translate messages to RoundManager calls; nothing else.
+Domain errors are answered by ``fedmae.transport.status.StatusInterceptor``."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import grpc
 from aggregator_service.idle_transfers import read_with_idle_limit
 from aggregator_service.round_manager import RoundManager
 from aggregator_service.rpc.auth import Authorizer
-from fedmae.errors import FedmaeError, InvalidRequest, InvalidUpdate, TransferIdle, abort
+from fedmae.errors import FedmaeError, InvalidRequest, InvalidUpdate, TransferIdle
 from fedmae.transport import frames as wire
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport._proto import federation_pb2_grpc as pb_grpc
+from fedmae.transport.status import status_code
 
 log = logging.getLogger(__name__)
 
@@ -28,42 +29,33 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.heartbeat_s = heartbeat_s
 
     def Subscribe(self, request: pb.SubscribeRequest, context) -> Iterator[pb.RoundEvent]:
-        try:
-            client_id = self.auth.client(context)
-        except FedmaeError as err:
-            abort(context, err)
+        client_id = self.auth.client(context)
         sub = self.rounds.subscribe(client_id, context.peer())
         context.add_callback(lambda: self.rounds.unsubscribe(sub))
         while True:
             event = sub.next(timeout=self.heartbeat_s)
             if event is None:
                 if sub.error is not None:
-                    abort(context, sub.error)
+                    raise sub.error
                 return
             if event.HasField("heartbeat"):
                 try:  # a revocation written by another process is noticed here
                     self.auth.client(context)
-                except FedmaeError as err:
+                except FedmaeError:
                     self.rounds.unsubscribe(sub)
-                    abort(context, err)
+                    raise
             yield event
             if event.HasField("run_finished"):
                 return
 
     def FetchModel(self, request: pb.FetchModelRequest, context) -> Iterator[pb.ModelChunk]:
+        client_id = self.auth.client(context)
+        version = _requested_version(request)
+        download = self.rounds.acquire_download(client_id, context.is_active, context.cancel)
         try:
-            client_id = self.auth.client(context)
-            version = _requested_version(request)
-            download = self.rounds.acquire_download(client_id, context.is_active, context.cancel)
-        except FedmaeError as err:
-            abort(context, err)
-        try:
-            try:
-                header, chunks = self.rounds.model_stream(
-                    version, request.encoding, request.chunk_size, request.offset
-                )
-            except FedmaeError as err:
-                abort(context, err)
+            header, chunks = self.rounds.model_stream(
+                version, request.encoding, request.chunk_size, request.offset
+            )
             log.debug("client %s fetches version %d", client_id, header.version)
             download.touch()  # preparing it (encoding a version once) is not the client's idling
             yield pb.ModelChunk(header=header)
@@ -75,14 +67,11 @@ class FederationServicer(pb_grpc.FederationServicer):
             self.rounds.release_download(download)
 
     def SubmitUpdate(self, request_iterator, context) -> pb.UpdateReceipt:
-        try:
-            client_id = self.auth.client(context)
-            first = next(request_iterator, None)
-            if first is None or wire.part(first) != "header":
-                raise InvalidUpdate("an update stream must start with an UpdateHeader")
-            session = self.rounds.open_upload(client_id, first.header, context.is_active)
-        except FedmaeError as err:
-            abort(context, err)
+        client_id = self.auth.client(context)
+        first = next(request_iterator, None)
+        if first is None or wire.part(first) != "header":
+            raise InvalidUpdate("an update stream must start with an UpdateHeader")
+        session = self.rounds.open_upload(client_id, first.header, context.is_active)
         # Admitted: tell the client to send its chunks now. Until then a waiting upload
         # holds only its header here (fedmae clients wait for this; see transfer.py).
         context.send_initial_metadata(((ADMITTED_KEY, "1"),))
@@ -107,9 +96,9 @@ class FederationServicer(pb_grpc.FederationServicer):
                 f"update stream ended after {session.bytes} bytes without an UpdateTrailer "
                 "(truncated upload)"
             )
-        except FedmaeError as err:
-            self.rounds.abort_upload(session, str(err), err.code.name.lower())
-            abort(context, err)
+        except FedmaeError as err:  # refused: free the client's slot, then answer
+            self.rounds.abort_upload(session, str(err), status_code(err).name.lower())
+            raise
         except Exception as err:  # a cancelled or broken stream: free the client's slot
             self.rounds.abort_upload(session, f"upload broken: {type(err).__name__}")
             raise

@@ -8,7 +8,8 @@ import time
 
 import grpc
 
-from fedmae.errors import LimitExceeded, abort
+from fedmae.errors import LimitExceeded
+from fedmae.transport.status import Behaviour, wrap_behaviour
 
 
 class RateLimiter:
@@ -67,7 +68,7 @@ def peer_address(peer: str) -> str:
 
 class PeerRateLimit(grpc.ServerInterceptor):
     """Refuse calls over ``rate`` per second from one peer address (``peer_address``)
-    with RESOURCE_EXHAUSTED, before the servicer runs."""
+    with ``LimitExceeded`` (RESOURCE_EXHAUSTED), before the servicer runs."""
 
     def __init__(self, rate: float, what: str):
         self.limiter = RateLimiter(rate)
@@ -76,25 +77,21 @@ class PeerRateLimit(grpc.ServerInterceptor):
     def _check(self, context: grpc.ServicerContext) -> None:
         address = peer_address(context.peer())
         if not self.limiter.allow(address):
-            abort(
-                context,
-                LimitExceeded(
-                    f"{self.what}: more than {self.limiter.rate:g} requests per second from "
-                    f"{address}; wait a few seconds and try again"
-                ),
+            raise LimitExceeded(
+                f"{self.what}: more than {self.limiter.rate:g} requests per second from "
+                f"{address}; wait a few seconds and try again"
             )
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or self.limiter.rate <= 0:
             return handler
-        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-            inner = getattr(handler, kind)
-            if inner is not None:
 
-                def limited(request, context, _inner=inner):
-                    self._check(context)
-                    return _inner(request, context)
+        def limited(behaviour: Behaviour, _streaming: bool) -> Behaviour:
+            def call(request, context):
+                self._check(context)
+                return behaviour(request, context)
 
-                return handler._replace(**{kind: limited})
-        return handler
+            return call
+
+        return wrap_behaviour(handler, limited)

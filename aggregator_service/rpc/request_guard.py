@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
-from fedmae.errors import InvalidUpdate
+from fedmae.errors import InvalidRequest, InvalidUpdate
+from fedmae.transport.status import Behaviour, wrap_behaviour
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ def _checked(requests: Iterator) -> Iterator:
 
 
 class RequestGuard(grpc.ServerInterceptor):
+    """Parse requests leniently; refuse unparsable ones with INVALID_ARGUMENT. Raises
+    domain errors: ``StatusInterceptor`` (before it) answers them."""
+
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
@@ -52,19 +56,18 @@ class RequestGuard(grpc.ServerInterceptor):
         what = f"the request of {handler_call_details.method}"
         safe = _safe(handler.request_deserializer, what)
         if handler.request_streaming:
-            inner = handler.stream_unary or handler.stream_stream
-            name = "stream_unary" if handler.stream_unary else "stream_stream"
 
-            def streaming(requests, context, _inner=inner):
-                return _inner(_checked(requests), context)
+            def checked_stream(behaviour: Behaviour, _streaming: bool) -> Behaviour:
+                return lambda requests, context: behaviour(_checked(requests), context)
 
-            return handler._replace(request_deserializer=safe, **{name: streaming})
-        inner = handler.unary_unary or handler.unary_stream
-        name = "unary_unary" if handler.unary_unary else "unary_stream"
+            return wrap_behaviour(handler, checked_stream)._replace(request_deserializer=safe)
 
-        def unary(request, context, _inner=inner):
-            if isinstance(request, Malformed):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
-            return _inner(request, context)
+        def checked_request(behaviour: Behaviour, _streaming: bool) -> Behaviour:
+            def call(request, context):
+                if isinstance(request, Malformed):
+                    raise InvalidRequest(request.message())
+                return behaviour(request, context)
 
-        return handler._replace(request_deserializer=safe, **{name: unary})
+            return call
+
+        return wrap_behaviour(handler, checked_request)._replace(request_deserializer=safe)

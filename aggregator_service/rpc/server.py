@@ -33,7 +33,8 @@ from aggregator_service.strategies import Strategy, make_strategy
 from aggregator_service.update_store import SPILL_FILE
 from fedmae.errors import ConfigError
 from fedmae.ml.model_zoo import initial_state
-from fedmae.pki import certs as tls
+from fedmae.pki.ca import MAX_LEAF_DAYS, CertificateAuthority
+from fedmae.pki.files import ServerCerts
 from fedmae.private_files import private_dir
 from fedmae.tensor_codec import ModelLayout
 from fedmae.transport._proto import admin_pb2 as apb
@@ -42,6 +43,8 @@ from fedmae.transport._proto import enrollment_pb2 as epb
 from fedmae.transport._proto import enrollment_pb2_grpc as epb_grpc
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport.channels import grpc_options
+from fedmae.transport.credentials import server_credentials
+from fedmae.transport.status import StatusInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +137,14 @@ class AggregatorServer:
         self.auth = Authorizer(
             self.registry, insecure=config.insecure, max_requests_per_s=config.max_requests_per_s
         )
-        self.ca: tls.CertificateAuthority | None = None
+        self.ca: CertificateAuthority | None = None
         if not config.insecure:
-            certs = tls.ServerCerts(config.certs)
-            if not 0 < config.client_cert_days <= tls.MAX_LEAF_DAYS:
-                raise ConfigError(f"--client-cert-days must be 1 to {tls.MAX_LEAF_DAYS}")
+            certs = ServerCerts(config.certs)
+            if not 0 < config.client_cert_days <= MAX_LEAF_DAYS:
+                raise ConfigError(f"--client-cert-days must be 1 to {MAX_LEAF_DAYS}")
             # Signs enrollments: --ca-key, else the enrollment CA, else the root in CERTS.
             if config.ca_key or certs.enrollment_ca_key.exists() or certs.ca_key.exists():
-                self.ca = tls.CertificateAuthority(certs, key_path=config.ca_key)
+                self.ca = CertificateAuthority(certs, key_path=config.ca_key)
             else:
                 log.warning("no CA key in %s: enrollment is off (pass --ca-key)", config.certs)
             if certs.ca_key.exists() and self.ca is not None and self.ca.cert is not self.ca.root:
@@ -207,7 +210,7 @@ class AggregatorServer:
                 ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
                 *_connection_age(cfg.max_connection_age_s, cfg.max_connection_age_grace_s),
             ],
-            interceptors=[RequestGuard()],
+            interceptors=[StatusInterceptor(), RequestGuard()],
             maximum_concurrent_rpcs=cfg.max_workers,
         )
         federation_servicer.add_to_server(
@@ -230,9 +233,7 @@ class AggregatorServer:
             )
             port = server.add_insecure_port(cfg.listen)
         else:
-            port = server.add_secure_port(
-                cfg.listen, tls.server_credentials(tls.ServerCerts(cfg.certs))
-            )
+            port = server.add_secure_port(cfg.listen, server_credentials(ServerCerts(cfg.certs)))
         if port == 0:
             raise ConfigError(f"cannot listen on {cfg.listen} (address in use?)")
         enrollment = None
@@ -277,16 +278,18 @@ class AggregatorServer:
                 ("grpc.experimental.tcp_max_read_chunk_size", 64 << 10),
                 *_connection_age(ENROLL_CONNECTION_AGE_S, ENROLL_CONNECTION_AGE_GRACE_S),
             ],
-            interceptors=[PeerRateLimit(cfg.enroll_rate, "enrollment"), RequestGuard()],
+            interceptors=[
+                StatusInterceptor(),
+                PeerRateLimit(cfg.enroll_rate, "enrollment"),
+                RequestGuard(),
+            ],
             maximum_concurrent_rpcs=ENROLL_WORKERS,
         )
         epb_grpc.add_EnrollmentServicer_to_server(
             EnrollmentServicer(self.registry, self.ca, cfg.client_cert_days), server
         )
-        certs = tls.ServerCerts(cfg.certs)
-        port = server.add_secure_port(
-            address, tls.server_credentials(certs, require_client_auth=False)
-        )
+        certs = ServerCerts(cfg.certs)
+        port = server.add_secure_port(address, server_credentials(certs, require_client_auth=False))
         if port == 0:
             raise ConfigError(f"cannot listen on {address} (address in use?)")
         return server, port

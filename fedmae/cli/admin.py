@@ -14,10 +14,10 @@ import grpc
 
 from fedmae.enrollment_policy import printable
 from fedmae.errors import ConfigError
-from fedmae.pki import certs as tls
+from fedmae.pki.files import ClientIdentity, validate_client_id
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
-from fedmae.transport.channels import DEFAULT_CHUNK_SIZE, grpc_options
+from fedmae.transport.channels import open_channel
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -50,8 +50,7 @@ def admin_stub(args: argparse.Namespace) -> tuple[grpc.Channel, apb_grpc.AdminSt
             "admin commands need the operator identity: --identity CERTS/admin "
             "(or set FEDMAE_ADMIN_IDENTITY)"
         )
-    creds = tls.channel_credentials(tls.ClientIdentity(Path(args.identity)))
-    channel = grpc.secure_channel(args.server, creds, options=grpc_options(DEFAULT_CHUNK_SIZE))
+    channel = open_channel(args.server, ClientIdentity(Path(args.identity)))
     return channel, apb_grpc.AdminStub(channel)
 
 
@@ -102,7 +101,7 @@ def _create_token_offline(args: argparse.Namespace) -> int:
     from aggregator_service.registry import Registry
 
     if args.name:
-        tls.validate_client_id(args.name)
+        validate_client_id(args.name)
     registry = Registry(Path(args.state_dir) / "fedmae.db")
     try:
         token, record = registry.create_token(

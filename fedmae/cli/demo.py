@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from fedmae.pki import certs as tls
+from fedmae.pki.files import ClientIdentity, ServerCerts
+from fedmae.pki.issue import init_certs
+from fedmae.transport.channels import open_channel
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +82,12 @@ def _fmt(value: float | None) -> str:
     return "   -  " if value is None else f"{value:.4f}"
 
 
-def _wait_healthy(server: subprocess.Popen, address: str, admin: tls.ClientIdentity) -> None:
+def _wait_healthy(server: subprocess.Popen, address: str, admin: ClientIdentity) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + 120
-    with grpc.secure_channel(address, tls.channel_credentials(admin)) as channel:
+    with open_channel(address, admin) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if server.poll() is not None:
@@ -99,17 +101,16 @@ def _wait_healthy(server: subprocess.Popen, address: str, admin: tls.ClientIdent
 
 
 def _enroll_clients(
-    address: str, enroll_address: str, certs: tls.ServerCerts, names: list[str], out: Path
-) -> list[tls.ClientIdentity]:
+    address: str, enroll_address: str, certs: ServerCerts, names: list[str], out: Path
+) -> list[ClientIdentity]:
     """What an operator and each site would do: one token per site, then enroll."""
-    import grpc
 
     from client_agent.enrollment import enroll
     from fedmae.transport._proto import admin_pb2 as apb
     from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 
-    admin = tls.ClientIdentity(certs.dir / "admin")
-    with grpc.secure_channel(address, tls.channel_credentials(admin)) as channel:
+    admin = ClientIdentity(certs.dir / "admin")
+    with open_channel(address, admin) as channel:
         stub = apb_grpc.AdminStub(channel)
         tokens = [
             stub.CreateToken(apb.CreateTokenRequest(name=n, ttl_seconds=600), timeout=30).token
@@ -152,7 +153,7 @@ def run_demo(cfg: DemoConfig) -> int:
         _reset(state)
     logs = state / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    certs = tls.init_certs(state / "certs")
+    certs = init_certs(state / "certs")
     server_addr = f"127.0.0.1:{free_port()}"
     enroll_addr = f"127.0.0.1:{free_port()}"
     py = [sys.executable, "-m", "fedmae"]
@@ -195,7 +196,7 @@ def run_demo(cfg: DemoConfig) -> int:
             text=True,
         )  # fmt: skip
         procs.append(server)
-        _wait_healthy(server, server_addr, tls.ClientIdentity(certs.dir / "admin"))
+        _wait_healthy(server, server_addr, ClientIdentity(certs.dir / "admin"))
         names = [f"site-{k + 1}" for k in range(cfg.clients)]
         identities = _enroll_clients(server_addr, enroll_addr, certs, names, state / "clients")
         print(

@@ -23,9 +23,9 @@ log = logging.getLogger("fedmae")
 
 
 def cmd_certs_init(args: argparse.Namespace) -> int:
-    from fedmae.pki import certs as tls
+    from fedmae.pki.issue import init_certs
 
-    certs = tls.init_certs(
+    certs = init_certs(
         args.out, hosts=args.host, force=args.force, signer=args.signer, admin_out=args.admin_out
     )
     root_key = Path(args.signer) / "ca.key" if args.signer else certs.ca_key
@@ -39,15 +39,16 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_issue_client(args: argparse.Namespace) -> int:
-    from fedmae.pki import certs as tls
+    from fedmae.pki.issue import issue_client
+    from fedmae.pki.peer import certificate_info
 
     out = Path(args.out or Path(args.certs) / "clients" / args.name)
-    ident = tls.issue_client(args.certs, args.name, out, days=args.days, signer=args.signer)
+    ident = issue_client(args.certs, args.name, out, days=args.days, signer=args.signer)
     print(f"client identity {args.name!r} in {ident.dir} (ca.pem, client.pem, client.key)")
     if args.state_dir:
         from aggregator_service.registry import Registry
 
-        info = tls.certificate_info(ident.cert.read_bytes())
+        info = certificate_info(ident.cert.read_bytes())
         registry = Registry(Path(args.state_dir) / "fedmae.db")
         try:
             registry.register(
@@ -62,10 +63,11 @@ def cmd_certs_issue_client(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_issue_admin(args: argparse.Namespace) -> int:
-    from fedmae.pki import certs as tls
+    from fedmae.pki.files import ServerCerts
+    from fedmae.pki.issue import issue_admin
 
-    ident = tls.issue_admin(args.certs, args.name, args.out, days=args.days, signer=args.signer)
-    pinned = tls.ServerCerts(Path(args.certs)).admins_dir / f"{args.name}.pem"
+    ident = issue_admin(args.certs, args.name, args.out, days=args.days, signer=args.signer)
+    pinned = ServerCerts(Path(args.certs)).admins_dir / f"{args.name}.pem"
     print(f"admin identity {args.name!r} in {ident.dir}; its certificate is also in {pinned}")
     print("the aggregator pins it when it next starts; to pin it now:")
     print(f"  fedmae admins add --cert {ident.cert}")
@@ -158,10 +160,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         enroll_rate=args.enroll_rate,
     )
     if not config.insecure and not (config.certs / "server.pem").exists():
-        from fedmae.pki import certs as tls
+        from fedmae.pki.issue import init_certs
 
         log.info("no certificates in %s yet: creating a CA and server certificate", config.certs)
-        tls.init_certs(config.certs)
+        init_certs(config.certs)
     return serve(config)
 
 
@@ -260,14 +262,11 @@ def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from fedmae.pki import certs as tls
+    from fedmae.pki.files import ClientIdentity
+    from fedmae.transport.channels import open_channel
 
-    if args.insecure:
-        channel = grpc.insecure_channel(args.server)
-    else:
-        creds = tls.channel_credentials(tls.ClientIdentity(Path(args.identity)))
-        channel = grpc.secure_channel(args.server, creds)
-    with channel:
+    identity = None if args.insecure else ClientIdentity(Path(args.identity))
+    with open_channel(args.server, identity, insecure=args.insecure) as channel:
         try:
             status = (
                 health_pb2_grpc.HealthStub(channel)
@@ -672,10 +671,10 @@ def _client_name(args: argparse.Namespace) -> str:
         return args.client_id
     if not args.identity:
         return "?"
-    from fedmae.pki import certs as tls
+    from fedmae.pki.files import ClientIdentity
 
     try:
-        return tls.ClientIdentity(Path(args.identity)).client_id
+        return ClientIdentity(Path(args.identity)).client_id
     except (FedmaeError, ValueError, OSError):
         return Path(args.identity).name
 

@@ -13,8 +13,11 @@ import grpc
 
 from fedmae.cli.admin import add_connection_args, admin_stub
 from fedmae.transport._proto import admin_pb2 as apb
+from fedmae.transport.retry import CONNECTION_LOST, RetryPolicy
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+# The aggregator away (a restart?): reconnect for as long as it takes; anything else ends
+# the watch with the error.
+WATCH_RETRY = RetryPolicy(retry_on=CONNECTION_LOST, initial_s=0.5, max_s=10.0, max_fault_retries=0)
 
 
 def follow_rounds(
@@ -22,7 +25,8 @@ def follow_rounds(
 ) -> None:
     """Put ``(seq, record)`` on ``out`` for every closed round, reconnecting while the
     aggregator restarts; ``None`` when the run has finished (or on a hard error)."""
-    after_seq, delay = 0, 0.5
+    after_seq = 0
+    retries = WATCH_RETRY.start(stop)
     while not stop.is_set():
         channel, stub = admin_stub(args)
         try:
@@ -31,7 +35,7 @@ def follow_rounds(
                     apb.WatchRoundsRequest(from_round=from_round, after_seq=after_seq, follow=True)
                 )
                 for msg in stream:
-                    delay = 0.5
+                    retries.reset()
                     after_seq = msg.seq
                     out.put((msg.seq, json.loads(msg.record_json)))
                     if stop.is_set():
@@ -39,11 +43,11 @@ def follow_rounds(
             out.put(None)  # the stream ended normally: the run finished
             return
         except grpc.RpcError as err:
-            if err.code() not in RETRYABLE:
+            decision = retries.decide(err)
+            if not decision.retry:
                 out.put(err)
                 return
-            stop.wait(delay)  # aggregator away (restart?): resume after the last record
-            delay = min(delay * 2, 10.0)
+            retries.wait(decision.delay_s)  # then resume after the last record
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -157,7 +161,7 @@ def _watch_live(args: argparse.Namespace, records: queue.Queue) -> int:
                 try:
                     status, error = stub.Status(apb.StatusRequest(), timeout=5), ""
                 except grpc.RpcError as err:
-                    if err.code() not in RETRYABLE:
+                    if err.code() not in WATCH_RETRY.retry_on:
                         raise
                     error = "(unreachable: reconnecting)"
             live.update(Group(_status_panel(status, error), _rounds_table(rows)))

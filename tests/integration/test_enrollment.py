@@ -28,12 +28,16 @@ from aggregator_service.registry import MIGRATIONS, Registry
 from client_agent.enrollment import enroll
 from client_agent.transfer import submit_update
 from fedmae.errors import ConfigError
-from fedmae.pki import certs as tls
+from fedmae.pki.ca import CertificateAuthority, make_key_and_csr
+from fedmae.pki.files import ClientIdentity, save_identity
+from fedmae.pki.issue import init_certs, issue_client
+from fedmae.pki.peer import certificate_info
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import enrollment_pb2 as epb
 from fedmae.transport._proto import enrollment_pb2_grpc as epb_grpc
 from fedmae.transport._proto import federation_pb2 as pb
+from fedmae.transport.credentials import channel_credentials
 
 
 class Fed:
@@ -41,13 +45,13 @@ class Fed:
 
     def __init__(self, tmp_path, min_clients=1, rounds=1, **policy):
         self.tmp = tmp_path
-        self.certs = tls.init_certs(tmp_path / "certs")
+        self.certs = init_certs(tmp_path / "certs")
         self.server = make_server(tmp_path / "state", self.certs.dir, min_clients, rounds, **policy)
         self.port = self.server.start()
         self.enroll_addr = f"127.0.0.1:{self.server.enroll_port}"
         self.admin_channel = grpc.secure_channel(
             f"127.0.0.1:{self.port}",
-            tls.channel_credentials(tls.ClientIdentity(self.certs.dir / "admin")),
+            channel_credentials(ClientIdentity(self.certs.dir / "admin")),
         )
         self.admin = apb_grpc.AdminStub(self.admin_channel)
         self.ca_pem = self.certs.ca_cert.read_bytes()
@@ -111,8 +115,7 @@ def test_enrolled_client_completes_a_round(fed):
     info = f.admin.GetClient(apb.GetClientRequest(client_id="hospital-a"), timeout=TIMEOUT)
     assert info.status == "active" and info.rounds_joined == 1
     assert (
-        info.fingerprint_sha256
-        == tls.certificate_info(result.identity.cert.read_bytes()).fingerprint
+        info.fingerprint_sha256 == certificate_info(result.identity.cert.read_bytes()).fingerprint
     )
 
 
@@ -179,14 +182,14 @@ def test_forged_names_and_bad_csrs_are_refused(fed):
     assert _code(other_name) == grpc.StatusCode.PERMISSION_DENIED
     assert "hospital-a" in other_name.value.details()
 
-    _, csr_b = tls.make_key_and_csr("hospital-b")  # CSR claims another name
+    _, csr_b = make_key_and_csr("hospital-b")  # CSR claims another name
     with pytest.raises(grpc.RpcError) as csr_name:
         _enroll_raw(f, bound, csr_b)
     assert _code(csr_name) == grpc.StatusCode.INVALID_ARGUMENT
     assert "asks for the name" in csr_name.value.details()
 
     # A CSR whose signature does not match its public key (not signed by its key).
-    _, good = tls.make_key_and_csr("hospital-a")
+    _, good = make_key_and_csr("hospital-a")
     csr = x509.load_pem_x509_csr(good)
     der = bytearray(csr.public_bytes(serialization.Encoding.DER))
     der[-1] ^= 0x01  # inside the signature value
@@ -220,7 +223,7 @@ def test_forged_names_and_bad_csrs_are_refused(fed):
     assert not cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     # ... and cannot use the Admin service with it.
-    ident = tls.save_identity(
+    ident = save_identity(
         f.tmp / "sneaky",
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -230,7 +233,7 @@ def test_forged_names_and_bad_csrs_are_refused(fed):
         resp.certificate_pem,
         f.ca_pem,
     )
-    with grpc.secure_channel(f"127.0.0.1:{f.port}", tls.channel_credentials(ident)) as ch:
+    with grpc.secure_channel(f"127.0.0.1:{f.port}", channel_credentials(ident)) as ch:
         with pytest.raises(grpc.RpcError) as denied:
             apb_grpc.AdminStub(ch).ListClients(apb.ListClientsRequest(), timeout=TIMEOUT)
     assert _code(denied) == grpc.StatusCode.PERMISSION_DENIED
@@ -238,7 +241,7 @@ def test_forged_names_and_bad_csrs_are_refused(fed):
 
 def test_enrollment_response_never_carries_the_ca_key(fed):
     f = fed()
-    _, csr = tls.make_key_and_csr("site-1")
+    _, csr = make_key_and_csr("site-1")
     resp = _enroll_raw(f, f.token(), csr, name="site-1")
     wire = resp.SerializeToString()
     assert b"PRIVATE KEY" not in wire
@@ -274,14 +277,14 @@ def test_renewal_needs_a_bound_token_and_replaces_the_old_certificate(fed):
 def test_unknown_or_foreign_certificates_and_roles(fed):
     f = fed(min_clients=2)
     # Signed by our CA but never registered (e.g. issued offline without --state-dir).
-    loose = tls.issue_client(f.certs.dir, "loose", f.tmp / "loose")
+    loose = issue_client(f.certs.dir, "loose", f.tmp / "loose")
     with pytest.raises(grpc.RpcError) as unknown:
         fetch_flat(f.connect(loose.dir, subscribe=False), f.server.layout, 0)
     assert _code(unknown) == grpc.StatusCode.UNAUTHENTICATED
     assert "not registered" in unknown.value.details()
     # Signed by another CA: refused in the handshake.
-    other = tls.init_certs(f.tmp / "other")
-    foreign = tls.issue_client(other.dir, "loose", f.tmp / "foreign")
+    other = init_certs(f.tmp / "other")
+    foreign = issue_client(other.dir, "loose", f.tmp / "foreign")
     (foreign.dir / "ca.pem").write_bytes(f.ca_pem)
     with pytest.raises(grpc.RpcError) as handshake:
         fetch_flat(f.connect(foreign.dir, subscribe=False), f.server.layout, 0)
@@ -379,7 +382,7 @@ def test_admin_actions_and_enrollments_are_audited(fed):
 
 
 def test_ca_key_permissions_and_separate_path(tmp_path):
-    certs = tls.init_certs(tmp_path / "certs")
+    certs = init_certs(tmp_path / "certs")
     certs.enrollment_ca_key.chmod(0o644)  # the key the aggregator signs enrollments with
     with pytest.raises(ConfigError, match="chmod 600"):
         make_server(tmp_path / "state", certs.dir, 1, 1)
@@ -391,12 +394,12 @@ def test_ca_key_permissions_and_separate_path(tmp_path):
     outside.parent.mkdir()
     certs.ca_key.rename(outside)
     outside.chmod(0o600)
-    ca = tls.CertificateAuthority(certs, key_path=outside)
-    _, csr = tls.make_key_and_csr("x1")
+    ca = CertificateAuthority(certs, key_path=outside)
+    _, csr = make_key_and_csr("x1")
     assert b"CERTIFICATE" in ca.sign_csr(csr, "x1", 30).pem
-    wrong = tls.init_certs(tmp_path / "other").ca_key
+    wrong = init_certs(tmp_path / "other").ca_key
     with pytest.raises(ConfigError, match="not the key of the CA"):
-        tls.CertificateAuthority(certs, key_path=wrong)
+        CertificateAuthority(certs, key_path=wrong)
 
 
 def test_registry_schema_is_versioned(tmp_path):

@@ -17,13 +17,17 @@ import pytest
 from federation_harness import TIMEOUT, make_server
 
 from fedmae.cli.main import build_parser
-from fedmae.pki import certs as tls
+from fedmae.pki.ca import make_key_and_csr
+from fedmae.pki.files import ClientIdentity
+from fedmae.pki.issue import init_certs, issue_client
+from fedmae.pki.peer import certificate_info
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import enrollment_pb2 as epb
 from fedmae.transport._proto import enrollment_pb2_grpc as epb_grpc
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport._proto import federation_pb2_grpc as pb_grpc
+from fedmae.transport.credentials import channel_credentials
 
 
 class Fed:
@@ -31,7 +35,7 @@ class Fed:
 
     def __init__(self, tmp_path):
         self.tmp = tmp_path
-        self.certs = tls.init_certs(tmp_path / "certs")
+        self.certs = init_certs(tmp_path / "certs")
         # The per-address rate limit (tests/test_hardening_server.py) is off: these tests
         # send many refused enrollments in a row from 127.0.0.1 on purpose.
         self.server = make_server(
@@ -42,7 +46,7 @@ class Fed:
         self.addr = f"127.0.0.1:{self.port}"
         self.ca_pem = self.certs.ca_cert.read_bytes()
         self.admin_channel = grpc.secure_channel(
-            self.addr, tls.channel_credentials(tls.ClientIdentity(self.certs.dir / "admin"))
+            self.addr, channel_credentials(ClientIdentity(self.certs.dir / "admin"))
         )
         self.admin = apb_grpc.AdminStub(self.admin_channel)
         self.enroll_channel = grpc.secure_channel(
@@ -56,7 +60,7 @@ class Fed:
 
     def enroll(self, token: str, name: str = "", labels: dict | None = None) -> epb.EnrollResponse:
         """The raw RPC (no client-side checks), with a fresh key (its CSR names no one)."""
-        _, csr = tls.make_key_and_csr()
+        _, csr = make_key_and_csr()
         return self.enrollment.Enroll(
             epb.EnrollRequest(token=token, csr_pem=csr, requested_name=name, labels=labels or {}),
             timeout=TIMEOUT,
@@ -295,8 +299,8 @@ def test_f14_refused_enrollments_are_audited_with_peer_and_reason(fed):
 
 
 def test_f14_authentication_failures_are_audited(fed):
-    loose = tls.issue_client(fed.certs.dir, "loose", fed.tmp / "loose")  # never registered
-    with grpc.secure_channel(fed.addr, tls.channel_credentials(loose)) as ch:
+    loose = issue_client(fed.certs.dir, "loose", fed.tmp / "loose")  # never registered
+    with grpc.secure_channel(fed.addr, channel_credentials(loose)) as ch:
         with pytest.raises(grpc.RpcError) as unknown:
             list(pb_grpc.FederationStub(ch).FetchModel(pb.FetchModelRequest(), timeout=TIMEOUT))
         assert unknown.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -308,7 +312,7 @@ def test_f14_authentication_failures_are_audited(fed):
         ("cert:loose", "client", "UNAUTHENTICATED"),
         ("cert:loose", "admin", "PERMISSION_DENIED"),
     ]
-    fingerprint = tls.certificate_info(loose.cert.read_bytes()).fingerprint
+    fingerprint = certificate_info(loose.cert.read_bytes()).fingerprint
     for _, d in rows:
         assert d["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:"))
         assert d["fingerprint"] == fingerprint[:16]

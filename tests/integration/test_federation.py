@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.numpy import load_file
 
 from client_agent.transfer import fetch_model, submit_update, update_messages
-from fedmae.pki import certs as tls
+from fedmae.pki.issue import init_certs, issue_client
 from fedmae.tensor_codec import encode, iter_chunks, payload_digest
 from fedmae.transport import frames as wire
 from fedmae.transport._proto import federation_pb2 as pb
@@ -252,8 +252,8 @@ def test_malformed_updates_get_invalid_argument_and_change_nothing(cluster):
 def test_clients_without_a_ca_certificate_are_refused(cluster, tmp_path):
     server, port, clients, ids = cluster(["a"], rounds=1, min_clients=2)
     # A certificate from another CA, and no certificate at all.
-    other = tls.init_certs(tmp_path / "other-ca")
-    foreign = tls.issue_client(other.dir, "a", tmp_path / "foreign")
+    other = init_certs(tmp_path / "other-ca")
+    foreign = issue_client(other.dir, "a", tmp_path / "foreign")
     (foreign.dir / "ca.pem").write_bytes((ids["a"] / "ca.pem").read_bytes())  # trusts our server
     anonymous = tmp_path / "anon"
     anonymous.mkdir()

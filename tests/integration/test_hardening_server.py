@@ -36,18 +36,19 @@ from client_agent.enrollment import enroll
 from client_agent.transfer import submit_update
 from fedmae.errors import ConfigError
 from fedmae.ml.data import client_split, load_fashion_mnist
-from fedmae.pki import certs as tls
+from fedmae.pki.files import ClientIdentity, ServerCerts
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import enrollment_pb2 as epb
 from fedmae.transport._proto import enrollment_pb2_grpc as epb_grpc
+from fedmae.transport.credentials import channel_credentials
 
 FLOOD = Path(__file__).parent.parent / "enrollment_flood.py"
 
 
 def _admin(port: int, certs: Path) -> tuple[grpc.Channel, apb_grpc.AdminStub]:
     channel = grpc.secure_channel(
-        f"127.0.0.1:{port}", tls.channel_credentials(tls.ClientIdentity(certs / "admin"))
+        f"127.0.0.1:{port}", channel_credentials(ClientIdentity(certs / "admin"))
     )
     return channel, apb_grpc.AdminStub(channel)
 
@@ -296,8 +297,8 @@ def test_f1_agent_backs_off_while_the_server_is_at_its_call_limit(tmp_path):
 
 
 def _short_lived_identity(certs: Path, name: str, seconds: float) -> grpc.ChannelCredentials:
-    ca_cert = x509.load_pem_x509_certificate(tls.ServerCerts(certs).root_pem())
-    ca_key = serialization.load_pem_private_key(tls.ServerCerts(certs).ca_key.read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(ServerCerts(certs).root_pem())
+    ca_key = serialization.load_pem_private_key(ServerCerts(certs).ca_key.read_bytes(), None)
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     cert = (

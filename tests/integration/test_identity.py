@@ -29,10 +29,14 @@ from client_agent.enrollment import enroll
 from client_agent.transfer import federation_stub, fetch_model
 from fedmae.cli.main import main
 from fedmae.errors import FailedPrecondition
-from fedmae.pki import certs as tls
+from fedmae.pki.ca import CertificateAuthority, make_key_and_csr
+from fedmae.pki.files import ClientIdentity
+from fedmae.pki.issue import init_certs, issue_admin, issue_client
+from fedmae.pki.peer import certificate_info
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import federation_pb2 as pb
+from fedmae.transport.credentials import channel_credentials
 
 
 def _mode(path: Path) -> int:
@@ -44,7 +48,7 @@ def _cert(path: Path) -> x509.Certificate:
 
 
 def _channel(port: int, identity: Path) -> grpc.Channel:
-    creds = tls.channel_credentials(tls.ClientIdentity(identity))
+    creds = channel_credentials(ClientIdentity(identity))
     return grpc.secure_channel(f"127.0.0.1:{port}", creds)
 
 
@@ -113,9 +117,9 @@ def test_f5_certs_init_with_signer_keeps_the_root_key_out_of_certs(tmp_path, uma
 
 
 def test_f5_a_root_key_left_in_certs_moves_to_the_signer(tmp_path):
-    certs = tls.init_certs(tmp_path / "certs")  # the layout before --signer
+    certs = init_certs(tmp_path / "certs")  # the layout before --signer
     key = certs.ca_key.read_bytes()
-    tls.init_certs(certs.dir, signer=tmp_path / "signer")
+    init_certs(certs.dir, signer=tmp_path / "signer")
     assert not certs.ca_key.exists() and (tmp_path / "signer" / "ca.key").read_bytes() == key
 
 
@@ -141,7 +145,7 @@ def test_f5_enrollment_ca_cannot_mint_a_server_certificate_that_clients_accept(t
     """Whoever steals the aggregator's enrollment CA key cannot impersonate the server:
     the intermediate's EKU (clientAuth only) binds the whole chain, and BoringSSL checks
     it ("unsupported certificate purpose")."""
-    certs = tls.init_certs(tmp_path / "certs")
+    certs = init_certs(tmp_path / "certs")
     ca_pem = certs.ca_cert.read_bytes()
     enrollment = _cert(certs.enrollment_ca_cert)
     enrollment_key = serialization.load_pem_private_key(certs.enrollment_ca_key.read_bytes(), None)
@@ -181,7 +185,7 @@ def test_f5_enrollment_ca_cannot_mint_a_server_certificate_that_clients_accept(t
 
 def test_f5_aggregator_enrolls_with_the_enrollment_ca_and_no_root_key(tmp_path, capsys):
     certs, signer, admin = tmp_path / "certs", tmp_path / "signer", tmp_path / "admin"
-    tls.init_certs(certs, signer=signer, admin_out=admin)
+    init_certs(certs, signer=signer, admin_out=admin)
     server = make_server(tmp_path / "state", certs, min_clients=2, rounds=1)
     port = server.start()
     try:
@@ -237,7 +241,7 @@ def admin_server(tmp_path):
 def test_f4_an_unpinned_admin_certificate_is_refused(tmp_path, admin_server):
     certs, start = admin_server
     # Signed by the federation's CA with OU=admin, but never pinned.
-    rogue = tls.issue_client(certs, "mallory", tmp_path / "mallory", role="admin")
+    rogue = issue_client(certs, "mallory", tmp_path / "mallory", role="admin")
     _, port = start()
     assert _admin_call(port, certs / "admin") is None
     refused = _admin_call(port, rogue.dir)
@@ -284,7 +288,7 @@ def test_f4_a_revoked_admin_is_refused_on_its_next_call(tmp_path, admin_server, 
 
 def test_f4_pins_survive_a_restart_and_a_revoked_admin_is_never_repinned(tmp_path, admin_server):
     certs, start = admin_server
-    tls.issue_admin(certs, "bob", tmp_path / "bob")  # CERTS/admins/bob.pem: pinned at start
+    issue_admin(certs, "bob", tmp_path / "bob")  # CERTS/admins/bob.pem: pinned at start
     server, port = start()
     assert _admin_call(port, tmp_path / "bob") is None
     with _channel(port, certs / "admin") as ch:
@@ -311,8 +315,8 @@ def test_f4_the_last_admin_cannot_be_revoked(tmp_path):
 
 def test_f6_an_expired_certificate_ends_the_stream(tmp_path):
     certs, _ = make_identities(tmp_path, [])
-    short = tls.issue_client(certs, "short", tmp_path / "short", days=600 / 86400)  # 10 min
-    info = tls.certificate_info(short.cert.read_bytes())
+    short = issue_client(certs, "short", tmp_path / "short", days=600 / 86400)  # 10 min
+    info = certificate_info(short.cert.read_bytes())
     registry = Registry(tmp_path / "state" / "fedmae.db")
     registry.register("test", "short", info.fingerprint, info.serial, info.not_after)
     registry.close()
@@ -356,7 +360,7 @@ def test_f6_an_expired_certificate_ends_the_stream(tmp_path):
 
 
 def test_f7_a_planted_tmp_symlink_is_not_followed_and_the_key_ends_0600(tmp_path, umask_022):
-    certs = tls.init_certs(tmp_path / "certs")
+    certs = init_certs(tmp_path / "certs")
     ident = tmp_path / "ids" / "site-1"
     ident.mkdir(parents=True)
     victim = tmp_path / "victim.txt"
@@ -364,7 +368,7 @@ def test_f7_a_planted_tmp_symlink_is_not_followed_and_the_key_ends_0600(tmp_path
     victim.chmod(0o644)
     (ident / "client.key.tmp").symlink_to(victim)  # planted
     (ident / "client.pem.tmp").write_text("stale")  # a crash's leftover, 0644
-    tls.issue_client(certs.dir, "site-1", ident)
+    issue_client(certs.dir, "site-1", ident)
     assert victim.read_text() == "do not touch" and _mode(victim) == 0o644
     key = ident / "client.key"
     assert not key.is_symlink() and _mode(key) == 0o600
@@ -400,8 +404,8 @@ def test_f7_state_files_and_directories_are_private(tmp_path, umask_022):
 
 
 def test_f7_certificates_have_key_usage_and_bounded_lifetimes(tmp_path):
-    certs = tls.init_certs(tmp_path / "certs")
-    client = tls.issue_client(certs.dir, "site-1", tmp_path / "site-1")
+    certs = init_certs(tmp_path / "certs")
+    client = issue_client(certs.dir, "site-1", tmp_path / "site-1")
     now = dt.datetime.now(dt.UTC)
     leaves = {
         "server": (certs.server_cert, ExtendedKeyUsageOID.SERVER_AUTH),
@@ -420,7 +424,7 @@ def test_f7_certificates_have_key_usage_and_bounded_lifetimes(tmp_path):
     assert _cert(certs.ca_cert).not_valid_after_utc - now <= dt.timedelta(days=5 * 365 + 2)
     assert _cert(certs.enrollment_ca_cert).not_valid_after_utc - now <= dt.timedelta(days=731)
     # A leaf never outlives the CA that signed it.
-    ca = tls.CertificateAuthority(certs)
-    _, csr = tls.make_key_and_csr("site-2")
+    ca = CertificateAuthority(certs)
+    _, csr = make_key_and_csr("site-2")
     issued = x509.load_pem_x509_certificates(ca.sign_csr(csr, "site-2", 366).pem)
     assert issued[0].not_valid_after_utc <= issued[1].not_valid_after_utc

@@ -28,9 +28,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fedmae.cli.report import write_report
 from fedmae.cli.watch import follow_rounds
-from fedmae.pki import certs as tls
+from fedmae.pki.files import ClientIdentity
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
+from fedmae.transport.credentials import channel_credentials
 
 
 def _watcher(port: int, certs):
@@ -89,7 +90,7 @@ def test_status_metrics_and_who_may_watch(tmp_path):
     port = server.start()
     clients = {n: ScriptedClient(port, ids[n]) for n in ids}
     admin_ch = grpc.secure_channel(
-        f"127.0.0.1:{port}", tls.channel_credentials(tls.ClientIdentity(certs / "admin"))
+        f"127.0.0.1:{port}", channel_credentials(ClientIdentity(certs / "admin"))
     )
     admin = apb_grpc.AdminStub(admin_ch)
     try:

@@ -18,7 +18,8 @@ from pathlib import Path
 from federation_harness import TIMEOUT, make_server
 
 from aggregator_service.registry import Registry
-from fedmae.pki import certs as tls
+from fedmae.pki.files import ClientIdentity
+from fedmae.pki.issue import init_certs
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "docker" / "replica.py"
@@ -134,7 +135,7 @@ def _start(slots: Path, tokens: Path, clients: int, enroll: str, ca: Path) -> su
 
 
 def test_f5_replicas_take_distinct_names_each_with_its_own_token(tmp_path):
-    certs = tls.init_certs(tmp_path / "certs", signer=tmp_path / "signer")
+    certs = init_certs(tmp_path / "certs", signer=tmp_path / "signer")
     state, tokens, slots = tmp_path / "state", tmp_path / "tokens", tmp_path / "identities"
     server = make_server(state, certs.dir, min_clients=10, rounds=1)
     server.start()
@@ -158,7 +159,7 @@ def test_f5_replicas_take_distinct_names_each_with_its_own_token(tmp_path):
             partition = next(a.split("=", 1)[1] for a in argv if a.startswith("--partition="))
             name = Path(identity).name
             assert partition == f"{int(name.split('-')[1]) - 1}/3", (name, partition)
-            assert tls.ClientIdentity(Path(identity)).client_id == name
+            assert ClientIdentity(Path(identity)).client_id == name
             assert oct((Path(identity) / "client.key").stat().st_mode & 0o777) == "0o600"
             names[name] = i
         assert sorted(names) == ["client-1", "client-2", "client-3"]

@@ -30,11 +30,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client_agent.transfer import fetch_model, submit_update, update_messages
 from fedmae.ml.mae import build_model, trainable_state
-from fedmae.pki import certs as tls
+from fedmae.pki.files import ClientIdentity
 from fedmae.tensor_codec import ModelLayout, encode, iter_chunks, payload_digest
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import federation_pb2 as pb
+from fedmae.transport.credentials import channel_credentials
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 LAYOUT = ModelLayout.from_state(trainable_state(build_model("tiny", seed=0)))
@@ -82,7 +83,7 @@ class Aggregator:
         raise AssertionError("aggregator did not become healthy")
 
     def healthy(self) -> bool:
-        creds = tls.channel_credentials(tls.ClientIdentity(self.certs / "admin"))
+        creds = channel_credentials(ClientIdentity(self.certs / "admin"))
         with grpc.secure_channel(f"127.0.0.1:{self.port}", creds) as ch:
             try:
                 status = (
@@ -95,7 +96,7 @@ class Aggregator:
         return status == health_pb2.HealthCheckResponse.SERVING
 
     def status(self) -> apb.StatusResponse:
-        creds = tls.channel_credentials(tls.ClientIdentity(self.certs / "admin"))
+        creds = channel_credentials(ClientIdentity(self.certs / "admin"))
         with grpc.secure_channel(f"127.0.0.1:{self.port}", creds) as ch:
             return apb_grpc.AdminStub(ch).Status(apb.StatusRequest(), timeout=TIMEOUT)
 

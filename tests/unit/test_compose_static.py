@@ -329,8 +329,8 @@ def test_admin_commands_do_not_import_torch(tmp_path):
     without torch: a status answer is worth nothing if the command needs 5-25 s to start."""
     loaded = _heavy_modules_after(
         "import argparse, pathlib; from fedmae.cli import admin as admin_cli, watch; "
-        "from fedmae.pki import certs as tls; "
-        f"certs = tls.init_certs(pathlib.Path({str(tmp_path)!r})); "
+        "from fedmae.pki.issue import init_certs; "
+        f"certs = init_certs(pathlib.Path({str(tmp_path)!r})); "
         "admin_cli.admin_stub(argparse.Namespace("
         "identity=str(certs.dir / 'admin'), server='127.0.0.1:1'))"
     )
