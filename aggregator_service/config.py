@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fedmae.config import TrainingConfig
 from fedmae.errors import ConfigError
-from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE
+from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
 
 
 @dataclass(frozen=True)

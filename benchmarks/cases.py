@@ -33,8 +33,10 @@ from fedmae.ml.data import batches, client_split, load_fashion_mnist
 from fedmae.ml.mae import build_model, make_optimizer
 from fedmae.ml.model_zoo import initial_state
 from fedmae.ml.training import train_local
+from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
+from fedmae.payload.encodings import encode
+from fedmae.payload.layout import ModelLayout
 from fedmae.pki import certs as tls
-from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE, ModelLayout, encode
 from fedmae.transport._proto import federation_pb2 as pb
 
 # ------------------------------------------------------------------ helpers

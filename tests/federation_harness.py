@@ -20,8 +20,9 @@ from aggregator_service.registry import Registry
 from aggregator_service.rpc.server import AggregatorServer, grpc_options
 from client_agent.transfer import federation_stub, fetch_model, update_messages
 from fedmae.config import TrainingConfig
+from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
+from fedmae.payload.layout import ModelLayout
 from fedmae.pki import certs as tls
-from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE, ModelLayout
 from fedmae.transport._proto import federation_pb2 as pb
 
 TIMEOUT = 30.0

@@ -15,6 +15,7 @@ from fedmae.errors import FedmaeError, InvalidRequest, InvalidUpdate, TransferId
 from fedmae.transport import frames as wire
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport._proto import federation_pb2_grpc as pb_grpc
+from fedmae.transport.messages import encoding_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,10 @@ class FederationServicer(pb_grpc.FederationServicer):
         try:
             try:
                 header, chunks = self.rounds.model_stream(
-                    version, request.encoding, request.chunk_size, request.offset
+                    version,
+                    encoding_from_proto(request.encoding),
+                    request.chunk_size,
+                    request.offset,
                 )
             except FedmaeError as err:
                 abort(context, err)

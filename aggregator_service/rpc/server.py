@@ -32,9 +32,9 @@ from aggregator_service.rpc.request_guard import RequestGuard
 from aggregator_service.strategy import FedAvg, Strategy
 from fedmae.errors import ConfigError
 from fedmae.ml.model_zoo import initial_state
+from fedmae.payload.layout import ModelLayout
 from fedmae.pki import certs as tls
 from fedmae.private_files import private_dir
-from fedmae.tensor_codec import ModelLayout
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import enrollment_pb2 as epb

@@ -6,7 +6,7 @@ start-up (25 s on a loaded host) that a 10 s health-check timeout cannot pay.
 
 from __future__ import annotations
 
-DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB: payload chunks on the wire
+from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
 
 
 def grpc_options(chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[tuple[str, int]]:
