@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from fedmae.ml.data import load_dataset
+from fedmae.ml.loaders import load_dataset
 from fedmae.ml.mae import build_model, load_trainable_state
 from fedmae.ml.training import evaluate
 from fedmae.payload.layout import ModelLayout

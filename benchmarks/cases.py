@@ -29,10 +29,11 @@ from benchmarks.common import (
 )
 from client_agent.transfer import federation_stub
 from fedmae.config import TrainingConfig
-from fedmae.ml.data import batches, client_split, load_fashion_mnist
+from fedmae.ml.fashion_mnist import load_fashion_mnist
 from fedmae.ml.mae import build_model, make_optimizer
 from fedmae.ml.model_zoo import initial_state
-from fedmae.ml.training import train_local
+from fedmae.ml.partitions import client_split
+from fedmae.ml.training import batches, train_local
 from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
 from fedmae.payload.encodings import encode
 from fedmae.payload.layout import ModelLayout

@@ -19,8 +19,8 @@ import torch
 from client_agent.transfer import federation_stub, fetch_model, is_retryable, submit_update
 from fedmae.config import TrainingConfig
 from fedmae.errors import ConfigError
-from fedmae.ml.data import ClientData
 from fedmae.ml.mae import build_model, load_trainable_state, make_optimizer, trainable_state
+from fedmae.ml.partitions import ClientData
 from fedmae.ml.training import evaluate, train_local
 from fedmae.payload.buffers import BufferPool
 from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from aggregator_service.checkpoint_store import CheckpointStore  # noqa: E402
 from fedmae.errors import ConfigError  # noqa: E402
-from fedmae.ml.data import load_dataset  # noqa: E402
+from fedmae.ml.loaders import load_dataset  # noqa: E402
 from fedmae.ml.mae import build_model, load_trainable_state, trainable_state  # noqa: E402
 from fedmae.payload.layout import ModelLayout  # noqa: E402
 

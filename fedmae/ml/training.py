@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from fedmae.config import TrainingConfig
-from fedmae.ml.data import batches
 from fedmae.ml.mae import MaskedAutoencoderViT
 
 log = logging.getLogger(__name__)
@@ -83,3 +82,33 @@ def evaluate(
         total += loss.item() * len(batch)
         count += len(batch)
     return total / max(count, 1)
+
+
+def batches(
+    images: torch.Tensor,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Yield mini-batches along dim 0 of an in-memory tensor (one pass = one epoch)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # Validate eagerly; the generator below only starts running on the first next().
+    return _iter_batches(images, batch_size, shuffle, generator, drop_last)
+
+
+def _iter_batches(
+    images: torch.Tensor,
+    batch_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None,
+    drop_last: bool,
+) -> Iterator[torch.Tensor]:
+    n = images.shape[0]
+    stop = n - n % batch_size if drop_last else n
+    order = torch.randperm(n, generator=generator) if shuffle else None
+    for start in range(0, stop, batch_size):
+        end = min(start + batch_size, n)
+        yield images[start:end] if order is None else images[order[start:end]]
