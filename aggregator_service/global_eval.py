@@ -7,7 +7,8 @@ import logging
 import torch
 
 from fedmae.ml.loaders import load_dataset
-from fedmae.ml.mae import build_model, load_trainable_state
+from fedmae.ml.model_state import load_trainable_state
+from fedmae.ml.model_zoo import build_model
 from fedmae.ml.training import evaluate
 from fedmae.payload.layout import ModelLayout
 

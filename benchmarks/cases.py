@@ -30,10 +30,9 @@ from benchmarks.common import (
 from client_agent.transfer import federation_stub
 from fedmae.config import TrainingConfig
 from fedmae.ml.fashion_mnist import load_fashion_mnist
-from fedmae.ml.mae import build_model, make_optimizer
-from fedmae.ml.model_zoo import initial_state
+from fedmae.ml.model_zoo import build_model, initial_state
 from fedmae.ml.partitions import client_split
-from fedmae.ml.training import batches, train_local
+from fedmae.ml.training import batches, make_optimizer, train_local
 from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
 from fedmae.payload.encodings import encode
 from fedmae.payload.layout import ModelLayout

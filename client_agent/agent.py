@@ -19,9 +19,10 @@ import torch
 from client_agent.transfer import federation_stub, fetch_model, is_retryable, submit_update
 from fedmae.config import TrainingConfig
 from fedmae.errors import ConfigError
-from fedmae.ml.mae import build_model, load_trainable_state, make_optimizer, trainable_state
+from fedmae.ml.model_state import load_trainable_state, trainable_state
+from fedmae.ml.model_zoo import build_model
 from fedmae.ml.partitions import ClientData
-from fedmae.ml.training import evaluate, train_local
+from fedmae.ml.training import evaluate, make_optimizer, train_local
 from fedmae.payload.buffers import BufferPool
 from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
 from fedmae.payload.layout import ModelLayout

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from fedmae.config import TrainingConfig
 from fedmae.ml.mae import MaskedAutoencoderViT
@@ -24,6 +25,32 @@ class TrainResult:
     num_samples: int  # samples seen per epoch: the aggregation weight
     seconds: float
     images_per_s: float
+
+
+# Parameters that must not be shrunk towards zero (the reference skips these by name too).
+_NO_DECAY_NAMES = ("cls_token", "mask_token")
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05) -> torch.optim.AdamW:
+    """AdamW with betas (0.9, 0.95), as in MAE pre-training.
+
+    Weight decay is applied to matrices only; biases, LayerNorm parameters and the cls / mask
+    tokens go in a no-decay group (group 0 decays, group 1 does not).
+    """
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.split(".")[-1] in _NO_DECAY_NAMES:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
 def train_local(

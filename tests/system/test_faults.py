@@ -29,7 +29,8 @@ from federation_harness import (
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client_agent.transfer import fetch_model, submit_update, update_messages
-from fedmae.ml.mae import build_model, trainable_state
+from fedmae.ml.model_state import trainable_state
+from fedmae.ml.model_zoo import build_model
 from fedmae.payload.digest import payload_digest
 from fedmae.payload.encodings import encode
 from fedmae.payload.layout import ModelLayout

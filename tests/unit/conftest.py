@@ -1,4 +1,4 @@
-"""Datasets shared by the unit tests of fedmae.ml."""
+"""Datasets and models shared by the unit tests of fedmae.ml."""
 
 from __future__ import annotations
 
@@ -9,11 +9,18 @@ import pytest
 
 from fedmae.ml.datasets import ImageDataset
 from fedmae.ml.fashion_mnist import load_fashion_mnist
+from fedmae.ml.mae import MaskedAutoencoderViT
+from fedmae.ml.model_zoo import build_model
 
 
 @pytest.fixture(scope="session")
 def fmnist_train() -> ImageDataset:
     return load_fashion_mnist(split="train")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> MaskedAutoencoderViT:
+    return build_model("tiny", seed=0)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The wire codec: manifests, chunking, decoding and its refusals."""
+"""fedmae.payload: manifests, chunking, decoding and its refusals."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fedmae.errors import InvalidUpdate
-from fedmae.ml.mae import build_model, trainable_state
+from fedmae.ml.model_state import trainable_state
+from fedmae.ml.model_zoo import build_model
 from fedmae.payload.buffers import BufferPool
 from fedmae.payload.decoder import PayloadDecoder
 from fedmae.payload.digest import payload_digest
