@@ -48,6 +48,21 @@ class MAEConfig:
         return self.grid_size**2
 
 
+def _paper_vit(patch_size: int, embed_dim: int, depth: int, num_heads: int) -> MAEConfig:
+    """One of the paper's models: 224x224 RGB, decoder 512 wide, 8 blocks, 16 heads."""
+    return MAEConfig(
+        img_size=224,
+        patch_size=patch_size,
+        in_chans=3,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        decoder_embed_dim=512,
+        decoder_depth=8,
+        decoder_num_heads=16,
+    )
+
+
 DEFAULT_MODEL = "tiny"
 
 # The ViT-B/L/H entries are the paper's mae_vit_{base,large,huge}_patch{16,16,14} models
@@ -67,39 +82,9 @@ MODEL_CONFIGS: dict[str, MAEConfig] = {
         decoder_depth=2,
         decoder_num_heads=4,
     ),
-    "vit_base": MAEConfig(
-        img_size=224,
-        patch_size=16,
-        in_chans=3,
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        decoder_embed_dim=512,
-        decoder_depth=8,
-        decoder_num_heads=16,
-    ),
-    "vit_large": MAEConfig(
-        img_size=224,
-        patch_size=16,
-        in_chans=3,
-        embed_dim=1024,
-        depth=24,
-        num_heads=16,
-        decoder_embed_dim=512,
-        decoder_depth=8,
-        decoder_num_heads=16,
-    ),
-    "vit_huge": MAEConfig(
-        img_size=224,
-        patch_size=14,
-        in_chans=3,
-        embed_dim=1280,
-        depth=32,
-        num_heads=16,
-        decoder_embed_dim=512,
-        decoder_depth=8,
-        decoder_num_heads=16,
-    ),
+    "vit_base": _paper_vit(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_large": _paper_vit(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "vit_huge": _paper_vit(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
 }
 
 
