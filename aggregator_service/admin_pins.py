@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import time
 
-from aggregator_service.registry import AdminRecord, Registry
+from aggregator_service.registry import Registry
+from aggregator_service.registry.records import AdminRecord
 from fedmae.errors import InvalidRequest
 from fedmae.pki.files import ServerCerts
 from fedmae.pki.peer import admin_certificate

@@ -24,7 +24,8 @@ from safetensors.numpy import save_file
 
 from fedmae.errors import ConfigError, VersionNotFound
 from fedmae.faults import crash_point
-from fedmae.tensor_codec import ModelLayout, payload_digest
+from fedmae.payload.digest import payload_digest
+from fedmae.payload.layout import ModelLayout
 
 log = logging.getLogger(__name__)
 

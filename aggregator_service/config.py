@@ -9,7 +9,7 @@ from pathlib import Path
 from aggregator_service.strategies import DEFAULT_STRATEGY, strategy_class
 from fedmae.config import TrainingConfig
 from fedmae.errors import ConfigError
-from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE
+from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
 
 
 @dataclass(frozen=True)

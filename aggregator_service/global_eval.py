@@ -6,10 +6,11 @@ import logging
 
 import torch
 
-from fedmae.ml.data import load_dataset
-from fedmae.ml.mae import build_model, load_trainable_state
+from fedmae.ml.loaders import load_dataset
+from fedmae.ml.model_state import load_trainable_state
+from fedmae.ml.model_zoo import build_model
 from fedmae.ml.training import evaluate
-from fedmae.tensor_codec import ModelLayout
+from fedmae.payload.layout import ModelLayout
 
 log = logging.getLogger(__name__)
 

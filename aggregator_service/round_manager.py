@@ -41,18 +41,20 @@ from fedmae.errors import (
     RoundClosedError,
     StaleUpdate,
 )
+from fedmae.payload.buffers import BufferPool
+from fedmae.payload.chunks import iter_slices
+from fedmae.payload.decoder import PayloadDecoder
+from fedmae.payload.digest import payload_digest
+from fedmae.payload.encodings import Encoding, encode, encoding_name
+from fedmae.payload.layout import ModelLayout
 from fedmae.runtime import release_free_memory
-from fedmae.tensor_codec import (
-    BufferPool,
-    ModelLayout,
-    PayloadDecoder,
-    encode,
-    encoding_name,
-    iter_slices,
-    payload_digest,
-)
 from fedmae.transport import frames as wire
 from fedmae.transport._proto import federation_pb2 as pb
+from fedmae.transport.messages import (
+    manifest_from_proto,
+    manifest_to_proto,
+    training_config_to_proto,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +130,7 @@ class RoundState:
     selected: list[str]
     deadline: float
     started: float
-    encoding: int
+    encoding: Encoding
     accepted: dict[str, ClientResult] = field(default_factory=dict)
     uploading: set[str] = field(default_factory=set)
     rejected: dict[str, str] = field(default_factory=dict)
@@ -308,7 +310,7 @@ class RoundManager:
             attempt=state.attempt,
             model_version=state.base_version,
             phase=pb.PHASE_TRAIN,
-            config=self.config.training.to_proto(),
+            config=training_config_to_proto(self.config.training),
             deadline=deadline,
             selected_clients=len(state.selected),
         )
@@ -407,7 +409,7 @@ class RoundManager:
                 selected=selected,
                 deadline=now + self.policy.round_timeout_s,
                 started=now,
-                encoding=self.config.training.to_proto().update_encoding,
+                encoding=self.config.training.encoding,
                 norm_bound=norm_bound,
             )
             # The checkpoint holds the base version and downloads stream from it, so the
@@ -502,7 +504,9 @@ class RoundManager:
                     model_published=pb.ModelPublished(
                         version=self.version,
                         round=round_,
-                        manifest=self.layout.manifest(digest=self.checkpoint.payload_digest),
+                        manifest=manifest_to_proto(
+                            self.layout.manifest(digest=self.checkpoint.payload_digest)
+                        ),
                     )
                 )
             train_loss, val_loss = (
@@ -637,7 +641,7 @@ class RoundManager:
             "val_loss": None, "eval_loss": None, "update_norm": None, "norm_bound": None,
             "weight_cap": None, "duration_s": 0.0,
             "phases": {}, "bytes_in": 0, "bytes_out": 0,
-            "encoding": encoding_name(self.config.training.to_proto().update_encoding),
+            "encoding": encoding_name(self.config.training.encoding),
             "strategy": self.strategy.name, "clients": [],
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "recovered": True,
@@ -732,7 +736,10 @@ class RoundManager:
                     self._upload_queue.remove(ticket)
                     self._cond.notify_all()
             decoder = PayloadDecoder(
-                self.layout, header.manifest, pool=self._buffers, require_digest=True
+                self.layout,
+                manifest_from_proto(header.manifest),
+                pool=self._buffers,
+                require_digest=True,
             )
             state.uploading.add(client_id)
             return UploadSession(state, client_id, header, decoder)
@@ -951,7 +958,7 @@ class RoundManager:
             return sorted(self._final_waiting)
 
     def model_stream(
-        self, version: int | None, encoding: int, chunk_size: int, offset: int = 0
+        self, version: int | None, encoding: Encoding, chunk_size: int, offset: int = 0
     ) -> tuple[pb.ModelHeader, Iterator[bytes]]:
         """Header and serialized chunk messages (``fedmae.transport.frames`` frames) of a published
         version (``None`` = the latest); fp32 is read from the checkpoint file.
@@ -963,26 +970,28 @@ class RoundManager:
             version = self.version if version is None else version
             current = self.checkpoint if version == self.version else None
         ckpt = current or self.store.describe(version, self.layout)
-        encoding = encoding or pb.ENCODING_FP32
         default = self.config.chunk_size
         chunk_size = max(min(MIN_DOWNLOAD_CHUNK, default), min(chunk_size or default, 4 * default))
-        if encoding == pb.ENCODING_FP32:
+        if encoding == Encoding.FP32:
             manifest = self.layout.manifest(encoding, digest=ckpt.payload_digest)
         else:
             payload, digest = self._encoded(version, encoding)
             manifest = self.layout.manifest(encoding, digest=digest)
         if offset > manifest.total_bytes:
             raise InvalidUpdate(f"offset {offset} is past the model's {manifest.total_bytes} bytes")
-        if encoding == pb.ENCODING_FP32:
+        if encoding == Encoding.FP32:
             chunks = self._file_chunks(ckpt, chunk_size, offset)
         else:
             chunks = iter_slices(payload, chunk_size, offset)
         header = pb.ModelHeader(
-            version=ckpt.version, round=ckpt.round, model=ckpt.model, manifest=manifest
+            version=ckpt.version,
+            round=ckpt.round,
+            model=ckpt.model,
+            manifest=manifest_to_proto(manifest),
         )
         return header, self._frames(chunks)
 
-    def _encoded(self, version: int, encoding: int) -> tuple[memoryview, str]:
+    def _encoded(self, version: int, encoding: Encoding) -> tuple[memoryview, str]:
         """A version in another encoding, made once and shared by every client that asks
         (not re-encoded per download); only the latest such payload is kept."""
         with self._cond:

@@ -29,14 +29,15 @@ from benchmarks.common import (
 )
 from client_agent.transfer import federation_stub
 from fedmae.config import TrainingConfig
-from fedmae.ml.data import batches, client_split, load_fashion_mnist
-from fedmae.ml.mae import build_model, make_optimizer
-from fedmae.ml.model_zoo import initial_state
-from fedmae.ml.training import train_local
+from fedmae.ml.fashion_mnist import load_fashion_mnist
+from fedmae.ml.model_zoo import build_model, initial_state
+from fedmae.ml.partitions import client_split
+from fedmae.ml.training import batches, make_optimizer, train_local
+from fedmae.payload.encodings import encode
+from fedmae.payload.layout import ModelLayout
 from fedmae.pki.files import ClientIdentity
 from fedmae.pki.issue import init_certs, issue_client
 from fedmae.pki.peer import certificate_info
-from fedmae.tensor_codec import ModelLayout, encode
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport.channels import open_channel
 

@@ -20,8 +20,9 @@ import torch
 from benchmarks.cases import BenchClient
 from client_agent.transfer import fetch_model, submit_update
 from fedmae.ml.model_zoo import initial_state
+from fedmae.payload.buffers import BufferPool
+from fedmae.payload.layout import ModelLayout
 from fedmae.runtime import tune_malloc
-from fedmae.tensor_codec import BufferPool, ModelLayout
 
 
 def main() -> int:

@@ -23,8 +23,10 @@ import torch
 from benchmarks.common import raw_channel, raw_download, raw_upload
 from client_agent.transfer import fetch_model, submit_update
 from fedmae.ml.model_zoo import initial_state
+from fedmae.payload.buffers import BufferPool
+from fedmae.payload.encodings import encode
+from fedmae.payload.layout import ModelLayout
 from fedmae.runtime import tune_malloc
-from fedmae.tensor_codec import BufferPool, ModelLayout, encode
 
 
 def main() -> int:

@@ -18,14 +18,18 @@ import torch
 from client_agent.transfer import federation_stub, fetch_model, submit_update
 from fedmae.config import TrainingConfig
 from fedmae.errors import ConfigError
-from fedmae.ml.data import ClientData
-from fedmae.ml.mae import build_model, load_trainable_state, make_optimizer, trainable_state
-from fedmae.ml.training import evaluate, train_local
+from fedmae.ml.model_state import load_trainable_state, trainable_state
+from fedmae.ml.model_zoo import build_model
+from fedmae.ml.partitions import ClientData
+from fedmae.ml.training import evaluate, make_optimizer, train_local
+from fedmae.payload.buffers import BufferPool
+from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
+from fedmae.payload.layout import ModelLayout
 from fedmae.pki.files import ClientIdentity
-from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE, BufferPool, ModelLayout, encoding_from_name
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport._proto import federation_pb2_grpc as pb_grpc
 from fedmae.transport.channels import open_channel
+from fedmae.transport.messages import training_config_from_proto
 from fedmae.transport.retry import CONNECTION_LOST, TRANSIENT, RetryPolicy, Verdict
 
 log = logging.getLogger(__name__)
@@ -278,7 +282,7 @@ class ClientAgent:
         return flat
 
     def _handle_task(self, stub: pb_grpc.FederationStub, task: pb.RoundTask) -> None:
-        cfg = TrainingConfig.from_proto(task.config).with_overrides(**self.config.overrides)
+        cfg = training_config_from_proto(task.config).with_overrides(**self.config.overrides)
         self._mask_ratio = cfg.mask_ratio
         log.info(
             "%s: round %d task: train version %d for %d epoch(s) on %d images",
@@ -337,7 +341,7 @@ class ClientAgent:
                 round_=task.round,
                 base_version=task.model_version,
                 num_samples=result.num_samples,
-                encoding=encoding_from_name(cfg.update_encoding),
+                encoding=cfg.encoding,
                 metrics=metrics,
                 chunk_size=self.config.chunk_size,
                 stop=self.stop_event,

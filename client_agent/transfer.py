@@ -11,18 +11,16 @@ import grpc
 import torch
 
 from fedmae.errors import InvalidUpdate
-from fedmae.tensor_codec import (
-    DEFAULT_CHUNK_SIZE,
-    BufferPool,
-    ModelLayout,
-    PayloadDecoder,
-    PayloadDigest,
-    encode,
-    iter_slices,
-)
+from fedmae.payload.buffers import BufferPool
+from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE, iter_slices
+from fedmae.payload.decoder import PayloadDecoder
+from fedmae.payload.digest import PayloadDigest
+from fedmae.payload.encodings import Encoding, encode
+from fedmae.payload.layout import ModelLayout
 from fedmae.transport import frames as wire
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport._proto import federation_pb2_grpc as pb_grpc
+from fedmae.transport.messages import encoding_to_proto, manifest_from_proto, manifest_to_proto
 from fedmae.transport.retry import CONNECTION_LOST, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -66,7 +64,7 @@ def fetch_model(
     stub: pb_grpc.FederationStub,
     layout: ModelLayout,
     version: int | None = None,
-    encoding: int = pb.ENCODING_FP32,
+    encoding: Encoding = Encoding.FP32,
     timeout: float | None = None,
     resume_attempts: int = 3,
     pool: BufferPool | None = None,
@@ -86,7 +84,9 @@ def fetch_model(
     while True:
         if header is not None:
             version = header.version
-        request = pb.FetchModelRequest(encoding=encoding, offset=decoder.received if decoder else 0)
+        request = pb.FetchModelRequest(
+            encoding=encoding_to_proto(encoding), offset=decoder.received if decoder else 0
+        )
         if version is None:
             request.latest = True
         else:
@@ -98,7 +98,8 @@ def fetch_model(
                 raise InvalidUpdate("model stream did not start with a ModelHeader")
             if header is None:
                 header = first.header
-                decoder = PayloadDecoder(layout, header.manifest, pool=pool)  # checks shapes
+                manifest = manifest_from_proto(header.manifest)
+                decoder = PayloadDecoder(layout, manifest, pool=pool)  # checks shapes
             elif first.header.manifest.digest != header.manifest.digest:
                 raise InvalidUpdate("the model changed while its download was resumed")
             for msg in stream:
@@ -132,7 +133,7 @@ def update_messages(
     round_: int,
     base_version: int,
     num_samples: int,
-    encoding: int,
+    encoding: Encoding,
     metrics: Mapping[str, float],
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Iterator[pb.UpdateMessage]:
@@ -149,7 +150,7 @@ def _header(layout, round_, base_version, num_samples, encoding, metrics) -> pb.
         round=round_,
         base_version=base_version,
         num_samples=num_samples,
-        manifest=layout.manifest(encoding),
+        manifest=manifest_to_proto(layout.manifest(encoding)),
         metrics=dict(metrics),
     )
 
@@ -175,7 +176,7 @@ def submit_update(
     round_: int,
     base_version: int,
     num_samples: int,
-    encoding: int = pb.ENCODING_FP32,
+    encoding: Encoding = Encoding.FP32,
     metrics: Mapping[str, float] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     timeout: float | None = None,

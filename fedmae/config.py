@@ -7,8 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from fedmae.errors import InvalidUpdate
-from fedmae.tensor_codec import encoding_from_name, encoding_name
-from fedmae.transport._proto import federation_pb2 as pb
+from fedmae.payload.encodings import Encoding, encoding_from_name
 
 # What a client may report with an update (``UpdateHeader.metrics``): the keys the
 # client agent sends, each with the range a real value falls in. The aggregator refuses
@@ -44,7 +43,8 @@ def check_update_metrics(metrics: Mapping[str, float]) -> None:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """Local training knobs; the server sends them with each task (``pb.TrainingConfig``)."""
+    """Local training knobs; the server sends them with each task (converted to the wire's
+    ``TrainingConfig`` by ``fedmae.transport.messages``)."""
 
     model: str = "tiny"
     local_epochs: int = 1
@@ -64,30 +64,10 @@ class TrainingConfig:
         if self.learning_rate <= 0:
             raise ValueError("learning_rate must be positive")
 
-    def to_proto(self) -> pb.TrainingConfig:
-        return pb.TrainingConfig(
-            model=self.model,
-            local_epochs=self.local_epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay,
-            mask_ratio=self.mask_ratio,
-            update_encoding=encoding_from_name(self.update_encoding),
-            max_samples=self.max_samples,
-        )
-
-    @classmethod
-    def from_proto(cls, msg: pb.TrainingConfig) -> TrainingConfig:
-        return cls(
-            model=msg.model or "tiny",
-            local_epochs=msg.local_epochs or 1,
-            batch_size=msg.batch_size or 64,
-            learning_rate=msg.learning_rate or 1e-3,
-            weight_decay=msg.weight_decay,
-            mask_ratio=msg.mask_ratio or 0.75,
-            update_encoding=encoding_name(msg.update_encoding or pb.ENCODING_FP32),
-            max_samples=msg.max_samples,
-        )
+    @property
+    def encoding(self) -> Encoding:
+        """``update_encoding`` as an ``Encoding``."""
+        return encoding_from_name(self.update_encoding)
 
     def with_overrides(self, **overrides: object) -> TrainingConfig:
         """A copy with the non-None overrides applied (a client's local settings)."""

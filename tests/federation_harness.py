@@ -21,10 +21,10 @@ from aggregator_service.rpc.server import AggregatorServer
 from aggregator_service.strategies import Strategy
 from client_agent.transfer import federation_stub, fetch_model, update_messages
 from fedmae.config import TrainingConfig
+from fedmae.payload.layout import ModelLayout
 from fedmae.pki.files import ClientIdentity
 from fedmae.pki.issue import init_certs, issue_client
 from fedmae.pki.peer import certificate_info
-from fedmae.tensor_codec import ModelLayout
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport.channels import open_channel
 

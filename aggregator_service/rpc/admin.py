@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from aggregator_service import admin_pins
-from aggregator_service.registry import AdminRecord, ClientRecord, Registry, TokenRecord
+from aggregator_service.registry import Registry
+from aggregator_service.registry.records import AdminRecord, ClientRecord, TokenRecord
 from aggregator_service.round_feed import RoundFeed
 from aggregator_service.round_log import record_json
 from aggregator_service.round_manager import RoundManager

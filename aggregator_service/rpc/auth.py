@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 import grpc
 
-from aggregator_service.registry import AdminRecord, Registry
+from aggregator_service.registry import Registry
+from aggregator_service.registry.records import AdminRecord
 from aggregator_service.rpc.rate_limit import RateLimiter
 from fedmae.errors import FedmaeError, LimitExceeded, PermissionDenied, Unauthenticated
 from fedmae.pki.files import ADMIN_ROLE, HEALTH_ROLE

@@ -15,6 +15,7 @@ from fedmae.errors import FedmaeError, InvalidRequest, InvalidUpdate, TransferId
 from fedmae.transport import frames as wire
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport._proto import federation_pb2_grpc as pb_grpc
+from fedmae.transport.messages import encoding_from_proto
 from fedmae.transport.status import status_code
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         download = self.rounds.acquire_download(client_id, context.is_active, context.cancel)
         try:
             header, chunks = self.rounds.model_stream(
-                version, request.encoding, request.chunk_size, request.offset
+                version, encoding_from_proto(request.encoding), request.chunk_size, request.offset
             )
             log.debug("client %s fetches version %d", client_id, header.version)
             download.touch()  # preparing it (encoding a version once) is not the client's idling

@@ -33,10 +33,10 @@ from aggregator_service.strategies import Strategy, make_strategy
 from aggregator_service.update_store import SPILL_FILE
 from fedmae.errors import ConfigError
 from fedmae.ml.model_zoo import initial_state
+from fedmae.payload.layout import ModelLayout
 from fedmae.pki.ca import MAX_LEAF_DAYS, CertificateAuthority
 from fedmae.pki.files import ServerCerts
 from fedmae.private_files import private_dir
-from fedmae.tensor_codec import ModelLayout
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import enrollment_pb2 as epb

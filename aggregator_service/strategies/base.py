@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from fedmae.tensor_codec import ModelLayout
+from fedmae.payload.layout import ModelLayout
 
 if TYPE_CHECKING:
     from aggregator_service.update_store import UpdateStore

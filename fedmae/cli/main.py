@@ -175,7 +175,8 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     from client_agent.agent import AgentConfig, ClientAgent
     from client_agent.enrollment import enroll, enrollment_ordinal
-    from fedmae.ml.data import client_split, load_dataset, parse_partition
+    from fedmae.ml.loaders import load_dataset
+    from fedmae.ml.partitions import client_split, parse_partition
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -20,9 +20,10 @@ import torch  # noqa: E402
 
 from aggregator_service.checkpoint_store import CheckpointStore  # noqa: E402
 from fedmae.errors import ConfigError  # noqa: E402
-from fedmae.ml.data import load_dataset  # noqa: E402
-from fedmae.ml.mae import build_model, load_trainable_state, trainable_state  # noqa: E402
-from fedmae.tensor_codec import ModelLayout  # noqa: E402
+from fedmae.ml.loaders import load_dataset  # noqa: E402
+from fedmae.ml.model_state import load_trainable_state, trainable_state  # noqa: E402
+from fedmae.ml.model_zoo import build_model  # noqa: E402
+from fedmae.payload.layout import ModelLayout  # noqa: E402
 
 log = logging.getLogger(__name__)
 

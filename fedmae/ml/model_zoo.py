@@ -5,10 +5,29 @@ from __future__ import annotations
 
 import torch
 
-from fedmae.ml.mae import build_model, trainable_state
+from fedmae.ml.mae import MaskedAutoencoderViT
+from fedmae.ml.mae_config import DEFAULT_MODEL, MAEConfig, get_config
+from fedmae.ml.model_state import trainable_state
 
 BLOB_PREFIX = "blob:"
 BLOB_TENSOR = 1 << 22  # elements per tensor of a blob model (16 MiB)
+
+
+def build_model(
+    name_or_config: str | MAEConfig = DEFAULT_MODEL, seed: int | None = None
+) -> MaskedAutoencoderViT:
+    """Build a model from a registry name or a config.
+
+    With ``seed`` set, initialisation is deterministic and does not disturb the caller's
+    global RNG state (the seeded init runs inside ``torch.random.fork_rng``).
+    """
+    cfg = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    if seed is None:
+        return MaskedAutoencoderViT(cfg)
+    # fork_rng restores the global CPU RNG afterwards; devices=[] because init happens on CPU.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MaskedAutoencoderViT(cfg)
 
 
 def is_blob(name: str) -> bool:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from fedmae.config import TrainingConfig
-from fedmae.ml.data import batches
 from fedmae.ml.mae import MaskedAutoencoderViT
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,32 @@ class TrainResult:
     num_samples: int  # samples seen per epoch: the aggregation weight
     seconds: float
     images_per_s: float
+
+
+# Parameters that must not be shrunk towards zero (the reference skips these by name too).
+_NO_DECAY_NAMES = ("cls_token", "mask_token")
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05) -> torch.optim.AdamW:
+    """AdamW with betas (0.9, 0.95), as in MAE pre-training.
+
+    Weight decay is applied to matrices only; biases, LayerNorm parameters and the cls / mask
+    tokens go in a no-decay group (group 0 decays, group 1 does not).
+    """
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.split(".")[-1] in _NO_DECAY_NAMES:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
 def train_local(
@@ -83,3 +109,33 @@ def evaluate(
         total += loss.item() * len(batch)
         count += len(batch)
     return total / max(count, 1)
+
+
+def batches(
+    images: torch.Tensor,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Yield mini-batches along dim 0 of an in-memory tensor (one pass = one epoch)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # Validate eagerly; the generator below only starts running on the first next().
+    return _iter_batches(images, batch_size, shuffle, generator, drop_last)
+
+
+def _iter_batches(
+    images: torch.Tensor,
+    batch_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None,
+    drop_last: bool,
+) -> Iterator[torch.Tensor]:
+    n = images.shape[0]
+    stop = n - n % batch_size if drop_last else n
+    order = torch.randperm(n, generator=generator) if shuffle else None
+    for start in range(0, stop, batch_size):
+        end = min(start + batch_size, n)
+        yield images[start:end] if order is None else images[order[start:end]]

@@ -12,10 +12,9 @@ from typing import Any
 
 import grpc
 
+from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
 from fedmae.pki.files import ClientIdentity
 from fedmae.transport.credentials import channel_credentials, trust_credentials
-
-DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB: payload chunks on the wire
 
 
 def grpc_options(chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[tuple[str, int]]:

@@ -16,7 +16,8 @@ from federation_harness import (
 
 from aggregator_service.round_log import RoundLog
 from client_agent.agent import AgentConfig, ClientAgent
-from fedmae.ml.data import client_split, load_fashion_mnist
+from fedmae.ml.fashion_mnist import load_fashion_mnist
+from fedmae.ml.partitions import client_split
 
 
 def _agent(port: int, identity, index: int, count: int) -> ClientAgent:

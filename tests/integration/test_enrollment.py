@@ -24,7 +24,8 @@ from federation_harness import (
     wait_until,
 )
 
-from aggregator_service.registry import MIGRATIONS, Registry
+from aggregator_service.registry import Registry
+from aggregator_service.registry.schema import MIGRATIONS
 from client_agent.enrollment import enroll
 from client_agent.transfer import submit_update
 from fedmae.errors import ConfigError

@@ -26,11 +26,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.numpy import load_file
 
 from client_agent.transfer import fetch_model, submit_update, update_messages
+from fedmae.payload.digest import payload_digest
+from fedmae.payload.encodings import encode
 from fedmae.pki.issue import init_certs, issue_client
-from fedmae.tensor_codec import encode, iter_chunks, payload_digest
 from fedmae.transport import frames as wire
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport._proto import federation_pb2_grpc as pb_grpc
+from fedmae.transport.messages import iter_chunks
 
 
 @pytest.fixture

@@ -35,7 +35,8 @@ from client_agent.agent import AgentConfig, ClientAgent
 from client_agent.enrollment import enroll
 from client_agent.transfer import submit_update
 from fedmae.errors import ConfigError
-from fedmae.ml.data import client_split, load_fashion_mnist
+from fedmae.ml.fashion_mnist import load_fashion_mnist
+from fedmae.ml.partitions import client_split
 from fedmae.pki.files import ClientIdentity, ServerCerts
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc

@@ -14,7 +14,8 @@ import pytest
 from federation_harness import TIMEOUT, ScriptedClient, make_identities, make_server
 
 from client_agent.agent import AgentConfig, ClientAgent
-from fedmae.ml.data import client_split, load_fashion_mnist
+from fedmae.ml.fashion_mnist import load_fashion_mnist
+from fedmae.ml.partitions import client_split
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import federation_pb2 as pb

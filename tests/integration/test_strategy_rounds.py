@@ -26,7 +26,7 @@ from aggregator_service.update_store import SPILL_FILE
 from client_agent.transfer import submit_update
 from fedmae.cli.main import main
 from fedmae.ml.model_zoo import initial_state
-from fedmae.tensor_codec import ModelLayout
+from fedmae.payload.layout import ModelLayout
 
 TIMEOUT = 60.0
 

@@ -29,13 +29,17 @@ from federation_harness import (
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client_agent.transfer import fetch_model, submit_update, update_messages
-from fedmae.ml.mae import build_model, trainable_state
+from fedmae.ml.model_state import trainable_state
+from fedmae.ml.model_zoo import build_model
+from fedmae.payload.digest import payload_digest
+from fedmae.payload.encodings import encode
+from fedmae.payload.layout import ModelLayout
 from fedmae.pki.files import ClientIdentity
-from fedmae.tensor_codec import ModelLayout, encode, iter_chunks, payload_digest
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport.credentials import channel_credentials
+from fedmae.transport.messages import iter_chunks
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 LAYOUT = ModelLayout.from_state(trainable_state(build_model("tiny", seed=0)))

@@ -7,8 +7,11 @@ from safetensors.numpy import load_file
 
 from aggregator_service.checkpoint_store import CheckpointStore
 from fedmae.errors import VersionNotFound
-from fedmae.ml.mae import build_model, trainable_state
-from fedmae.tensor_codec import ModelLayout, encode, payload_digest
+from fedmae.ml.model_state import trainable_state
+from fedmae.ml.model_zoo import build_model
+from fedmae.payload.digest import payload_digest
+from fedmae.payload.encodings import encode
+from fedmae.payload.layout import ModelLayout
 
 
 def _layout_and_flat(seed=0):

@@ -18,7 +18,7 @@ from aggregator_service.strategies import (
 from aggregator_service.update_store import UpdateStore
 from fedmae.cli.main import build_parser
 from fedmae.errors import ConfigError
-from fedmae.tensor_codec import ModelLayout
+from fedmae.payload.layout import ModelLayout
 
 
 def test_registry_builds_each_strategy_by_its_name():

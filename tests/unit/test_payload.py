@@ -1,4 +1,4 @@
-"""The wire codec: manifests, chunking, decoding and its refusals."""
+"""fedmae.payload: manifests, chunking, decoding and its refusals."""
 
 from __future__ import annotations
 
@@ -9,22 +9,20 @@ import pytest
 import torch
 
 from fedmae.errors import InvalidUpdate
-from fedmae.ml.mae import build_model, trainable_state
-from fedmae.tensor_codec import (
-    BufferPool,
-    ModelLayout,
-    PayloadDecoder,
-    encode,
-    encoding_from_name,
-    iter_chunks,
-    payload_digest,
-)
+from fedmae.ml.model_state import trainable_state
+from fedmae.ml.model_zoo import build_model
+from fedmae.payload.buffers import BufferPool
+from fedmae.payload.decoder import PayloadDecoder
+from fedmae.payload.digest import payload_digest
+from fedmae.payload.encodings import Encoding, encode, encoding_from_name
+from fedmae.payload.layout import ModelLayout
 from fedmae.transport._proto import federation_pb2 as pb
+from fedmae.transport.messages import iter_chunks, manifest_from_proto, manifest_to_proto
 
 ENCODINGS = {
-    pb.ENCODING_FP32: (lambda t: t, 0.0),
-    pb.ENCODING_FP16: (lambda t: t.half().float(), 1e-3),
-    pb.ENCODING_BF16: (lambda t: t.bfloat16().float(), 1e-2),
+    Encoding.FP32: (lambda t: t, 0.0),
+    Encoding.FP16: (lambda t: t.half().float(), 1e-3),
+    Encoding.BF16: (lambda t: t.bfloat16().float(), 1e-2),
 }
 
 
@@ -60,7 +58,7 @@ def test_layout_flatten_unflatten_and_manifest(layout):
     assert list(back) == sorted(state)
     for name, tensor in state.items():
         assert torch.equal(back[name], tensor)
-    m = layout.manifest(pb.ENCODING_FP16)
+    m = layout.manifest(Encoding.FP16)
     assert m.total_bytes == layout.numel * 2
     assert [t.name for t in m.tensors] == sorted(state)
     assert all(t.dtype == "float16" for t in m.tensors)
@@ -75,34 +73,40 @@ def test_fp32_encode_is_zero_copy(layout):
     assert np.frombuffer(payload, np.float32)[0] == 1.5
 
 
-def _manifest(layout, **edit):
-    m = layout.manifest(pb.ENCODING_FP32)
+def _wire_manifest(layout, **edit):
+    """The layout's manifest as it arrives (a protobuf message), with fields edited."""
+    m = manifest_to_proto(layout.manifest(Encoding.FP32))
     for key, value in edit.items():
         setattr(m, key, value)
     return m
 
 
+def _decoder(layout, wire_manifest):
+    """A decoder for a received manifest, converted as the servicers do."""
+    return PayloadDecoder(layout, manifest_from_proto(wire_manifest))
+
+
 def test_manifest_refusals(layout):
-    m = layout.manifest()
+    m = _wire_manifest(layout)
     m.tensors[3].shape[0] += 1
     with pytest.raises(InvalidUpdate, match="shape"):
-        PayloadDecoder(layout, m)
-    m = layout.manifest()
+        _decoder(layout, m)
+    m = _wire_manifest(layout)
     m.tensors[0].dtype = "float64"
     with pytest.raises(InvalidUpdate, match="dtype"):
-        PayloadDecoder(layout, m)
-    m = layout.manifest()
+        _decoder(layout, m)
+    m = _wire_manifest(layout)
     del m.tensors[-1]
     with pytest.raises(InvalidUpdate, match="tensors"):
-        PayloadDecoder(layout, m)
+        _decoder(layout, m)
     with pytest.raises(InvalidUpdate, match="in total"):
-        PayloadDecoder(layout, _manifest(layout, total_bytes=10**15))  # hostile size: no allocation
+        _decoder(layout, _wire_manifest(layout, total_bytes=10**15))  # hostile size: no allocation
     with pytest.raises(InvalidUpdate, match="unsupported encoding"):
-        PayloadDecoder(layout, _manifest(layout, encoding=9))
-    m = layout.manifest()
+        _decoder(layout, _wire_manifest(layout, encoding=9))
+    m = _wire_manifest(layout)
     m.tensors[0].name, m.tensors[1].name = m.tensors[1].name, m.tensors[0].name
     with pytest.raises(InvalidUpdate, match="sorted-name order"):
-        PayloadDecoder(layout, m)
+        _decoder(layout, m)
 
 
 def test_chunk_refusals(layout):
@@ -148,24 +152,24 @@ def test_digest_and_nan_refusals(layout):
     last = layout.entries[-1]
     bad[last.offset + 2] = float("inf")
     with pytest.raises(InvalidUpdate, match=last.name):
-        _roundtrip(layout, bad, pb.ENCODING_FP32, 1 << 20)
+        _roundtrip(layout, bad, Encoding.FP32, 1 << 20)
     overflow = torch.full((layout.numel,), 1e6)  # finite in fp32, Inf in fp16
     with pytest.raises(InvalidUpdate, match="NaN/Inf"):
-        _roundtrip(layout, overflow, pb.ENCODING_FP16, 1 << 20)
+        _roundtrip(layout, overflow, Encoding.FP16, 1 << 20)
 
 
 def test_encoding_names():
-    assert encoding_from_name("FP16") == pb.ENCODING_FP16
+    assert encoding_from_name("FP16") == Encoding.FP16
     with pytest.raises(ValueError, match="fp32"):
         encoding_from_name("int4")
 
 
 def test_int8_is_unbiased_bounded_and_small(layout):
     flat = torch.randn(layout.numel, generator=torch.Generator().manual_seed(1)) * 0.01
-    payload = encode(flat, pb.ENCODING_INT8, torch.Generator().manual_seed(2))
-    assert len(payload) == layout.manifest(pb.ENCODING_INT8).total_bytes
+    payload = encode(flat, Encoding.INT8, torch.Generator().manual_seed(2))
+    assert len(payload) == layout.manifest(Encoding.INT8).total_bytes
     assert len(payload) <= 0.26 * layout.numel * 4  # 1 byte a value + a scale per 4096
-    dec = PayloadDecoder(layout, layout.manifest(pb.ENCODING_INT8))
+    dec = PayloadDecoder(layout, layout.manifest(Encoding.INT8))
     for c in iter_chunks(payload, 100_000):
         dec.write(c)
     out = dec.finish(payload_digest(payload))
@@ -178,8 +182,8 @@ def test_int8_is_unbiased_bounded_and_small(layout):
     small = ModelLayout.from_state({"w": x})
     mean = torch.zeros_like(x)
     for seed in range(200):
-        p = encode(x, pb.ENCODING_INT8, torch.Generator().manual_seed(seed))
-        d = PayloadDecoder(small, small.manifest(pb.ENCODING_INT8))
+        p = encode(x, Encoding.INT8, torch.Generator().manual_seed(seed))
+        d = PayloadDecoder(small, small.manifest(Encoding.INT8))
         d.write(pb.Chunk(offset=0, data=bytes(p)))
         mean += d.finish() / 200
     err = (mean - x).abs().max() / (x.abs().max() / 127)
@@ -188,9 +192,9 @@ def test_int8_is_unbiased_bounded_and_small(layout):
 
 def test_int8_with_a_nan_scale_is_refused(layout):
     flat = torch.zeros(layout.numel)
-    payload = bytearray(encode(flat, pb.ENCODING_INT8))
+    payload = bytearray(encode(flat, Encoding.INT8))
     payload[0:4] = np.float32(np.nan).tobytes()
-    dec = PayloadDecoder(layout, layout.manifest(pb.ENCODING_INT8))
+    dec = PayloadDecoder(layout, layout.manifest(Encoding.INT8))
     dec.write(pb.Chunk(offset=0, data=bytes(payload)))
     with pytest.raises(InvalidUpdate, match="NaN"):
         dec.finish()
@@ -214,8 +218,8 @@ def test_buffer_pool_reuses_receive_buffers(layout):
     third.release()  # over ``keep``: dropped
     assert len(pool._free) == 1
     # fp16 decodes into a tensor of its own, so finish() frees the buffer at once
-    half = PayloadDecoder(layout, layout.manifest(pb.ENCODING_FP16), pool=pool)
-    for c in iter_chunks(encode(flat, pb.ENCODING_FP16)):
+    half = PayloadDecoder(layout, layout.manifest(Encoding.FP16), pool=pool)
+    for c in iter_chunks(encode(flat, Encoding.FP16)):
         half.write(c)
     decoded = half.finish()
     assert half._buf is None and pool._free[0].nbytes == layout.numel * 2
