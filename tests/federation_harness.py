@@ -51,8 +51,11 @@ def make_server(
     rounds: int,
     port: int = 0,
     server: dict | None = None,
+    training: TrainingConfig | None = None,
     **policy: object,
 ) -> AggregatorServer:
+    """An aggregator on 127.0.0.1 (port 0 = any) with the tiny model, not started;
+    ``server`` holds other ServerConfig fields, ``policy`` RoundPolicy fields."""
     config = ServerConfig(
         state_dir=state_dir,
         listen=f"127.0.0.1:{port}",
@@ -60,7 +63,7 @@ def make_server(
         policy=RoundPolicy(
             **{"min_clients": min_clients, "rounds": rounds, "round_timeout_s": 60.0, **policy}
         ),
-        training=TrainingConfig(model="tiny"),
+        training=training or TrainingConfig(model="tiny"),
         heartbeat_s=1.0,
         exit_grace_s=0.5,
         **(server or {}),
@@ -147,6 +150,48 @@ def make_identities(
         registry.register("test", name, info.fingerprint, info.serial, info.not_after)
     registry.close()
     return certs.dir, ids
+
+
+class Federations:
+    """Started aggregators with their scripted clients, all stopped on exit.
+
+    ``start(names, ...)`` makes a CA and a registered identity per name, starts an
+    aggregator (``min_clients`` defaults to one per name) and connects a client per
+    name; the keyword defaults given here apply to every ``start``.
+    """
+
+    def __init__(self, tmp_path: Path, **defaults: object):
+        self.tmp_path = tmp_path
+        self.defaults = defaults
+        self.made: list[tuple[AggregatorServer, dict[str, ScriptedClient]]] = []
+
+    def start(
+        self, names: list[str], **overrides: object
+    ) -> tuple[AggregatorServer, dict[str, ScriptedClient]]:
+        cfg = {**self.defaults, **overrides}
+        min_clients = cfg.pop("min_clients", len(names))
+        rounds = cfg.pop("rounds", 1)
+        subscribe = cfg.pop("subscribe", True)
+        options = cfg.pop("client_options", ())
+        training = cfg.pop("training", None)
+        certs, ids = make_identities(self.tmp_path, names)
+        server = make_server(self.tmp_path / "state", certs, min_clients, rounds,
+                             server=cfg, training=training)  # fmt: skip
+        port = server.start()
+        clients = {
+            n: ScriptedClient(port, ids[n], subscribe=subscribe, options=options) for n in names
+        }
+        self.made.append((server, clients))
+        return server, clients
+
+    def __enter__(self) -> Federations:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for server, clients in self.made:
+            for client in clients.values():
+                client.close()
+            server.stop(grace=0)
 
 
 def fetch_flat(
