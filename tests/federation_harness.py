@@ -9,10 +9,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 import torch
 
 from aggregator_service.config import RoundPolicy, ServerConfig
@@ -22,6 +24,8 @@ from client_agent.transfer import federation_stub, fetch_model, update_messages
 from fedmae.config import TrainingConfig
 from fedmae.pki import certs as tls
 from fedmae.tensor_codec import DEFAULT_CHUNK_SIZE, ModelLayout
+from fedmae.transport._proto import admin_pb2 as apb
+from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import federation_pb2 as pb
 
 TIMEOUT = 30.0
@@ -88,6 +92,42 @@ def held_upload(client, layout, delta, round_, release: threading.Event, started
     return client.stub.SubmitUpdate.future(stream(), timeout=TIMEOUT)
 
 
+def open_admin(port: int, certs: Path) -> tuple[grpc.Channel, apb_grpc.AdminStub]:
+    """A channel to the Admin service as CERTS/admin, and its stub."""
+    channel = grpc.secure_channel(
+        f"127.0.0.1:{port}", tls.channel_credentials(tls.ClientIdentity(certs / "admin"))
+    )
+    return channel, apb_grpc.AdminStub(channel)
+
+
+def tls_only_channel(address: str, ca_pem: bytes) -> grpc.Channel:
+    """A TLS channel without a client certificate, as someone who is not enrolled has."""
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca_pem))
+
+
+def code_of(call) -> grpc.StatusCode:
+    """The status code of the RpcError that ``call()`` must raise."""
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code()
+
+
+def identity_channel(port: int, identity: Path) -> grpc.Channel:
+    """An mTLS channel to 127.0.0.1:``port`` as the identity in directory ``identity``."""
+    creds = tls.channel_credentials(tls.ClientIdentity(identity))
+    return grpc.secure_channel(f"127.0.0.1:{port}", creds)
+
+
+def admin_call_error(port: int, identity: Path) -> grpc.RpcError | None:
+    """One Admin call with ``identity``: None if it was answered, else its error."""
+    with identity_channel(port, identity) as ch:
+        try:
+            apb_grpc.AdminStub(ch).Status(apb.StatusRequest(), timeout=TIMEOUT)
+        except grpc.RpcError as err:
+            return err
+    return None
+
+
 class ScriptedClient:
     """A client identity, a channel, and a background Subscribe stream."""
 
@@ -152,6 +192,16 @@ def make_identities(
     return certs.dir, ids
 
 
+@dataclass
+class Federation:
+    """One started aggregator, its port, and its scripted clients and their identities."""
+
+    server: AggregatorServer
+    port: int
+    clients: dict[str, ScriptedClient]
+    ids: dict[str, Path]
+
+
 class Federations:
     """Started aggregators with their scripted clients, all stopped on exit.
 
@@ -165,24 +215,32 @@ class Federations:
         self.defaults = defaults
         self.made: list[tuple[AggregatorServer, dict[str, ScriptedClient]]] = []
 
-    def start(
-        self, names: list[str], **overrides: object
-    ) -> tuple[AggregatorServer, dict[str, ScriptedClient]]:
+    def launch(self, names: list[str], **overrides: object) -> Federation:
+        """A started aggregator and a scripted client per name. ``policy`` holds
+        RoundPolicy fields; other keywords not named here are ServerConfig fields."""
         cfg = {**self.defaults, **overrides}
-        min_clients = cfg.pop("min_clients", len(names))
+        min_clients = cfg.pop("min_clients", None) or len(names)
         rounds = cfg.pop("rounds", 1)
         subscribe = cfg.pop("subscribe", True)
         options = cfg.pop("client_options", ())
         training = cfg.pop("training", None)
+        policy = cfg.pop("policy", {})
         certs, ids = make_identities(self.tmp_path, names)
         server = make_server(self.tmp_path / "state", certs, min_clients, rounds,
-                             server=cfg, training=training)  # fmt: skip
+                             server=cfg, training=training, **policy)  # fmt: skip
         port = server.start()
         clients = {
             n: ScriptedClient(port, ids[n], subscribe=subscribe, options=options) for n in names
         }
         self.made.append((server, clients))
-        return server, clients
+        return Federation(server, port, clients, ids)
+
+    def start(
+        self, names: list[str], **overrides: object
+    ) -> tuple[AggregatorServer, dict[str, ScriptedClient]]:
+        """``launch``, returning the server and its clients."""
+        fed = self.launch(names, **overrides)
+        return fed.server, fed.clients
 
     def __enter__(self) -> Federations:
         return self
@@ -200,6 +258,15 @@ def fetch_flat(
     """A published version (``None`` = the latest) as a flat tensor."""
     _, flat = fetch_model(client.stub, layout, version, timeout=TIMEOUT)
     return flat.clone()
+
+
+def fedavg_expected(theta: torch.Tensor, deltas: dict[str, torch.Tensor], n: dict[str, int]):
+    """θ + Σ nᵢΔᵢ / Σ nᵢ, computed independently in float64 numpy."""
+    total = sum(n.values())
+    acc = np.zeros(theta.numel(), dtype=np.float64)
+    for cid, d in deltas.items():
+        acc += n[cid] * d.numpy().astype(np.float64)
+    return theta.numpy().astype(np.float64) + acc / total
 
 
 def random_delta(layout: ModelLayout, seed: int, scale: float = 0.01) -> torch.Tensor:
