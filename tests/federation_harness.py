@@ -20,6 +20,7 @@ import torch
 from aggregator_service.config import RoundPolicy, ServerConfig
 from aggregator_service.registry import Registry
 from aggregator_service.rpc.server import AggregatorServer, grpc_options
+from client_agent.enrollment import enroll
 from client_agent.transfer import federation_stub, fetch_model, update_messages
 from fedmae.config import TrainingConfig
 from fedmae.pki import certs as tls
@@ -126,6 +127,11 @@ def admin_call_error(port: int, identity: Path) -> grpc.RpcError | None:
         except grpc.RpcError as err:
             return err
     return None
+
+
+def raised_status(excinfo) -> grpc.StatusCode:
+    """The status code of the RpcError a ``pytest.raises`` block caught."""
+    return excinfo.value.code()
 
 
 class ScriptedClient:
@@ -250,6 +256,43 @@ class Federations:
             for client in clients.values():
                 client.close()
             server.stop(grace=0)
+
+
+class EnrollmentFederation:
+    """A running aggregator (no pre-registered clients) and the operator's admin stub."""
+
+    def __init__(self, tmp_path, min_clients=1, rounds=1, **policy):
+        self.tmp = tmp_path
+        self.certs = tls.init_certs(tmp_path / "certs")
+        self.server = make_server(tmp_path / "state", self.certs.dir, min_clients, rounds, **policy)
+        self.port = self.server.start()
+        self.enroll_addr = f"127.0.0.1:{self.server.enroll_port}"
+        self.admin_channel = grpc.secure_channel(
+            f"127.0.0.1:{self.port}",
+            tls.channel_credentials(tls.ClientIdentity(self.certs.dir / "admin")),
+        )
+        self.admin = apb_grpc.AdminStub(self.admin_channel)
+        self.ca_pem = self.certs.ca_cert.read_bytes()
+        self.clients: list[ScriptedClient] = []
+
+    def token(self, name: str = "", ttl: int = 3600, uses: int = 1) -> str:
+        req = apb.CreateTokenRequest(name=name, ttl_seconds=ttl, uses=uses)
+        return self.admin.CreateToken(req, timeout=TIMEOUT).token
+
+    def enroll(self, token: str, name: str = "", out: str | None = None):
+        return enroll(self.enroll_addr, self.ca_pem, token, self.tmp / "ids" / (out or name or
+                      "anon"), name=name)  # fmt: skip
+
+    def connect(self, identity_dir, subscribe=True) -> ScriptedClient:
+        client = ScriptedClient(self.port, identity_dir, subscribe=subscribe)
+        self.clients.append(client)
+        return client
+
+    def close(self):
+        for c in self.clients:
+            c.close()
+        self.admin_channel.close()
+        self.server.stop(grace=0)
 
 
 def fetch_flat(

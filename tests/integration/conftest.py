@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from federation_harness import Federations
+from federation_harness import EnrollmentFederation, Federations
 
 
 @pytest.fixture
@@ -20,3 +20,18 @@ def cluster(tmp_path):
             return fed.server, fed.port, fed.clients, fed.ids
 
         yield start
+
+
+@pytest.fixture
+def fed(tmp_path):
+    """Factory: a running aggregator with no pre-registered clients, and the operator's
+    admin stub (``EnrollmentFederation``); all closed at teardown."""
+    made = []
+
+    def start(**kwargs) -> EnrollmentFederation:
+        made.append(EnrollmentFederation(tmp_path, **kwargs))
+        return made[-1]
+
+    yield start
+    for f in made:
+        f.close()
