@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 PROTOS  := $(wildcard proto/fedmae/v1/*.proto)
 
-.PHONY: demo test lint proto data clean wheels compose-test crash-resume bench bench-quick
+.PHONY: demo test test-fast lint proto data clean wheels compose-test crash-resume bench bench-quick
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ demo: $(STAMP) data
 test: $(STAMP) data
 	$(BIN)/python -m pytest -q
 
+# Unit and integration tests without the slow system tests (processes, kill -9, demo, compose).
+test-fast: $(STAMP) data
+	$(BIN)/python -m pytest -q -m "not slow" tests/unit tests/integration
+
 # The docker compose cluster on a real Docker engine, offline (installs docker.io).
 compose-test: $(STAMP) data
 	$(BIN)/python scripts/compose_test.py
@@ -50,9 +54,11 @@ bench-quick: $(STAMP) data
 wheels: $(STAMP)
 	$(BIN)/python scripts/compose_test.py wheels
 
+# Style, and the layering contracts in pyproject.toml ([tool.importlinter]).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 # Regenerate fedmae/transport/_proto from proto/ (the committed code must match: tests/test_proto.py checks).
 proto: $(STAMP)

@@ -9,24 +9,30 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 import torch
 
 from aggregator_service.config import RoundPolicy, ServerConfig
 from aggregator_service.registry import Registry
 from aggregator_service.rpc.server import AggregatorServer
 from aggregator_service.strategies import Strategy
+from client_agent.enrollment import enroll
 from client_agent.transfer import federation_stub, fetch_model, update_messages
 from fedmae.config import TrainingConfig
 from fedmae.payload.layout import ModelLayout
 from fedmae.pki.files import ClientIdentity
 from fedmae.pki.issue import init_certs, issue_client
 from fedmae.pki.peer import certificate_info
+from fedmae.transport._proto import admin_pb2 as apb
+from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport.channels import open_channel
+from fedmae.transport.credentials import channel_credentials
 
 TIMEOUT = 30.0
 # Channel options of a client that holds downloads unread: without BDP probing its
@@ -55,9 +61,12 @@ def make_server(
     rounds: int,
     port: int = 0,
     server: dict | None = None,
+    training: TrainingConfig | None = None,
     strategy: Strategy | None = None,
     **policy: object,
 ) -> AggregatorServer:
+    """An aggregator on 127.0.0.1 (port 0 = any) with the tiny model, not started;
+    ``server`` holds other ServerConfig fields, ``policy`` RoundPolicy fields."""
     config = ServerConfig(
         state_dir=state_dir,
         listen=f"127.0.0.1:{port}",
@@ -65,7 +74,7 @@ def make_server(
         policy=RoundPolicy(
             **{"min_clients": min_clients, "rounds": rounds, "round_timeout_s": 60.0, **policy}
         ),
-        training=TrainingConfig(model="tiny"),
+        training=training or TrainingConfig(model="tiny"),
         heartbeat_s=1.0,
         exit_grace_s=0.5,
         **(server or {}),
@@ -88,6 +97,47 @@ def held_upload(client, layout, delta, round_, release: threading.Event, started
         yield from msgs[2:]
 
     return client.stub.SubmitUpdate.future(stream(), timeout=TIMEOUT)
+
+
+def open_admin(port: int, certs: Path) -> tuple[grpc.Channel, apb_grpc.AdminStub]:
+    """A channel to the Admin service as CERTS/admin, and its stub."""
+    channel = grpc.secure_channel(
+        f"127.0.0.1:{port}", channel_credentials(ClientIdentity(certs / "admin"))
+    )
+    return channel, apb_grpc.AdminStub(channel)
+
+
+def tls_only_channel(address: str, ca_pem: bytes) -> grpc.Channel:
+    """A TLS channel without a client certificate, as someone who is not enrolled has."""
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca_pem))
+
+
+def code_of(call) -> grpc.StatusCode:
+    """The status code of the RpcError that ``call()`` must raise."""
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code()
+
+
+def identity_channel(port: int, identity: Path) -> grpc.Channel:
+    """An mTLS channel to 127.0.0.1:``port`` as the identity in directory ``identity``."""
+    creds = channel_credentials(ClientIdentity(identity))
+    return grpc.secure_channel(f"127.0.0.1:{port}", creds)
+
+
+def admin_call_error(port: int, identity: Path) -> grpc.RpcError | None:
+    """One Admin call with ``identity``: None if it was answered, else its error."""
+    with identity_channel(port, identity) as ch:
+        try:
+            apb_grpc.AdminStub(ch).Status(apb.StatusRequest(), timeout=TIMEOUT)
+        except grpc.RpcError as err:
+            return err
+    return None
+
+
+def raised_status(excinfo) -> grpc.StatusCode:
+    """The status code of the RpcError a ``pytest.raises`` block caught."""
+    return excinfo.value.code()
 
 
 class ScriptedClient:
@@ -150,12 +200,118 @@ def make_identities(
     return certs.dir, ids
 
 
+@dataclass
+class Federation:
+    """One started aggregator, its port, and its scripted clients and their identities."""
+
+    server: AggregatorServer
+    port: int
+    clients: dict[str, ScriptedClient]
+    ids: dict[str, Path]
+
+
+class Federations:
+    """Started aggregators with their scripted clients, all stopped on exit.
+
+    ``start(names, ...)`` makes a CA and a registered identity per name, starts an
+    aggregator (``min_clients`` defaults to one per name) and connects a client per
+    name; the keyword defaults given here apply to every ``start``.
+    """
+
+    def __init__(self, tmp_path: Path, **defaults: object):
+        self.tmp_path = tmp_path
+        self.defaults = defaults
+        self.made: list[tuple[AggregatorServer, dict[str, ScriptedClient]]] = []
+
+    def launch(self, names: list[str], **overrides: object) -> Federation:
+        """A started aggregator and a scripted client per name. ``policy`` holds
+        RoundPolicy fields; other keywords not named here are ServerConfig fields."""
+        cfg = {**self.defaults, **overrides}
+        min_clients = cfg.pop("min_clients", None) or len(names)
+        rounds = cfg.pop("rounds", 1)
+        subscribe = cfg.pop("subscribe", True)
+        options = cfg.pop("client_options", ())
+        training = cfg.pop("training", None)
+        policy = cfg.pop("policy", {})
+        certs, ids = make_identities(self.tmp_path, names)
+        server = make_server(self.tmp_path / "state", certs, min_clients, rounds,
+                             server=cfg, training=training, **policy)  # fmt: skip
+        port = server.start()
+        clients = {
+            n: ScriptedClient(port, ids[n], subscribe=subscribe, options=options) for n in names
+        }
+        self.made.append((server, clients))
+        return Federation(server, port, clients, ids)
+
+    def start(
+        self, names: list[str], **overrides: object
+    ) -> tuple[AggregatorServer, dict[str, ScriptedClient]]:
+        """``launch``, returning the server and its clients."""
+        fed = self.launch(names, **overrides)
+        return fed.server, fed.clients
+
+    def __enter__(self) -> Federations:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for server, clients in self.made:
+            for client in clients.values():
+                client.close()
+            server.stop(grace=0)
+
+
+class EnrollmentFederation:
+    """A running aggregator (no pre-registered clients) and the operator's admin stub."""
+
+    def __init__(self, tmp_path, min_clients=1, rounds=1, **policy):
+        self.tmp = tmp_path
+        self.certs = init_certs(tmp_path / "certs")
+        self.server = make_server(tmp_path / "state", self.certs.dir, min_clients, rounds, **policy)
+        self.port = self.server.start()
+        self.enroll_addr = f"127.0.0.1:{self.server.enroll_port}"
+        self.admin_channel = grpc.secure_channel(
+            f"127.0.0.1:{self.port}",
+            channel_credentials(ClientIdentity(self.certs.dir / "admin")),
+        )
+        self.admin = apb_grpc.AdminStub(self.admin_channel)
+        self.ca_pem = self.certs.ca_cert.read_bytes()
+        self.clients: list[ScriptedClient] = []
+
+    def token(self, name: str = "", ttl: int = 3600, uses: int = 1) -> str:
+        req = apb.CreateTokenRequest(name=name, ttl_seconds=ttl, uses=uses)
+        return self.admin.CreateToken(req, timeout=TIMEOUT).token
+
+    def enroll(self, token: str, name: str = "", out: str | None = None):
+        return enroll(self.enroll_addr, self.ca_pem, token, self.tmp / "ids" / (out or name or
+                      "anon"), name=name)  # fmt: skip
+
+    def connect(self, identity_dir, subscribe=True) -> ScriptedClient:
+        client = ScriptedClient(self.port, identity_dir, subscribe=subscribe)
+        self.clients.append(client)
+        return client
+
+    def close(self):
+        for c in self.clients:
+            c.close()
+        self.admin_channel.close()
+        self.server.stop(grace=0)
+
+
 def fetch_flat(
     client: ScriptedClient, layout: ModelLayout, version: int | None = None
 ) -> torch.Tensor:
     """A published version (``None`` = the latest) as a flat tensor."""
     _, flat = fetch_model(client.stub, layout, version, timeout=TIMEOUT)
     return flat.clone()
+
+
+def fedavg_expected(theta: torch.Tensor, deltas: dict[str, torch.Tensor], n: dict[str, int]):
+    """θ + Σ nᵢΔᵢ / Σ nᵢ, computed independently in float64 numpy."""
+    total = sum(n.values())
+    acc = np.zeros(theta.numel(), dtype=np.float64)
+    for cid, d in deltas.items():
+        acc += n[cid] * d.numpy().astype(np.float64)
+    return theta.numpy().astype(np.float64) + acc / total
 
 
 def random_delta(layout: ModelLayout, seed: int, scale: float = 0.01) -> torch.Tensor:

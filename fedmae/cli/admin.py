@@ -40,7 +40,7 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--identity",
         default=os.environ.get("FEDMAE_ADMIN_IDENTITY"),
-        help="the admin identity directory, CERTS/admin (env FEDMAE_ADMIN_IDENTITY)",
+        help="the admin identity directory, CERTS/admin (env FEDMAE_ADMIN_IDENTITY; no default)",
     )
 
 
@@ -232,14 +232,20 @@ def build(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("token", help="enrollment tokens (admin)")
     tsub = t.add_subparsers(dest="token_command", required=True)
     tc = tsub.add_parser("create", help="make a one-time enrollment token (printed once)")
-    tc.add_argument("--name", help="bind the token to this client id")
+    tc.add_argument(
+        "--name", help="bind the token to this client id (default: any name the client asks for)"
+    )
     tc.add_argument("--ttl", default="1h", help="validity, e.g. 30m, 1h, 7d (default 1h)")
     tc.add_argument("--uses", type=int, default=1, help="enrollments allowed (default 1)")
     tc.add_argument(
-        "--state-dir", help="write into this aggregator state dir directly (server not running)"
+        "--state-dir",
+        help="write into this aggregator state dir directly (server not running; default: "
+        "through the running server)",
     )
     tl = tsub.add_parser("list", help="tokens that can still be used")
-    tl.add_argument("--all", action="store_true", help="also expired, used-up and revoked")
+    tl.add_argument(
+        "--all", action="store_true", help="also expired, used-up and revoked (default off)"
+    )
     tr = tsub.add_parser("revoke", help="revoke a token by its id")
     tr.add_argument("token_id")
     for p in (tc, tl, tr):
@@ -253,7 +259,9 @@ def build(sub: argparse._SubParsersAction) -> None:
     cs.add_argument("client_id")
     cr = csub.add_parser("revoke", help="revoke a client: refused from its next call on")
     cr.add_argument("client_id")
-    cr.add_argument("--reason", help="recorded in the audit log and shown to the client")
+    cr.add_argument(
+        "--reason", help="recorded in the audit log and shown to the client (default: none)"
+    )
     for p in (cl, cs, cr):
         add_connection_args(p)
         p.set_defaults(func=cmd_clients)
@@ -275,7 +283,9 @@ def build(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=cmd_admins)
 
     a = sub.add_parser("audit", help="the audit log (admin)")
-    a.add_argument("--limit", type=int, default=100)
-    a.add_argument("--json", action="store_true")
+    a.add_argument(
+        "--limit", type=int, default=100, help="newest entries to show (default %(default)s)"
+    )
+    a.add_argument("--json", action="store_true", help="one JSON object per line (default off)")
     add_connection_args(a)
     a.set_defaults(func=cmd_audit)

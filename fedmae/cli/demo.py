@@ -8,6 +8,7 @@ Ctrl-C.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from fedmae.cli import ENCODING_NAMES
 from fedmae.pki.files import ClientIdentity, ServerCerts
 from fedmae.pki.issue import init_certs
 from fedmae.transport.channels import open_channel
@@ -308,3 +310,46 @@ def _summary(cfg: DemoConfig, state: Path, records: list[dict], server_rc: int, 
         f"report:      {report.summary} (loss, phases, bytes, clients, reconstructions)"
     )
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(
+        DemoConfig(
+            clients=args.clients,
+            rounds=args.rounds,
+            state_dir=Path(args.state_dir),
+            dirichlet=args.dirichlet,
+            images_per_client=args.images_per_client,
+            local_epochs=args.local_epochs,
+            data=args.data,
+            encoding=args.encoding,
+            fresh=not args.keep_state,
+        )
+    )
+
+
+def build(sub: argparse._SubParsersAction) -> None:
+    """Add ``demo`` to the ``fedmae`` parser."""
+    D = " (default %(default)s)"
+    d = sub.add_parser("demo", help="a real federated cluster on this machine, over mTLS")
+    d.add_argument("--clients", type=int, default=3, help="client processes" + D)
+    d.add_argument("--rounds", type=int, default=5, help="rounds to run" + D)
+    d.add_argument("--state-dir", default="demo-state", help="the aggregator's state directory" + D)
+    d.add_argument(
+        "--dirichlet", type=float, help="non-IID shards with Dirichlet(alpha) (default: IID)"
+    )
+    d.add_argument(
+        "--images-per-client",
+        type=int,
+        default=2000,
+        help="images per client, training and validation" + D,
+    )
+    d.add_argument("--local-epochs", type=int, default=1, help="epochs per round" + D)
+    d.add_argument(
+        "--data", default="fashion-mnist", help="fashion-mnist, a folder or .npy/.npz" + D
+    )
+    d.add_argument("--encoding", default="fp32", choices=ENCODING_NAMES, help="update encoding" + D)
+    d.add_argument(
+        "--keep-state", action="store_true", help="resume instead of starting fresh (default off)"
+    )
+    d.set_defaults(func=cmd_demo, role="demo")

@@ -206,11 +206,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def build(sub: argparse._SubParsersAction) -> None:
     w = sub.add_parser("watch", help="live view of the rounds (admin)")
-    w.add_argument("--json", action="store_true", help="print each closed round as a JSON line")
-    w.add_argument("--from-round", type=int, default=0, help="replay from this round (0 = all)")
+    w.add_argument(
+        "--json", action="store_true", help="print each closed round as a JSON line (default off)"
+    )
+    w.add_argument(
+        "--from-round",
+        type=int,
+        default=0,
+        help="replay from this round (0 = all; default %(default)s)",
+    )
     add_connection_args(w)
     w.set_defaults(func=cmd_watch)
     st = sub.add_parser("status", help="one snapshot of the run (admin)")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="one JSON object (default off)")
     add_connection_args(st)
     st.set_defaults(func=cmd_status)

@@ -20,187 +20,26 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from federation_harness import (
     TIMEOUT,
     ScriptedClient,
+    code_of,
     make_identities,
     make_server,
+    open_admin,
     random_delta,
+    tls_only_channel,
     wait_until,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from aggregator_service.config import ServerConfig
-from aggregator_service.rpc.rate_limit import peer_address
-from aggregator_service.rpc.server import ENROLL_WORKERS
 from client_agent.agent import AgentConfig, ClientAgent
-from client_agent.enrollment import enroll
 from client_agent.transfer import submit_update
 from fedmae.errors import ConfigError
 from fedmae.ml.fashion_mnist import load_fashion_mnist
 from fedmae.ml.partitions import client_split
-from fedmae.pki.files import ClientIdentity, ServerCerts
+from fedmae.pki.files import ServerCerts
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
-from fedmae.transport._proto import enrollment_pb2 as epb
-from fedmae.transport._proto import enrollment_pb2_grpc as epb_grpc
-from fedmae.transport.credentials import channel_credentials
-
-FLOOD = Path(__file__).parent.parent / "enrollment_flood.py"
-
-
-def _admin(port: int, certs: Path) -> tuple[grpc.Channel, apb_grpc.AdminStub]:
-    channel = grpc.secure_channel(
-        f"127.0.0.1:{port}", channel_credentials(ClientIdentity(certs / "admin"))
-    )
-    return channel, apb_grpc.AdminStub(channel)
-
-
-def _timed_status(admin: apb_grpc.AdminStub) -> tuple[apb.StatusResponse, float]:
-    t0 = time.monotonic()
-    status = admin.Status(apb.StatusRequest(), timeout=2.0)  # DEADLINE_EXCEEDED fails the test
-    return status, time.monotonic() - t0
-
-
-def _tls_only(address: str, ca_pem: bytes) -> grpc.Channel:
-    """A TLS channel without a client certificate, as someone who is not enrolled has."""
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca_pem))
-
-
-def _code(call) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    return err.value.code()
-
-
-class FloodProcess:
-    """``tests/enrollment_flood.py`` in a process of its own; JSON lines both ways."""
-
-    def __init__(self, address: str, ca: Path, watches: int, held: int):
-        self.proc = subprocess.Popen(
-            [sys.executable, str(FLOOD), "--address", address, "--ca", str(ca),
-             "--watches", str(watches), "--held", str(held), "--max-seconds", "120"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        # Once every watch is answered or refused (or --settle passed: 20 s).
-        self.started = json.loads(self.proc.stdout.readline())
-        assert self.started["started"] == watches + held
-
-    def report(self) -> dict:
-        self.proc.stdin.write("report\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write("stop\n")
-            self.proc.stdin.close()
-            self.proc.wait(timeout=30)
-
-
-def test_f1_enrollment_flood_does_not_stall_the_federation(tmp_path):
-    """3,000 Health.Watch streams and 24 Enroll calls that never send their request hit
-    the enrollment port (TLS, no client certificate); meanwhile an enrolled client
-    completes a round and admin Status answers within 2 s. On one shared 2048-thread
-    server the streams took every handler thread and Status hit DEADLINE_EXCEEDED."""
-    watches, held = 3000, 24
-    certs, ids = make_identities(tmp_path, ["a"])
-    server = make_server(tmp_path / "state", certs, min_clients=1, rounds=1)
-    port = server.start()
-    admin_channel, admin = _admin(port, certs)
-    client = ScriptedClient(port, ids["a"])
-    flood = None
-    try:
-        task = client.wait_for("task").task
-        flood = FloodProcess(f"127.0.0.1:{server.enroll_port}", certs / "ca.pem", watches, held)
-        status, seconds = _timed_status(admin)
-        assert status.round == 1 and seconds < 2.0
-        submit_update(
-            client.stub, server.layout, random_delta(server.layout, 1), round_=1,
-            base_version=task.model_version, num_samples=5, timeout=TIMEOUT,
-        )  # fmt: skip
-        client.wait_for("model_published", version=1)
-        report = wait_until(
-            lambda: (
-                (r := flood.report())["open"]["watch"] == 0
-                and sum(r["codes"]["held"].values()) == held - ENROLL_WORKERS
-                and r
-            ),
-            "the flood to be answered",
-        )
-        # The flood is still there: every handler thread of the enrollment port is held.
-        assert report["open"]["held"] == ENROLL_WORKERS
-        status, seconds = _timed_status(admin)
-        assert status.version == 1 and seconds < 2.0
-        # No watch was served (Health is not on that port), streams over the per-
-        # connection cap were refused, and calls over ENROLL_WORKERS got RESOURCE_EXHAUSTED.
-        assert flood.started["in_place"] == watches and report["answered"] == 0
-        watch_codes = report["codes"]["watch"]
-        assert set(watch_codes) <= {"UNIMPLEMENTED", "UNAVAILABLE"}  # refused streams
-        assert sum(watch_codes.values()) == watches and watch_codes["UNIMPLEMENTED"] > 0
-        assert report["codes"]["held"] == {"RESOURCE_EXHAUSTED": held - ENROLL_WORKERS}
-    finally:
-        if flood is not None:
-            flood.stop()
-        client.close()
-        admin_channel.close()
-        server.stop(grace=0)
-
-
-def test_f1_enrollment_port_serves_enrollment_only_with_small_limits(tmp_path):
-    certs, _ = make_identities(tmp_path, [])
-    # 0.1 enrollments per second per address: one call, then nothing for 10 s.
-    server = make_server(tmp_path / "state", certs, 1, 1, server={"enroll_rate": 0.1})
-    server.start()
-    channel = _tls_only(f"127.0.0.1:{server.enroll_port}", (certs / "ca.pem").read_bytes())
-    try:
-        health = health_pb2_grpc.HealthStub(channel)
-        check = health_pb2.HealthCheckRequest()
-        assert _code(lambda: health.Check(check, timeout=TIMEOUT)) == grpc.StatusCode.UNIMPLEMENTED
-        admin = apb_grpc.AdminStub(channel)
-        status = apb.StatusRequest()
-        assert _code(lambda: admin.Status(status, timeout=TIMEOUT)) == grpc.StatusCode.UNIMPLEMENTED
-        enroll = epb_grpc.EnrollmentStub(channel).Enroll
-        # Over the message cap (a CSR, a token and a few labels are under 2 KB): refused
-        # before it is parsed, and before it counts against the rate.
-        huge = epb.EnrollRequest(token="fmt_x", labels={"blob": "x" * (100 << 10)})
-        with pytest.raises(grpc.RpcError) as too_big:
-            enroll(huge, timeout=TIMEOUT)
-        assert too_big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        bogus = epb.EnrollRequest(token="fmt_00000000_" + "x" * 43)
-        with pytest.raises(grpc.RpcError) as first:
-            enroll(bogus, timeout=TIMEOUT)
-        assert first.value.code() == grpc.StatusCode.UNAUTHENTICATED  # checked, refused
-        with pytest.raises(grpc.RpcError) as second:
-            enroll(bogus, timeout=TIMEOUT)
-        assert second.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "more than 0.1 requests per second from 127.0.0.1" in second.value.details()
-    finally:
-        channel.close()
-        server.stop(grace=0)
-
-
-def test_f1_enroll_waits_out_the_rate_limit(tmp_path, caplog):
-    """A script enrolling many devices from one address is slowed down, not refused:
-    ``enroll`` waits and tries again on RESOURCE_EXHAUSTED."""
-    certs, _ = make_identities(tmp_path, [])
-    server = make_server(tmp_path / "state", certs, 1, 1, server={"enroll_rate": 2.0})
-    port = server.start()
-    admin_channel, admin = _admin(port, certs)
-    ca_pem = (certs / "ca.pem").read_bytes()
-    try:
-        request = apb.CreateTokenRequest(uses=7, ttl_seconds=600)
-        token = admin.CreateToken(request, timeout=TIMEOUT).token
-        with caplog.at_level("INFO", logger="client_agent.enrollment"):
-            enrolled = {
-                enroll(
-                    f"127.0.0.1:{server.enroll_port}", ca_pem, token, tmp_path / f"d{i}"
-                ).client_id
-                for i in range(7)  # a burst of 4 passes, then 2 per second
-            }
-        assert len(enrolled) == 7
-        assert "enrollment port busy" in caplog.text
-    finally:
-        admin_channel.close()
-        server.stop(grace=0)
 
 
 def _services(channel: grpc.Channel) -> set[str]:
@@ -216,7 +55,7 @@ def test_f1_reflection_only_when_asked_and_only_on_the_mtls_port(tmp_path, refle
     server = make_server(tmp_path / "state", certs, 2, 1, server={"reflection": reflection})
     port = server.start()
     client = ScriptedClient(port, ids["a"], subscribe=False)
-    outsider = _tls_only(f"127.0.0.1:{server.enroll_port}", (certs / "ca.pem").read_bytes())
+    outsider = tls_only_channel(f"127.0.0.1:{server.enroll_port}", (certs / "ca.pem").read_bytes())
     try:
         if reflection:
             assert _services(client.channel) == {
@@ -224,20 +63,12 @@ def test_f1_reflection_only_when_asked_and_only_on_the_mtls_port(tmp_path, refle
                 "grpc.reflection.v1alpha.ServerReflection",
             }  # fmt: skip
         else:
-            assert _code(lambda: _services(client.channel)) == grpc.StatusCode.UNIMPLEMENTED
-        assert _code(lambda: _services(outsider)) == grpc.StatusCode.UNIMPLEMENTED
+            assert code_of(lambda: _services(client.channel)) == grpc.StatusCode.UNIMPLEMENTED
+        assert code_of(lambda: _services(outsider)) == grpc.StatusCode.UNIMPLEMENTED
     finally:
         client.close()
         outsider.close()
         server.stop(grace=0)
-
-
-def test_f1_peer_address_is_the_rate_limit_key():
-    assert peer_address("ipv4:203.0.113.7:51234") == "203.0.113.7"
-    assert peer_address("ipv6:[2001:db8:1:2:3:4:5:6]:443") == "2001:db8:1:2::/64"
-    assert peer_address("ipv6:[::ffff:198.51.100.1]:443") == "198.51.100.1"
-    assert peer_address("ipv6:[::1]:50052") == "::/64"
-    assert peer_address("unix:/tmp/socket") == "unix:/tmp/socket"
 
 
 def test_f1_agent_backs_off_while_the_server_is_at_its_call_limit(tmp_path):
@@ -247,7 +78,7 @@ def test_f1_agent_backs_off_while_the_server_is_at_its_call_limit(tmp_path):
     certs, ids = make_identities(tmp_path, ["s1"])
     server = make_server(tmp_path / "state", certs, 1, 1, server={"max_workers": 3})
     port = server.start()
-    admin_channel, admin = _admin(port, certs)
+    admin_channel, admin = open_admin(port, certs)
     watches = [
         admin.WatchRounds(apb.WatchRoundsRequest(follow=True), timeout=TIMEOUT) for _ in range(3)
     ]
@@ -422,7 +253,7 @@ def test_f13_insecure_mode_serves_no_admin(tmp_path):
             lambda: admin.CreateToken(apb.CreateTokenRequest(), timeout=TIMEOUT),
             lambda: admin.ListClients(apb.ListClientsRequest(), timeout=TIMEOUT),
         ):
-            assert _code(call) == grpc.StatusCode.UNIMPLEMENTED
+            assert code_of(call) == grpc.StatusCode.UNIMPLEMENTED
         assert server.enroll_port is None
     finally:
         channel.close()

@@ -22,13 +22,14 @@ import pytest
 import torch
 from federation_harness import (
     TIMEOUT,
+    Federations,
     ScriptedClient,
     fetch_flat,
-    make_identities,
+    make_server,
     random_delta,
 )
 
-from aggregator_service.config import RoundPolicy, ServerConfig
+from aggregator_service.config import ServerConfig
 from aggregator_service.rpc.server import AggregatorServer
 from aggregator_service.update_bounds import UpdateBounds, parse_norm_bound
 from client_agent.transfer import submit_update
@@ -38,41 +39,11 @@ from fedmae.config import TrainingConfig
 DEFAULTS = ServerConfig(state_dir=Path("."))
 
 
-def _server(tmp: Path, certs: Path, min_clients: int, rounds: int, **config) -> AggregatorServer:
-    training = config.pop("training", TrainingConfig(model="tiny"))
-    return AggregatorServer(
-        ServerConfig(
-            state_dir=tmp / "state",
-            listen="127.0.0.1:0",
-            certs_dir=certs,
-            policy=RoundPolicy(min_clients=min_clients, rounds=rounds, round_timeout_s=60.0),
-            training=training,
-            heartbeat_s=1.0,
-            exit_grace_s=0.5,
-            max_requests_per_s=0,
-            **config,
-        )
-    )
-
-
 @pytest.fixture
 def federation(tmp_path):
     """Factory: a started aggregator and subscribed scripted sites; all torn down."""
-    made: list = []
-
-    def start(names: list[str], rounds: int = 1, **config):
-        certs, ids = make_identities(tmp_path, names)
-        server = _server(tmp_path, certs, len(names), rounds, **config)
-        port = server.start()
-        clients = {n: ScriptedClient(port, ids[n]) for n in names}
-        made.append((server, clients))
-        return server, clients
-
-    yield start
-    for server, clients in made:
-        for c in clients.values():
-            c.close()
-        server.stop(grace=0)
+    with Federations(tmp_path, max_requests_per_s=0) as federations:
+        yield federations.start
 
 
 def _send(client: ScriptedClient, layout, delta, n: int, round_: int = 1, base: int = 0):
@@ -211,7 +182,9 @@ def test_f2_auto_bound_follows_the_last_round_and_leaves_honest_updates_untouche
     for c in clients.values():
         c.close()
     server.stop(grace=0)
-    again = _server(tmp_path, tmp_path / "certs", 3, 3)
+    again = make_server(
+        tmp_path / "state", tmp_path / "certs", 3, 3, server={"max_requests_per_s": 0}
+    )
     try:
         folded = sorted(min(c["update_norm"], rec2["norm_bound"]) for c in rec2["clients"])
         assert again.rounds.bounds.round_bound(3, lambda: theta[2]) == pytest.approx(

@@ -14,10 +14,9 @@ import pytest
 from federation_harness import (
     TIMEOUT,
     UNREAD_DOWNLOADS,
+    Federations,
     ScriptedClient,
     held_upload,
-    make_identities,
-    make_server,
     random_delta,
     wait_until,
 )
@@ -30,25 +29,11 @@ from fedmae.transport._proto import federation_pb2 as pb
 
 @pytest.fixture
 def federation(tmp_path):
-    """Factory: a started server and its clients; all torn down."""
-    made: list = []
-
-    def start(names: list[str], min_clients: int = 1, subscribe: bool = False, **server_cfg):
-        certs, ids = make_identities(tmp_path, names)
-        server = make_server(tmp_path / "state", certs, min_clients, 1, server=server_cfg)
-        port = server.start()
-        clients = {
-            n: ScriptedClient(port, ids[n], subscribe=subscribe, options=UNREAD_DOWNLOADS)
-            for n in names
-        }
-        made.append((server, clients))
-        return server, clients
-
-    yield start
-    for server, clients in made:
-        for c in clients.values():
-            c.close()
-        server.stop(grace=0)
+    """Factory: a started server and its clients (one client starts a round, none
+    subscribes unless asked, downloads may be held unread); all torn down."""
+    defaults = {"min_clients": 1, "subscribe": False, "client_options": UNREAD_DOWNLOADS}
+    with Federations(tmp_path, **defaults) as federations:
+        yield federations.start
 
 
 def _held_download(client: ScriptedClient):

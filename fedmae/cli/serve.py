@@ -1,0 +1,297 @@
+"""``fedmae serve``: the aggregator, its round policy and its limits."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from fedmae.cli import ENCODING_NAMES
+
+log = logging.getLogger("fedmae")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aggregator_service.config import RoundPolicy, ServerConfig
+    from aggregator_service.rpc.server import serve
+    from fedmae.config import TrainingConfig
+
+    state_dir = Path(args.state_dir)
+    config = ServerConfig(
+        state_dir=state_dir,
+        listen=args.listen,
+        enroll_listen=args.enroll_listen,
+        certs_dir=Path(args.certs) if args.certs else None,
+        ca_key=Path(args.ca_key) if args.ca_key else None,
+        metrics_listen=args.metrics_listen,
+        eval_data=args.eval_data,
+        eval_images=args.eval_images,
+        client_cert_days=args.client_cert_days,
+        insecure=args.insecure,
+        model_seed=args.seed,
+        strategy=args.strategy,
+        policy=RoundPolicy(
+            min_clients=args.min_clients,
+            fraction=args.fraction,
+            min_updates=args.min_updates,
+            rounds=args.rounds,
+            round_timeout_s=args.round_timeout,
+            seed=args.seed,
+            dropout_grace_s=args.dropout_grace,
+            target_updates=args.target_updates,
+        ),
+        training=TrainingConfig(
+            model=args.model,
+            local_epochs=args.local_epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            weight_decay=args.weight_decay,
+            mask_ratio=args.mask_ratio,
+            update_encoding=args.encoding,
+            max_samples=args.max_samples,
+        ),
+        keep_checkpoints=args.keep_checkpoints,
+        max_workers=args.max_workers,
+        max_uploads_in_flight=args.max_uploads_in_flight,
+        transfer_wait_s=args.transfer_wait,
+        download_budget_mb=args.download_budget_mb,
+        max_downloads_per_client=args.max_downloads_per_client,
+        download_idle_s=args.download_idle_timeout,
+        upload_idle_s=args.upload_idle_timeout,
+        final_grace_s=args.final_grace,
+        max_requests_per_s=args.max_requests_per_s,
+        max_client_samples=args.max_client_samples,
+        max_update_norm=args.max_update_norm,
+        norm_bound_factor=args.norm_bound_factor,
+        norm_bound_ratio=args.norm_bound_ratio,
+        reflection=args.reflection,
+        max_connection_age_s=args.max_connection_age,
+        max_connection_age_grace_s=args.max_connection_age_grace,
+        enroll_rate=args.enroll_rate,
+    )
+    if not config.insecure and not (config.certs / "server.pem").exists():
+        from fedmae.pki.issue import init_certs
+
+        log.info("no certificates in %s yet: creating a CA and server certificate", config.certs)
+        init_certs(config.certs)
+    return serve(config)
+
+
+def build(sub: argparse._SubParsersAction) -> None:
+    """Add ``serve`` to the ``fedmae`` parser: every ServerConfig knob as a flag."""
+    D = " (default %(default)s)"
+    s = sub.add_parser("serve", help="run the aggregator")
+    s.add_argument(
+        "--state-dir", required=True, help="checkpoints, round log, registry, certs (required)"
+    )
+    s.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (default %(default)s)")
+    s.add_argument("--certs", help="certificates directory (default STATE_DIR/certs)")
+    s.add_argument(
+        "--enroll-listen",
+        default="",
+        help="TLS port for enrollment (default: --listen port + 1; 'off' to disable)",
+    )
+    s.add_argument(
+        "--ca-key",
+        help="the key to sign enrollments with, kept outside the certs dir (mode 0600): the "
+        "enrollment CA's, or the root's for a certs dir without one (default: "
+        "CERTS/enrollment-ca.key, else CERTS/ca.key)",
+    )
+    s.add_argument(
+        "--client-cert-days",
+        type=int,
+        default=365,
+        help="validity of enrolled clients' certificates, 1 to 366 days, never past the "
+        "enrollment CA's (default %(default)s)",
+    )
+    s.add_argument(
+        "--metrics-listen", help="serve Prometheus /metrics on HOST:PORT (off by default)"
+    )
+    s.add_argument(
+        "--eval-data", help="held-out data the server evaluates each new model on (default: off)"
+    )
+    s.add_argument("--eval-images", type=int, default=500, help="images of --eval-data used" + D)
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext, no client authentication, no Admin service; loopback --listen only "
+        "(testing; default off)",
+    )
+    s.add_argument(
+        "--enroll-rate",
+        type=float,
+        default=5.0,
+        help="enrollment calls per second from one address (IPv6: one /64), bursts of twice "
+        "that; more get RESOURCE_EXHAUSTED; 0 = no limit (default %(default)s)",
+    )
+    s.add_argument(
+        "--reflection",
+        action="store_true",
+        help="serve gRPC reflection on the mTLS port (for grpcurl; default off)",
+    )
+    s.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=3600.0,
+        help="seconds after which a connection is asked to go away, so the next call's TLS "
+        "handshake checks the certificate again; 0 = never (default %(default)s)",
+    )
+    s.add_argument(
+        "--max-connection-age-grace",
+        type=float,
+        default=0.0,
+        help="seconds that calls running on such a connection may go on before it is cut; "
+        "0 = until they end, so no transfer or event stream is cut (default %(default)s)",
+    )
+    s.add_argument("--model", default="tiny", help="MAE config: tiny, vit_base, ..." + D)
+    s.add_argument("--seed", type=int, default=0, help="initial model and client selection" + D)
+    s.add_argument(
+        "--strategy",
+        default="fedavg",
+        help="aggregation rule by name; choices: fedavg (the sample-weighted mean of the "
+        "clipped updates); default %(default)s",
+    )
+    s.add_argument(
+        "--min-clients", type=int, default=2, help="connected clients to start a round" + D
+    )
+    s.add_argument(
+        "--fraction", type=float, default=1.0, help="share of clients asked each round" + D
+    )
+    s.add_argument(
+        "--min-updates", type=int, default=0, help="updates to publish; 0 = min-clients" + D
+    )
+    s.add_argument("--rounds", type=int, default=5, help="rounds to run; 0 = until stopped" + D)
+    s.add_argument(
+        "--round-timeout", type=float, default=600.0, help="round deadline in seconds" + D
+    )
+    s.add_argument(
+        "--dropout-grace",
+        type=float,
+        default=30.0,
+        help="close a round early once every client still owing an update has been "
+        "disconnected this many seconds (default %(default)s)",
+    )
+    s.add_argument(
+        "--target-updates",
+        type=int,
+        default=0,
+        help="over-selection: close the round once this many updates arrived (0 = all)" + D,
+    )
+    s.add_argument(
+        "--max-uploads-in-flight",
+        type=int,
+        default=8,
+        help="updates received at once (each holds one model-sized buffer); more wait "
+        "for a slot, first come first served (default %(default)s)",
+    )
+    s.add_argument(
+        "--transfer-wait",
+        type=float,
+        default=120.0,
+        help="seconds an upload or download may wait for a slot before RESOURCE_EXHAUSTED "
+        "(default %(default)s)",
+    )
+    s.add_argument(
+        "--download-budget-mb",
+        type=int,
+        default=128,
+        help="memory for downloads in flight: budget / model size downloads run at once, "
+        "2 to 64; more wait their turn (default %(default)s)",
+    )
+    s.add_argument(
+        "--max-downloads-per-client",
+        type=int,
+        default=2,
+        help="FetchModel streams one client may run at once; more get RESOURCE_EXHAUSTED "
+        "(0 = no cap) (default %(default)s)",
+    )
+    s.add_argument(
+        "--download-idle-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a download may go without the client reading; then it is cancelled "
+        "and its slot freed (0 = never) (default %(default)s)",
+    )
+    s.add_argument(
+        "--upload-idle-timeout",
+        type=float,
+        default=60.0,
+        help="seconds an admitted upload may go without sending a chunk; then it is refused "
+        "(DEADLINE_EXCEEDED) and its slot freed (0 = never) (default %(default)s)",
+    )
+    s.add_argument(
+        "--final-grace",
+        type=float,
+        default=300.0,
+        help="after the last round, seconds to keep serving the final model until every "
+        "client subscribed at the end has fetched it (0 = exit at once) (default %(default)s)",
+    )
+    s.add_argument(
+        "--max-requests-per-s",
+        type=float,
+        default=20.0,
+        help="calls per second per client, bursts of 2x; 0 = off" + D,
+    )
+    s.add_argument(
+        "--max-update-norm",
+        type=_norm_bound,
+        default="auto",
+        help="clip each update's delta to this L2 norm before averaging: 'auto' (from the "
+        "last round's norms, see --norm-bound-factor/--norm-bound-ratio), a number, or "
+        "'off' / 0 (default %(default)s)",
+    )
+    s.add_argument(
+        "--norm-bound-factor",
+        type=float,
+        default=5.0,
+        help="auto bound: this many times the median update norm of the last published "
+        "round (default %(default)s)",
+    )
+    s.add_argument(
+        "--norm-bound-ratio",
+        type=float,
+        default=0.5,
+        help="auto bound of a round without history (round 1, or a resumed log without "
+        "norms): this fraction of the model's own L2 norm (default %(default)s)",
+    )
+    s.add_argument(
+        "--max-client-samples",
+        type=int,
+        default=10_000,
+        help="an update weighs at most this many samples, whatever it claims, when "
+        "--max-samples is 0 (with --max-samples set, that is the cap) (default %(default)s)",
+    )
+    s.add_argument("--local-epochs", type=int, default=1, help="sent to clients" + D)
+    s.add_argument("--batch-size", type=int, default=64, help="sent to clients" + D)
+    s.add_argument("--lr", type=float, default=1e-3, help="clients' AdamW learning rate" + D)
+    s.add_argument("--weight-decay", type=float, default=0.05, help="sent to clients" + D)
+    s.add_argument("--mask-ratio", type=float, default=0.75, help="MAE mask ratio" + D)
+    s.add_argument("--encoding", default="fp32", choices=ENCODING_NAMES, help="update encoding" + D)
+    s.add_argument(
+        "--max-samples",
+        type=int,
+        default=0,
+        help="samples per client per round; 0 = all. Also caps an update's weight "
+        "(default %(default)s)",
+    )
+    s.add_argument(
+        "--keep-checkpoints", type=int, default=0, help="versions kept; 0 = keep all" + D
+    )
+    s.add_argument(
+        "--max-workers",
+        type=int,
+        default=2048,
+        help="gRPC handler threads, made as needed, and calls at once on the mTLS port: one "
+        "per connected client plus one per transfer; more calls get RESOURCE_EXHAUSTED "
+        "(default %(default)s)",
+    )
+    s.set_defaults(func=cmd_serve, role="aggregator")
+
+
+def _norm_bound(text: str) -> float | str:
+    from aggregator_service.update_bounds import parse_norm_bound
+
+    try:
+        return parse_norm_bound(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
