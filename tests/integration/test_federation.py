@@ -405,7 +405,7 @@ def test_other_encodings_are_encoded_once_for_all_downloads(cluster):
     hb, fb = fetch_model(clients["b"].stub, layout, 0, encoding=pb.ENCODING_FP16, timeout=TIMEOUT)
     assert ha.manifest.digest == hb.manifest.digest and torch.equal(fa, fb)
     assert torch.equal(fa, fp32.half().float())
-    assert server.rounds._encoded_cache[0] == (0, pb.ENCODING_FP16)
+    assert server.rounds.downloads._encoded_cache[0] == (0, pb.ENCODING_FP16)
 
 
 def test_plain_generated_stubs_interoperate(cluster):
@@ -458,7 +458,7 @@ def test_uploads_beyond_the_limit_wait_for_a_slot_then_give_up(tmp_path):
         held = held_upload(clients["a"], layout, random_delta(layout, 1), 1, release, started)
         assert started.wait(TIMEOUT)
         waiting = pool.submit(upload, "b", 2)
-        wait_until(lambda: server.rounds._upload_queue, "b's upload to reach the server")
+        wait_until(lambda: server.rounds.uploads.queue, "b's upload to reach the server")
         assert not waiting.done()  # b waits for a's slot (within its 2 s)
         release.set()
         assert held.result().updates_received == 1
@@ -491,7 +491,7 @@ def test_downloads_beyond_the_budget_wait_for_a_slot(tmp_path):
     port = server.start()
     a, b = (ScriptedClient(port, ids[n], False, UNREAD_DOWNLOADS) for n in ("a", "b"))
     try:
-        assert server.rounds.max_downloads == 2
+        assert server.rounds.downloads.max_downloads == 2
         request = pb.FetchModelRequest(version=0)
         held = [c.stub.FetchModel(request, timeout=TIMEOUT) for c in (a, b)]
         for stream in held:  # both started; unread, they stall on flow control
