@@ -90,6 +90,7 @@ class RoundEngine:
         self.phase = "waiting"  # for status: waiting, a phase's label, closing
         self.last_record: RoundRecord | None = None
         self._waited_s = 0.0
+        self._closed_at = 0.0  # when the last round closed (the clock's monotonic time)
         self.uploads = Uploads(
             config, layout, strategy, self.bounds, self._cond, clock,
             current=lambda: self.state, observers=self.observers,
@@ -131,7 +132,7 @@ class RoundEngine:
 
     def unsubscribe(self, sub: Subscription) -> None:
         with self._cond:
-            if self.subscribers.remove(sub):
+            if self.subscribers.remove(sub, self.clock.monotonic()):
                 log.info("client %s disconnected (%d connected)", sub.client_id,
                          len(self.subscribers))  # fmt: skip
             self._cond.notify_all()
@@ -149,7 +150,7 @@ class RoundEngine:
         """
         why = f" ({reason})" if reason else ""
         with self._cond:
-            sub = self.subscribers.pop(client_id)
+            sub = self.subscribers.pop(client_id, self.clock.monotonic())
             if sub is not None:
                 sub.close(
                     PermissionDenied(f"client {client_id!r} was revoked by the operator{why}")
@@ -209,8 +210,8 @@ class RoundEngine:
                         log.error("round %d failed %d times; stopping", self.next_round,
                                   attempt - 1)  # fmt: skip
                         break
-                    with self._cond:
-                        self._wait_until(stop.is_set, self.policy.retry_delay_s)
+                    with self._cond:  # counted from the close, as a client sees it
+                        self._wait_until(stop.is_set, self._closed_at + self.policy.retry_delay_s)
         finally:
             self.uploads.buffers.clear()
             with self._cond:
@@ -244,13 +245,12 @@ class RoundEngine:
             self.phase = "waiting"
             while not enough():
                 log.info("waiting for clients: %d of %d connected", len(self.subscribers), need)
-                self._wait_until(enough, 10.0)
+                self._wait_until(enough, self.clock.monotonic() + 10.0)
         self._waited_s = self.clock.monotonic() - t0
         return not stop.is_set()
 
-    def _wait_until(self, ready: Callable[[], bool], timeout: float) -> bool:
-        """Wait (holding the lock) until ``ready()`` or ``timeout`` s of the clock pass."""
-        end = self.clock.monotonic() + timeout
+    def _wait_until(self, ready: Callable[[], bool], end: float) -> bool:
+        """Wait (holding the lock) until ``ready()`` or the clock reads ``end``."""
         while not ready() and (left := end - self.clock.monotonic()) > 0:
             self.clock.wait(self._cond, min(left, POLL_S))
         return ready()
@@ -309,20 +309,20 @@ class RoundEngine:
             started = self.clock.monotonic()
             state.phase, self.phase = phase, phase.label
             self.subscribers.send(self._task(state), to=sorted(phase.owing(state)))
-            gone_since: float | None = None
+            busy = started  # the last time a client this phase waits for was uploading
             while not phase.done(state) and not stop.is_set() and not state.invalidated:
                 now = self.clock.monotonic()
                 if now >= state.deadline:
                     break
                 owing = phase.owing(state)
-                if owing and not owing & self.subscribers.ids() and not owing & state.uploading:
-                    gone_since = now if gone_since is None else gone_since
-                    if now - gone_since >= grace:
-                        log.info("round %d: every client still owing an update is gone; "
-                                 "closing early", state.round)  # fmt: skip
-                        break
+                if owing & state.uploading:  # a client still uploading is not gone
+                    busy, gone = now, None
                 else:
-                    gone_since = None
+                    gone = self.subscribers.gone_since(owing, now)
+                if gone is not None and now - max(gone, busy) >= grace:
+                    log.info("round %d: every client still owing an update is gone; "
+                             "closing early", state.round)  # fmt: skip
+                    break
                 self.clock.wait(self._cond, min(state.deadline - now, POLL_S))
             timings[f"{phase.label}_s"] = round(self.clock.monotonic() - started, 3)
 
@@ -364,7 +364,7 @@ class RoundEngine:
                 weight_cap=self.bounds.cap, phases=timings, now=self.clock.monotonic(),
                 wall_time=self.clock.time(), eval_loss=eval_loss, reason=reason,
             )  # fmt: skip
-            self.last_record = record
+            self.last_record, self._closed_at = record, self.clock.monotonic()
             if success:
                 self.bounds.published(record.to_json())  # the next round's auto norm bound
             # Durable before anyone hears of it: a client or monitor that sees version N

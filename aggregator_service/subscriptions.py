@@ -137,6 +137,7 @@ class Subscribers:
     def __init__(self) -> None:
         self._subs: dict[str, Subscription] = {}
         self._seq = 0
+        self._left: dict[str, float] = {}  # when each disconnected client's stream ended
 
     def __len__(self) -> int:
         return len(self._subs)
@@ -153,6 +154,7 @@ class Subscribers:
         agents share the identity, and the older one must stop)."""
         old = self._subs.get(sub.client_id)
         self._subs[sub.client_id] = sub
+        self._left.pop(sub.client_id, None)
         if old is not None:
             old.close(
                 ConnectionReplaced(
@@ -164,15 +166,26 @@ class Subscribers:
             log.warning("client %s: a newer connection from %s replaces the one from %s",
                         sub.client_id, sub.peer or "?", old.peer or "?")  # fmt: skip
 
-    def remove(self, sub: Subscription) -> bool:
+    def remove(self, sub: Subscription, now: float) -> bool:
         """Forget ``sub`` if it is still the identity's stream; True if it was."""
         if self._subs.get(sub.client_id) is sub:
             del self._subs[sub.client_id]
+            self._left[sub.client_id] = now
             return True
         return False
 
-    def pop(self, client_id: str) -> Subscription | None:
-        return self._subs.pop(client_id, None)
+    def pop(self, client_id: str, now: float) -> Subscription | None:
+        sub = self._subs.pop(client_id, None)
+        if sub is not None:
+            self._left[client_id] = now
+        return sub
+
+    def gone_since(self, clients: set[str], default: float) -> float | None:
+        """When the last of ``clients`` disconnected (``default`` for one that never
+        had a stream); None while any of them is connected."""
+        if not clients or clients & self._subs.keys():
+            return None
+        return max(self._left.get(c, default) for c in clients)
 
     def event(self, body: EventBody) -> RoundEvent:
         self._seq += 1
