@@ -9,6 +9,7 @@ its parts the way the gRPC servicer does (``uploads.open`` / ``write`` / ``compl
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,9 @@ class FakeClock:
 
     def __init__(self, start: float = 1000.0):
         self._now = start
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._conds: set[threading.Condition] = set()
+        self._waits = 0  # calls of wait() so far
 
     def monotonic(self) -> float:
         return self._now
@@ -49,9 +51,11 @@ class FakeClock:
             return
         with self._lock:
             self._conds.add(cond)
-        # Woken by a notify or by advance(); the real-time cap only bounds a lost
-        # wake-up to a spurious one (the caller re-checks; fake time has not moved).
-        cond.wait(timeout=1.0)
+            self._waits += 1
+            self._lock.notify_all()
+        # Woken by a notify or by advance(); the short real-time cap makes a waiter
+        # look again now and then (the caller re-checks; fake time has not moved).
+        cond.wait(timeout=0.1)
 
     def advance(self, seconds: float) -> None:
         with self._lock:
@@ -60,6 +64,17 @@ class FakeClock:
         for cond in conds:
             with cond:
                 cond.notify_all()
+
+    def settle(self, alive: Callable[[], bool]) -> None:
+        """Block until a thread waits for time again after this call began: it has seen
+        everything that happened before (or ``alive()`` turned false)."""
+        with self._lock:
+            mark = self._waits
+            for _ in range(int(WAIT_S / 0.05)):
+                if self._waits > mark or not alive():
+                    return
+                self._lock.wait(0.05)
+        raise AssertionError("nobody waited for time to pass")
 
 
 def tiny_layout() -> tuple[ModelLayout, torch.Tensor]:
@@ -109,6 +124,11 @@ class EngineThread:
         self.engine.stop()
         self.thread.join(timeout=WAIT_S)
         assert not self.thread.is_alive(), "the round loop did not stop"
+
+    def settle(self, clock: FakeClock) -> None:
+        """Return once the round loop idles again (or ended): it has acted on
+        everything done before this call."""
+        clock.settle(self.thread.is_alive)
 
     def join(self) -> None:
         self.thread.join(timeout=WAIT_S)

@@ -147,13 +147,15 @@ def test_a_client_that_reconnects_mid_round_gets_its_task_again(tmp_path, clock)
     try:
         first = a.next_event("task", round=1)
         b.next_event("task", round=1)
-        b.submit(delta(engine.layout, 2), 1)
+        session, payload = b.open(delta(engine.layout, 2), 1)
         clock.advance(10.0)
         again = Client(engine, "a")  # a new stream of the same identity
         assert isinstance(a.sub.error, ConnectionReplaced)
         task = again.next_event("task", round=1)
         assert task.deadline == first.deadline  # the same round, the same deadline
-        assert Client(engine, "b").pending() == []  # b already reported: nothing to resend
+        assert Client(engine, "b").pending() == []  # b is uploading: nothing to resend
+        b.finish(session, payload)
+        assert Client(engine, "b").pending() == []  # b reported: nothing to resend
     finally:
         loop.stop()
 
