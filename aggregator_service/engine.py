@@ -120,7 +120,7 @@ class RoundEngine:
             self.subscribers.add(sub)
             self._cond.notify_all()
             state = self.state
-            if self._run_is_over():
+            if self.finished.is_set() and self._run_done():
                 sub.push(self.subscribers.event(self._run_finished()))
                 if self.completed:
                     self.final_fetches.expect([client_id], self.version)
@@ -197,8 +197,7 @@ class RoundEngine:
         attempt, completed = 1, False
         try:
             while not stop.is_set():
-                if self.policy.rounds and self.next_round > self.policy.rounds:
-                    completed = True
+                if completed := self._run_done():
                     break
                 if not self._wait_for_clients(stop):
                     break
@@ -223,11 +222,9 @@ class RoundEngine:
                 self._cond.notify_all()
             for observer in self.observers:
                 observer.run_ended(completed)
-            if completed:
-                log.info("run finished: round %d published version %d", self.next_round - 1,
-                         self.version)  # fmt: skip
-            else:
-                log.info("round loop stopped at version %d", self.version)
+            log.info("run finished: round %d published version %d" if completed else
+                     "round loop stopped after round %d at version %d", self.next_round - 1,
+                     self.version)  # fmt: skip
 
     def stop(self) -> None:
         """End the round loop (an open round is logged as aborted)."""
@@ -414,9 +411,9 @@ class RoundEngine:
         wall_deadline = self.clock.time() + state.deadline - self.clock.monotonic()
         return RoundTask.of(state, self.config.training, wall_deadline)
 
-    def _run_is_over(self) -> bool:
-        rounds = self.policy.rounds
-        return self.finished.is_set() and bool(rounds) and self.next_round > rounds
+    def _run_done(self) -> bool:
+        """Round ``policy.rounds`` is published (never, when rounds = 0)."""
+        return bool(self.policy.rounds) and self.next_round > self.policy.rounds
 
     def _run_finished(self) -> RunFinished:
         return RunFinished(self.version, self.next_round - 1, "completed",

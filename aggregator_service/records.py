@@ -66,7 +66,7 @@ class RoundRecord:
     bytes_out: int = 0
     encoding: str = ""
     strategy: str = ""
-    clients: list[ClientRecord] = field(default_factory=list)
+    clients: list[ClientRecord | dict[str, Any]] = field(default_factory=list)
     time: str = ""  # UTC, ISO 8601
     recovered: bool = False  # written only when true
     reason: str = ""  # written only when set
@@ -96,7 +96,7 @@ class RoundRecord:
         """A record read back from the round log (older lines may lack fields)."""
         known = {f.name for f in dataclasses.fields(cls)} - {"other"}
         values = {k: v for k, v in data.items() if k in known}
-        values["clients"] = [ClientRecord(**c) for c in data.get("clients") or []]
+        values["clients"] = [_client(c) for c in data.get("clients") or []]
         other = {k: v for k, v in data.items() if k not in known}
         return cls(**values, other=other)
 
@@ -189,6 +189,14 @@ class RoundRecord:
 
 
 _OPTIONAL = ("recovered", "reason", "other")  # written after "time", when set
+
+
+def _client(entry: dict[str, Any]) -> ClientRecord | dict[str, Any]:
+    """A participant of a logged round; an entry of another schema is kept as read."""
+    try:
+        return ClientRecord(**entry)
+    except TypeError:
+        return dict(entry)
 
 
 def _plain(value: Any) -> Any:
