@@ -262,15 +262,24 @@ class RoundEngine:
         return self._close_round(state, timings, stop)
 
     def _open_round(self, attempt: int) -> RoundState:
+        # The checkpoint holds the base version and downloads stream from it, so the
+        # round needs no copy in memory until it aggregates: peak RSS stays at the
+        # accumulator plus the uploads in flight. (The last model may be the strategy's
+        # accumulator, which begin_round resets: drop it first.) Full-model passes (the
+        # reset, the base norm for the bound) run outside the engine's lock.
+        round_ = self.next_round  # written by this thread only
+        self._global = None
+        with self.uploads.fold_lock:
+            self.strategy.begin_round(self.layout.numel)
+        norm_bound = self.bounds.round_bound(round_, lambda: self.global_flat)
+        self._global = None
         with self._cond:
-            round_ = self.next_round
             selected = self.strategy.configure_round(
                 round_, attempt, sorted(self.subscribers.ids()), self.policy.fraction,
                 self.policy.min_clients, self.policy.seed,
             )  # fmt: skip
-            norm_bound = self.bounds.round_bound(round_, lambda: self.global_flat)
             now = self.clock.monotonic()
-            state = RoundState(
+            self.state = state = RoundState(
                 round=round_,
                 attempt=attempt,
                 base_version=self.version,
@@ -281,14 +290,6 @@ class RoundEngine:
                 target_updates=self.policy.target_updates,
                 norm_bound=norm_bound,
             )
-            # The checkpoint holds the base version and downloads stream from it, so the
-            # round needs no copy in memory until it aggregates: peak RSS stays at the
-            # accumulator plus the uploads in flight. (The last model may be the
-            # strategy's accumulator, which begin_round resets: drop it first.)
-            self._global = None
-            with self.uploads.fold_lock:
-                self.strategy.begin_round(self.layout.numel)
-            self.state = state
             log.info("round %d (attempt %d) started: %d of %d clients selected, base version %d",
                      round_, attempt, len(selected), len(self.subscribers),
                      self.version)  # fmt: skip
