@@ -131,6 +131,7 @@ class RoundEngine:
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
+        """The client's stream ended (it disconnected, or the server ended it)."""
         with self._cond:
             if self.subscribers.remove(sub, self.clock.monotonic()):
                 log.info("client %s disconnected (%d connected)", sub.client_id,
@@ -139,6 +140,7 @@ class RoundEngine:
         sub.close()
 
     def connected(self) -> list[str]:
+        """Client ids with an open event stream."""
         with self._cond:
             return sorted(self.subscribers.ids())
 
@@ -193,15 +195,15 @@ class RoundEngine:
         """
         if stop is not None:
             self._stop = stop
-        stop = self._stop
+        stop = self._stop  # the helpers below read self._stop
         attempt, completed = 1, False
         try:
             while not stop.is_set():
                 if completed := self._run_done():
                     break
-                if not self._wait_for_clients(stop):
+                if not self._wait_for_clients():
                     break
-                if self._run_round(attempt, stop):
+                if self._run_round(attempt):
                     attempt = 1
                 elif not stop.is_set():
                     attempt += 1
@@ -232,8 +234,8 @@ class RoundEngine:
         with self._cond:
             self._cond.notify_all()
 
-    def _wait_for_clients(self, stop: threading.Event) -> bool:
-        t0, need = self.clock.monotonic(), self.policy.min_clients
+    def _wait_for_clients(self) -> bool:
+        t0, need, stop = self.clock.monotonic(), self.policy.min_clients, self._stop
 
         def enough() -> bool:
             return len(self.subscribers) >= need or stop.is_set()
@@ -252,14 +254,14 @@ class RoundEngine:
             self.clock.wait(self._cond, min(left, POLL_S))
         return ready()
 
-    def _run_round(self, attempt: int, stop: threading.Event) -> bool:
+    def _run_round(self, attempt: int) -> bool:
         timings: dict[str, float] = {"waiting_s": round(self._waited_s, 3)}
         state = self._open_round(attempt)
         for phase in self.phases:
-            self._run_phase(state, phase, timings, stop)
-            if state.invalidated or stop.is_set() or not phase.done(state):
+            self._run_phase(state, phase, timings)
+            if state.invalidated or self._stop.is_set() or not phase.done(state):
                 break
-        return self._close_round(state, timings, stop)
+        return self._close_round(state, timings)
 
     def _open_round(self, attempt: int) -> RoundState:
         # The checkpoint holds the base version and downloads stream from it, so the
@@ -269,8 +271,7 @@ class RoundEngine:
         # reset, the base norm for the bound) run outside the engine's lock.
         round_ = self.next_round  # written by this thread only
         self._global = None
-        with self.uploads.fold_lock:
-            self.strategy.begin_round(self.layout.numel)
+        self.uploads.begin_round()
         norm_bound = self.bounds.round_bound(round_, lambda: self.global_flat)
         self._global = None
         with self._cond:
@@ -295,10 +296,7 @@ class RoundEngine:
                      self.version)  # fmt: skip
         return state
 
-    def _run_phase(
-        self, state: RoundState, phase: RoundPhase, timings: dict[str, float],
-        stop: threading.Event,
-    ) -> None:  # fmt: skip
+    def _run_phase(self, state: RoundState, phase: RoundPhase, timings: dict[str, float]) -> None:
         """Send the phase's task to the clients it waits for; wait until the phase is
         done, the deadline passes, or every client it waits for has been gone for
         ``dropout_grace_s`` (early close)."""
@@ -308,7 +306,7 @@ class RoundEngine:
             state.phase, self.phase = phase, phase.label
             self.subscribers.send(self._task(state), to=sorted(phase.owing(state)))
             busy = started  # the last time a client this phase waits for was uploading
-            while not phase.done(state) and not stop.is_set() and not state.invalidated:
+            while not phase.done(state) and not self._stop.is_set() and not state.invalidated:
                 now = self.clock.monotonic()
                 if now >= state.deadline:
                     break
@@ -324,23 +322,19 @@ class RoundEngine:
                 self.clock.wait(self._cond, min(state.deadline - now, POLL_S))
             timings[f"{phase.label}_s"] = round(self.clock.monotonic() - started, 3)
 
-    def _close_round(
-        self, state: RoundState, timings: dict[str, float], stop: threading.Event
-    ) -> bool:
+    def _close_round(self, state: RoundState, timings: dict[str, float]) -> bool:
         """Close the round, publish its model if enough updates came, log it, tell all."""
         required = self.policy.required_updates
         with self._cond:
             state.closed = True  # later completions get DEADLINE_EXCEEDED
             self.phase = "closing"
             self._wait_until(lambda: not state.folding, math.inf)  # admitted before: they count
-            status, reason = state.outcome(required, stopping=stop.is_set())
+            status, reason = state.outcome(required, stopping=self._stop.is_set())
         success = status == "published"
         eval_loss, model, checkpoint = None, None, None
         if success:  # outside the engine's lock: full-model passes and an fsync
             t0 = self.clock.monotonic()
-            self.uploads.buffers.trim(1)  # uploads are done: keep one buffer for the next round
-            with self.uploads.fold_lock:
-                model = self.strategy.aggregate(self.global_flat)
+            model = self.uploads.aggregate(self.global_flat)
             timings["aggregation_s"] = round(self.clock.monotonic() - t0, 3)
             t0 = self.clock.monotonic()
             checkpoint = self.store.save(

@@ -1,4 +1,5 @@
-"""Updates coming in: admission to the open round, upload sessions, the fold.
+"""Updates coming in: admission to the open round, upload sessions, the fold into the
+strategy's aggregate (``begin_round``, ``accumulate``, ``aggregate``).
 
 Admission and the round's bookkeeping run under the engine's condition variable; the
 fold (``strategy.accumulate``, one full-model ``add_``) runs under a lock of its own,
@@ -13,6 +14,8 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
 
 from aggregator_service.clock import Clock
 from aggregator_service.config import ServerConfig
@@ -110,6 +113,17 @@ class Uploads:
         # upload in flight, which the memory bound already counts).
         self.buffers = BufferPool(keep=config.max_uploads_in_flight)
         self.queue: list[object] = []  # uploads waiting for a slot, in order
+
+    def begin_round(self) -> None:
+        """Reset the strategy's aggregate before a round's first update."""
+        with self.fold_lock:
+            self.strategy.begin_round(self.layout.numel)
+
+    def aggregate(self, global_flat: torch.Tensor) -> torch.Tensor:
+        """The next global model from the updates folded in (the round is closed)."""
+        self.buffers.trim(1)  # uploads are done: keep one buffer for the next round
+        with self.fold_lock:
+            return self.strategy.aggregate(global_flat)
 
     def open(
         self, client_id: str, header: UpdateHeader, alive: Callable[[], bool] = lambda: True
