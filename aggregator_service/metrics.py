@@ -7,11 +7,12 @@ exactly. Each server has its own registry (tests run several in one process).
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from aggregator_service.round_manager import RoundManager, RoundObserver
+from aggregator_service.engine import RoundEngine
+from aggregator_service.records import RoundRecord
+from aggregator_service.subscriptions import RoundObserver
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ ROUND_SECONDS_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 
 
 class Metrics(RoundObserver):
-    def __init__(self, rounds: RoundManager):
+    def __init__(self, rounds: RoundEngine):
         r = self.registry = CollectorRegistry()
         self.rounds_closed = Counter(
             "fedmae_rounds_closed", "Rounds closed, by status (published, failed, aborted)",
@@ -67,18 +68,19 @@ class Metrics(RoundObserver):
     def update_rejected(self, client_id: str, reason: str, code: str) -> None:
         self.updates.labels("rejected", code).inc()
 
-    def round_closed(self, record: dict[str, Any]) -> None:
-        self.rounds_closed.labels(record["status"]).inc()
-        self.round_duration.observe(record["duration_s"])
-        self.bytes_in.inc(record["bytes_in"])
-        self.bytes_out.inc(record["bytes_out"])
-        for phase, seconds in record.get("phases", {}).items():
+    def round_closed(self, record: RoundRecord) -> None:
+        self.rounds_closed.labels(record.status).inc()
+        self.round_duration.observe(record.duration_s)
+        self.bytes_in.inc(record.bytes_in)
+        self.bytes_out.inc(record.bytes_out)
+        for phase, seconds in record.phases.items():
             self.phase_seconds.labels(phase.removesuffix("_s")).set(seconds)
-        if record["status"] == "published":
-            self.samples.inc(record["num_samples"])
-            for kind in ("train_loss", "val_loss", "eval_loss"):
-                if record.get(kind) is not None:
-                    self.loss.labels(kind.removesuffix("_loss")).set(record[kind])
+        if record.published:
+            self.samples.inc(record.num_samples)
+            for kind, loss in (("train", record.train_loss), ("val", record.val_loss),
+                               ("eval", record.eval_loss)):  # fmt: skip
+                if loss is not None:
+                    self.loss.labels(kind).set(loss)
 
     def serve(self, listen: str) -> int:
         """Start the ``/metrics`` HTTP endpoint; return its port."""

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
 
+from aggregator_service.records import RoundRecord
 from aggregator_service.registry import Registry
-from aggregator_service.round_manager import RoundObserver
+from aggregator_service.subscriptions import RoundObserver
 
 
 class RoundFeed(RoundObserver):
@@ -21,8 +21,8 @@ class RoundFeed(RoundObserver):
         self._last_seq = registry.last_round_seq()
         self._closed = False
 
-    def round_closed(self, record: dict[str, Any]) -> None:
-        seq = self.registry.add_round(record)
+    def round_closed(self, record: RoundRecord) -> None:
+        seq = self.registry.add_round(record.to_json())
         with self._cond:
             self._last_seq = seq
             self._cond.notify_all()

@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from aggregator_service import admin_pins
+from aggregator_service.engine import RoundEngine
 from aggregator_service.registry import Registry
 from aggregator_service.registry.records import AdminRecord, ClientRecord, TokenRecord
 from aggregator_service.round_feed import RoundFeed
 from aggregator_service.round_log import record_json
-from aggregator_service.round_manager import RoundManager
 from aggregator_service.rpc.auth import Authorizer
 from fedmae.enrollment_policy import clamp_labels
 from fedmae.errors import FailedPrecondition, InvalidRequest
@@ -106,7 +106,7 @@ def admin_info(a: AdminRecord, caller_fingerprint: str) -> apb.AdminInfo:
 
 
 class AdminServicer(apb_grpc.AdminServicer):
-    def __init__(self, registry: Registry, rounds: RoundManager, auth: Authorizer, feed: RoundFeed):
+    def __init__(self, registry: Registry, rounds: RoundEngine, auth: Authorizer, feed: RoundFeed):
         self.registry = registry
         self.rounds = rounds
         self.auth = auth

@@ -1,4 +1,4 @@
-"""The Federation servicer: translate messages to RoundManager calls; nothing else.
+"""The Federation servicer: translate messages to round-engine calls; nothing else.
 Domain errors are answered by ``fedmae.transport.status.StatusInterceptor``."""
 
 from __future__ import annotations
@@ -8,9 +8,16 @@ from collections.abc import Iterator
 
 import grpc
 
+from aggregator_service.engine import RoundEngine
 from aggregator_service.idle_transfers import read_with_idle_limit
-from aggregator_service.round_manager import RoundManager
 from aggregator_service.rpc.auth import Authorizer
+from aggregator_service.rpc.events import (
+    event_to_proto,
+    model_header_to_proto,
+    receipt_to_proto,
+    update_header_from_proto,
+)
+from aggregator_service.subscriptions import Heartbeat, RunFinished
 from fedmae.errors import FedmaeError, InvalidRequest, InvalidUpdate, TransferIdle
 from fedmae.transport import frames as wire
 from fedmae.transport._proto import federation_pb2 as pb
@@ -24,7 +31,7 @@ ADMITTED_KEY = "fedmae-upload-admitted"  # initial metadata of an admitted Submi
 
 
 class FederationServicer(pb_grpc.FederationServicer):
-    def __init__(self, rounds: RoundManager, auth: Authorizer, heartbeat_s: float):
+    def __init__(self, rounds: RoundEngine, auth: Authorizer, heartbeat_s: float):
         self.rounds = rounds
         self.auth = auth
         self.heartbeat_s = heartbeat_s
@@ -39,40 +46,41 @@ class FederationServicer(pb_grpc.FederationServicer):
                 if sub.error is not None:
                     raise sub.error
                 return
-            if event.HasField("heartbeat"):
+            if isinstance(event.body, Heartbeat):
                 try:  # a revocation written by another process is noticed here
                     self.auth.client(context)
                 except FedmaeError:
                     self.rounds.unsubscribe(sub)
                     raise
-            yield event
-            if event.HasField("run_finished"):
+            yield event_to_proto(event)
+            if isinstance(event.body, RunFinished):
                 return
 
     def FetchModel(self, request: pb.FetchModelRequest, context) -> Iterator[pb.ModelChunk]:
         client_id = self.auth.client(context)
         version = _requested_version(request)
-        download = self.rounds.acquire_download(client_id, context.is_active, context.cancel)
+        download = self.rounds.downloads.acquire(client_id, context.is_active, context.cancel)
         try:
-            header, chunks = self.rounds.model_stream(
+            header, chunks = self.rounds.downloads.stream(
                 version, encoding_from_proto(request.encoding), request.chunk_size, request.offset
             )
             log.debug("client %s fetches version %d", client_id, header.version)
             download.touch()  # preparing it (encoding a version once) is not the client's idling
-            yield pb.ModelChunk(header=header)
+            yield pb.ModelChunk(header=model_header_to_proto(header))
             for frame in chunks:  # serialized ModelChunk frames (fedmae.transport.frames)
                 download.touch()  # the previous frame left: the client reads
                 yield frame
             self.rounds.download_finished(client_id, header.version)
         finally:
-            self.rounds.release_download(download)
+            self.rounds.downloads.release(download)
 
     def SubmitUpdate(self, request_iterator, context) -> pb.UpdateReceipt:
         client_id = self.auth.client(context)
         first = next(request_iterator, None)
         if first is None or wire.part(first) != "header":
             raise InvalidUpdate("an update stream must start with an UpdateHeader")
-        session = self.rounds.open_upload(client_id, first.header, context.is_active)
+        header = update_header_from_proto(first.header)
+        session = self.rounds.uploads.open(client_id, header, context.is_active)
         # Admitted: tell the client to send its chunks now. Until then a waiting upload
         # holds only its header here (fedmae clients wait for this; see transfer.py).
         context.send_initial_metadata(((ADMITTED_KEY, "1"),))
@@ -90,7 +98,8 @@ class FederationServicer(pb_grpc.FederationServicer):
                 if part == "chunk":
                     session.write(wire.chunk_of(msg))
                 elif part == "trailer":
-                    return self.rounds.complete_upload(session, msg.trailer.digest)
+                    receipt = self.rounds.uploads.complete(session, msg.trailer.digest)
+                    return receipt_to_proto(receipt)
                 else:
                     raise InvalidUpdate(f"unexpected {part or 'empty message'} after the header")
             raise InvalidUpdate(
@@ -98,10 +107,10 @@ class FederationServicer(pb_grpc.FederationServicer):
                 "(truncated upload)"
             )
         except FedmaeError as err:  # refused: free the client's slot, then answer
-            self.rounds.abort_upload(session, str(err), status_code(err).name.lower())
+            self.rounds.uploads.abort(session, str(err), status_code(err).name.lower())
             raise
         except Exception as err:  # a cancelled or broken stream: free the client's slot
-            self.rounds.abort_upload(session, f"upload broken: {type(err).__name__}")
+            self.rounds.uploads.abort(session, f"upload broken: {type(err).__name__}")
             raise
         finally:  # folded in or refused: the receive buffer serves the next upload
             session.decoder.release()

@@ -16,12 +16,12 @@ from grpc_reflection.v1alpha import reflection
 from aggregator_service import admin_pins
 from aggregator_service.checkpoint_store import CheckpointStore
 from aggregator_service.config import ServerConfig
+from aggregator_service.engine import RoundEngine
 from aggregator_service.global_eval import GlobalEvaluator
 from aggregator_service.metrics import Metrics
 from aggregator_service.registry import Registry
 from aggregator_service.round_feed import RoundFeed
 from aggregator_service.round_log import RoundLog
-from aggregator_service.round_manager import RoundManager
 from aggregator_service.rpc import federation as federation_servicer
 from aggregator_service.rpc.admin import AdminServicer
 from aggregator_service.rpc.auth import Authorizer
@@ -119,7 +119,7 @@ class AggregatorServer:
                     config.training.mask_ratio,
                 )  # fmt: skip
             strategy = make_strategy(config.strategy, evaluator=evaluator)
-        self.rounds = RoundManager(
+        self.rounds = RoundEngine(
             config,
             self.layout,
             flat,
@@ -168,7 +168,8 @@ class AggregatorServer:
 
         A checkpoint is the publication point: it is renamed into place before the round
         is logged. So a crash can leave a temp file, a torn log line, or a published
-        version whose round record never reached the log or the database.
+        version whose round record never reached the log or the database
+        (``RoundEngine.recover_log``).
         """
         for tmp in self.store.dir.glob("*.tmp"):
             tmp.unlink()
@@ -177,23 +178,8 @@ class AggregatorServer:
         if spill.exists():  # its round was lost with the crash and is run again
             spill.unlink()
             log.warning("removed %s, the updates of a round a crash interrupted", spill.name)
-        round_log = self.rounds.round_log
-        if round_log.repair():
-            log.warning("cut a torn last line from %s", round_log.path)
-        version = checkpoint.version
-        if version == 0:
-            return
-        published = [r for r in round_log.read() if r["status"] == "published"]
-        record = next((r for r in reversed(published) if r["version"] == version), None)
-        if record is None:
-            record = self.rounds.recovered_record(checkpoint.round, version)
-            round_log.append(record)
-            round_log.echo_record(record)
-            log.warning(
-                "round %d published version %d but was not logged before a crash: "
-                "logged now (recovered)", checkpoint.round, version,
-            )  # fmt: skip
-        if not self.registry.has_published(version):
+        record = self.rounds.recover_log()
+        if record is not None and not self.registry.has_published(record.version):
             self.feed.round_closed(record)
 
     def start(self) -> int:

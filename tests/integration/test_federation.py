@@ -240,7 +240,7 @@ def test_other_encodings_are_encoded_once_for_all_downloads(cluster):
     hb, fb = fetch_model(clients["b"].stub, layout, 0, encoding=pb.ENCODING_FP16, timeout=TIMEOUT)
     assert ha.manifest.digest == hb.manifest.digest and torch.equal(fa, fb)
     assert torch.equal(fa, fp32.half().float())
-    assert server.rounds._encoded_cache[0] == (0, pb.ENCODING_FP16)
+    assert server.rounds.downloads._encoded_cache[0] == (0, pb.ENCODING_FP16)
 
 
 def test_plain_generated_stubs_interoperate(cluster):

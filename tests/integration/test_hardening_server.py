@@ -267,17 +267,17 @@ def test_round_is_logged_before_it_is_announced(tmp_path):
     server = make_server(tmp_path / "state", certs, 1, 1)
     order: list[str] = []
     rounds = server.rounds
-    append, broadcast = rounds.round_log.append, rounds._broadcast
+    append, send = rounds.round_log.append, rounds.subscribers.send
 
     def logged(record):
         append(record)
         order.append(f"logged round {record['round']}")
 
-    def announced(**event):
-        order.append(f"announced {next(iter(event))}")
-        broadcast(**event)
+    def announced(event, to=None):
+        order.append(f"announced {event.kind}")
+        send(event, to)
 
-    rounds.round_log.append, rounds._broadcast = logged, announced
+    rounds.round_log.append, rounds.subscribers.send = logged, announced
     port = server.start()
     client = ScriptedClient(port, ids["a"])
     try:

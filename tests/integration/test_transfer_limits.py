@@ -21,7 +21,7 @@ from federation_harness import (
     wait_until,
 )
 
-from aggregator_service.round_manager import MIN_DOWNLOAD_CHUNK
+from aggregator_service.downloads import MIN_DOWNLOAD_CHUNK
 from client_agent.transfer import fetch_model, submit_update
 from fedmae.transport import frames as wire
 from fedmae.transport._proto import federation_pb2 as pb
@@ -62,7 +62,7 @@ def test_f9_downloads_per_client_are_capped(federation):
     """One client cannot take every download slot: its third stream at once is refused,
     and another client still downloads."""
     server, clients = federation(["a", "b"])
-    assert server.rounds.max_downloads > 3  # the global limit is not what refuses here
+    assert server.rounds.downloads.max_downloads > 3  # the global limit is not what refuses here
     held = [_held_download(clients["a"]) for _ in range(2)]
     for _ in range(3):
         with pytest.raises(grpc.RpcError) as refused:
@@ -72,7 +72,7 @@ def test_f9_downloads_per_client_are_capped(federation):
     _, flat = fetch_model(clients["b"].stub, server.layout, 0, timeout=TIMEOUT)
     assert flat.numel() == server.layout.numel
     held[0].cancel()  # a's own slot frees with it
-    wait_until(lambda: server.rounds._client_downloads.get("a") == 1, "a's slot to be freed")
+    wait_until(lambda: server.rounds.downloads.per_client.get("a") == 1, "a's slot to be freed")
     _, flat = fetch_model(clients["a"].stub, server.layout, 0, timeout=TIMEOUT)
     assert flat.numel() == server.layout.numel
     held[1].cancel()
@@ -85,17 +85,17 @@ def test_f9_an_unread_download_is_cancelled_and_frees_its_slot(federation):
     server, clients = federation(
         ["a", "b", "c"], download_budget_mb=1, download_idle_s=1.0, transfer_wait_s=15.0
     )
-    assert server.rounds.max_downloads == 2
+    assert server.rounds.downloads.max_downloads == 2
     held = [_held_download(clients[n]) for n in ("a", "b")]
     _, flat = fetch_model(clients["c"].stub, server.layout, 0, timeout=TIMEOUT, resume_attempts=0)
     assert flat.numel() == server.layout.numel  # it waited for a slot, and got one
-    wait_until(lambda: server.rounds.idle_downloads.fired == 2, "both idle downloads to end")
+    wait_until(lambda: server.rounds.downloads.idle.fired == 2, "both idle downloads to end")
     for stream in held:
         with pytest.raises(grpc.RpcError) as ended:
             for _ in stream:
                 pass
         assert ended.value.code() == grpc.StatusCode.CANCELLED
-    wait_until(lambda: not server.rounds._client_downloads, "every download slot to be free")
+    wait_until(lambda: not server.rounds.downloads.per_client, "every download slot to be free")
 
 
 def test_f9_an_idle_upload_is_refused_and_frees_its_slot(federation):
@@ -142,8 +142,8 @@ def test_f9_download_slots_fit_the_budget(federation):
     (whole MiB rounded the model down to 4 and allowed 3)."""
     server, clients = federation(["a", "b", "c"], download_budget_mb=12, transfer_wait_s=1.0)
     model_bytes = server.layout.numel * 4
-    assert server.rounds.max_downloads == 2
-    assert server.rounds.max_downloads * model_bytes <= 12 << 20
+    assert server.rounds.downloads.max_downloads == 2
+    assert server.rounds.downloads.max_downloads * model_bytes <= 12 << 20
     held = [_held_download(clients[n]) for n in ("a", "b")]
     with pytest.raises(grpc.RpcError) as refused:
         fetch_model(clients["c"].stub, server.layout, 0, timeout=TIMEOUT, resume_attempts=0)

@@ -186,7 +186,7 @@ def test_uploads_beyond_the_limit_wait_for_a_slot_then_give_up(tmp_path):
         held = held_upload(clients["a"], layout, random_delta(layout, 1), 1, release, started)
         assert started.wait(TIMEOUT)
         waiting = pool.submit(upload, "b", 2)
-        wait_until(lambda: server.rounds._upload_queue, "b's upload to reach the server")
+        wait_until(lambda: server.rounds.uploads.queue, "b's upload to reach the server")
         assert not waiting.done()  # b waits for a's slot (within its 2 s)
         release.set()
         assert held.result().updates_received == 1
@@ -219,7 +219,7 @@ def test_downloads_beyond_the_budget_wait_for_a_slot(tmp_path):
     port = server.start()
     a, b = (ScriptedClient(port, ids[n], False, UNREAD_DOWNLOADS) for n in ("a", "b"))
     try:
-        assert server.rounds.max_downloads == 2
+        assert server.rounds.downloads.max_downloads == 2
         request = pb.FetchModelRequest(version=0)
         held = [c.stub.FetchModel(request, timeout=TIMEOUT) for c in (a, b)]
         for stream in held:  # both started; unread, they stall on flow control

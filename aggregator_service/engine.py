@@ -1,0 +1,425 @@
+"""The round engine: select, open, fold, close. Plain Python, no network.
+
+One round: wait for ``min_clients`` subscribers, select (seeded), run the round's
+phases (``round_state.ROUND_PHASES``; today TRAIN: send each selected client a task and
+fold updates in as they complete), close when every phase is done or at the deadline,
+publish a new version if at least ``min_updates`` were accepted, else retry the round.
+
+The servicers in ``aggregator_service.rpc`` translate the wire to calls on this object
+and its parts ``uploads`` (admission, the fold) and ``downloads`` (slots, streams).
+Round state is guarded by one condition variable. The fold runs under its own lock
+(``uploads.fold_lock``), aggregation, checkpoint and evaluation outside the engine's,
+so Subscribe, status and heartbeats never wait for a full-model pass. Time comes from
+an injected ``Clock``: tests drive deadlines with a fake one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from aggregator_service.checkpoint_store import Checkpoint, CheckpointStore
+from aggregator_service.clock import SYSTEM_CLOCK, Clock
+from aggregator_service.config import ServerConfig
+from aggregator_service.downloads import Downloads, FinalFetches
+from aggregator_service.records import RoundRecord, recover
+from aggregator_service.round_log import RoundLog
+from aggregator_service.round_state import ROUND_PHASES, RoundPhase, RoundState
+from aggregator_service.strategy import Strategy
+from aggregator_service.subscriptions import (
+    ModelPublished,
+    RoundClosed,
+    RoundObserver,
+    RoundTask,
+    RunFinished,
+    Subscribers,
+    Subscription,
+)
+from aggregator_service.update_bounds import UpdateBounds
+from aggregator_service.uploads import Uploads
+from fedmae.errors import PermissionDenied
+from fedmae.payload.encodings import encoding_from_name, encoding_name
+from fedmae.payload.layout import ModelLayout
+from fedmae.runtime import release_free_memory
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5  # longest wait between looks at a stop event set from outside
+
+
+class RoundEngine:
+    """Runs the rounds of one federation (``run``) and answers its clients."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        layout: ModelLayout,
+        global_flat: torch.Tensor,
+        checkpoint: Checkpoint,
+        store: CheckpointStore,
+        strategy: Strategy,
+        round_log: RoundLog,
+        clock: Clock = SYSTEM_CLOCK,
+        phases: tuple[RoundPhase, ...] = ROUND_PHASES,
+    ):
+        self.config = config
+        self.policy = config.policy
+        self.layout = layout
+        self._global: torch.Tensor | None = global_flat
+        self.checkpoint = checkpoint
+        self.store = store
+        self.strategy = strategy
+        self.round_log = round_log
+        self.clock = clock
+        self.phases = phases
+        self.bounds = UpdateBounds(config, history=round_log.read)
+        self.version = checkpoint.version
+        self.next_round = checkpoint.round + 1
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self.subscribers = Subscribers()
+        self.state: RoundState | None = None
+        self.finished = threading.Event()
+        self.observers: list[RoundObserver] = []
+        self.phase = "waiting"  # for status: waiting, a phase's label, closing
+        self.last_record: RoundRecord | None = None
+        self._waited_s = 0.0
+        self._closed_at = 0.0  # when the last round closed (the clock's monotonic time)
+        self.uploads = Uploads(
+            config, layout, strategy, self.bounds, self._cond, clock,
+            current=lambda: self.state, observers=self.observers,
+        )  # fmt: skip
+        self.downloads = Downloads(
+            config, layout, store, clock, published=self._published, sent=self._count_sent
+        )
+        self.final_fetches = FinalFetches(clock)
+        self.completed = False
+
+    @property
+    def global_flat(self) -> torch.Tensor:
+        """The published model as one flat vector, read back from its checkpoint when
+        it was released (see ``_open_round``)."""
+        if self._global is None:
+            _, self._global = self.store.map(self.version, self.layout)
+        return self._global
+
+    # ------------------------------------------------------------ clients
+
+    def subscribe(self, client_id: str, peer: str = "") -> Subscription:
+        """A new event stream for ``client_id`` (an older one of the identity ends).
+        A client that reconnects mid-round gets its task again; after a completed run,
+        a new stream hears ``RunFinished`` at once."""
+        sub = Subscription(client_id, peer, now=self.clock.time)
+        with self._cond:
+            self.subscribers.add(sub)
+            self._cond.notify_all()
+            state = self.state
+            if self.finished.is_set() and self._run_done():
+                sub.push(self.subscribers.event(self._run_finished()))
+                if self.completed:
+                    self.final_fetches.expect([client_id], self.version)
+            elif state is not None and state.awaits(client_id):
+                sub.push(self.subscribers.event(self._task(state)))  # resend after a reconnect
+            connected = len(self.subscribers)
+        log.info("client %s subscribed (%d connected)", client_id, connected)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """The client's stream ended (it disconnected, or the server ended it)."""
+        with self._cond:
+            if self.subscribers.remove(sub, self.clock.monotonic()):
+                log.info("client %s disconnected (%d connected)", sub.client_id,
+                         len(self.subscribers))  # fmt: skip
+            self._cond.notify_all()
+        sub.close()
+
+    def connected(self) -> list[str]:
+        """Client ids with an open event stream."""
+        with self._cond:
+            return sorted(self.subscribers.ids())
+
+    def revoke(self, client_id: str, reason: str = "") -> None:
+        """Cut a revoked client off now: end its stream, drop its pending update.
+
+        An update already folded into this round's aggregate (or being folded) cannot be
+        taken out of the running sum, so the round fails and is retried without it.
+        """
+        why = f" ({reason})" if reason else ""
+        with self._cond:
+            sub = self.subscribers.pop(client_id, self.clock.monotonic())
+            if sub is not None:
+                sub.close(
+                    PermissionDenied(f"client {client_id!r} was revoked by the operator{why}")
+                )
+            if self.state is not None:
+                self.state.revoke(client_id, why)
+            self._cond.notify_all()
+        log.warning("client %s revoked%s: disconnected, pending update dropped", client_id, why)
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot for ``Admin.Status`` and ``fedmae status``."""
+        with self._cond:
+            state = self.state
+            live = state is not None and not state.closed
+            now = self.clock.monotonic()
+            return {
+                "state": "finished" if self.finished.is_set() else self.phase,
+                "round": state.round if live else self.next_round,
+                "attempt": state.attempt if live else 0,
+                "version": self.version,
+                "rounds_target": self.policy.rounds,
+                "connected": sorted(self.subscribers.ids()),
+                "selected": list(state.selected) if live else [],
+                "reported": sorted(state.accepted) if live else [],
+                "uploading": sorted(state.uploading) if live else [],
+                "round_elapsed_s": now - state.started if live else 0.0,
+                "deadline_in_s": max(0.0, state.deadline - now) if live else 0.0,
+                "min_clients": self.policy.min_clients,
+                "last_record": self.last_record.to_json() if self.last_record else None,
+            }
+
+    # ------------------------------------------------------------ the round loop
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """The round loop; returns when round ``policy.rounds`` is published, or on stop.
+
+        ``rounds`` counts rounds of the whole run, so a restarted aggregator finishes
+        the rounds its predecessor did not. Only a completed run tells clients
+        ``RunFinished``; on a stop their streams just end and they reconnect.
+        """
+        if stop is not None:
+            self._stop = stop
+        stop = self._stop  # the helpers below read self._stop
+        attempt, completed = 1, False
+        try:
+            while not stop.is_set():
+                if completed := self._run_done():
+                    break
+                if not self._wait_for_clients():
+                    break
+                if self._run_round(attempt):
+                    attempt = 1
+                elif not stop.is_set():
+                    attempt += 1
+                    if self.policy.max_attempts and attempt > self.policy.max_attempts:
+                        log.error("round %d failed %d times; stopping", self.next_round,
+                                  attempt - 1)  # fmt: skip
+                        break
+                    with self._cond:  # counted from the close, as a client sees it
+                        self._wait_until(stop.is_set, self._closed_at + self.policy.retry_delay_s)
+        finally:
+            self.uploads.buffers.clear()
+            with self._cond:
+                self.completed = completed
+                self.finished.set()
+                if completed:
+                    self.subscribers.send(self._run_finished())
+                    self.final_fetches.expect(sorted(self.subscribers.ids()), self.version)
+                self._cond.notify_all()
+            for observer in self.observers:
+                observer.run_ended(completed)
+            log.info("run finished: round %d published version %d" if completed else
+                     "round loop stopped after round %d at version %d", self.next_round - 1,
+                     self.version)  # fmt: skip
+
+    def stop(self) -> None:
+        """End the round loop (an open round is logged as aborted)."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _wait_for_clients(self) -> bool:
+        t0, need, stop = self.clock.monotonic(), self.policy.min_clients, self._stop
+
+        def enough() -> bool:
+            return len(self.subscribers) >= need or stop.is_set()
+
+        with self._cond:
+            self.phase = "waiting"
+            while not enough():
+                log.info("waiting for clients: %d of %d connected", len(self.subscribers), need)
+                self._wait_until(enough, self.clock.monotonic() + 10.0)
+        self._waited_s = self.clock.monotonic() - t0
+        return not stop.is_set()
+
+    def _wait_until(self, ready: Callable[[], bool], end: float) -> bool:
+        """Wait (holding the lock) until ``ready()`` or the clock reads ``end``."""
+        while not ready() and (left := end - self.clock.monotonic()) > 0:
+            self.clock.wait(self._cond, min(left, POLL_S))
+        return ready()
+
+    def _run_round(self, attempt: int) -> bool:
+        timings: dict[str, float] = {"waiting_s": round(self._waited_s, 3)}
+        state = self._open_round(attempt)
+        for phase in self.phases:
+            self._run_phase(state, phase, timings)
+            if state.invalidated or self._stop.is_set() or not phase.done(state):
+                break
+        return self._close_round(state, timings)
+
+    def _open_round(self, attempt: int) -> RoundState:
+        # The checkpoint holds the base version and downloads stream from it, so the
+        # round needs no copy in memory until it aggregates: peak RSS stays at the
+        # accumulator plus the uploads in flight. (The last model may be the strategy's
+        # accumulator, which begin_round resets: drop it first.) Full-model passes (the
+        # reset, the base norm for the bound) run outside the engine's lock.
+        round_ = self.next_round  # written by this thread only
+        self._global = None
+        self.uploads.begin_round()
+        norm_bound = self.bounds.round_bound(round_, lambda: self.global_flat)
+        self._global = None
+        with self._cond:
+            selected = self.strategy.configure_round(
+                round_, attempt, sorted(self.subscribers.ids()), self.policy.fraction,
+                self.policy.min_clients, self.policy.seed,
+            )  # fmt: skip
+            now = self.clock.monotonic()
+            self.state = state = RoundState(
+                round=round_,
+                attempt=attempt,
+                base_version=self.version,
+                selected=selected,
+                deadline=now + self.policy.round_timeout_s,
+                started=now,
+                encoding=encoding_from_name(self.config.training.update_encoding),
+                target_updates=self.policy.target_updates,
+                close_rule=self.strategy.updates_to_close,
+                norm_bound=norm_bound,
+            )
+            log.info("round %d (attempt %d) started: %d of %d clients selected, base version %d",
+                     round_, attempt, len(selected), len(self.subscribers),
+                     self.version)  # fmt: skip
+        self.uploads.open_store(len(selected))
+        return state
+
+    def _run_phase(self, state: RoundState, phase: RoundPhase, timings: dict[str, float]) -> None:
+        """Send the phase's task to the clients it waits for; wait until the phase is
+        done, the deadline passes, or every client it waits for has been gone for
+        ``dropout_grace_s`` (early close)."""
+        grace = self.policy.dropout_grace_s
+        with self._cond:
+            started = self.clock.monotonic()
+            state.phase, self.phase = phase, phase.label
+            self.subscribers.send(self._task(state), to=sorted(phase.owing(state)))
+            busy = started  # the last time a client this phase waits for was uploading
+            while not phase.done(state) and not self._stop.is_set() and not state.invalidated:
+                now = self.clock.monotonic()
+                if now >= state.deadline:
+                    break
+                owing = phase.owing(state)
+                if owing & state.uploading:  # a client still uploading is not gone
+                    busy, gone = now, None
+                else:
+                    gone = self.subscribers.gone_since(owing, now)
+                if gone is not None and now - max(gone, busy) >= grace:
+                    log.info("round %d: every client still owing an update is gone; "
+                             "closing early", state.round)  # fmt: skip
+                    break
+                self.clock.wait(self._cond, min(state.deadline - now, POLL_S))
+            timings[f"{phase.label}_s"] = round(self.clock.monotonic() - started, 3)
+
+    def _close_round(self, state: RoundState, timings: dict[str, float]) -> bool:
+        """Close the round, publish its model if enough updates came, log it, tell all."""
+        required = self.strategy.updates_to_publish(self.policy.required_updates)
+        with self._cond:
+            state.closed = True  # later completions get DEADLINE_EXCEEDED
+            self.phase = "closing"
+            self._wait_until(lambda: not state.folding, math.inf)  # admitted before: they count
+            status, reason = state.outcome(required, stopping=self._stop.is_set())
+        success = status == "published"
+        eval_loss, model, checkpoint = None, None, None
+        if success:  # outside the engine's lock: full-model passes and an fsync
+            t0 = self.clock.monotonic()
+            model = self.uploads.aggregate(self.global_flat)
+            timings["aggregation_s"] = round(self.clock.monotonic() - t0, 3)
+            t0 = self.clock.monotonic()
+            checkpoint = self.store.save(
+                self.version + 1, state.round, self.config.training.model, self.layout, model
+            )
+            timings["checkpoint_s"] = round(self.clock.monotonic() - t0, 3)
+            t0 = self.clock.monotonic()
+            eval_loss = self.strategy.evaluate(self.layout, model)
+            if eval_loss is not None:
+                timings["evaluation_s"] = round(self.clock.monotonic() - t0, 3)
+        self.uploads.end_round()
+        with self._cond:
+            if success:
+                self._global, self.checkpoint = model, checkpoint
+                self.version += 1
+                self.next_round = state.round + 1
+            record = RoundRecord.closed(
+                state, status=status, version=self.version, connected=self.subscribers.ids(),
+                strategy=self.strategy.name, encoding=encoding_name(state.encoding),
+                weight_cap=self.bounds.cap, phases=timings, now=self.clock.monotonic(),
+                wall_time=self.clock.time(), eval_loss=eval_loss, reason=reason,
+            )  # fmt: skip
+            self.last_record, self._closed_at = record, self.clock.monotonic()
+            if success:
+                self.bounds.published(record.to_json())  # the next round's auto norm bound
+            # Durable before anyone hears of it: a client or monitor that sees version N
+            # finds round N in the log. Status and downloads read the version under this
+            # lock, so none sees it before the line is on disk.
+            self.round_log.append(record.to_json())
+            if success:
+                manifest = self.layout.manifest(digest=self.checkpoint.payload_digest)
+                self.subscribers.send(ModelPublished(self.version, state.round, manifest))
+            self.subscribers.send(RoundClosed.of(record))
+            self.phase = "waiting"
+        self.round_log.echo_record(record.to_json())
+        release_free_memory()  # the round's transfer buffers, freed but kept by malloc
+        for observer in self.observers:
+            observer.round_closed(record)
+        if success:
+            log.info("round %d published version %d: %d clients, %d samples, val_loss %.4f, "
+                     "%.1fs", state.round, self.version, len(record.participants),
+                     record.num_samples, record.val_loss or float("nan"),
+                     record.duration_s)  # fmt: skip
+        else:
+            log.warning("round %d attempt %d %s: %s", state.round, state.attempt, status, reason)
+        return success
+
+    # ------------------------------------------------------------ run end, recovery
+
+    def download_finished(self, client_id: str, version: int) -> None:
+        """A client received all of ``version`` (after a run: see ``final_fetches``)."""
+        self.final_fetches.fetched(client_id, version)
+
+    def wait_final_fetches(self, timeout: float) -> list[str]:
+        """After a completed run: wait up to ``timeout`` s until every client subscribed
+        at the end (or since) has fetched the final version; return those still owing."""
+        return self.final_fetches.wait(timeout)
+
+    def recover_log(self) -> RoundRecord | None:
+        """The record of the published version after a crash (see ``records.recover``)."""
+        return recover(
+            self.round_log, self.version, self.checkpoint.round, strategy=self.strategy.name,
+            encoding=encoding_name(encoding_from_name(self.config.training.update_encoding)),
+            wall_time=self.clock.time(),
+        )  # fmt: skip
+
+    # ------------------------------------------------------------ helpers
+
+    def _task(self, state: RoundState) -> RoundTask:
+        wall_deadline = self.clock.time() + state.deadline - self.clock.monotonic()
+        return RoundTask.of(state, self.config.training, wall_deadline)
+
+    def _run_done(self) -> bool:
+        """Round ``policy.rounds`` is published (never, when rounds = 0)."""
+        return bool(self.policy.rounds) and self.next_round > self.policy.rounds
+
+    def _run_finished(self) -> RunFinished:
+        return RunFinished(self.version, self.next_round - 1, "completed",
+                           self.config.training.model)  # fmt: skip
+
+    def _published(self) -> tuple[int, Checkpoint]:
+        with self._cond:
+            return self.version, self.checkpoint
+
+    def _count_sent(self, nbytes: int) -> None:
+        if (state := self.state) is not None and not state.closed:
+            state.bytes_out += nbytes  # GIL-atomic enough for a statistic

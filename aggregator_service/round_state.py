@@ -1,0 +1,146 @@
+"""A round while it runs: its phases, the clients' results, who was refused.
+
+A round is an ordered list of phases (``ROUND_PHASES``). The engine sends each phase's
+task to the clients that owe it something, waits until the phase is done (or the
+deadline, or every client it waits for is gone), then moves to the next phase. Today a
+round has one phase, TRAIN; secure aggregation (Bonawitz et al. 2017) adds
+ADVERTISE_KEYS, SHARE_KEYS, MASKED_INPUT and UNMASK as entries of the list, with their
+own ``owing`` and ``done`` rules, without a change to the loop. Their wire numbers (2..5)
+are reserved in ``proto/fedmae/v1/federation.proto``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class Phase(IntEnum):
+    """A phase of a round; the values are the wire's ``fedmae.v1.Phase`` numbers."""
+
+    TRAIN = 1  # fetch the model, train, SubmitUpdate
+
+
+@dataclass
+class ClientResult:
+    """One accepted update, as it was folded in."""
+
+    client_id: str
+    num_samples: int  # the aggregation weight used: the claim, capped (update_bounds)
+    metrics: dict[str, float]
+    bytes: int
+    upload_s: float
+    update_norm: float = 0.0  # of the delta as received, before clipping
+    claimed_samples: int = 0  # num_samples as the client reported it
+    clip_scale: float = 1.0  # the delta was folded in times this
+
+
+@dataclass
+class RoundState:
+    """The open (or last) round. Guarded by the engine's condition variable."""
+
+    round: int
+    attempt: int
+    base_version: int
+    selected: list[str]
+    deadline: float  # on the engine's monotonic clock
+    started: float
+    encoding: int
+    target_updates: int = 0  # close early after this many updates (0 = every selected)
+    # The strategy's close policy: (available, target) -> updates that close the round.
+    close_rule: Callable[[int, int], int] = lambda available, target: (
+        min(target, available) if target else available
+    )
+    accepted: dict[str, ClientResult] = field(default_factory=dict)
+    uploading: set[str] = field(default_factory=set)  # admitted, not yet accepted or refused
+    folding: set[str] = field(default_factory=set)  # being added into the aggregate now
+    rejected: dict[str, str] = field(default_factory=dict)
+    revoked: set[str] = field(default_factory=set)
+    invalidated: str | None = None  # set when an aggregated update must not be published
+    norm_bound: float | None = None  # L2 bound updates are clipped to; None = off
+    phase: RoundPhase | None = None  # the phase running now
+    closed: bool = False
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def needed(self) -> int:
+        """Updates that close the round early: every selected client, or the target."""
+        available = len(set(self.selected) - self.revoked)
+        return self.close_rule(available, self.target_updates)
+
+    def awaits(self, client_id: str) -> bool:
+        """Whether the running phase still waits for this client to start its part (a
+        client that reconnects mid-round is sent its task again)."""
+        return (
+            not self.closed
+            and self.phase is not None
+            and client_id in self.phase.owing(self)
+            and client_id not in self.uploading
+        )
+
+    def revoke(self, client_id: str, why: str) -> None:
+        """A selected client was revoked while the round is open. An update already
+        folded into the aggregate (or being folded) cannot be taken out of the running
+        sum, so the round fails and is retried without that client."""
+        if self.closed or client_id not in self.selected:
+            return
+        self.revoked.add(client_id)
+        if client_id in self.accepted or client_id in self.folding:
+            self.invalidated = (
+                f"client {client_id} was revoked after its update was aggregated; "
+                "the round is retried without it"
+            )
+        else:
+            self.rejected[client_id] = f"revoked{why}"
+
+    def outcome(self, required: int, stopping: bool) -> tuple[str, str]:
+        """(status, reason) of the closed round: published, failed or aborted."""
+        reported = len(self.accepted)
+        if self.invalidated:
+            return "failed", self.invalidated
+        if reported >= max(1, required):
+            return "published", ""
+        if stopping:
+            return "aborted", "aggregator stopped during the round"
+        return "failed", f"only {reported} of {required} required updates"
+
+    def weighted(self, key: str) -> float | None:
+        """Sample-weighted mean of a client metric over the accepted updates."""
+        pairs = [
+            (r.num_samples, r.metrics[key]) for r in self.accepted.values() if key in r.metrics
+        ]
+        n = sum(w for w, _ in pairs)
+        return sum(w * v for w, v in pairs) / n if n else None
+
+    def dropped(self, connected: set[str]) -> dict[str, str]:
+        """Selected clients that sent nothing accepted or refused, and why (as known)."""
+        owing = set(self.selected) - set(self.accepted) - set(self.rejected)
+        return {
+            c: "disconnected" if c not in connected else "no update before the round closed"
+            for c in sorted(owing)
+        }
+
+
+@dataclass(frozen=True)
+class RoundPhase:
+    """One step of a round: whom its task goes to and when it is complete."""
+
+    phase: Phase
+    label: str  # the status while it runs; its timing in the record is ``<label>_s``
+    owing: Callable[[RoundState], set[str]]  # clients this phase still waits for
+    done: Callable[[RoundState], bool]  # complete: the round may move on (or close)
+
+
+def _train_owing(state: RoundState) -> set[str]:
+    return set(state.selected) - set(state.accepted) - state.revoked
+
+
+def _train_done(state: RoundState) -> bool:
+    return len(state.accepted) >= state.needed()
+
+
+TRAIN = RoundPhase(Phase.TRAIN, "training", owing=_train_owing, done=_train_done)
+
+# The phases of every round, in order.
+ROUND_PHASES: tuple[RoundPhase, ...] = (TRAIN,)
