@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from aggregator_service.strategy import FedAvg, Strategy
+from aggregator_service.strategies import FedAvg, Strategy
 
 from aggregator_service.checkpoint_store import CheckpointStore
 from aggregator_service.config import RoundPolicy, ServerConfig
