@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
 from pathlib import Path
 
-import grpc
-
+from fedmae.admin_view import ClientInfo
+from fedmae.cli import add_env_argument
 from fedmae.enrollment_policy import printable
 from fedmae.errors import ConfigError
 from fedmae.pki.files import ClientIdentity, validate_client_id
-from fedmae.transport._proto import admin_pb2 as apb
-from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
-from fedmae.transport.channels import open_channel
+from fedmae.transport.admin_client import AdminClient
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -32,32 +29,26 @@ def parse_duration(text: str) -> int:
 
 
 def add_connection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--server",
-        default=os.environ.get("FEDMAE_SERVER", "127.0.0.1:50051"),
-        help="aggregator HOST:PORT (env FEDMAE_SERVER; default %(default)s)",
-    )
-    p.add_argument(
-        "--identity",
-        default=os.environ.get("FEDMAE_ADMIN_IDENTITY"),
-        help="the admin identity directory, CERTS/admin (env FEDMAE_ADMIN_IDENTITY; no default)",
+    add_env_argument(p, "--server", "FEDMAE_SERVER", "aggregator HOST:PORT", "127.0.0.1:50051")
+    add_env_argument(
+        p, "--identity", "FEDMAE_ADMIN_IDENTITY", "the admin identity directory, CERTS/admin"
     )
 
 
-def admin_stub(args: argparse.Namespace) -> tuple[grpc.Channel, apb_grpc.AdminStub]:
+def admin_client(args: argparse.Namespace) -> AdminClient:
+    """The Admin service of ``--server``, as the operator of ``--identity``."""
     if not args.identity:
         raise ConfigError(
             "admin commands need the operator identity: --identity CERTS/admin "
             "(or set FEDMAE_ADMIN_IDENTITY)"
         )
-    channel = open_channel(args.server, ClientIdentity(Path(args.identity)))
-    return channel, apb_grpc.AdminStub(channel)
+    return AdminClient(args.server, ClientIdentity(Path(args.identity)))
 
 
-def _when(ts) -> str:
-    if not ts.seconds:
+def _when(seconds: int | None) -> str:
+    if not seconds:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts.seconds))
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -66,34 +57,12 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(fmt.format(*r).rstrip() for r in [header, *rows])
 
 
-def _labels(c: apb.ClientInfo) -> str:
+def _labels(c: ClientInfo) -> str:
     """``k=v,k=v`` with anything a terminal would interpret escaped."""
     text = ",".join(f"{printable(k)}={printable(v)}" for k, v in sorted(c.labels.items()))
     if c.labels_omitted:
         text += f" (+{c.labels_omitted} more not shown)"
     return text
-
-
-def _all_clients(stub: apb_grpc.AdminStub) -> list[apb.ClientInfo]:
-    """Every client, a page per call (one response never nears the message cap)."""
-    clients: list[apb.ClientInfo] = []
-    token = ""
-    while True:
-        resp = stub.ListClients(apb.ListClientsRequest(page_token=token), timeout=30)
-        clients.extend(resp.clients)
-        token = resp.next_page_token
-        if not token:
-            return clients
-
-
-def _token_state(t: apb.TokenInfo) -> str:
-    if t.revoked:
-        return "revoked"
-    if t.used >= t.uses:
-        return "used up"
-    if t.expires.seconds <= time.time():
-        return "expired"
-    return "usable"
 
 
 def _create_token_offline(args: argparse.Namespace) -> int:
@@ -121,52 +90,43 @@ def _create_token_offline(args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     if args.token_command == "create" and args.state_dir:
         return _create_token_offline(args)
-    channel, stub = admin_stub(args)
-    with channel:
+    with admin_client(args) as admin:
         if args.token_command == "create":
-            resp = stub.CreateToken(
-                apb.CreateTokenRequest(
-                    name=args.name or "", ttl_seconds=parse_duration(args.ttl), uses=args.uses
-                ),
-                timeout=30,
-            )
-            info = resp.info
+            issued = admin.create_token(args.name or "", parse_duration(args.ttl), args.uses)
+            info = issued.info
             bound = f" for client {info.name!r}" if info.name else ""
-            print(resp.token, flush=True)  # alone on stdout: TOKEN=$(fedmae token create)
+            print(issued.token, flush=True)  # alone on stdout: TOKEN=$(fedmae token create)
             print(
                 f"token {info.token_id}{bound}: {info.uses} use(s), "
                 f"expires {_when(info.expires)}. Shown once; only its hash is stored.",
                 file=sys.stderr,
             )
         elif args.token_command == "list":
-            resp = stub.ListTokens(apb.ListTokensRequest(include_inactive=args.all), timeout=30)
             rows = [
-                [t.token_id, t.name or "-", f"{t.used}/{t.uses}", _when(t.expires),
-                 _token_state(t), t.created_by]
-                for t in resp.tokens
+                [t.token_id, t.name or "-", f"{t.used}/{t.uses}", _when(t.expires), t.state(),
+                 t.created_by]
+                for t in admin.list_tokens(include_inactive=args.all)
             ]  # fmt: skip
             print(_table(rows, ["TOKEN", "NAME", "USED", "EXPIRES", "STATE", "CREATED BY"]))
         else:
-            info = stub.RevokeToken(apb.RevokeTokenRequest(token_id=args.token_id), timeout=30)
-            print(f"token {info.token_id} revoked")
+            print(f"token {admin.revoke_token(args.token_id).token_id} revoked")
     return 0
 
 
 def cmd_clients(args: argparse.Namespace) -> int:
-    channel, stub = admin_stub(args)
-    with channel:
+    with admin_client(args) as admin:
         if args.clients_command == "list":
             rows = [
                 [c.client_id, c.status, "yes" if c.connected else "no", str(c.rounds_joined),
                  _when(c.last_seen), _when(c.not_after), _labels(c)]
-                for c in _all_clients(stub)
+                for c in admin.list_clients()
             ]  # fmt: skip
             print(
                 _table(rows, ["CLIENT", "STATUS", "CONNECTED", "ROUNDS", "LAST SEEN", "CERT UNTIL",
                               "LABELS"])
             )  # fmt: skip
         elif args.clients_command == "show":
-            c = stub.GetClient(apb.GetClientRequest(client_id=args.client_id), timeout=30)
+            c = admin.get_client(args.client_id)
             for key, value in [
                 ("client", c.client_id), ("status", c.status), ("connected", c.connected),
                 ("rounds joined", c.rounds_joined), ("enrolled", _when(c.created)),
@@ -176,61 +136,66 @@ def cmd_clients(args: argparse.Namespace) -> int:
             ]:  # fmt: skip
                 print(f"{key:>20}: {value}")
         else:
-            c = stub.RevokeClient(
-                apb.RevokeClientRequest(client_id=args.client_id, reason=args.reason or ""),
-                timeout=30,
-            )
+            c = admin.revoke_client(args.client_id, args.reason or "")
             print(f"client {c.client_id} revoked: its next call is refused, it is disconnected now")
     return 0
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    channel, stub = admin_stub(args)
-    with channel:
-        resp = stub.Audit(apb.AuditRequest(limit=args.limit), timeout=30)
+    with admin_client(args) as admin:
+        entries = admin.audit(args.limit)
     if args.json:
-        for e in resp.entries:
+        for e in entries:
             print(json.dumps({"time": _when(e.time), "actor": e.actor, "action": e.action,
                               "target": e.target, "details": json.loads(e.details)}))  # fmt: skip
     else:
         rows = [
             [_when(e.time), printable(e.actor), e.action, printable(e.target), printable(e.details)]
-            for e in resp.entries
+            for e in entries
         ]
         print(_table(rows, ["TIME", "ACTOR", "ACTION", "TARGET", "DETAILS"]))
     return 0
 
 
 def cmd_admins(args: argparse.Namespace) -> int:
-    channel, stub = admin_stub(args)
-    with channel:
+    with admin_client(args) as admin:
         if args.admins_command == "list":
-            resp = stub.ListAdmins(apb.ListAdminsRequest(), timeout=30)
             rows = [
                 [a.name + (" (you)" if a.is_caller else ""), a.status, a.serial,
                  a.fingerprint_sha256[:16], _when(a.created), _when(a.not_after), a.added_by,
                  a.revoke_reason or "-"]
-                for a in resp.admins
+                for a in admin.list_admins()
             ]  # fmt: skip
             print(_table(rows, ["ADMIN", "STATUS", "SERIAL", "SHA256", "PINNED", "CERT UNTIL",
                                 "ADDED BY", "REVOKED FOR"]))  # fmt: skip
         elif args.admins_command == "add":
-            a = stub.AddAdmin(
-                apb.AddAdminRequest(certificate_pem=Path(args.cert).read_bytes()), timeout=30
-            )
+            a = admin.add_admin(Path(args.cert).read_bytes())
             print(f"admin {a.name!r} pinned (serial {a.serial}, valid until {_when(a.not_after)})")
         else:
-            resp = stub.RevokeAdmin(
-                apb.RevokeAdminRequest(name=args.name, reason=args.reason or ""), timeout=30
-            )
-            serials = ", ".join(a.serial for a in resp.revoked)
+            revoked = admin.revoke_admin(args.name, args.reason or "")
+            serials = ", ".join(a.serial for a in revoked)
             print(f"admin {args.name!r} revoked (serial {serials}): refused from its next call on")
     return 0
 
 
+def _family(
+    sub: argparse._SubParsersAction, name: str, help: str, dest: str
+) -> argparse._SubParsersAction:
+    """``fedmae NAME SUBCOMMAND``: the subcommands' parsers, the one chosen in ``dest``."""
+    return sub.add_parser(name, help=help).add_subparsers(dest=dest, required=True)
+
+
+def _connect(family: argparse._SubParsersAction, func) -> None:
+    """Every subcommand of ``family`` talks to the Admin service through ``func``: the
+    connection flags, after its own (as ``--help`` lists them)."""
+    for p in family.choices.values():
+        add_connection_args(p)
+        p.set_defaults(func=func)
+
+
 def build(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("token", help="enrollment tokens (admin)")
-    tsub = t.add_subparsers(dest="token_command", required=True)
+    """Add ``token``, ``clients``, ``admins`` and ``audit`` to the ``fedmae`` parser."""
+    tsub = _family(sub, "token", "enrollment tokens (admin)", "token_command")
     tc = tsub.add_parser("create", help="make a one-time enrollment token (printed once)")
     tc.add_argument(
         "--name", help="bind the token to this client id (default: any name the client asks for)"
@@ -248,13 +213,10 @@ def build(sub: argparse._SubParsersAction) -> None:
     )
     tr = tsub.add_parser("revoke", help="revoke a token by its id")
     tr.add_argument("token_id")
-    for p in (tc, tl, tr):
-        add_connection_args(p)
-        p.set_defaults(func=cmd_token)
+    _connect(tsub, cmd_token)
 
-    c = sub.add_parser("clients", help="enrolled clients (admin)")
-    csub = c.add_subparsers(dest="clients_command", required=True)
-    cl = csub.add_parser("list", help="every registered client")
+    csub = _family(sub, "clients", "enrolled clients (admin)", "clients_command")
+    csub.add_parser("list", help="every registered client")
     cs = csub.add_parser("show", help="one client in detail")
     cs.add_argument("client_id")
     cr = csub.add_parser("revoke", help="revoke a client: refused from its next call on")
@@ -262,13 +224,10 @@ def build(sub: argparse._SubParsersAction) -> None:
     cr.add_argument(
         "--reason", help="recorded in the audit log and shown to the client (default: none)"
     )
-    for p in (cl, cs, cr):
-        add_connection_args(p)
-        p.set_defaults(func=cmd_clients)
+    _connect(csub, cmd_clients)
 
-    ad = sub.add_parser("admins", help="pinned admin certificates (admin)")
-    adsub = ad.add_subparsers(dest="admins_command", required=True)
-    al = adsub.add_parser("list", help="every pinned admin certificate, active and revoked")
+    adsub = _family(sub, "admins", "pinned admin certificates (admin)", "admins_command")
+    adsub.add_parser("list", help="every pinned admin certificate, active and revoked")
     aa = adsub.add_parser("add", help="pin another admin's certificate")
     aa.add_argument(
         "--cert",
@@ -278,9 +237,7 @@ def build(sub: argparse._SubParsersAction) -> None:
     ar = adsub.add_parser("revoke", help="revoke an admin: refused from its next call on")
     ar.add_argument("name", help="the admin's name (certificate CN)")
     ar.add_argument("--reason", help="recorded in the audit log (default: none)")
-    for p in (al, aa, ar):
-        add_connection_args(p)
-        p.set_defaults(func=cmd_admins)
+    _connect(adsub, cmd_admins)
 
     a = sub.add_parser("audit", help="the audit log (admin)")
     a.add_argument(

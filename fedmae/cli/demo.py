@@ -27,7 +27,8 @@ from typing import IO
 from fedmae.cli import ENCODING_NAMES
 from fedmae.pki.files import ClientIdentity, ServerCerts
 from fedmae.pki.issue import init_certs
-from fedmae.transport.channels import open_channel
+from fedmae.transport.admin_client import AdminClient
+from fedmae.transport.health import check_health
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +86,13 @@ def _fmt(value: float | None) -> str:
 
 
 def _wait_healthy(server: subprocess.Popen, address: str, admin: ClientIdentity) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     deadline = time.monotonic() + 120
-    with open_channel(address, admin) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise RuntimeError("the aggregator exited during start-up")
-            try:
-                stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                return
-            except grpc.RpcError:
-                time.sleep(0.3)
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError("the aggregator exited during start-up")
+        if check_health(address, admin, timeout=2).failure is None:
+            return  # it answered
+        time.sleep(0.3)
     raise RuntimeError(f"the aggregator did not become healthy on {address}")
 
 
@@ -108,16 +102,9 @@ def _enroll_clients(
     """What an operator and each site would do: one token per site, then enroll."""
 
     from client_agent.enrollment import enroll
-    from fedmae.transport._proto import admin_pb2 as apb
-    from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 
-    admin = ClientIdentity(certs.dir / "admin")
-    with open_channel(address, admin) as channel:
-        stub = apb_grpc.AdminStub(channel)
-        tokens = [
-            stub.CreateToken(apb.CreateTokenRequest(name=n, ttl_seconds=600), timeout=30).token
-            for n in names
-        ]
+    with AdminClient(address, ClientIdentity(certs.dir / "admin")) as admin:
+        tokens = [admin.create_token(name=n, ttl_s=600).token for n in names]
     ca_pem = certs.ca_cert.read_bytes()
     return [
         enroll(

@@ -7,26 +7,13 @@ from pathlib import Path
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     from fedmae.pki.files import ClientIdentity
-    from fedmae.transport.channels import open_channel
+    from fedmae.transport.health import check_health
 
     identity = None if args.insecure else ClientIdentity(Path(args.identity))
-    with open_channel(args.server, identity, insecure=args.insecure) as channel:
-        try:
-            status = (
-                health_pb2_grpc.HealthStub(channel)
-                .Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
-                .status
-            )
-        except grpc.RpcError as err:
-            print(f"{args.server}: {err.code().name}: {err.details()}")
-            return 1
-    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
-    print(f"{args.server}: {name}")
-    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+    answer = check_health(args.server, identity, args.service, args.timeout)
+    print(f"{args.server}: {answer}")
+    return 0 if answer.serving else 1
 
 
 def build(sub: argparse._SubParsersAction) -> None:

@@ -14,12 +14,11 @@ import os
 import sys
 from pathlib import Path
 
-import grpc
-
-from fedmae.cli import admin, certs, client, demo, health, serve, watch
+from fedmae.cli import add_env_argument, admin, certs, client, demo, health, serve, watch
 from fedmae.errors import FedmaeError
 from fedmae.log_format import setup_logging
 from fedmae.runtime import tune_malloc
+from fedmae.transport.status import domain_errors
 
 log = logging.getLogger("fedmae")
 
@@ -51,10 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedmae",
         description="Federated Masked Autoencoder training over gRPC with mutual TLS.",
     )
-    p.add_argument(
-        "--log-level",
-        default=os.environ.get("FEDMAE_LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO, WARNING or ERROR (env FEDMAE_LOG_LEVEL; default %(default)s)",
+    add_env_argument(
+        p, "--log-level", "FEDMAE_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR", default="INFO"
     )
     p.add_argument(
         "--log-format",
@@ -98,12 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         role = f"client[{_client_name(args)}]"
     setup_logging(args.log_level, role, args.log_format)
     try:
-        return args.func(args)
+        with domain_errors():  # a refused call: "CODE: details", like any expected failure
+            return args.func(args)
     except (FedmaeError, ValueError, FileNotFoundError) as err:
         log.error("%s", err)  # expected failures: a message, not a traceback
-        return 2
-    except grpc.RpcError as err:
-        log.error("%s: %s", err.code().name, err.details())
         return 2
     except KeyboardInterrupt:
         return 130

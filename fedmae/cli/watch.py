@@ -9,45 +9,25 @@ import threading
 import time
 from typing import Any
 
-import grpc
-
-from fedmae.cli.admin import add_connection_args, admin_stub
-from fedmae.transport._proto import admin_pb2 as apb
-from fedmae.transport.retry import CONNECTION_LOST, RetryPolicy
-
-# The aggregator away (a restart?): reconnect for as long as it takes; anything else ends
-# the watch with the error.
-WATCH_RETRY = RetryPolicy(retry_on=CONNECTION_LOST, initial_s=0.5, max_s=10.0, max_fault_retries=0)
+from fedmae.admin_view import RunStatus
+from fedmae.cli.admin import add_connection_args, admin_client
+from fedmae.errors import FedmaeError
 
 
 def follow_rounds(
     args: argparse.Namespace, out: queue.Queue, stop: threading.Event, from_round: int = 0
 ) -> None:
     """Put ``(seq, record)`` on ``out`` for every closed round, reconnecting while the
-    aggregator restarts; ``None`` when the run has finished (or on a hard error)."""
-    after_seq = 0
-    retries = WATCH_RETRY.start(stop)
-    while not stop.is_set():
-        channel, stub = admin_stub(args)
-        try:
-            with channel:
-                stream = stub.WatchRounds(
-                    apb.WatchRoundsRequest(from_round=from_round, after_seq=after_seq, follow=True)
-                )
-                for msg in stream:
-                    retries.reset()
-                    after_seq = msg.seq
-                    out.put((msg.seq, json.loads(msg.record_json)))
-                    if stop.is_set():
-                        return
-            out.put(None)  # the stream ended normally: the run finished
-            return
-        except grpc.RpcError as err:
-            decision = retries.decide(err)
-            if not decision.retry:
-                out.put(err)
-                return
-            retries.wait(decision.delay_s)  # then resume after the last record
+    aggregator restarts; ``None`` when the run has finished, the error on a hard one."""
+    try:
+        with admin_client(args) as admin:
+            for item in admin.watch_rounds(from_round, stop):
+                out.put(item)
+    except FedmaeError as err:
+        out.put(err)
+        return
+    if not stop.is_set():
+        out.put(None)  # the stream ended normally: the run finished
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -72,7 +52,7 @@ def _watch_json(records: queue.Queue) -> int:
         item = records.get()
         if item is None:
             return 0
-        if isinstance(item, grpc.RpcError):
+        if isinstance(item, FedmaeError):
             raise item
         print(json.dumps(item[1]), flush=True)
 
@@ -101,7 +81,7 @@ def _rounds_table(rows: list[dict]):
     return table
 
 
-def _status_panel(status: apb.StatusResponse | None, error: str):
+def _status_panel(status: RunStatus | None, error: str):
     from rich.console import Group
     from rich.panel import Panel
     from rich.progress_bar import ProgressBar
@@ -141,8 +121,7 @@ def _watch_live(args: argparse.Namespace, records: queue.Queue) -> int:
 
     rows: list[dict] = []
     status, error, finished = None, "", False
-    channel, stub = admin_stub(args)
-    with channel, Live(refresh_per_second=4, transient=False) as live:
+    with admin_client(args) as admin, Live(refresh_per_second=4, transient=False) as live:
         while not finished:
             while True:
                 try:
@@ -151,19 +130,18 @@ def _watch_live(args: argparse.Namespace, records: queue.Queue) -> int:
                     break
                 if item is None:
                     finished = True
-                elif isinstance(item, grpc.RpcError):
+                elif isinstance(item, FedmaeError):
                     raise item
                 else:
                     rows.append(item[1])
             if finished:
                 error = "(run finished)"
             else:
-                try:
-                    status, error = stub.Status(apb.StatusRequest(), timeout=5), ""
-                except grpc.RpcError as err:
-                    if err.code() not in WATCH_RETRY.retry_on:
-                        raise
+                latest = admin.status_if_reachable(timeout=5)
+                if latest is None:
                     error = "(unreachable: reconnecting)"
+                else:
+                    status, error = latest, ""
             live.update(Group(_status_panel(status, error), _rounds_table(rows)))
             if not finished:
                 time.sleep(1.0)
@@ -172,16 +150,15 @@ def _watch_live(args: argparse.Namespace, records: queue.Queue) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    channel, stub = admin_stub(args)
-    with channel:
-        s = stub.Status(apb.StatusRequest(), timeout=10)
-    last = json.loads(s.last_record_json) if s.last_record_json else None
+    with admin_client(args) as admin:
+        s = admin.status(timeout=10)
+    last = s.last_record
     if args.json:
         snap = {
             "state": s.state, "round": s.round, "attempt": s.attempt, "version": s.version,
-            "rounds_target": s.rounds_target, "connected": list(s.connected),
-            "selected": list(s.selected), "reported": list(s.reported),
-            "uploading": list(s.uploading), "last_round": last,
+            "rounds_target": s.rounds_target, "connected": s.connected,
+            "selected": s.selected, "reported": s.reported,
+            "uploading": s.uploading, "last_round": last,
         }  # fmt: skip
         print(json.dumps(snap))
         return 0

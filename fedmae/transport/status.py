@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import NoReturn
 
 import grpc
@@ -53,6 +54,44 @@ def status_code(error: BaseException) -> grpc.StatusCode:
         if cls in STATUS_CODES:
             return STATUS_CODES[cls]
     return grpc.StatusCode.INTERNAL
+
+
+# The other way, for a client: the domain error a refusal with a code stands for. Where
+# several share a code, the general one; a code no domain error stands for (UNAVAILABLE,
+# CANCELLED, DEADLINE_EXCEEDED, which a client's own timeout gives too, UNKNOWN ...)
+# gives FedmaeError itself. error_for(code, m) is answered with code again.
+_ERRORS_FOR_CODES: Mapping[grpc.StatusCode, type[errors.FedmaeError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidRequest,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.LimitExceeded,
+    grpc.StatusCode.ABORTED: errors.ConnectionReplaced,
+}
+
+
+def error_for(code: grpc.StatusCode, message: str) -> errors.FedmaeError:
+    """The domain error a refusal with ``code`` stands for, carrying ``message``."""
+    return _ERRORS_FOR_CODES.get(code, errors.FedmaeError)(message)
+
+
+def domain_error(err: grpc.RpcError) -> errors.FedmaeError:
+    """A failed call as a domain error whose message is ``CODE: details``: what an
+    operator is shown (docs/errors.md explains each code)."""
+    code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = err.details() if callable(getattr(err, "details", None)) else str(err)
+    return error_for(code, f"{code.name}: {details}")
+
+
+@contextmanager
+def domain_errors() -> Iterator[None]:
+    """Inside: a failed call that escapes is raised again as its ``domain_error``."""
+    try:
+        yield
+    except grpc.RpcError as err:
+        raise domain_error(err) from err
 
 
 Behaviour = Callable[..., object]  # (request or request iterator, context) -> response(s)

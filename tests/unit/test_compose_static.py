@@ -331,7 +331,7 @@ def test_admin_commands_do_not_import_torch(tmp_path):
         "import argparse, pathlib; from fedmae.cli import admin as admin_cli, watch; "
         "from fedmae.pki.issue import init_certs; "
         f"certs = init_certs(pathlib.Path({str(tmp_path)!r})); "
-        "admin_cli.admin_stub(argparse.Namespace("
+        "admin_cli.admin_client(argparse.Namespace("
         "identity=str(certs.dir / 'admin'), server='127.0.0.1:1'))"
     )
     assert loaded == [], f"admin commands import {loaded}"

@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 
 from fedmae import errors
-from fedmae.transport.status import STATUS_CODES, status_code
+from fedmae.transport.status import STATUS_CODES, error_for, status_code
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "errors.md"
 
@@ -60,3 +60,15 @@ def test_status_code_of_an_instance_follows_its_type():
 def test_the_core_errors_module_does_not_import_grpc():
     source = Path(errors.__file__).read_text()
     assert not re.search(r"^\s*(import grpc|from grpc)", source, re.MULTILINE)
+
+
+def test_error_for_gives_back_the_code_it_stands_for():
+    """A client's reverse of the table: each code's domain error is answered with that
+    code again; a code no domain error stands for gives FedmaeError, with the message."""
+    for code in grpc.StatusCode:
+        error = error_for(code, "the message")
+        assert isinstance(error, errors.FedmaeError) and str(error) == "the message"
+        if type(error) is not errors.FedmaeError:
+            assert status_code(error) == code
+    assert type(error_for(grpc.StatusCode.UNAVAILABLE, "away")) is errors.FedmaeError
+    assert isinstance(error_for(grpc.StatusCode.PERMISSION_DENIED, "no"), errors.PermissionDenied)
