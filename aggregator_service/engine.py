@@ -31,7 +31,7 @@ from aggregator_service.published_model import PublishedModel
 from aggregator_service.records import RoundRecord, recover
 from aggregator_service.round_log import RoundLog
 from aggregator_service.round_state import ROUND_PHASES, DropoutWatch, RoundPhase, RoundState
-from aggregator_service.strategy import Strategy
+from aggregator_service.strategies import Strategy
 from aggregator_service.subscriptions import (
     ModelPublished,
     RoundClosed,

@@ -20,7 +20,7 @@ import torch
 from aggregator_service.clock import Clock
 from aggregator_service.config import ServerConfig
 from aggregator_service.round_state import ClientResult, RoundState
-from aggregator_service.strategy import Strategy
+from aggregator_service.strategies import Strategy
 from aggregator_service.subscriptions import RoundObserver
 from aggregator_service.update_bounds import UpdateBounds
 from aggregator_service.update_store import SPILL_FILE, UpdateStore
