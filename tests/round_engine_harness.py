@@ -115,6 +115,20 @@ def make_engine(
     )
 
 
+def start_engine(
+    state_dir: Path,
+    clock: FakeClock,
+    ids: str,
+    strategy: Strategy | None = None,
+    **policy: object,
+) -> tuple[RoundEngine, dict[str, Client], EngineThread]:
+    """An engine (``make_engine``), an in-memory client per id in ``ids``, and its round
+    loop running on a thread."""
+    engine = make_engine(state_dir, clock, strategy, **policy)
+    clients = {c: Client(engine, c) for c in ids}
+    return engine, clients, EngineThread(engine)
+
+
 class EngineThread:
     """``engine.run()`` on a thread; ``stop()`` ends it and checks that it ended."""
 
