@@ -210,6 +210,11 @@ class Client:
         session, payload = self.open(delta, round_, base_version, samples, metrics)
         return self.finish(session, payload)
 
+    def take_part(self, round_: int = 1) -> UpdateReceipt:
+        """Wait for the round's task and submit a small delta (seeded by the client id)."""
+        self.next_event("task", round=round_)
+        return self.submit(delta(self.engine.layout, seed=ord(self.id[0])), round_)
+
     def leave(self) -> None:
         self.engine.unsubscribe(self.sub)
 

@@ -88,8 +88,7 @@ def test_over_selection_closes_once_the_target_number_arrived(tmp_path, clock):
     )
     try:
         for c in "ab":
-            clients[c].next_event("task", round=1)
-            clients[c].submit(delta(engine.layout, seed=ord(c)), 1)
+            clients[c].take_part(round_=1)
         closed = clients["c"].next_event("round_closed", round=1)  # no time passed
         with pytest.raises(StaleUpdate):
             clients["c"].submit(delta(engine.layout, seed=3), 1)
@@ -125,8 +124,7 @@ def test_a_round_closes_early_when_every_owing_client_is_gone(tmp_path, clock):
     )
     try:
         for c in "ab":
-            clients[c].next_event("task", round=1)
-            clients[c].submit(delta(engine.layout, seed=ord(c)), 1)
+            clients[c].take_part(round_=1)
         clients["c"].next_event("task", round=1)
         clients["c"].leave()
         loop.settle(clock)

@@ -88,8 +88,7 @@ def test_revoking_a_client_that_owes_an_update_drops_it_and_the_round_goes_on(tm
     )
     try:
         for c in "ab":
-            clients[c].next_event("task", round=1)
-            clients[c].submit(delta(engine.layout, seed=ord(c)), 1)
+            clients[c].take_part(round_=1)
         engine.revoke("c", reason="decommissioned")
         closed = clients["a"].next_event("round_closed", round=1)  # no deadline waited for
     finally:
