@@ -1,9 +1,9 @@
 """The round engine: select, open, fold, close. Plain Python, no network.
 
 One round: wait for ``min_clients`` subscribers, select (seeded), run the round's
-phases (``round_state.ROUND_PHASES``; today TRAIN: send each selected client a task and
-fold updates in as they complete), close when every phase is done or at the deadline,
-publish a new version if at least ``min_updates`` were accepted, else retry the round.
+phases (``round_state.ROUND_PHASES``; today TRAIN), close when every phase is done or at
+the deadline, publish a new version (``published_model``) if at least ``min_updates``
+were accepted, else retry the round. ``docs/architecture.md`` walks through it.
 
 The servicers in ``aggregator_service.rpc`` translate the wire to calls on this object
 and its parts ``uploads`` (admission, the fold) and ``downloads`` (slots, streams).
@@ -71,17 +71,16 @@ class RoundEngine:
         self.config = config
         self.policy = config.policy
         self.layout = layout
+        self._cond = threading.Condition()
         self.model = PublishedModel(
-            store, layout, checkpoint, global_flat, config.training.model, clock
+            store, layout, checkpoint, global_flat, config.training.model, clock, self._cond
         )
-        self.store = store
         self.strategy = strategy
         self.round_log = round_log
         self.clock = clock
         self.phases = phases
         self.bounds = UpdateBounds(config, history=round_log.read)
         self.next_round = checkpoint.round + 1
-        self._cond = threading.Condition()
         self._stop = threading.Event()
         self.subscribers = Subscribers()
         self.state: RoundState | None = None
@@ -96,24 +95,22 @@ class RoundEngine:
             current=lambda: self.state, observers=self.observers,
         )  # fmt: skip
         self.downloads = Downloads(
-            config, layout, store, clock, published=self._published, sent=self._count_sent
+            config, layout, store, clock, published=self.model.current, sent=self._count_sent
         )
         self.final_fetches = FinalFetches(clock)
         self.completed = False
 
+    # The published model's version, checkpoint and flat vector (see ``PublishedModel``).
     @property
     def version(self) -> int:
-        """The published model's version."""
         return self.model.version
 
     @property
     def checkpoint(self) -> Checkpoint:
-        """The published model's checkpoint."""
         return self.model.checkpoint
 
     @property
     def global_flat(self) -> torch.Tensor:
-        """The published model as one flat vector (see ``PublishedModel.flat``)."""
         return self.model.flat
 
     # ------------------------------------------------------------ clients
@@ -361,13 +358,7 @@ class RoundEngine:
         release_free_memory()  # the round's transfer buffers, freed but kept by malloc
         for observer in self.observers:
             observer.round_closed(record)
-        if success:
-            log.info("round %d published version %d: %d clients, %d samples, val_loss %.4f, "
-                     "%.1fs", state.round, self.version, len(record.participants),
-                     record.num_samples, record.val_loss or float("nan"),
-                     record.duration_s)  # fmt: skip
-        else:
-            log.warning("round %d attempt %d %s: %s", state.round, state.attempt, status, reason)
+        log.log(logging.INFO if success else logging.WARNING, "%s", record.summary())
         return success
 
     # ------------------------------------------------------------ run end, recovery
@@ -402,10 +393,6 @@ class RoundEngine:
     def _run_finished(self) -> RunFinished:
         return RunFinished(self.version, self.next_round - 1, "completed",
                            self.config.training.model)  # fmt: skip
-
-    def _published(self) -> tuple[int, Checkpoint]:
-        with self._cond:
-            return self.model.version, self.model.checkpoint
 
     def _count_sent(self, nbytes: int) -> None:
         if (state := self.state) is not None and not state.closed:

@@ -4,11 +4,13 @@ The round engine holds one ``PublishedModel``. Between rounds the flat vector is
 released (``release``) and read back from the checkpoint on demand, so a round needs no
 copy of the model in memory until it aggregates. Closing a round that publishes is two
 steps: ``prepare`` (aggregate, save, evaluate: full-model passes and an fsync, run
-outside the engine's lock) and ``publish`` (under the lock, with the round log line).
+outside the engine's lock) and ``publish`` (under the engine's lock, with the round log
+line, so ``current`` never pairs a version with another's checkpoint).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +41,7 @@ class PublishedModel:
         flat: torch.Tensor | None,
         model_name: str,
         clock: Clock,
+        lock: threading.Condition,
     ):
         self.store = store
         self.layout = layout
@@ -46,6 +49,7 @@ class PublishedModel:
         self.version = checkpoint.version
         self.model_name = model_name
         self.clock = clock
+        self._lock = lock  # the engine's: the version moves on under it
         self._flat = flat
 
     @property
@@ -54,6 +58,11 @@ class PublishedModel:
         if self._flat is None:
             _, self._flat = self.store.map(self.version, self.layout)
         return self._flat
+
+    def current(self) -> tuple[int, Checkpoint]:
+        """The version and its checkpoint, read together (for downloads)."""
+        with self._lock:
+            return self.version, self.checkpoint
 
     def release(self) -> None:
         """Drop the in-memory vector (it may be the strategy's accumulator, which the
