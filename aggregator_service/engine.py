@@ -1,9 +1,9 @@
 """The round engine: select, open, fold, close. Plain Python, no network.
 
 One round: wait for ``min_clients`` subscribers, select (seeded), run the round's
-phases (``round_state.ROUND_PHASES``; today TRAIN: send each selected client a task and
-fold updates in as they complete), close when every phase is done or at the deadline,
-publish a new version if at least ``min_updates`` were accepted, else retry the round.
+phases (``round_state.ROUND_PHASES``; today TRAIN), close when every phase is done or at
+the deadline, publish a new version (``published_model``) if at least ``min_updates``
+were accepted, else retry the round. ``docs/architecture.md`` walks through it.
 
 The servicers in ``aggregator_service.rpc`` translate the wire to calls on this object
 and its parts ``uploads`` (admission, the fold) and ``downloads`` (slots, streams).
@@ -27,9 +27,10 @@ from aggregator_service.checkpoint_store import Checkpoint, CheckpointStore
 from aggregator_service.clock import SYSTEM_CLOCK, Clock
 from aggregator_service.config import ServerConfig
 from aggregator_service.downloads import Downloads, FinalFetches
+from aggregator_service.published_model import PublishedModel
 from aggregator_service.records import RoundRecord, recover
 from aggregator_service.round_log import RoundLog
-from aggregator_service.round_state import ROUND_PHASES, RoundPhase, RoundState
+from aggregator_service.round_state import ROUND_PHASES, DropoutWatch, RoundPhase, RoundState
 from aggregator_service.strategies import Strategy
 from aggregator_service.subscriptions import (
     ModelPublished,
@@ -70,17 +71,16 @@ class RoundEngine:
         self.config = config
         self.policy = config.policy
         self.layout = layout
-        self._global: torch.Tensor | None = global_flat
-        self.checkpoint = checkpoint
-        self.store = store
+        self._cond = threading.Condition()
+        self.model = PublishedModel(
+            store, layout, checkpoint, global_flat, config.training.model, clock, self._cond
+        )
         self.strategy = strategy
         self.round_log = round_log
         self.clock = clock
         self.phases = phases
         self.bounds = UpdateBounds(config, history=round_log.read)
-        self.version = checkpoint.version
         self.next_round = checkpoint.round + 1
-        self._cond = threading.Condition()
         self._stop = threading.Event()
         self.subscribers = Subscribers()
         self.state: RoundState | None = None
@@ -95,18 +95,23 @@ class RoundEngine:
             current=lambda: self.state, observers=self.observers,
         )  # fmt: skip
         self.downloads = Downloads(
-            config, layout, store, clock, published=self._published, sent=self._count_sent
+            config, layout, store, clock, published=self.model.current, sent=self._count_sent
         )
         self.final_fetches = FinalFetches(clock)
         self.completed = False
 
+    # The published model's version, checkpoint and flat vector (see ``PublishedModel``).
+    @property
+    def version(self) -> int:
+        return self.model.version
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return self.model.checkpoint
+
     @property
     def global_flat(self) -> torch.Tensor:
-        """The published model as one flat vector, read back from its checkpoint when
-        it was released (see ``_open_round``)."""
-        if self._global is None:
-            _, self._global = self.store.map(self.version, self.layout)
-        return self._global
+        return self.model.flat
 
     # ------------------------------------------------------------ clients
 
@@ -164,24 +169,18 @@ class RoundEngine:
     def status(self) -> dict[str, Any]:
         """A snapshot for ``Admin.Status`` and ``fedmae status``."""
         with self._cond:
-            state = self.state
-            live = state is not None and not state.closed
-            now = self.clock.monotonic()
-            return {
+            snapshot: dict[str, Any] = {
                 "state": "finished" if self.finished.is_set() else self.phase,
-                "round": state.round if live else self.next_round,
-                "attempt": state.attempt if live else 0,
-                "version": self.version,
-                "rounds_target": self.policy.rounds,
+                "round": self.next_round, "attempt": 0, "version": self.version,
+                "rounds_target": self.policy.rounds, "min_clients": self.policy.min_clients,
                 "connected": sorted(self.subscribers.ids()),
-                "selected": list(state.selected) if live else [],
-                "reported": sorted(state.accepted) if live else [],
-                "uploading": sorted(state.uploading) if live else [],
-                "round_elapsed_s": now - state.started if live else 0.0,
-                "deadline_in_s": max(0.0, state.deadline - now) if live else 0.0,
-                "min_clients": self.policy.min_clients,
+                "selected": [], "reported": [], "uploading": [],
+                "round_elapsed_s": 0.0, "deadline_in_s": 0.0,
                 "last_record": self.last_record.to_json() if self.last_record else None,
-            }
+            }  # fmt: skip
+            if (state := self.state) is not None and not state.closed:
+                snapshot.update(state.progress(self.clock.monotonic()))
+            return snapshot
 
     # ------------------------------------------------------------ the round loop
 
@@ -263,16 +262,14 @@ class RoundEngine:
         return self._close_round(state, timings)
 
     def _open_round(self, attempt: int) -> RoundState:
-        # The checkpoint holds the base version and downloads stream from it, so the
-        # round needs no copy in memory until it aggregates: peak RSS stays at the
-        # accumulator plus the uploads in flight. (The last model may be the strategy's
-        # accumulator, which begin_round resets: drop it first.) Full-model passes (the
-        # reset, the base norm for the bound) run outside the engine's lock.
+        # No copy of the model in memory until the round aggregates (see
+        # ``PublishedModel``). Full-model passes (the accumulator's reset, the base norm
+        # for the bound) run outside the engine's lock.
         round_ = self.next_round  # written by this thread only
-        self._global = None
+        self.model.release()
         self.uploads.begin_round()
-        norm_bound = self.bounds.round_bound(round_, lambda: self.global_flat)
-        self._global = None
+        norm_bound = self.bounds.round_bound(round_, lambda: self.model.flat)
+        self.model.release()
         with self._cond:
             selected = self.strategy.configure_round(
                 round_, attempt, sorted(self.subscribers.ids()), self.policy.fraction,
@@ -301,22 +298,17 @@ class RoundEngine:
         """Send the phase's task to the clients it waits for; wait until the phase is
         done, the deadline passes, or every client it waits for has been gone for
         ``dropout_grace_s`` (early close)."""
-        grace = self.policy.dropout_grace_s
         with self._cond:
             started = self.clock.monotonic()
             state.phase, self.phase = phase, phase.label
             self.subscribers.send(self._task(state), to=sorted(phase.owing(state)))
-            busy = started  # the last time a client this phase waits for was uploading
+            dropouts = DropoutWatch(self.policy.dropout_grace_s, busy=started)
             while not phase.done(state) and not self._stop.is_set() and not state.invalidated:
                 now = self.clock.monotonic()
                 if now >= state.deadline:
                     break
                 owing = phase.owing(state)
-                if owing & state.uploading:  # a client still uploading is not gone
-                    busy, gone = now, None
-                else:
-                    gone = self.subscribers.gone_since(owing, now)
-                if gone is not None and now - max(gone, busy) >= grace:
+                if dropouts.all_gone(owing, state.uploading, self.subscribers.gone_since, now):
                     log.info("round %d: every client still owing an update is gone; "
                              "closing early", state.round)  # fmt: skip
                     break
@@ -332,31 +324,22 @@ class RoundEngine:
             self._wait_until(lambda: not state.folding, math.inf)  # admitted before: they count
             status, reason = state.outcome(required, stopping=self._stop.is_set())
         success = status == "published"
-        eval_loss, model, checkpoint = None, None, None
+        next_version = None
         if success:  # outside the engine's lock: full-model passes and an fsync
-            t0 = self.clock.monotonic()
-            model = self.uploads.aggregate(self.global_flat)
-            timings["aggregation_s"] = round(self.clock.monotonic() - t0, 3)
-            t0 = self.clock.monotonic()
-            checkpoint = self.store.save(
-                self.version + 1, state.round, self.config.training.model, self.layout, model
+            next_version = self.model.prepare(
+                state.round, self.uploads.aggregate, self.strategy.evaluate, timings
             )
-            timings["checkpoint_s"] = round(self.clock.monotonic() - t0, 3)
-            t0 = self.clock.monotonic()
-            eval_loss = self.strategy.evaluate(self.layout, model)
-            if eval_loss is not None:
-                timings["evaluation_s"] = round(self.clock.monotonic() - t0, 3)
         self.uploads.end_round()
         with self._cond:
-            if success:
-                self._global, self.checkpoint = model, checkpoint
-                self.version += 1
+            if next_version is not None:
+                self.model.publish(next_version)
                 self.next_round = state.round + 1
             record = RoundRecord.closed(
                 state, status=status, version=self.version, connected=self.subscribers.ids(),
                 strategy=self.strategy.name, encoding=encoding_name(state.encoding),
                 weight_cap=self.bounds.cap, phases=timings, now=self.clock.monotonic(),
-                wall_time=self.clock.time(), eval_loss=eval_loss, reason=reason,
+                wall_time=self.clock.time(), reason=reason,
+                eval_loss=next_version.eval_loss if next_version else None,
             )  # fmt: skip
             self.last_record, self._closed_at = record, self.clock.monotonic()
             if success:
@@ -366,21 +349,16 @@ class RoundEngine:
             # lock, so none sees it before the line is on disk.
             self.round_log.append(record.to_json())
             if success:
-                manifest = self.layout.manifest(digest=self.checkpoint.payload_digest)
-                self.subscribers.send(ModelPublished(self.version, state.round, manifest))
+                self.subscribers.send(
+                    ModelPublished(self.version, state.round, self.model.manifest())
+                )
             self.subscribers.send(RoundClosed.of(record))
             self.phase = "waiting"
         self.round_log.echo_record(record.to_json())
         release_free_memory()  # the round's transfer buffers, freed but kept by malloc
         for observer in self.observers:
             observer.round_closed(record)
-        if success:
-            log.info("round %d published version %d: %d clients, %d samples, val_loss %.4f, "
-                     "%.1fs", state.round, self.version, len(record.participants),
-                     record.num_samples, record.val_loss or float("nan"),
-                     record.duration_s)  # fmt: skip
-        else:
-            log.warning("round %d attempt %d %s: %s", state.round, state.attempt, status, reason)
+        log.log(logging.INFO if success else logging.WARNING, "%s", record.summary())
         return success
 
     # ------------------------------------------------------------ run end, recovery
@@ -415,10 +393,6 @@ class RoundEngine:
     def _run_finished(self) -> RunFinished:
         return RunFinished(self.version, self.next_round - 1, "completed",
                            self.config.training.model)  # fmt: skip
-
-    def _published(self) -> tuple[int, Checkpoint]:
-        with self._cond:
-            return self.version, self.checkpoint
 
     def _count_sent(self, nbytes: int) -> None:
         if (state := self.state) is not None and not state.closed:

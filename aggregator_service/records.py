@@ -77,6 +77,16 @@ class RoundRecord:
     def published(self) -> bool:
         return self.status == "published"
 
+    def summary(self) -> str:
+        """The closed round in one log line."""
+        if not self.published:
+            return f"round {self.round} attempt {self.attempt} {self.status}: {self.reason}"
+        return (
+            f"round {self.round} published version {self.version}: {len(self.participants)} "
+            f"clients, {self.num_samples} samples, val_loss {self.val_loss or float('nan'):.4f}, "
+            f"{self.duration_s:.1f}s"
+        )
+
     def to_json(self) -> dict[str, Any]:
         """The record as a JSON object, keys in the round log's order."""
         out = {

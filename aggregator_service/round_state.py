@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 
 class Phase(IntEnum):
@@ -105,6 +106,18 @@ class RoundState:
             return "aborted", "aggregator stopped during the round"
         return "failed", f"only {reported} of {required} required updates"
 
+    def progress(self, now: float) -> dict[str, Any]:
+        """The open round's part of the engine's status snapshot (``now``: monotonic)."""
+        return {
+            "round": self.round,
+            "attempt": self.attempt,
+            "selected": list(self.selected),
+            "reported": sorted(self.accepted),
+            "uploading": sorted(self.uploading),
+            "round_elapsed_s": now - self.started,
+            "deadline_in_s": max(0.0, self.deadline - now),
+        }
+
     def weighted(self, key: str) -> float | None:
         """Sample-weighted mean of a client metric over the accepted updates."""
         pairs = [
@@ -120,6 +133,29 @@ class RoundState:
             c: "disconnected" if c not in connected else "no update before the round closed"
             for c in sorted(owing)
         }
+
+
+@dataclass
+class DropoutWatch:
+    """Early close of a phase: every client it waits for has been gone (no event
+    stream, no upload in flight) for ``grace`` seconds."""
+
+    grace: float
+    busy: float  # the last time a client the phase waits for was uploading (monotonic)
+
+    def all_gone(
+        self,
+        owing: set[str],
+        uploading: set[str],
+        gone_since: Callable[[set[str], float], float | None],
+        now: float,
+    ) -> bool:
+        """Whether the phase may close early (``gone_since``: ``Subscribers.gone_since``)."""
+        if owing & uploading:  # a client still uploading is not gone
+            self.busy = now
+            return False
+        gone = gone_since(owing, now)
+        return gone is not None and now - max(gone, self.busy) >= self.grace
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from aggregator_service.strategies import FedAvg, Strategy
 
 from aggregator_service.checkpoint_store import CheckpointStore
 from aggregator_service.config import RoundPolicy, ServerConfig
 from aggregator_service.engine import RoundEngine
 from aggregator_service.round_log import RoundLog
+from aggregator_service.strategies import FedAvg, Strategy
 from aggregator_service.subscriptions import Heartbeat, RoundEvent
 from aggregator_service.uploads import UpdateHeader, UpdateReceipt
 from fedmae.config import TrainingConfig
@@ -115,6 +115,20 @@ def make_engine(
     )
 
 
+def start_engine(
+    state_dir: Path,
+    clock: FakeClock,
+    ids: str,
+    strategy: Strategy | None = None,
+    **policy: object,
+) -> tuple[RoundEngine, dict[str, Client], EngineThread]:
+    """An engine (``make_engine``), an in-memory client per id in ``ids``, and its round
+    loop running on a thread."""
+    engine = make_engine(state_dir, clock, strategy, **policy)
+    clients = {c: Client(engine, c) for c in ids}
+    return engine, clients, EngineThread(engine)
+
+
 class EngineThread:
     """``engine.run()`` on a thread; ``stop()`` ends it and checks that it ended."""
 
@@ -195,6 +209,11 @@ class Client:
                metrics: dict[str, float] | None = None) -> UpdateReceipt:  # fmt: skip
         session, payload = self.open(delta, round_, base_version, samples, metrics)
         return self.finish(session, payload)
+
+    def take_part(self, round_: int = 1) -> UpdateReceipt:
+        """Wait for the round's task and submit a small delta (seeded by the client id)."""
+        self.next_event("task", round=round_)
+        return self.submit(delta(self.engine.layout, seed=ord(self.id[0])), round_)
 
     def leave(self) -> None:
         self.engine.unsubscribe(self.sub)

@@ -68,38 +68,25 @@ def plot_losses(records: list[dict], out: Path) -> Path:
 
 
 def plot_phases(records: list[dict], out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    x = np.arange(len(records))
+    fig, ax, x = _per_round(records)
     bottom = np.zeros(len(records))
     for phase in PHASES:
         vals = np.array([r.get("phases", {}).get(f"{phase}_s", 0.0) for r in records])
         if vals.any():
             ax.bar(x, vals, bottom=bottom, label=phase)
             bottom += vals
-    ax.set_xticks(x, [_label(r) for r in records], rotation=45 if len(records) > 12 else 0)
-    ax.set_xlabel("round")
-    ax.set_ylabel("seconds")
-    ax.set_title("Round duration by phase")
-    ax.legend()
-    return _save(fig, out / "phases.png")
+    return _save_per_round(fig, ax, "seconds", "Round duration by phase", out / "phases.png")
 
 
 def plot_bytes(records: list[dict], out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    x = np.arange(len(records))
+    fig, ax, x = _per_round(records)
     ax.bar(x - 0.2, [r["bytes_in"] / 1e6 for r in records], 0.4, label="updates in")
     ax.bar(x + 0.2, [r["bytes_out"] / 1e6 for r in records], 0.4, label="models out")
-    ax.set_xticks(x, [_label(r) for r in records], rotation=45 if len(records) > 12 else 0)
-    ax.set_xlabel("round")
-    ax.set_ylabel("MB")
-    ax.set_title("Bytes per round")
-    ax.legend()
-    return _save(fig, out / "bytes.png")
+    return _save_per_round(fig, ax, "MB", "Bytes per round", out / "bytes.png")
 
 
 def plot_clients(records: list[dict], out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    x = np.arange(len(records))
+    fig, ax, x = _per_round(records)
     series = {
         "participants": [len(r["participants"]) for r in records],
         "dropped": [len(r["dropped"]) for r in records],
@@ -110,12 +97,7 @@ def plot_clients(records: list[dict], out: Path) -> Path:
         ax.bar(x, vals, bottom=bottom, label=name)
         bottom += np.array(vals)
     ax.plot(x, [len(r["selected"]) for r in records], "k_", markersize=20, label="selected")
-    ax.set_xticks(x, [_label(r) for r in records], rotation=45 if len(records) > 12 else 0)
-    ax.set_xlabel("round")
-    ax.set_ylabel("clients")
-    ax.set_title("Clients per round")
-    ax.legend()
-    return _save(fig, out / "clients.png")
+    return _save_per_round(fig, ax, "clients", "Clients per round", out / "clients.png")
 
 
 def plot_reconstructions(
@@ -216,6 +198,22 @@ def _label(r: dict) -> str:
 
 def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
+
+
+def _per_round(records: list[dict]):
+    """A bar chart's figure, axes and x positions, one per round record, labelled."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(records))
+    ax.set_xticks(x, [_label(r) for r in records], rotation=45 if len(records) > 12 else 0)
+    return fig, ax, x
+
+
+def _save_per_round(fig, ax, ylabel: str, title: str, path: Path) -> Path:
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
+from typing import Any, TypeVar
 
 from fedmae.cli import ENCODING_NAMES
 
 log = logging.getLogger("fedmae")
+T = TypeVar("T")
+
+# Config fields whose flag has another name (the rest are spelt alike: --min-clients
+# sets min_clients); a field without a flag keeps its default.
+FLAG_OF_FIELD = {
+    "round_timeout_s": "round_timeout",
+    "dropout_grace_s": "dropout_grace",
+    "learning_rate": "lr",
+    "update_encoding": "encoding",
+    "transfer_wait_s": "transfer_wait",
+    "download_idle_s": "download_idle_timeout",
+    "upload_idle_s": "upload_idle_timeout",
+    "final_grace_s": "final_grace",
+    "max_connection_age_s": "max_connection_age",
+    "max_connection_age_grace_s": "max_connection_age_grace",
+}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -16,58 +34,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from aggregator_service.rpc.server import serve
     from fedmae.config import TrainingConfig
 
-    state_dir = Path(args.state_dir)
-    config = ServerConfig(
-        state_dir=state_dir,
-        listen=args.listen,
-        enroll_listen=args.enroll_listen,
+    config = _from_flags(
+        ServerConfig,
+        args,
+        state_dir=Path(args.state_dir),
         certs_dir=Path(args.certs) if args.certs else None,
         ca_key=Path(args.ca_key) if args.ca_key else None,
-        metrics_listen=args.metrics_listen,
-        eval_data=args.eval_data,
-        eval_images=args.eval_images,
-        client_cert_days=args.client_cert_days,
-        insecure=args.insecure,
         model_seed=args.seed,
-        strategy=args.strategy,
-        policy=RoundPolicy(
-            min_clients=args.min_clients,
-            fraction=args.fraction,
-            min_updates=args.min_updates,
-            rounds=args.rounds,
-            round_timeout_s=args.round_timeout,
-            seed=args.seed,
-            dropout_grace_s=args.dropout_grace,
-            target_updates=args.target_updates,
-        ),
-        training=TrainingConfig(
-            model=args.model,
-            local_epochs=args.local_epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            weight_decay=args.weight_decay,
-            mask_ratio=args.mask_ratio,
-            update_encoding=args.encoding,
-            max_samples=args.max_samples,
-        ),
-        keep_checkpoints=args.keep_checkpoints,
-        max_workers=args.max_workers,
-        max_uploads_in_flight=args.max_uploads_in_flight,
-        transfer_wait_s=args.transfer_wait,
-        download_budget_mb=args.download_budget_mb,
-        max_downloads_per_client=args.max_downloads_per_client,
-        download_idle_s=args.download_idle_timeout,
-        upload_idle_s=args.upload_idle_timeout,
-        final_grace_s=args.final_grace,
-        max_requests_per_s=args.max_requests_per_s,
-        max_client_samples=args.max_client_samples,
-        max_update_norm=args.max_update_norm,
-        norm_bound_factor=args.norm_bound_factor,
-        norm_bound_ratio=args.norm_bound_ratio,
-        reflection=args.reflection,
-        max_connection_age_s=args.max_connection_age,
-        max_connection_age_grace_s=args.max_connection_age_grace,
-        enroll_rate=args.enroll_rate,
+        policy=_from_flags(RoundPolicy, args),
+        training=_from_flags(TrainingConfig, args),
     )
     if not config.insecure and not (config.certs / "server.pem").exists():
         from fedmae.pki.issue import init_certs
@@ -286,6 +261,16 @@ def build(sub: argparse._SubParsersAction) -> None:
         "(default %(default)s)",
     )
     s.set_defaults(func=cmd_serve, role="aggregator")
+
+
+def _from_flags(cls: type[T], args: argparse.Namespace, **given: Any) -> T:
+    """A ``cls`` (a config dataclass) with ``given`` fields, the rest from their flags."""
+    values = dict(given)
+    for f in dataclasses.fields(cls):
+        flag = FLAG_OF_FIELD.get(f.name, f.name)
+        if f.name not in values and hasattr(args, flag):
+            values[f.name] = getattr(args, flag)
+    return cls(**values)
 
 
 def _norm_bound(text: str) -> float | str:

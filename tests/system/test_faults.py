@@ -16,13 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from aggregator_process import (
-    ENV,
-    LAYOUT,
-    Aggregator,
-    good_update_messages,
-    model_digest,
-)
+from aggregator_process import ENV, LAYOUT, Aggregator, good_update_messages, model_digest
 from federation_harness import (
     TIMEOUT,
     ScriptedClient,

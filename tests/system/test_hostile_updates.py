@@ -11,19 +11,8 @@ import time
 
 import grpc
 import pytest
-from aggregator_process import (
-    LAYOUT,
-    Aggregator,
-    good_update_messages,
-    model_digest,
-)
-from federation_harness import (
-    TIMEOUT,
-    ScriptedClient,
-    make_identities,
-    random_delta,
-    wait_until,
-)
+from aggregator_process import LAYOUT, Aggregator, good_update_messages, model_digest
+from federation_harness import TIMEOUT, ScriptedClient, make_identities, random_delta, wait_until
 
 from fedmae.payload.digest import payload_digest
 from fedmae.payload.encodings import encode

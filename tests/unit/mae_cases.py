@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from fedmae.ml.mae_config import MAEConfig
+from fedmae.ml.mae_config import get_config
 
 TINY_PARAMS = 1_301_648
 
-# A very small config for fast structural tests (3 channels, 4x4 grid of patches).
-SMALL_RGB = MAEConfig(
-    img_size=16,
-    patch_size=4,
-    in_chans=3,
-    embed_dim=32,
-    depth=1,
-    num_heads=2,
-    decoder_embed_dim=16,
-    decoder_depth=1,
-    decoder_num_heads=2,
-)
+# A very small config for fast structural tests: tiny's 4x4 patches on a 16x16 RGB image
+# (a 4x4 grid of patches), one narrow block each side.
+SMALL_RGB = replace(
+    get_config("tiny"), img_size=16, in_chans=3, embed_dim=32, depth=1, num_heads=2,
+    decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
+)  # fmt: skip
 
 
 def gen(seed: int) -> torch.Generator:

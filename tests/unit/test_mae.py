@@ -4,6 +4,8 @@ encoder, decoder, loss)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -130,22 +132,24 @@ def test_encoder_ignores_masked_pixels(tiny: MaskedAutoencoderViT) -> None:
     torch.testing.assert_close(latent, latent2)
 
 
-def _capture_block_input(block: torch.nn.Module) -> tuple[list[torch.Tensor], object]:
+@contextmanager
+def _block_inputs(block: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """The inputs ``block`` receives inside the ``with`` (run without gradients)."""
     seen: list[torch.Tensor] = []
     handle = block.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
-    return seen, handle
+    try:
+        with torch.no_grad():
+            yield seen
+    finally:
+        handle.remove()
 
 
 def test_encoder_tokens_are_visible_patches_plus_pos(tiny: MaskedAutoencoderViT) -> None:
     """The first encoder block gets [cls + pos0, embed(patch_k) + pos_k for kept k]."""
     imgs = torch.randn(2, 1, 28, 28, generator=gen(20))
-    seen, handle = _capture_block_input(tiny.blocks[0])
-    try:
-        with torch.no_grad():
-            _, mask, ids_restore = tiny.forward_encoder(imgs, 0.75, generator=gen(21))
-            emb = tiny.patch_embed(imgs).flatten(2).transpose(1, 2)  # [N, L, D]
-    finally:
-        handle.remove()
+    with _block_inputs(tiny.blocks[0]) as seen:
+        _, mask, ids_restore = tiny.forward_encoder(imgs, 0.75, generator=gen(21))
+        emb = tiny.patch_embed(imgs).flatten(2).transpose(1, 2)  # [N, L, D]
     tokens = seen[0]  # [N, 1+keep, D]
     pos = tiny.pos_embed[0]
     for n in range(2):
@@ -158,14 +162,10 @@ def test_encoder_tokens_are_visible_patches_plus_pos(tiny: MaskedAutoencoderViT)
 def test_decoder_unshuffles_tokens(tiny: MaskedAutoencoderViT) -> None:
     """Decoder input: mask token at removed positions, projected latent at kept ones."""
     imgs = torch.randn(2, 1, 28, 28, generator=gen(22))
-    seen, handle = _capture_block_input(tiny.decoder_blocks[0])
-    try:
-        with torch.no_grad():
-            latent, mask, ids_restore = tiny.forward_encoder(imgs, 0.75, generator=gen(23))
-            tiny.forward_decoder(latent, ids_restore)
-            projected = tiny.decoder_embed(latent)  # [N, 1+keep, D_dec]
-    finally:
-        handle.remove()
+    with _block_inputs(tiny.decoder_blocks[0]) as seen:
+        latent, mask, ids_restore = tiny.forward_encoder(imgs, 0.75, generator=gen(23))
+        tiny.forward_decoder(latent, ids_restore)
+        projected = tiny.decoder_embed(latent)  # [N, 1+keep, D_dec]
     tokens = seen[0] - tiny.decoder_pos_embed  # [N, 1+L, D_dec]
     assert tokens.shape == (2, 50, 64)
     for n in range(2):

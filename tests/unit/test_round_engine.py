@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from aggregator_service.strategies import FedAvg
-from round_engine_harness import Client, EngineThread, FakeClock, delta, make_engine
+from round_engine_harness import FakeClock, delta, start_engine
 
 from aggregator_service.round_state import Phase
+from aggregator_service.strategies import FedAvg
 from fedmae.errors import DuplicateUpdate, PermissionDenied, RoundClosedError, StaleUpdate
 
 
@@ -17,14 +17,8 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-def start(tmp_path, clock, ids, **policy):
-    engine = make_engine(tmp_path, clock, **policy)
-    clients = {c: Client(engine, c) for c in ids}
-    return engine, clients, EngineThread(engine)
-
-
 def test_a_round_publishes_the_weighted_mean_and_tells_every_client(tmp_path, clock):
-    engine, clients, loop = start(tmp_path, clock, "abc", min_clients=3, rounds=1)
+    engine, clients, loop = start_engine(tmp_path, clock, "abc", min_clients=3, rounds=1)
     base = engine.global_flat.clone()
     try:
         deltas = {c: delta(engine.layout, seed=i) for i, c in enumerate("abc")}
@@ -53,7 +47,7 @@ def test_a_round_publishes_the_weighted_mean_and_tells_every_client(tmp_path, cl
 
 
 def test_stale_updates_are_refused_by_round_and_base_version(tmp_path, clock):
-    engine, clients, loop = start(tmp_path, clock, "ab", min_clients=2, rounds=1)
+    engine, clients, loop = start_engine(tmp_path, clock, "ab", min_clients=2, rounds=1)
     a = clients["a"]
     try:
         a.next_event("task", round=1)
@@ -70,7 +64,7 @@ def test_stale_updates_are_refused_by_round_and_base_version(tmp_path, clock):
 
 
 def test_a_second_update_from_a_client_is_a_duplicate(tmp_path, clock):
-    engine, clients, loop = start(tmp_path, clock, "abc", min_clients=3, rounds=1)
+    engine, clients, loop = start_engine(tmp_path, clock, "abc", min_clients=3, rounds=1)
     a, b = clients["a"], clients["b"]
     try:
         a.next_event("task", round=1)
@@ -89,13 +83,12 @@ def test_a_second_update_from_a_client_is_a_duplicate(tmp_path, clock):
 
 
 def test_over_selection_closes_once_the_target_number_arrived(tmp_path, clock):
-    engine, clients, loop = start(
+    engine, clients, loop = start_engine(
         tmp_path, clock, "abcd", min_clients=4, min_updates=2, target_updates=2, rounds=1
     )
     try:
         for c in "ab":
-            clients[c].next_event("task", round=1)
-            clients[c].submit(delta(engine.layout, seed=ord(c)), 1)
+            clients[c].take_part(round_=1)
         closed = clients["c"].next_event("round_closed", round=1)  # no time passed
         with pytest.raises(StaleUpdate):
             clients["c"].submit(delta(engine.layout, seed=3), 1)
@@ -110,7 +103,9 @@ def test_over_selection_closes_once_the_target_number_arrived(tmp_path, clock):
 
 
 def test_a_client_not_selected_is_refused(tmp_path, clock):
-    engine, clients, loop = start(tmp_path, clock, "abcd", min_clients=2, fraction=0.5, rounds=1)
+    engine, clients, loop = start_engine(
+        tmp_path, clock, "abcd", min_clients=2, fraction=0.5, rounds=1
+    )
     selected = FedAvg().configure_round(1, 1, list("abcd"), 0.5, 2, 0)  # seeded
     try:
         task = clients[selected[0]].next_event("task", round=1)
@@ -124,11 +119,12 @@ def test_a_client_not_selected_is_refused(tmp_path, clock):
 
 
 def test_a_round_closes_early_when_every_owing_client_is_gone(tmp_path, clock):
-    engine, clients, loop = start(tmp_path, clock, "abc", min_clients=3, min_updates=2, rounds=1)
+    engine, clients, loop = start_engine(
+        tmp_path, clock, "abc", min_clients=3, min_updates=2, rounds=1
+    )
     try:
         for c in "ab":
-            clients[c].next_event("task", round=1)
-            clients[c].submit(delta(engine.layout, seed=ord(c)), 1)
+            clients[c].take_part(round_=1)
         clients["c"].next_event("task", round=1)
         clients["c"].leave()
         loop.settle(clock)
@@ -146,7 +142,7 @@ def test_a_round_closes_early_when_every_owing_client_is_gone(tmp_path, clock):
 
 
 def test_the_deadline_closes_a_round_and_refuses_what_comes_later(tmp_path, clock):
-    engine, clients, loop = start(
+    engine, clients, loop = start_engine(
         tmp_path, clock, "abc", min_clients=3, min_updates=2, rounds=1, retry_delay_s=5.0
     )
     try:
@@ -170,7 +166,7 @@ def test_the_deadline_closes_a_round_and_refuses_what_comes_later(tmp_path, cloc
 
 
 def test_a_failed_round_is_retried_with_the_next_attempt(tmp_path, clock):
-    engine, clients, loop = start(
+    engine, clients, loop = start_engine(
         tmp_path, clock, "ab", min_clients=2, rounds=1, retry_delay_s=5.0, max_attempts=2
     )
     try:

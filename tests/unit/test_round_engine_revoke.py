@@ -7,9 +7,17 @@ import threading
 
 import pytest
 import torch
-from aggregator_service.strategies import FedAvg
-from round_engine_harness import WAIT_S, Client, EngineThread, FakeClock, delta, make_engine
+from round_engine_harness import (
+    WAIT_S,
+    Client,
+    EngineThread,
+    FakeClock,
+    delta,
+    make_engine,
+    start_engine,
+)
 
+from aggregator_service.strategies import FedAvg
 from fedmae.errors import ConnectionReplaced, PermissionDenied
 
 
@@ -47,10 +55,9 @@ def in_thread(fn) -> tuple[threading.Thread, list]:
 
 
 def test_revoking_a_client_after_its_update_was_folded_fails_and_retries_the_round(tmp_path, clock):
-    engine = make_engine(tmp_path, clock, min_clients=2, min_updates=2, rounds=1,
-                         retry_delay_s=1.0)  # fmt: skip
-    clients = {c: Client(engine, c) for c in "abc"}
-    loop = EngineThread(engine)
+    engine, clients, loop = start_engine(
+        tmp_path, clock, "abc", min_clients=2, min_updates=2, rounds=1, retry_delay_s=1.0
+    )
     try:
         for c in "abc":
             clients[c].next_event("task", round=1, attempt=1)
@@ -76,13 +83,12 @@ def test_revoking_a_client_after_its_update_was_folded_fails_and_retries_the_rou
 
 
 def test_revoking_a_client_that_owes_an_update_drops_it_and_the_round_goes_on(tmp_path, clock):
-    engine = make_engine(tmp_path, clock, min_clients=3, min_updates=2, rounds=1)
-    clients = {c: Client(engine, c) for c in "abc"}
-    loop = EngineThread(engine)
+    engine, clients, loop = start_engine(
+        tmp_path, clock, "abc", min_clients=3, min_updates=2, rounds=1
+    )
     try:
         for c in "ab":
-            clients[c].next_event("task", round=1)
-            clients[c].submit(delta(engine.layout, seed=ord(c)), 1)
+            clients[c].take_part(round_=1)
         engine.revoke("c", reason="decommissioned")
         closed = clients["a"].next_event("round_closed", round=1)  # no deadline waited for
     finally:
@@ -95,9 +101,7 @@ def test_revoking_a_client_that_owes_an_update_drops_it_and_the_round_goes_on(tm
 
 def test_the_fold_holds_no_lock_that_status_subscribe_or_revoke_need(tmp_path, clock):
     strategy = GatedFedAvg()
-    engine = make_engine(tmp_path, clock, strategy, min_clients=2, rounds=1)
-    clients = {c: Client(engine, c) for c in "ab"}
-    loop = EngineThread(engine)
+    engine, clients, loop = start_engine(tmp_path, clock, "ab", strategy, min_clients=2, rounds=1)
     try:
         clients["a"].next_event("task", round=1)
         folding, receipt = in_thread(lambda: clients["a"].submit(delta(engine.layout, 1), 1))
@@ -123,9 +127,9 @@ def test_the_fold_holds_no_lock_that_status_subscribe_or_revoke_need(tmp_path, c
 
 def test_a_round_waits_for_a_fold_admitted_before_its_deadline(tmp_path, clock):
     strategy = GatedFedAvg()
-    engine = make_engine(tmp_path, clock, strategy, min_clients=2, min_updates=1, rounds=1)
-    clients = {c: Client(engine, c) for c in "ab"}
-    loop = EngineThread(engine)
+    engine, clients, loop = start_engine(
+        tmp_path, clock, "ab", strategy, min_clients=2, min_updates=1, rounds=1
+    )
     try:
         clients["a"].next_event("task", round=1)
         folding, _ = in_thread(lambda: clients["a"].submit(delta(engine.layout, 1), 1))
