@@ -11,6 +11,7 @@ the exception's text, and clients took UNKNOWN for a lost connection.
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 from collections.abc import Callable, Mapping
@@ -43,6 +44,29 @@ STATUS_CODES: Mapping[type[errors.FedmaeError], grpc.StatusCode] = {
     # A conflict between two holders of one identity, not a server fault: agents stop
     # on ABORTED instead of evicting each other forever.
     errors.ConnectionReplaced: grpc.StatusCode.ABORTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.ServerFault: grpc.StatusCode.INTERNAL,
+}
+
+# The reverse, for a client: the domain error a status code is raised as. A code that
+# several types share is raised as the widest of them; codes only gRPC itself answers
+# with join the nearest type (CANCELLED: a stream the server cut; UNKNOWN: gRPC's
+# answer to an exception, in the server or in our own request iterator).
+DOMAIN_ERRORS: Mapping[grpc.StatusCode, type[errors.FedmaeError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidRequest,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.LimitExceeded,
+    grpc.StatusCode.ABORTED: errors.ConnectionReplaced,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.CANCELLED: errors.Unavailable,
+    grpc.StatusCode.INTERNAL: errors.ServerFault,
+    grpc.StatusCode.UNKNOWN: errors.ServerFault,
 }
 
 
@@ -53,6 +77,46 @@ def status_code(error: BaseException) -> grpc.StatusCode:
         if cls in STATUS_CODES:
             return STATUS_CODES[cls]
     return grpc.StatusCode.INTERNAL
+
+
+class _Answered:
+    """Mixed into a domain error raised from a peer's answer: it keeps the answer's code
+    and details (``grpc.RpcError``'s ``code()`` and ``details()``)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@functools.cache
+def _answered(cls: type[errors.FedmaeError]) -> type[errors.FedmaeError]:
+    return type(cls.__name__, (_Answered, cls, grpc.RpcError), {"__module__": __name__})
+
+
+def domain_error(err: grpc.RpcError) -> errors.FedmaeError:
+    """``err``, a failed call, as the domain error of its code (``DOMAIN_ERRORS``; the
+    base ``FedmaeError`` for another code), its details as the message: what a client
+    of fedmae catches. It stays a ``grpc.RpcError`` with the same ``code()`` and
+    ``details()``, so the retry policy and gRPC-level tools read it as before."""
+    if isinstance(err, errors.FedmaeError):
+        return err  # converted already (or raised as both, like ``retry.ServerFault``)
+    code, details = err.code(), err.details() or ""
+    error = _answered(DOMAIN_ERRORS.get(code, errors.FedmaeError))(code, details)
+    error.__cause__ = err
+    return error
+
+
+def status_name(error: BaseException) -> str:
+    """The name of the code ``error`` came with (a peer's answer), or would be
+    answered with (``status_code``): for logs and a client's status file."""
+    code = error.code() if isinstance(error, grpc.RpcError) else status_code(error)
+    return code.name
 
 
 Behaviour = Callable[..., object]  # (request or request iterator, context) -> response(s)

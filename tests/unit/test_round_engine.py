@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from aggregator_service.strategy import FedAvg
+from aggregator_service.strategies import FedAvg
 from round_engine_harness import Client, EngineThread, FakeClock, delta, make_engine
 
 from aggregator_service.round_state import Phase

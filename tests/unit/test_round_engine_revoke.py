@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from aggregator_service.strategy import FedAvg
+from aggregator_service.strategies import FedAvg
 from round_engine_harness import WAIT_S, Client, EngineThread, FakeClock, delta, make_engine
 
 from fedmae.errors import ConnectionReplaced, PermissionDenied

@@ -1,23 +1,28 @@
-"""The round engine's domain objects to and from ``fedmae.v1`` protobuf messages."""
+"""Round events and transfer headers (``fedmae.rounds``) to and from ``fedmae.v1``
+messages: ``*_to_proto`` for the side that sends one, ``*_from_proto`` for the side
+that receives it. The servicers and ``FederationClient`` both convert here."""
 
 from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from aggregator_service.downloads import ModelHeader
-from aggregator_service.subscriptions import (
+from fedmae.rounds import (
     Heartbeat,
+    ModelHeader,
     ModelPublished,
+    Phase,
     RoundClosed,
     RoundEvent,
     RoundTask,
     RunFinished,
+    UpdateHeader,
+    UpdateReceipt,
 )
-from aggregator_service.uploads import UpdateHeader, UpdateReceipt
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport.messages import (
     manifest_from_proto,
     manifest_to_proto,
+    training_config_from_proto,
     training_config_to_proto,
 )
 
@@ -26,6 +31,10 @@ def _timestamp(unix_s: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(unix_s * 1e9))
     return ts
+
+
+def _unix_s(ts: Timestamp) -> float:
+    return ts.ToNanoseconds() / 1e9
 
 
 def event_to_proto(event: RoundEvent) -> pb.RoundEvent:
@@ -81,6 +90,65 @@ def event_to_proto(event: RoundEvent) -> pb.RoundEvent:
     return msg
 
 
+def event_from_proto(msg: pb.RoundEvent) -> RoundEvent | None:
+    """The event a message carries; ``None`` for a kind this side does not know (a
+    newer server's), which a client skips."""
+    kind = msg.WhichOneof("event")
+    if kind == "task":
+        task = msg.task
+        body = RoundTask(
+            round=task.round,
+            attempt=task.attempt,
+            model_version=task.model_version,
+            # A phase this side does not know stays its number (a newer server's).
+            phase=Phase(task.phase) if task.phase in Phase._value2member_map_ else task.phase,
+            training=training_config_from_proto(task.config),
+            deadline=_unix_s(task.deadline),
+            selected_clients=task.selected_clients,
+        )
+    elif kind == "model_published":
+        published = msg.model_published
+        body = ModelPublished(
+            version=published.version,
+            round=published.round,
+            manifest=manifest_from_proto(published.manifest),
+        )
+    elif kind == "round_closed":
+        rc = msg.round_closed
+        body = RoundClosed(
+            round=rc.round,
+            attempt=rc.attempt,
+            success=rc.success,
+            version=rc.version,
+            participants=list(rc.participants),
+            num_samples=rc.num_samples,
+            train_loss=rc.train_loss,
+            val_loss=rc.val_loss,
+            reason=rc.reason,
+        )
+    elif kind == "run_finished":
+        done = msg.run_finished
+        body = RunFinished(
+            final_version=done.final_version, rounds=done.rounds, reason=done.reason,
+            model=done.model,
+        )  # fmt: skip
+    elif kind == "heartbeat":
+        body = Heartbeat(_unix_s(msg.heartbeat.time))
+    else:
+        return None
+    return RoundEvent(msg.seq, body)
+
+
+def update_header_to_proto(header: UpdateHeader) -> pb.UpdateHeader:
+    return pb.UpdateHeader(
+        round=header.round,
+        base_version=header.base_version,
+        num_samples=header.num_samples,
+        manifest=manifest_to_proto(header.manifest),
+        metrics=dict(header.metrics),
+    )
+
+
 def update_header_from_proto(msg: pb.UpdateHeader) -> UpdateHeader:
     return UpdateHeader(
         round=msg.round,
@@ -100,10 +168,28 @@ def receipt_to_proto(receipt: UpdateReceipt) -> pb.UpdateReceipt:
     )
 
 
+def receipt_from_proto(msg: pb.UpdateReceipt) -> UpdateReceipt:
+    return UpdateReceipt(
+        round=msg.round,
+        bytes_received=msg.bytes_received,
+        digest=msg.digest,
+        updates_received=msg.updates_received,
+    )
+
+
 def model_header_to_proto(header: ModelHeader) -> pb.ModelHeader:
     return pb.ModelHeader(
         version=header.version,
         round=header.round,
         model=header.model,
         manifest=manifest_to_proto(header.manifest),
+    )
+
+
+def model_header_from_proto(msg: pb.ModelHeader) -> ModelHeader:
+    return ModelHeader(
+        version=msg.version,
+        round=msg.round,
+        model=msg.model,
+        manifest=manifest_from_proto(msg.manifest),
     )
