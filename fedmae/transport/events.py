@@ -4,6 +4,8 @@ that receives it. The servicers and ``FederationClient`` both convert here."""
 
 from __future__ import annotations
 
+import math
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from fedmae.rounds import (
@@ -28,13 +30,17 @@ from fedmae.transport.messages import (
 
 
 def _timestamp(unix_s: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(unix_s * 1e9))
-    return ts
+    # Seconds and the fraction apart: unix_s * 1e9 would lose the last digits to
+    # float rounding, and the receiver's float would differ from the sender's.
+    seconds = math.floor(unix_s)
+    nanos = round((unix_s - seconds) * 1e9)
+    if nanos == 1_000_000_000:
+        seconds, nanos = seconds + 1, 0
+    return Timestamp(seconds=seconds, nanos=nanos)
 
 
 def _unix_s(ts: Timestamp) -> float:
-    return ts.ToNanoseconds() / 1e9
+    return ts.seconds + ts.nanos / 1e9
 
 
 def event_to_proto(event: RoundEvent) -> pb.RoundEvent:
