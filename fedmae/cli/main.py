@@ -99,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, role, args.log_format)
     try:
         return args.func(args)
+    except grpc.RpcError as err:  # first: a refusal raised as a domain error is one too
+        log.error("%s: %s", err.code().name, err.details())
+        return 2
     except (FedmaeError, ValueError, FileNotFoundError) as err:
         log.error("%s", err)  # expected failures: a message, not a traceback
-        return 2
-    except grpc.RpcError as err:
-        log.error("%s: %s", err.code().name, err.details())
         return 2
     except KeyboardInterrupt:
         return 130

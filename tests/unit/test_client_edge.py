@@ -7,6 +7,7 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
+from failed_call import Failed
 
 from fedmae import errors
 from fedmae.config import TrainingConfig
@@ -41,20 +42,6 @@ from fedmae.transport.status import DOMAIN_ERRORS, domain_error, status_code, st
 S = grpc.StatusCode
 LAYOUT = ModelLayout.from_state({"b": torch.zeros(3, 2), "a": torch.zeros(5)})
 MANIFEST = LAYOUT.manifest(Encoding.FP32, digest="xxh3-128:" + "0" * 32)
-
-
-class Failed(grpc.RpcError):
-    """A failed call as a client sees it: a code and details."""
-
-    def __init__(self, code: grpc.StatusCode, details: str = "it failed"):
-        super().__init__(details)
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
 
 
 EVENTS = [
