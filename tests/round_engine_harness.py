@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from aggregator_service.strategies import FedAvg, Strategy
 
 from aggregator_service.checkpoint_store import CheckpointStore
 from aggregator_service.config import RoundPolicy, ServerConfig
 from aggregator_service.engine import RoundEngine
 from aggregator_service.round_log import RoundLog
+from aggregator_service.strategies import FedAvg, Strategy
 from fedmae.config import TrainingConfig
 from fedmae.errors import FedmaeError
 from fedmae.payload.digest import payload_digest

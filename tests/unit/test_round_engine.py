@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from aggregator_service.strategies import FedAvg
 from round_engine_harness import Client, EngineThread, FakeClock, delta, make_engine
 
 from aggregator_service.round_state import Phase
+from aggregator_service.strategies import FedAvg
 from fedmae.errors import DuplicateUpdate, PermissionDenied, RoundClosedError, StaleUpdate
 
 

@@ -7,9 +7,9 @@ import threading
 
 import pytest
 import torch
-from aggregator_service.strategies import FedAvg
 from round_engine_harness import WAIT_S, Client, EngineThread, FakeClock, delta, make_engine
 
+from aggregator_service.strategies import FedAvg
 from fedmae.errors import ConnectionReplaced, PermissionDenied
 
 
