@@ -8,7 +8,6 @@ import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 from aggregator_service.checkpoint_store import Checkpoint, CheckpointStore
 from aggregator_service.clock import Clock
@@ -18,7 +17,8 @@ from fedmae.errors import FedmaeError, InvalidUpdate, LimitExceeded
 from fedmae.payload.chunks import iter_slices
 from fedmae.payload.digest import payload_digest
 from fedmae.payload.encodings import encode, encoding_from_name
-from fedmae.payload.layout import Manifest, ModelLayout
+from fedmae.payload.layout import ModelLayout
+from fedmae.rounds import ModelHeader
 from fedmae.transport import frames
 
 log = logging.getLogger(__name__)
@@ -28,16 +28,6 @@ _RELEASE_EVERY = 8 << 20  # drop sent checkpoint pages from RSS this often
 # Smallest download chunk: FetchModel(chunk_size=1) would send one message per byte
 # (a 5 MB model: ~30 min of server CPU). Smaller requests are raised to this.
 MIN_DOWNLOAD_CHUNK = 64 << 10
-
-
-@dataclass(frozen=True)
-class ModelHeader:
-    """What precedes a model's chunks."""
-
-    version: int
-    round: int
-    model: str  # model registry name
-    manifest: Manifest  # ``ModelLayout.manifest``, with the payload's digest
 
 
 class Download:

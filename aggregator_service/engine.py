@@ -32,20 +32,13 @@ from aggregator_service.records import RoundRecord, recover
 from aggregator_service.round_log import RoundLog
 from aggregator_service.round_state import ROUND_PHASES, DropoutWatch, RoundPhase, RoundState
 from aggregator_service.strategies import Strategy
-from aggregator_service.subscriptions import (
-    ModelPublished,
-    RoundClosed,
-    RoundObserver,
-    RoundTask,
-    RunFinished,
-    Subscribers,
-    Subscription,
-)
+from aggregator_service.subscriptions import RoundObserver, Subscribers, Subscription
 from aggregator_service.update_bounds import UpdateBounds
 from aggregator_service.uploads import Uploads
 from fedmae.errors import PermissionDenied
 from fedmae.payload.encodings import encoding_from_name, encoding_name
 from fedmae.payload.layout import ModelLayout
+from fedmae.rounds import ModelPublished, RoundClosed, RoundTask, RunFinished
 from fedmae.runtime import release_free_memory
 
 log = logging.getLogger(__name__)

@@ -13,14 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Any
 
-
-class Phase(IntEnum):
-    """A phase of a round; the values are the wire's ``fedmae.v1.Phase`` numbers."""
-
-    TRAIN = 1  # fetch the model, train, SubmitUpdate
+from fedmae.rounds import Phase
 
 
 @dataclass

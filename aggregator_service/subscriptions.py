@@ -1,8 +1,8 @@
 """Who hears of rounds: clients' event streams and in-process observers.
 
-Events are plain dataclasses; ``aggregator_service.rpc.events`` turns them into the
-wire's ``RoundEvent`` messages. ``Subscribers`` holds one stream per client identity
-and is used under the round engine's lock (it has none of its own).
+Events are the plain dataclasses of ``fedmae.rounds``; ``fedmae.transport.events``
+turns them into the wire's ``RoundEvent`` messages. ``Subscribers`` holds one stream per
+client identity and is used under the round engine's lock (it has none of its own).
 """
 
 from __future__ import annotations
@@ -11,97 +11,12 @@ import logging
 import queue
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import ClassVar
 
 from aggregator_service.records import RoundRecord
-from aggregator_service.round_state import Phase, RoundState
-from fedmae.config import TrainingConfig
 from fedmae.errors import ConnectionReplaced, FedmaeError
-from fedmae.payload.layout import Manifest
+from fedmae.rounds import EventBody, Heartbeat, RoundEvent
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RoundTask:
-    """Sent to each client a phase of a round waits for."""
-
-    kind: ClassVar[str] = "task"
-    round: int
-    attempt: int
-    model_version: int  # the base version an update must be relative to
-    phase: Phase
-    training: TrainingConfig
-    deadline: float  # wall-clock (Unix) seconds
-    selected_clients: int
-
-    @classmethod
-    def of(cls, state: RoundState, training: TrainingConfig, deadline: float) -> RoundTask:
-        """The task of the phase ``state`` is in."""
-        assert state.phase is not None
-        return cls(
-            round=state.round, attempt=state.attempt, model_version=state.base_version,
-            phase=state.phase.phase, training=training, deadline=deadline,
-            selected_clients=len(state.selected),
-        )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class ModelPublished:
-    kind: ClassVar[str] = "model_published"
-    version: int
-    round: int
-    manifest: Manifest  # the fp32 manifest of the checkpoint (``ModelLayout.manifest``)
-
-
-@dataclass(frozen=True)
-class RoundClosed:
-    kind: ClassVar[str] = "round_closed"
-    round: int
-    attempt: int
-    success: bool
-    version: int  # published (success) or unchanged
-    participants: list[str]
-    num_samples: int
-    train_loss: float
-    val_loss: float
-    reason: str
-
-    @classmethod
-    def of(cls, record: RoundRecord) -> RoundClosed:
-        return cls(
-            round=record.round, attempt=record.attempt, success=record.published,
-            version=record.version, participants=record.participants,
-            num_samples=record.num_samples, train_loss=record.train_loss or 0.0,
-            val_loss=record.val_loss or 0.0, reason=record.reason,
-        )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class RunFinished:
-    kind: ClassVar[str] = "run_finished"
-    final_version: int
-    rounds: int
-    reason: str
-    model: str  # registry name of the final version's model
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    """Nothing happened for a while: both ends notice a dead stream."""
-
-    kind: ClassVar[str] = "heartbeat"
-    time: float  # wall-clock (Unix) seconds
-
-
-EventBody = RoundTask | ModelPublished | RoundClosed | RunFinished | Heartbeat
-
-
-@dataclass(frozen=True)
-class RoundEvent:
-    seq: int  # increasing per server; 0 for heartbeats
-    body: EventBody
 
 
 class Subscription:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
@@ -35,28 +34,10 @@ from fedmae.errors import (
 )
 from fedmae.payload.buffers import BufferPool
 from fedmae.payload.decoder import PayloadDecoder
-from fedmae.payload.layout import Manifest, ModelLayout
+from fedmae.payload.layout import ModelLayout
+from fedmae.rounds import UpdateHeader, UpdateReceipt
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class UpdateHeader:
-    """What an update says about itself before its payload."""
-
-    round: int
-    base_version: int
-    num_samples: int
-    manifest: Manifest  # of the delta payload, checked by ``PayloadDecoder``
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class UpdateReceipt:
-    round: int
-    bytes_received: int
-    digest: str  # of the payload as received
-    updates_received: int  # accepted updates in this round so far
 
 
 class UploadSession:

@@ -27,7 +27,6 @@ from benchmarks.common import (
     RawStreamServer,
     median_time,
 )
-from client_agent.transfer import federation_stub
 from fedmae.config import TrainingConfig
 from fedmae.ml.fashion_mnist import load_fashion_mnist
 from fedmae.ml.model_zoo import build_model, initial_state
@@ -40,6 +39,7 @@ from fedmae.pki.issue import init_certs, issue_client
 from fedmae.pki.peer import certificate_info
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport.channels import open_channel
+from fedmae.transport.transfer import federation_stub
 
 # ------------------------------------------------------------------ helpers
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.cases import BenchClient
-from client_agent.transfer import fetch_model, submit_update
 from fedmae.ml.model_zoo import initial_state
 from fedmae.payload.buffers import BufferPool
 from fedmae.payload.layout import ModelLayout
 from fedmae.runtime import tune_malloc
+from fedmae.transport.transfer import fetch_model, submit_update
 
 
 def main() -> int:

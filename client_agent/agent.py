@@ -12,12 +12,10 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import torch
 
-from client_agent.transfer import federation_stub, fetch_model, submit_update
 from fedmae.config import TrainingConfig
-from fedmae.errors import ConfigError
+from fedmae.errors import ConfigError, ConnectionReplaced, FedmaeError, Unavailable
 from fedmae.ml.model_state import load_trainable_state, trainable_state
 from fedmae.ml.model_zoo import build_model
 from fedmae.ml.partitions import ClientData
@@ -26,11 +24,11 @@ from fedmae.payload.buffers import BufferPool
 from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
 from fedmae.payload.layout import ModelLayout
 from fedmae.pki.files import ClientIdentity
-from fedmae.transport._proto import federation_pb2 as pb
-from fedmae.transport._proto import federation_pb2_grpc as pb_grpc
+from fedmae.rounds import RoundClosed, RoundTask, RunFinished
 from fedmae.transport.channels import open_channel
-from fedmae.transport.messages import training_config_from_proto
-from fedmae.transport.retry import CONNECTION_LOST, TRANSIENT, RetryPolicy, Verdict
+from fedmae.transport.federation_client import FederationClient, reconnect_policy
+from fedmae.transport.retry import Verdict, connection_failed
+from fedmae.transport.status import status_name
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +50,8 @@ class AgentConfig:
     status_file: Path | None = None  # JSON state for health checks (``fedmae client-health``)
 
 
-class RunFinished(Exception):
-    pass
+class _RunDone(Exception):
+    """The run ended (``RunFinished``) and this agent is done with it."""
 
 
 class ClientAgent:
@@ -78,14 +76,11 @@ class ClientAgent:
                 raise ConfigError("--identity DIR is required (or --insecure)")
             self.identity = ClientIdentity(config.identity)
             self.client_id = self.identity.client_id
-        self._channel: grpc.Channel | None = None
-        # RESOURCE_EXHAUSTED too: the server is at its limit of calls at once (or of
-        # requests per second): back off and come again, as when it is away.
-        self.reconnect_policy = RetryPolicy(
-            retry_on=TRANSIENT | CONNECTION_LOST,
-            initial_s=config.backoff_initial_s,
-            max_s=config.backoff_max_s,
-            give_up_after_s=config.give_up_after_s or None,
+        self._client: FederationClient | None = None
+        # The server away, busy (at its limit of calls at once, or of requests per
+        # second) or slow: back off and come again (``RECONNECT_RETRY``).
+        self.reconnect_policy = reconnect_policy(
+            config.backoff_initial_s, config.backoff_max_s, config.give_up_after_s or None
         )
 
     def _status(self, state: str, round_: int | None = None, **extra: object) -> None:
@@ -103,46 +98,42 @@ class ClientAgent:
 
     # ------------------------------------------------------------ connection
 
-    def _connect(self) -> pb_grpc.FederationStub:
+    def _connect(self) -> FederationClient:
         channel = open_channel(
             self.config.server,
             None if self.config.insecure else self.identity,
             insecure=self.config.insecure,
             chunk_size=self.config.chunk_size,
         )
-        self._channel = channel
-        return federation_stub(channel)
-
-    def _metadata(self) -> list[tuple[str, str]] | None:
-        if self.config.insecure:
-            return [("x-fedmae-client-id", self.client_id)]
-        return None
+        # Without a certificate the client says who it is (``--insecure`` only).
+        self._client = FederationClient(channel, self.client_id if self.config.insecure else None)
+        return self._client
 
     def run(self) -> int:
         """Serve the federation until the run ends; return a process exit code: 0 done,
         2 refused (or the server failed again and again), 3 unreachable too long."""
         retries = self.reconnect_policy.start(self.stop_event)
         while not self.stop_event.is_set():
-            stub = self._connect()
+            client = self._connect()
             self._heard_from_server = False
             try:
-                self._session(stub)
+                self._session(client)
                 return 0
-            except RunFinished:
+            except _RunDone:
                 return 0
-            except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.ABORTED:
-                    # Another agent connected with our identity. Reconnecting would evict
-                    # it, and it would evict us again, forever: stop, and say why.
-                    self._status("refused", error=f"ABORTED: {err.details()}")
-                    log.error(
-                        "%s: stopping: the server ended our event stream: %s. Another "
-                        "agent uses this identity; give each site its own identity "
-                        "(fedmae enroll) and run one agent per identity",
-                        self.client_id,
-                        err.details(),
-                    )
-                    return 2
+            except ConnectionReplaced as err:
+                # Another agent connected with our identity. Reconnecting would evict
+                # it, and it would evict us again, forever: stop, and say why.
+                self._status("refused", error=f"{status_name(err)}: {err}")
+                log.error(
+                    "%s: stopping: the server ended our event stream: %s. Another "
+                    "agent uses this identity; give each site its own identity "
+                    "(fedmae enroll) and run one agent per identity",
+                    self.client_id,
+                    err,
+                )
+                return 2
+            except FedmaeError as err:
                 if self._heard_from_server:  # we were connected: start backing off afresh
                     retries.reset()
                 decision = retries.decide(err)
@@ -155,74 +146,67 @@ class ClientAgent:
                     return 3
                 if not decision.retry:
                     final = retries.give_up(err, decision)
-                    self._status("refused", error=f"{final.code().name}: {final.details()}")
+                    self._status("refused", error=f"{status_name(final)}: {final}")
                     log.error(
                         "%s: server refused us: %s: %s",
                         self.client_id,
-                        final.code().name,
-                        final.details(),
+                        status_name(final),
+                        final,
                     )
                     return 2
-                self._status("reconnecting", error=err.code().name)
+                self._status("reconnecting", error=status_name(err))
                 log.warning(
                     "%s: connection to %s lost (%s); reconnecting in %.1fs",
                     self.client_id,
                     self.config.server,
-                    err.code().name,
+                    status_name(err),
                     decision.delay_s,
                 )
                 retries.wait(decision.delay_s)
             finally:
-                if self._channel is not None:
-                    self._channel.close()
+                client.close()
         return 0
 
     def stop(self) -> None:
         self.stop_event.set()
-        if self._channel is not None:
-            self._channel.close()
+        if self._client is not None:
+            self._client.close()
 
-    def _session(self, stub: pb_grpc.FederationStub) -> None:
-        events = stub.Subscribe(
-            pb.SubscribeRequest(
-                agent_version=AGENT_VERSION, available_samples=len(self.train_images)
-            ),
-            metadata=self._metadata(),
-        )
+    def _session(self, client: FederationClient) -> None:
+        events = client.subscribe(AGENT_VERSION, len(self.train_images))
         for event in events:
             self._heard_from_server = True
-            kind = event.WhichOneof("event")
-            self._status("connected", event.task.round if kind == "task" else None)
-            if kind == "task":
-                self._handle_task(stub, event.task)
-            elif kind == "round_closed":
-                rc = event.round_closed
-                if rc.success:
+            body = event.body
+            self._status("connected", body.round if isinstance(body, RoundTask) else None)
+            if isinstance(body, RoundTask):
+                self._handle_task(client, body)
+            elif isinstance(body, RoundClosed):
+                if body.success:
                     log.info(
                         "%s: round %d closed: version %d from %d clients, val_loss %.4f",
                         self.client_id,
-                        rc.round,
-                        rc.version,
-                        len(rc.participants),
-                        rc.val_loss,
+                        body.round,
+                        body.version,
+                        len(body.participants),
+                        body.val_loss,
                     )
                 else:
-                    log.info("%s: round %d failed: %s", self.client_id, rc.round, rc.reason)
-            elif kind == "run_finished":
+                    log.info("%s: round %d failed: %s", self.client_id, body.round, body.reason)
+            elif isinstance(body, RunFinished):
                 log.info(
                     "%s: run finished at version %d after %d rounds; %d trained here",
                     self.client_id,
-                    event.run_finished.final_version,
-                    event.run_finished.rounds,
+                    body.final_version,
+                    body.rounds,
                     self.rounds_done,
                 )
-                self._final_model(stub, event.run_finished)
+                self._final_model(client, body)
                 self._status("finished")
-                raise RunFinished()
+                raise _RunDone()
         # The stream ended without RunFinished: the server went away.
-        raise _Unavailable()
+        raise Unavailable("event stream ended")
 
-    def _final_model(self, stub: pb_grpc.FederationStub, done: pb.RunFinished) -> None:
+    def _final_model(self, client: FederationClient, done: RunFinished) -> None:
         """Fetch the run's final model and log its loss on the local validation images.
         (The server serves it for a grace period, and exits early once every client
         subscribed at the end has fetched it.) A failure here does not fail the run."""
@@ -231,14 +215,14 @@ class ClientAgent:
             return
         try:
             self._ensure_model(name)
-            flat = self._global(stub, done.final_version)
-        except grpc.RpcError as err:
+            flat = self._global(client, done.final_version)
+        except FedmaeError as err:
             log.warning(
                 "%s: could not fetch the final model version %d: %s: %s",
                 self.client_id,
                 done.final_version,
-                err.code().name,
-                err.details(),
+                status_name(err),
+                err,
             )
             return
         load_trainable_state(self.model, self.layout.unflatten(flat))
@@ -261,15 +245,15 @@ class ClientAgent:
             self.layout = ModelLayout.from_state(trainable_state(self.model))
             self.cached = None
 
-    def _global(self, stub: pb_grpc.FederationStub, version: int) -> torch.Tensor:
+    def _global(self, client: FederationClient, version: int) -> torch.Tensor:
         if self.cached is not None and self.cached[0] == version:
             return self.cached[1]
         if self.cached is not None:  # the last round's model is done with: reuse its memory
             self._buffers.give(self.cached[1])
             self.cached = None
         t0 = time.perf_counter()
-        header, flat = fetch_model(
-            stub, self.layout, version, pool=self._buffers, stop=self.stop_event
+        header, flat = client.fetch_model(
+            self.layout, version, pool=self._buffers, stop=self.stop_event
         )
         log.info(
             "%s: fetched model version %d (%.1f MB) in %.2fs",
@@ -281,8 +265,8 @@ class ClientAgent:
         self.cached = (header.version, flat)
         return flat
 
-    def _handle_task(self, stub: pb_grpc.FederationStub, task: pb.RoundTask) -> None:
-        cfg = training_config_from_proto(task.config).with_overrides(**self.config.overrides)
+    def _handle_task(self, client: FederationClient, task: RoundTask) -> None:
+        cfg = task.training.with_overrides(**self.config.overrides)
         self._mask_ratio = cfg.mask_ratio
         log.info(
             "%s: round %d task: train version %d for %d epoch(s) on %d images",
@@ -293,7 +277,7 @@ class ClientAgent:
             len(self.train_images),
         )
         self._ensure_model(cfg.model)
-        global_flat = self._global(stub, task.model_version)
+        global_flat = self._global(client, task.model_version)
         load_trainable_state(self.model, self.layout.unflatten(global_flat))  # copies in
         if self.optimizer is None:  # AdamW state stays local across rounds (as Fed-MAE)
             self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay)
@@ -334,8 +318,7 @@ class ClientAgent:
         }
         t0 = time.perf_counter()
         try:
-            receipt = submit_update(
-                stub,
+            receipt = client.submit_update(
                 self.layout,
                 delta,
                 round_=task.round,
@@ -346,16 +329,16 @@ class ClientAgent:
                 chunk_size=self.config.chunk_size,
                 stop=self.stop_event,
             )
-        except grpc.RpcError as err:
-            if err.code() in CONNECTION_LOST or err.code() == grpc.StatusCode.UNKNOWN:
+        except FedmaeError as err:
+            if connection_failed(err):
                 raise  # the connection, not the update: reconnect (as the policy says)
             # Refused (round closed, stale, ...): this update is lost, the agent is not.
             log.warning(
                 "%s: round %d update refused: %s: %s",
                 self.client_id,
                 task.round,
-                err.code().name,
-                err.details(),
+                status_name(err),
+                err,
             )
             return
         self.rounds_done += 1
@@ -372,13 +355,3 @@ class ClientAgent:
             time.perf_counter() - t0,
             receipt.updates_received,
         )
-
-
-class _Unavailable(grpc.RpcError):
-    """The event stream ended without RunFinished: treat like a lost connection."""
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAVAILABLE
-
-    def details(self) -> str:
-        return "event stream ended"

@@ -3,35 +3,21 @@ save the identity. The private key never leaves this machine."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from fedmae.enrollment_policy import check_client_name, check_labels
 from fedmae.errors import ConfigError
 from fedmae.pki.ca import make_key_and_csr
 from fedmae.pki.files import ClientIdentity, save_identity
-from fedmae.transport._proto import enrollment_pb2 as epb
-from fedmae.transport._proto import enrollment_pb2_grpc as epb_grpc
-from fedmae.transport.channels import open_channel
-from fedmae.transport.retry import RetryPolicy
+from fedmae.transport.enrollment_client import request_certificate
 
 log = logging.getLogger(__name__)
 
 
 ENROLLMENT_FILE = "enrollment.json"
-# The port is busy (its calls at once) or we are over its rate per address (e.g. a
-# script enrolling many devices): wait and try again. Any other answer is final.
-BUSY_ENROLL_RETRY = RetryPolicy(
-    retry_on=frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED}),
-    initial_s=0.5,
-    max_s=8.0,
-    max_fault_retries=0,
-)
 
 
 @dataclass(frozen=True)
@@ -68,31 +54,23 @@ def enroll(
     """Enroll with the aggregator's enrollment port; write ``out_dir`` (ca, cert, key).
 
     The name and labels are checked here first (the server checks them again), so a bad
-    one is reported before a key is made or the token is sent.
+    one is reported before a key is made or the token is sent. A refusal is raised as a
+    ``fedmae.errors`` type (``Unauthenticated`` for a used-up token, ...).
     """
     if name:
         check_client_name(name)
     labels = check_labels(labels or {})
     key_pem, csr_pem = make_key_and_csr(name)
-    request = epb.EnrollRequest(
-        token=token.strip(), csr_pem=csr_pem, requested_name=name, labels=labels or {}
-    )
-    with open_channel(server, ca_pem=ca_pem) as channel:
-        stub = epb_grpc.EnrollmentStub(channel)
-        retries = dataclasses.replace(BUSY_ENROLL_RETRY, max_retries=busy_retries).start()
-        response = retries.call(
-            lambda: stub.Enroll(request, timeout=timeout),
-            "enrollment port busy",
-            # A request over the size limit is not worth sending again.
-            give_up_if=lambda err: "larger than max" in (err.details() or ""),
-            logger=log,
-        )
+    response = request_certificate(
+        server, ca_pem, token=token.strip(), csr_pem=csr_pem, name=name, labels=labels,
+        timeout=timeout, busy_retries=busy_retries, logger=log,
+    )  # fmt: skip
     if response.ca_certificate_pem.strip() != ca_pem.strip():
         raise ConfigError("the server answered with a different CA than the one you trust")
     ident = save_identity(out_dir, key_pem, response.certificate_pem, ca_pem)
     if ident.client_id != response.client_id:
         raise ConfigError("the issued certificate does not name the assigned client id")
-    not_after = response.not_after.ToDatetime().strftime("%Y-%m-%d")
+    not_after = response.not_after.strftime("%Y-%m-%d")
     (ident.dir / ENROLLMENT_FILE).write_text(
         json.dumps(
             {

@@ -73,3 +73,19 @@ class ConnectionReplaced(FedmaeError):
 
 class ConfigError(FedmaeError):
     """A local configuration problem (files, flags); reported before serving."""
+
+
+# What a client hears back besides the refusals above: the server away, late, or broken.
+
+
+class Unavailable(FedmaeError):
+    """The peer cannot be reached, or the connection went (a stream cut, a download
+    cancelled to free its slot): worth another try later."""
+
+
+class DeadlineExceeded(FedmaeError):
+    """A call ran past its deadline: the caller's timeout, or the round's."""
+
+
+class ServerFault(FedmaeError):
+    """A fault in the peer (a bug), not a refusal: trying again will not mend it."""

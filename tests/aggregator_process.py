@@ -16,7 +16,6 @@ import grpc
 from federation_harness import TIMEOUT, ScriptedClient, random_delta
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client_agent.transfer import fetch_model, update_messages
 from fedmae.ml.model_state import trainable_state
 from fedmae.ml.model_zoo import build_model
 from fedmae.payload.layout import ModelLayout
@@ -25,6 +24,7 @@ from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport.credentials import channel_credentials
+from fedmae.transport.transfer import fetch_model, update_messages
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 

@@ -22,7 +22,6 @@ from aggregator_service.registry import Registry
 from aggregator_service.rpc.server import AggregatorServer
 from aggregator_service.strategies import Strategy
 from client_agent.enrollment import enroll
-from client_agent.transfer import federation_stub, fetch_model, update_messages
 from fedmae.config import TrainingConfig
 from fedmae.payload.layout import ModelLayout
 from fedmae.pki.files import ClientIdentity
@@ -33,6 +32,7 @@ from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport.channels import open_channel
 from fedmae.transport.credentials import channel_credentials
+from fedmae.transport.transfer import federation_stub, fetch_model, update_messages
 
 TIMEOUT = 30.0
 # Channel options of a client that holds downloads unread: without BDP probing its
@@ -323,7 +323,7 @@ def drive_rounds(
     clients: dict[str, ScriptedClient], layout: ModelLayout, rounds: list[int]
 ) -> None:
     """Each client answers the task of each listed round with a small random delta."""
-    from client_agent.transfer import submit_update
+    from fedmae.transport.transfer import submit_update
 
     for r in rounds:
         for i, (_name, client) in enumerate(sorted(clients.items())):

@@ -20,13 +20,12 @@ from aggregator_service.config import RoundPolicy, ServerConfig
 from aggregator_service.engine import RoundEngine
 from aggregator_service.round_log import RoundLog
 from aggregator_service.strategies import FedAvg, Strategy
-from aggregator_service.subscriptions import Heartbeat, RoundEvent
-from aggregator_service.uploads import UpdateHeader, UpdateReceipt
 from fedmae.config import TrainingConfig
 from fedmae.errors import FedmaeError
 from fedmae.payload.digest import payload_digest
 from fedmae.payload.encodings import encoding_from_name
 from fedmae.payload.layout import ModelLayout
+from fedmae.rounds import Heartbeat, RoundEvent, UpdateHeader, UpdateReceipt
 from fedmae.transport.frames import RawChunk
 from fedmae.transport.status import status_code
 

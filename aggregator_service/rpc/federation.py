@@ -11,17 +11,17 @@ import grpc
 from aggregator_service.engine import RoundEngine
 from aggregator_service.idle_transfers import read_with_idle_limit
 from aggregator_service.rpc.auth import Authorizer
-from aggregator_service.rpc.events import (
+from fedmae.errors import FedmaeError, InvalidRequest, InvalidUpdate, TransferIdle
+from fedmae.rounds import Heartbeat, RunFinished
+from fedmae.transport import frames as wire
+from fedmae.transport._proto import federation_pb2 as pb
+from fedmae.transport._proto import federation_pb2_grpc as pb_grpc
+from fedmae.transport.events import (
     event_to_proto,
     model_header_to_proto,
     receipt_to_proto,
     update_header_from_proto,
 )
-from aggregator_service.subscriptions import Heartbeat, RunFinished
-from fedmae.errors import FedmaeError, InvalidRequest, InvalidUpdate, TransferIdle
-from fedmae.transport import frames as wire
-from fedmae.transport._proto import federation_pb2 as pb
-from fedmae.transport._proto import federation_pb2_grpc as pb_grpc
 from fedmae.transport.messages import encoding_from_proto
 from fedmae.transport.status import status_code
 
@@ -82,7 +82,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         header = update_header_from_proto(first.header)
         session = self.rounds.uploads.open(client_id, header, context.is_active)
         # Admitted: tell the client to send its chunks now. Until then a waiting upload
-        # holds only its header here (fedmae clients wait for this; see transfer.py).
+        # holds only its header here (fedmae.transport.transfer waits for this).
         context.send_initial_metadata(((ADMITTED_KEY, "1"),))
         idle_s = self.rounds.config.upload_idle_s
 

@@ -17,7 +17,7 @@ from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport.channels import open_channel
 from fedmae.transport.retry import CONNECTION_LOST, RetryPolicy
-from fedmae.transport.status import domain_error
+from fedmae.transport.status import shown_error
 
 # The aggregator away (a restart?): a watch reconnects for as long as it takes; anything
 # else ends it with the error.
@@ -89,7 +89,7 @@ class AdminClient:
         try:
             return getattr(self._stub, method)(request, timeout=timeout)
         except grpc.RpcError as err:
-            raise domain_error(err) from err
+            raise shown_error(err) from err
 
     def status(self, timeout: float = CALL_TIMEOUT_S) -> RunStatus:
         """One snapshot of the run."""
@@ -103,7 +103,7 @@ class AdminClient:
         except grpc.RpcError as err:
             if err.code() in WATCH_RETRY.retry_on:
                 return None
-            raise domain_error(err) from err
+            raise shown_error(err) from err
 
     def create_token(self, name: str = "", ttl_s: int = 0, uses: int = 0) -> IssuedToken:
         """A one-time enrollment token (``name``: bound to that client id; 0 = the
@@ -189,5 +189,5 @@ class AdminClient:
             except grpc.RpcError as err:
                 decision = retries.decide(err)
                 if not decision.retry:
-                    raise domain_error(err) from err
+                    raise shown_error(err) from err
                 retries.wait(decision.delay_s)  # then resume after the last record

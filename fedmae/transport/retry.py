@@ -28,6 +28,9 @@ from typing import TypeVar
 
 import grpc
 
+from fedmae import errors
+from fedmae.transport.status import status_code
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -41,6 +44,22 @@ CONNECTION_LOST = frozenset({S.UNAVAILABLE, S.CANCELLED})
 # A fault in the server (INTERNAL: fedmae's answer to a bug; UNKNOWN: gRPC's, or an
 # exception in the client's own request iterator): tried again a few times only.
 SERVER_FAULTS = frozenset({S.UNKNOWN, S.INTERNAL})
+
+Failure = grpc.RpcError | errors.FedmaeError  # a failed call, as gRPC or the domain says it
+
+
+def _code(err: Failure) -> grpc.StatusCode:
+    """The code a failure came with; a domain error raised on this side (not from an
+    answer) counts as the code the server would answer it with."""
+    return err.code() if isinstance(err, grpc.RpcError) else status_code(err)
+
+
+def connection_failed(err: Failure) -> bool:
+    """Whether ``err`` says the connection failed, not the request: a lost connection,
+    or UNKNOWN (gRPC's answer when a stream broke, or our own request iterator raised).
+    A client reconnects after it; after anything else only that request is lost."""
+    code = _code(err)
+    return code in CONNECTION_LOST or code == S.UNKNOWN
 
 
 class Verdict(enum.Enum):
@@ -89,9 +108,10 @@ class RetryPolicy:
         return Retries(self, stop or threading.Event(), clock, rng or random.Random(), wait)
 
 
-class ServerFault(grpc.RpcError):
+class ServerFault(errors.ServerFault, grpc.RpcError):
     """UNKNOWN or INTERNAL too many times in a row: a fault in the server, which trying
-    again will not mend. Keeps the last error's code; its details say what happened."""
+    again will not mend. Keeps the last error's code; its details say what happened.
+    Both the domain's ``ServerFault`` and a ``grpc.RpcError``."""
 
     def __init__(self, last: grpc.RpcError, times: int):
         super().__init__(last)
@@ -133,9 +153,9 @@ class Retries:
         self.faults = 0
         self._first_failure: float | None = None
 
-    def decide(self, err: grpc.RpcError) -> Decision:
+    def decide(self, err: Failure) -> Decision:
         """Whether to try again after ``err``, and after how long. A RETRY counts."""
-        policy, code = self.policy, err.code()
+        policy, code = self.policy, _code(err)
         now = self._clock()
         if self._first_failure is None:
             self._first_failure = now
@@ -178,10 +198,10 @@ class Retries:
         """Seconds since the first failure after the last success (0 if none)."""
         return 0.0 if self._first_failure is None else self._clock() - self._first_failure
 
-    def give_up(self, err: grpc.RpcError, decision: Decision) -> grpc.RpcError:
+    def give_up(self, err: Failure, decision: Decision) -> Failure:
         """The error to raise when ``decision`` says stop: ``err`` itself, or a
         ``ServerFault`` wrapping it after too many UNKNOWN/INTERNAL."""
-        if decision.verdict is Verdict.SERVER_FAULT:
+        if decision.verdict is Verdict.SERVER_FAULT and isinstance(err, grpc.RpcError):
             return ServerFault(err, self.faults + 1)
         return err
 

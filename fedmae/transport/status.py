@@ -11,6 +11,7 @@ the exception's text, and clients took UNKNOWN for a lost connection.
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 from collections.abc import Callable, Iterator, Mapping
@@ -44,6 +45,29 @@ STATUS_CODES: Mapping[type[errors.FedmaeError], grpc.StatusCode] = {
     # A conflict between two holders of one identity, not a server fault: agents stop
     # on ABORTED instead of evicting each other forever.
     errors.ConnectionReplaced: grpc.StatusCode.ABORTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.ServerFault: grpc.StatusCode.INTERNAL,
+}
+
+# The reverse, for a client: the domain error a status code is raised as. A code that
+# several types share is raised as the widest of them; codes only gRPC itself answers
+# with join the nearest type (CANCELLED: a stream the server cut; UNKNOWN: gRPC's
+# answer to an exception, in the server or in our own request iterator).
+DOMAIN_ERRORS: Mapping[grpc.StatusCode, type[errors.FedmaeError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidRequest,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.LimitExceeded,
+    grpc.StatusCode.ABORTED: errors.ConnectionReplaced,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.CANCELLED: errors.Unavailable,
+    grpc.StatusCode.INTERNAL: errors.ServerFault,
+    grpc.StatusCode.UNKNOWN: errors.ServerFault,
 }
 
 
@@ -56,42 +80,72 @@ def status_code(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-# The other way, for a client: the domain error a refusal with a code stands for. Where
-# several share a code, the general one; a code no domain error stands for (UNAVAILABLE,
-# CANCELLED, DEADLINE_EXCEEDED, which a client's own timeout gives too, UNKNOWN ...)
-# gives FedmaeError itself. error_for(code, m) is answered with code again.
-_ERRORS_FOR_CODES: Mapping[grpc.StatusCode, type[errors.FedmaeError]] = {
-    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidRequest,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
-    grpc.StatusCode.NOT_FOUND: errors.NotFound,
-    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.LimitExceeded,
-    grpc.StatusCode.ABORTED: errors.ConnectionReplaced,
-}
+class _Answered:
+    """Mixed into a domain error raised from a peer's answer: it keeps the answer's code
+    and details (``grpc.RpcError``'s ``code()`` and ``details()``)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@functools.cache
+def _answered(cls: type[errors.FedmaeError]) -> type[errors.FedmaeError]:
+    return type(cls.__name__, (_Answered, cls, grpc.RpcError), {"__module__": __name__})
 
 
 def error_for(code: grpc.StatusCode, message: str) -> errors.FedmaeError:
-    """The domain error a refusal with ``code`` stands for, carrying ``message``."""
-    return _ERRORS_FOR_CODES.get(code, errors.FedmaeError)(message)
+    """The domain error a refusal with ``code`` stands for (``DOMAIN_ERRORS``; the base
+    ``FedmaeError`` for another code), carrying ``message``."""
+    return _answered(DOMAIN_ERRORS.get(code, errors.FedmaeError))(code, message)
+
+
+def _answer_of(err: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = err.details() if callable(getattr(err, "details", None)) else str(err)
+    return code, details or ""
 
 
 def domain_error(err: grpc.RpcError) -> errors.FedmaeError:
-    """A failed call as a domain error whose message is ``CODE: details``: what an
+    """``err``, a failed call, as the domain error of its code (``DOMAIN_ERRORS``; the
+    base ``FedmaeError`` for another code), its details as the message: what a client
+    of fedmae catches. It stays a ``grpc.RpcError`` with the same ``code()`` and
+    ``details()``, so the retry policy and gRPC-level tools read it as before."""
+    if isinstance(err, errors.FedmaeError):
+        return err  # converted already (or raised as both, like ``retry.ServerFault``)
+    code, details = _answer_of(err)
+    error = error_for(code, details)
+    error.__cause__ = err
+    return error
+
+
+def shown_error(err: grpc.RpcError) -> errors.FedmaeError:
+    """A failed call as its domain error with the message ``CODE: details``: what an
     operator is shown (docs/errors.md explains each code)."""
-    code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
-    details = err.details() if callable(getattr(err, "details", None)) else str(err)
+    code, details = _answer_of(err)
     return error_for(code, f"{code.name}: {details}")
 
 
 @contextmanager
 def domain_errors() -> Iterator[None]:
-    """Inside: a failed call that escapes is raised again as its ``domain_error``."""
+    """Inside: a failed call that escapes is raised again as its ``shown_error``."""
     try:
         yield
     except grpc.RpcError as err:
-        raise domain_error(err) from err
+        raise shown_error(err) from err
+
+
+def status_name(error: BaseException) -> str:
+    """The name of the code ``error`` came with (a peer's answer), or would be
+    answered with (``status_code``): for logs and a client's status file."""
+    code = error.code() if isinstance(error, grpc.RpcError) else status_code(error)
+    return code.name
 
 
 Behaviour = Callable[..., object]  # (request or request iterator, context) -> response(s)

@@ -19,7 +19,6 @@ from federation_harness import (
 )
 
 from aggregator_service.registry import Registry
-from client_agent.transfer import federation_stub, fetch_model
 from fedmae.cli.main import main
 from fedmae.errors import FailedPrecondition
 from fedmae.pki.issue import issue_admin, issue_client
@@ -27,6 +26,7 @@ from fedmae.pki.peer import certificate_info
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import federation_pb2 as pb
+from fedmae.transport.transfer import federation_stub, fetch_model
 
 # ---------------------------------------------------------------- #4: admins are pinned
 

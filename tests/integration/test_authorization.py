@@ -18,11 +18,11 @@ from federation_harness import (
     wait_until,
 )
 
-from client_agent.transfer import submit_update
 from fedmae.pki.issue import init_certs, issue_client
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import federation_pb2 as pb
+from fedmae.transport.transfer import submit_update
 
 
 def test_unknown_or_foreign_certificates_and_roles(fed):

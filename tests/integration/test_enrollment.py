@@ -23,7 +23,6 @@ from federation_harness import (
 
 from aggregator_service.registry import Registry
 from aggregator_service.registry.schema import MIGRATIONS
-from client_agent.transfer import submit_update
 from fedmae.errors import ConfigError
 from fedmae.pki.ca import CertificateAuthority, make_key_and_csr
 from fedmae.pki.files import save_identity
@@ -34,6 +33,7 @@ from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import enrollment_pb2 as epb
 from fedmae.transport._proto import enrollment_pb2_grpc as epb_grpc
 from fedmae.transport.credentials import channel_credentials
+from fedmae.transport.transfer import submit_update
 
 
 def test_enrolled_client_completes_a_round(fed):

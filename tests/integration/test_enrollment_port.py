@@ -27,11 +27,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from aggregator_service.rpc.rate_limit import peer_address
 from aggregator_service.rpc.server import ENROLL_WORKERS
 from client_agent.enrollment import enroll
-from client_agent.transfer import submit_update
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import enrollment_pb2 as epb
 from fedmae.transport._proto import enrollment_pb2_grpc as epb_grpc
+from fedmae.transport.transfer import submit_update
 
 FLOOD = Path(__file__).parent.parent / "enrollment_flood.py"
 

@@ -20,11 +20,11 @@ from federation_harness import (
 )
 from safetensors.numpy import load_file
 
-from client_agent.transfer import fetch_model, submit_update, update_messages
 from fedmae.payload.digest import payload_digest
 from fedmae.payload.encodings import encode
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport._proto import federation_pb2_grpc as pb_grpc
+from fedmae.transport.transfer import fetch_model, submit_update, update_messages
 
 
 def test_fedavg_is_exact_over_mtls(cluster, tmp_path):

@@ -33,13 +33,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from aggregator_service.config import ServerConfig
 from client_agent.agent import AgentConfig, ClientAgent
-from client_agent.transfer import submit_update
 from fedmae.errors import ConfigError
 from fedmae.ml.fashion_mnist import load_fashion_mnist
 from fedmae.ml.partitions import client_split
 from fedmae.pki.files import ServerCerts
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
+from fedmae.transport.transfer import submit_update
 
 
 def _services(channel: grpc.Channel) -> set[str]:

@@ -28,12 +28,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from aggregator_service.round_log import RoundLog
 from client_agent.enrollment import enroll
-from client_agent.transfer import federation_stub, fetch_model
 from fedmae.cli.main import main
 from fedmae.pki.ca import CertificateAuthority, make_key_and_csr
 from fedmae.pki.issue import init_certs, issue_client
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
+from fedmae.transport.transfer import federation_stub, fetch_model
 
 
 def _mode(path: Path) -> int:

@@ -32,9 +32,9 @@ from federation_harness import (
 from aggregator_service.config import ServerConfig
 from aggregator_service.rpc.server import AggregatorServer
 from aggregator_service.update_bounds import UpdateBounds, parse_norm_bound
-from client_agent.transfer import submit_update
 from fedmae.cli.main import build_parser
 from fedmae.config import TrainingConfig
+from fedmae.transport.transfer import submit_update
 
 DEFAULTS = ServerConfig(state_dir=Path("."))
 

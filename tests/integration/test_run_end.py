@@ -23,8 +23,8 @@ from federation_harness import (
     wait_until,
 )
 
-from client_agent.transfer import fetch_model
 from fedmae.transport._proto import federation_pb2 as pb
+from fedmae.transport.transfer import fetch_model
 
 
 @pytest.fixture

@@ -23,10 +23,10 @@ from strategy_rules import CoordinateMedian
 
 from aggregator_service.strategies import STRATEGIES
 from aggregator_service.update_store import SPILL_FILE
-from client_agent.transfer import submit_update
 from fedmae.cli.main import main
 from fedmae.ml.model_zoo import initial_state
 from fedmae.payload.layout import ModelLayout
+from fedmae.transport.transfer import submit_update
 
 TIMEOUT = 60.0
 

@@ -22,9 +22,9 @@ from federation_harness import (
 )
 
 from aggregator_service.downloads import MIN_DOWNLOAD_CHUNK
-from client_agent.transfer import fetch_model, submit_update
 from fedmae.transport import frames as wire
 from fedmae.transport._proto import federation_pb2 as pb
+from fedmae.transport.transfer import fetch_model, submit_update
 
 
 @pytest.fixture

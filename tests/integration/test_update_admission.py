@@ -26,13 +26,13 @@ from federation_harness import (
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client_agent.transfer import fetch_model, submit_update, update_messages
 from fedmae.payload.digest import payload_digest
 from fedmae.payload.encodings import encode
 from fedmae.pki.issue import init_certs, issue_client
 from fedmae.transport import frames as wire
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport.messages import iter_chunks
+from fedmae.transport.transfer import fetch_model, submit_update, update_messages
 
 BAD_DIGEST = "xxh3-128:" + "0" * 32
 

@@ -24,11 +24,11 @@ from federation_harness import (
 )
 
 from aggregator_service.round_log import RoundLog
-from client_agent.transfer import update_messages
 from fedmae.config import UPDATE_METRICS
 from fedmae.payload.digest import payload_digest
 from fedmae.payload.encodings import encode
 from fedmae.transport._proto import federation_pb2 as pb
+from fedmae.transport.transfer import update_messages
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from federation_harness import (
     wait_until,
 )
 
-from client_agent.transfer import fetch_model, submit_update
+from fedmae.transport.transfer import fetch_model, submit_update
 
 # ------------------------------------------------------------------ crashes
 

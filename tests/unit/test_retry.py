@@ -8,6 +8,7 @@ import time
 
 import grpc
 import pytest
+from failed_call import Failed
 
 from fedmae.transport.retry import (
     CONNECTION_LOST,
@@ -18,20 +19,6 @@ from fedmae.transport.retry import (
 )
 
 S = grpc.StatusCode
-
-
-class Failed(grpc.RpcError):
-    """A failed call as a client sees it: a code and details."""
-
-    def __init__(self, code: grpc.StatusCode, details: str = "it failed"):
-        super().__init__(details)
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
 
 
 class FakeClock:

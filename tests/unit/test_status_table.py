@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 
 from fedmae import errors
-from fedmae.transport.status import STATUS_CODES, error_for, status_code
+from fedmae.transport.status import DOMAIN_ERRORS, STATUS_CODES, error_for, status_code
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "errors.md"
 
@@ -63,12 +63,19 @@ def test_the_core_errors_module_does_not_import_grpc():
 
 
 def test_error_for_gives_back_the_code_it_stands_for():
-    """A client's reverse of the table: each code's domain error is answered with that
-    code again; a code no domain error stands for gives FedmaeError, with the message."""
+    """A client's reverse of the table: each code's domain error keeps the code and the
+    message, and is answered with that code again (CANCELLED and UNKNOWN share the
+    error of UNAVAILABLE and INTERNAL); a code no domain error stands for gives
+    FedmaeError itself."""
+    aliases = {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
     for code in grpc.StatusCode:
         error = error_for(code, "the message")
         assert isinstance(error, errors.FedmaeError) and str(error) == "the message"
-        if type(error) is not errors.FedmaeError:
-            assert status_code(error) == code
-    assert type(error_for(grpc.StatusCode.UNAVAILABLE, "away")) is errors.FedmaeError
+        assert error.code() == code and error.details() == "the message"
+        if code in DOMAIN_ERRORS:
+            assert isinstance(error, DOMAIN_ERRORS[code])
+            if code not in aliases:
+                assert status_code(error) == code
+        else:
+            assert type(error).__mro__[2] is errors.FedmaeError
     assert isinstance(error_for(grpc.StatusCode.PERMISSION_DENIED, "no"), errors.PermissionDenied)

@@ -1,4 +1,9 @@
-"""Moving tensors over the Federation service: fetch a model, submit a delta."""
+"""Moving tensors over the Federation service: fetch a model, submit a delta, at the
+level of the generated stub and its messages (``FederationClient`` speaks the domain's
+objects over these; tools and tests that take the messages apart use them directly).
+
+Payload chunks go out and come in as ``fedmae.transport.frames`` frames: no protobuf
+copy of the bytes on either side."""
 
 from __future__ import annotations
 

@@ -1,0 +1,143 @@
+"""The Federation service for a client, in the domain's words: round events, model
+versions, updates and receipts in, ``fedmae.errors`` out.
+
+The client agent talks to the aggregator through this and nothing else of gRPC: a
+failed call is raised as the domain error of its status code
+(``fedmae.transport.status.domain_error``), and the retry policies decide on those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
+
+import grpc
+import torch
+
+from fedmae.payload.buffers import BufferPool
+from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
+from fedmae.payload.encodings import Encoding
+from fedmae.payload.layout import ModelLayout
+from fedmae.rounds import ModelHeader, RoundEvent, UpdateReceipt
+from fedmae.transport import transfer
+from fedmae.transport._proto import federation_pb2 as pb
+from fedmae.transport.events import event_from_proto, model_header_from_proto, receipt_from_proto
+from fedmae.transport.retry import CONNECTION_LOST, TRANSIENT, RetryPolicy
+from fedmae.transport.status import domain_error
+
+T = TypeVar("T")
+
+CLIENT_ID_KEY = "x-fedmae-client-id"  # who a client is on an insecure channel (no certificate)
+
+# The event stream: the server away, busy or slow, or the connection cut: reconnect
+# later (RESOURCE_EXHAUSTED too: the server is at its limit of calls at once, or of
+# requests per second). The agent sets the delays.
+RECONNECT_RETRY = RetryPolicy(retry_on=TRANSIENT | CONNECTION_LOST)
+
+
+def _in_domain_terms(call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except grpc.RpcError as err:
+        raise domain_error(err) from err
+
+
+class EventStream:
+    """One Subscribe call: iterate for the round events (heartbeats included; kinds this
+    side does not know are skipped) until the server ends the stream; ``cancel()``
+    ends it from another thread. A failure is raised as a ``fedmae.errors`` type."""
+
+    def __init__(self, call: grpc.Call):
+        self._call = call
+
+    def __iter__(self) -> Iterator[RoundEvent]:
+        try:
+            for msg in self._call:
+                event = event_from_proto(msg)
+                if event is not None:
+                    yield event
+        except grpc.RpcError as err:
+            raise domain_error(err) from err
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class FederationClient:
+    """The Federation service over one channel (``fedmae.transport.channels.open_channel``).
+
+    ``client_id`` names the client on an insecure channel (``--insecure``); with mTLS
+    the server takes it from the certificate. ``close()`` ends every call in flight.
+    """
+
+    def __init__(self, channel: grpc.Channel, client_id: str | None = None):
+        self._channel = channel
+        self._stub = transfer.federation_stub(channel)
+        self._metadata = [(CLIENT_ID_KEY, client_id)] if client_id else None
+
+    def subscribe(self, agent_version: str, available_samples: int) -> EventStream:
+        """Open the event stream: the tasks, closed rounds and the run's end."""
+        request = pb.SubscribeRequest(
+            agent_version=agent_version, available_samples=available_samples
+        )
+        return EventStream(self._stub.Subscribe(request, metadata=self._metadata))
+
+    def fetch_model(
+        self,
+        layout: ModelLayout,
+        version: int | None = None,
+        encoding: Encoding = Encoding.FP32,
+        *,
+        timeout: float | None = None,
+        resume_attempts: int = 3,
+        pool: BufferPool | None = None,
+        stop: threading.Event | None = None,
+    ) -> tuple[ModelHeader, torch.Tensor]:
+        """A published version (``None`` = the latest) as one flat float32 tensor,
+        checked end to end; a broken download resumes from its last byte
+        (``transfer.fetch_model``)."""
+        header, flat = _in_domain_terms(
+            lambda: transfer.fetch_model(
+                self._stub, layout, version, encoding, timeout, resume_attempts, pool, stop
+            )
+        )
+        return model_header_from_proto(header), flat
+
+    def submit_update(
+        self,
+        layout: ModelLayout,
+        delta: torch.Tensor,
+        *,
+        round_: int,
+        base_version: int,
+        num_samples: int,
+        encoding: Encoding = Encoding.FP32,
+        metrics: Mapping[str, float] | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        timeout: float | None = None,
+        busy_retries: int = 8,
+        stop: threading.Event | None = None,
+    ) -> UpdateReceipt:
+        """Upload ``delta`` (local − global, flat float32) for a round; the server's
+        receipt. Waits while the server is busy (``transfer.submit_update``)."""
+        receipt = _in_domain_terms(
+            lambda: transfer.submit_update(
+                self._stub, layout, delta, round_=round_, base_version=base_version,
+                num_samples=num_samples, encoding=encoding, metrics=metrics,
+                chunk_size=chunk_size, timeout=timeout, busy_retries=busy_retries, stop=stop,
+            )
+        )  # fmt: skip
+        return receipt_from_proto(receipt)
+
+    def close(self) -> None:
+        """Close the channel: calls in flight end (an event stream with CANCELLED)."""
+        self._channel.close()
+
+
+def reconnect_policy(initial_s: float, max_s: float, give_up_after_s: float | None) -> RetryPolicy:
+    """``RECONNECT_RETRY`` with the caller's delays and its limit (None: none)."""
+    return dataclasses.replace(
+        RECONNECT_RETRY, initial_s=initial_s, max_s=max_s, give_up_after_s=give_up_after_s
+    )
