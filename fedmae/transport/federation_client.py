@@ -9,14 +9,12 @@ failed call is raised as the domain error of its status code
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
 import torch
 
-from fedmae.payload.buffers import BufferPool
 from fedmae.payload.encodings import Encoding
 from fedmae.payload.layout import ModelLayout
 from fedmae.rounds import ModelHeader, RoundEvent, UpdateReceipt
@@ -88,19 +86,14 @@ class FederationClient:
         layout: ModelLayout,
         version: int | None = None,
         encoding: Encoding = Encoding.FP32,
-        *,
-        timeout: float | None = None,
-        resume_attempts: int = 3,
-        pool: BufferPool | None = None,
-        stop: threading.Event | None = None,
+        **options: Any,
     ) -> tuple[ModelHeader, torch.Tensor]:
         """A published version (``None`` = the latest) as one flat float32 tensor,
-        checked end to end; a broken download resumes from its last byte
-        (``transfer.fetch_model``)."""
+        checked end to end; a broken download resumes from its last byte. ``options``
+        are those of ``transfer.fetch_model`` (``timeout``, ``resume_attempts``,
+        ``pool``, ``stop``)."""
         header, flat = _in_domain_terms(
-            lambda: transfer.fetch_model(
-                self._stub, layout, version, encoding, timeout, resume_attempts, pool, stop
-            )
+            lambda: transfer.fetch_model(self._stub, layout, version, encoding, **options)
         )
         return model_header_from_proto(header), flat
 
