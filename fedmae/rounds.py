@@ -77,6 +77,8 @@ class RoundTask:
 
 @dataclass(frozen=True)
 class ModelPublished:
+    """A round's aggregate became a new version: clients fetch it from here on."""
+
     kind: ClassVar[str] = "model_published"
     version: int
     round: int
@@ -85,6 +87,8 @@ class ModelPublished:
 
 @dataclass(frozen=True)
 class RoundClosed:
+    """A round ended: published (``success``) or failed, and who took part."""
+
     kind: ClassVar[str] = "round_closed"
     round: int
     attempt: int
@@ -108,6 +112,8 @@ class RoundClosed:
 
 @dataclass(frozen=True)
 class RunFinished:
+    """The run is over: no more rounds; the final version is served a while longer."""
+
     kind: ClassVar[str] = "run_finished"
     final_version: int
     rounds: int
