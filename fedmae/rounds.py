@@ -102,6 +102,7 @@ class RoundClosed:
 
     @classmethod
     def of(cls, record: _ClosedRound) -> RoundClosed:
+        """The event of a closed round's record (no loss reported: 0.0)."""
         return cls(
             round=record.round, attempt=record.attempt, success=record.published,
             version=record.version, participants=record.participants,
