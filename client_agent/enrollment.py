@@ -7,6 +7,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedmae.enrollment_policy import check_client_name, check_labels
 from fedmae.errors import ConfigError
@@ -48,14 +49,14 @@ def enroll(
     out_dir: Path,
     name: str = "",
     labels: dict[str, str] | None = None,
-    timeout: float = 30.0,
-    busy_retries: int = 5,
+    **request_options: Any,
 ) -> EnrollResult:
     """Enroll with the aggregator's enrollment port; write ``out_dir`` (ca, cert, key).
 
     The name and labels are checked here first (the server checks them again), so a bad
     one is reported before a key is made or the token is sent. A refusal is raised as a
     ``fedmae.errors`` type (``Unauthenticated`` for a used-up token, ...).
+    ``request_options`` (``timeout``, ``busy_retries``) go to ``request_certificate``.
     """
     if name:
         check_client_name(name)
@@ -63,7 +64,7 @@ def enroll(
     key_pem, csr_pem = make_key_and_csr(name)
     response = request_certificate(
         server, ca_pem, token=token.strip(), csr_pem=csr_pem, name=name, labels=labels,
-        timeout=timeout, busy_retries=busy_retries, logger=log,
+        logger=log, **request_options,
     )  # fmt: skip
     if response.ca_certificate_pem.strip() != ca_pem.strip():
         raise ConfigError("the server answered with a different CA than the one you trust")

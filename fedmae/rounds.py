@@ -77,6 +77,8 @@ class RoundTask:
 
 @dataclass(frozen=True)
 class ModelPublished:
+    """A round's aggregate became a new version: clients fetch it from here on."""
+
     kind: ClassVar[str] = "model_published"
     version: int
     round: int
@@ -85,6 +87,8 @@ class ModelPublished:
 
 @dataclass(frozen=True)
 class RoundClosed:
+    """A round ended: published (``success``) or failed, and who took part."""
+
     kind: ClassVar[str] = "round_closed"
     round: int
     attempt: int
@@ -98,6 +102,7 @@ class RoundClosed:
 
     @classmethod
     def of(cls, record: _ClosedRound) -> RoundClosed:
+        """The event of a closed round's record (no loss reported: 0.0)."""
         return cls(
             round=record.round, attempt=record.attempt, success=record.published,
             version=record.version, participants=record.participants,
@@ -108,6 +113,8 @@ class RoundClosed:
 
 @dataclass(frozen=True)
 class RunFinished:
+    """The run is over: no more rounds; the final version is served a while longer."""
+
     kind: ClassVar[str] = "run_finished"
     final_version: int
     rounds: int

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import grpc
 
+from fedmae.transport.status import Answered
 
-class Failed(grpc.RpcError):
-    """A failed call: a code and details."""
+
+class Failed(Answered, grpc.RpcError):
+    """A failed call: a code and details (``code()``, ``details()``)."""
 
     def __init__(self, code: grpc.StatusCode, details: str = "it failed"):
-        super().__init__(details)
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
+        super().__init__(code, details)

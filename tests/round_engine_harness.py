@@ -128,6 +128,23 @@ def start_engine(
     return engine, clients, EngineThread(engine)
 
 
+def start_round_c_owes(
+    state_dir: Path, clock: FakeClock
+) -> tuple[RoundEngine, dict[str, Client], EngineThread]:
+    """Round 1 of 1 for clients a, b, c (it closes on 2 updates): a and b have sent
+    theirs, c owes one. The caller stops the loop."""
+    engine, clients, loop = start_engine(
+        state_dir, clock, "abc", min_clients=3, min_updates=2, rounds=1
+    )
+    try:
+        for c in "ab":
+            clients[c].take_part(round_=1)
+    except BaseException:
+        loop.stop()
+        raise
+    return engine, clients, loop
+
+
 class EngineThread:
     """``engine.run()`` on a thread; ``stop()`` ends it and checks that it ended."""
 

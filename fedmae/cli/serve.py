@@ -29,6 +29,69 @@ FLAG_OF_FIELD = {
 }
 
 
+def _norm_bound(text: str) -> float | str:
+    from aggregator_service.update_bounds import parse_norm_bound
+
+    try:
+        return parse_norm_bound(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+# How long a connection lives, so certificates are checked again.
+CONNECTION_FLAGS: tuple[tuple[str, Any, Any, str], ...] = (
+    ("--max-connection-age", float, 3600.0,
+     "seconds after which a connection is asked to go away, so the next call's TLS "
+     "handshake checks the certificate again; 0 = never"),
+    ("--max-connection-age-grace", float, 0.0,
+     "seconds that calls running on such a connection may go on before it is cut; "
+     "0 = until they end, so no transfer or event stream is cut"),
+)  # fmt: skip
+
+# The round's early close, transfers and update bounds: one (flag, type, default, help)
+# a row, in the order ``fedmae serve --help`` shows them.
+LIMIT_FLAGS: tuple[tuple[str, Any, Any, str], ...] = (
+    ("--dropout-grace", float, 30.0,
+     "close a round early once every client still owing an update has been "
+     "disconnected this many seconds"),
+    ("--target-updates", int, 0,
+     "over-selection: close the round once this many updates arrived (0 = all)"),
+    ("--max-uploads-in-flight", int, 8,
+     "updates received at once (each holds one model-sized buffer); more wait "
+     "for a slot, first come first served"),
+    ("--transfer-wait", float, 120.0,
+     "seconds an upload or download may wait for a slot before RESOURCE_EXHAUSTED"),
+    ("--download-budget-mb", int, 128,
+     "memory for downloads in flight: budget / model size downloads run at once, "
+     "2 to 64; more wait their turn"),
+    ("--max-downloads-per-client", int, 2,
+     "FetchModel streams one client may run at once; more get RESOURCE_EXHAUSTED "
+     "(0 = no cap)"),
+    ("--download-idle-timeout", float, 60.0,
+     "seconds a download may go without the client reading; then it is cancelled "
+     "and its slot freed (0 = never)"),
+    ("--upload-idle-timeout", float, 60.0,
+     "seconds an admitted upload may go without sending a chunk; then it is refused "
+     "(DEADLINE_EXCEEDED) and its slot freed (0 = never)"),
+    ("--final-grace", float, 300.0,
+     "after the last round, seconds to keep serving the final model until every "
+     "client subscribed at the end has fetched it (0 = exit at once)"),
+    ("--max-requests-per-s", float, 20.0, "calls per second per client, bursts of 2x; 0 = off"),
+    ("--max-update-norm", _norm_bound, "auto",
+     "clip each update's delta to this L2 norm before averaging: 'auto' (from the "
+     "last round's norms, see --norm-bound-factor/--norm-bound-ratio), a number, or "
+     "'off' / 0"),
+    ("--norm-bound-factor", float, 5.0,
+     "auto bound: this many times the median update norm of the last published round"),
+    ("--norm-bound-ratio", float, 0.5,
+     "auto bound of a round without history (round 1, or a resumed log without "
+     "norms): this fraction of the model's own L2 norm"),
+    ("--max-client-samples", int, 10_000,
+     "an update weighs at most this many samples, whatever it claims, when "
+     "--max-samples is 0 (with --max-samples set, that is the cap)"),
+)  # fmt: skip
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from aggregator_service.config import RoundPolicy, ServerConfig
     from aggregator_service.rpc.server import serve
@@ -104,20 +167,7 @@ def build(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="serve gRPC reflection on the mTLS port (for grpcurl; default off)",
     )
-    s.add_argument(
-        "--max-connection-age",
-        type=float,
-        default=3600.0,
-        help="seconds after which a connection is asked to go away, so the next call's TLS "
-        "handshake checks the certificate again; 0 = never (default %(default)s)",
-    )
-    s.add_argument(
-        "--max-connection-age-grace",
-        type=float,
-        default=0.0,
-        help="seconds that calls running on such a connection may go on before it is cut; "
-        "0 = until they end, so no transfer or event stream is cut (default %(default)s)",
-    )
+    _add_numbers(s, CONNECTION_FLAGS)
     s.add_argument("--model", default="tiny", help="MAE config: tiny, vit_base, ..." + D)
     s.add_argument("--seed", type=int, default=0, help="initial model and client selection" + D)
     s.add_argument(
@@ -139,103 +189,7 @@ def build(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--round-timeout", type=float, default=600.0, help="round deadline in seconds" + D
     )
-    s.add_argument(
-        "--dropout-grace",
-        type=float,
-        default=30.0,
-        help="close a round early once every client still owing an update has been "
-        "disconnected this many seconds (default %(default)s)",
-    )
-    s.add_argument(
-        "--target-updates",
-        type=int,
-        default=0,
-        help="over-selection: close the round once this many updates arrived (0 = all)" + D,
-    )
-    s.add_argument(
-        "--max-uploads-in-flight",
-        type=int,
-        default=8,
-        help="updates received at once (each holds one model-sized buffer); more wait "
-        "for a slot, first come first served (default %(default)s)",
-    )
-    s.add_argument(
-        "--transfer-wait",
-        type=float,
-        default=120.0,
-        help="seconds an upload or download may wait for a slot before RESOURCE_EXHAUSTED "
-        "(default %(default)s)",
-    )
-    s.add_argument(
-        "--download-budget-mb",
-        type=int,
-        default=128,
-        help="memory for downloads in flight: budget / model size downloads run at once, "
-        "2 to 64; more wait their turn (default %(default)s)",
-    )
-    s.add_argument(
-        "--max-downloads-per-client",
-        type=int,
-        default=2,
-        help="FetchModel streams one client may run at once; more get RESOURCE_EXHAUSTED "
-        "(0 = no cap) (default %(default)s)",
-    )
-    s.add_argument(
-        "--download-idle-timeout",
-        type=float,
-        default=60.0,
-        help="seconds a download may go without the client reading; then it is cancelled "
-        "and its slot freed (0 = never) (default %(default)s)",
-    )
-    s.add_argument(
-        "--upload-idle-timeout",
-        type=float,
-        default=60.0,
-        help="seconds an admitted upload may go without sending a chunk; then it is refused "
-        "(DEADLINE_EXCEEDED) and its slot freed (0 = never) (default %(default)s)",
-    )
-    s.add_argument(
-        "--final-grace",
-        type=float,
-        default=300.0,
-        help="after the last round, seconds to keep serving the final model until every "
-        "client subscribed at the end has fetched it (0 = exit at once) (default %(default)s)",
-    )
-    s.add_argument(
-        "--max-requests-per-s",
-        type=float,
-        default=20.0,
-        help="calls per second per client, bursts of 2x; 0 = off" + D,
-    )
-    s.add_argument(
-        "--max-update-norm",
-        type=_norm_bound,
-        default="auto",
-        help="clip each update's delta to this L2 norm before averaging: 'auto' (from the "
-        "last round's norms, see --norm-bound-factor/--norm-bound-ratio), a number, or "
-        "'off' / 0 (default %(default)s)",
-    )
-    s.add_argument(
-        "--norm-bound-factor",
-        type=float,
-        default=5.0,
-        help="auto bound: this many times the median update norm of the last published "
-        "round (default %(default)s)",
-    )
-    s.add_argument(
-        "--norm-bound-ratio",
-        type=float,
-        default=0.5,
-        help="auto bound of a round without history (round 1, or a resumed log without "
-        "norms): this fraction of the model's own L2 norm (default %(default)s)",
-    )
-    s.add_argument(
-        "--max-client-samples",
-        type=int,
-        default=10_000,
-        help="an update weighs at most this many samples, whatever it claims, when "
-        "--max-samples is 0 (with --max-samples set, that is the cap) (default %(default)s)",
-    )
+    _add_numbers(s, LIMIT_FLAGS)
     s.add_argument("--local-epochs", type=int, default=1, help="sent to clients" + D)
     s.add_argument("--batch-size", type=int, default=64, help="sent to clients" + D)
     s.add_argument("--lr", type=float, default=1e-3, help="clients' AdamW learning rate" + D)
@@ -263,6 +217,14 @@ def build(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_serve, role="aggregator")
 
 
+def _add_numbers(
+    parser: argparse.ArgumentParser, rows: tuple[tuple[str, Any, Any, str], ...]
+) -> None:
+    """One flag a row of (flag, type, default, help); the help ends in its default."""
+    for flag, kind, default, text in rows:
+        parser.add_argument(flag, type=kind, default=default, help=f"{text} (default %(default)s)")
+
+
 def _from_flags(cls: type[T], args: argparse.Namespace, **given: Any) -> T:
     """A ``cls`` (a config dataclass) with ``given`` fields, the rest from their flags."""
     values = dict(given)
@@ -271,12 +233,3 @@ def _from_flags(cls: type[T], args: argparse.Namespace, **given: Any) -> T:
         if f.name not in values and hasattr(args, flag):
             values[f.name] = getattr(args, flag)
     return cls(**values)
-
-
-def _norm_bound(text: str) -> float | str:
-    from aggregator_service.update_bounds import parse_norm_bound
-
-    try:
-        return parse_norm_bound(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None

@@ -4,7 +4,10 @@ that receives it. The servicers and ``FederationClient`` both convert here."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -28,6 +31,9 @@ from fedmae.transport.messages import (
     training_config_to_proto,
 )
 
+M = TypeVar("M")  # a message type
+D = TypeVar("D")  # a dataclass of fedmae.rounds
+
 
 def _timestamp(unix_s: float) -> Timestamp:
     # Seconds and the fraction apart: unix_s * 1e9 would lose the last digits to
@@ -43,10 +49,26 @@ def _unix_s(ts: Timestamp) -> float:
     return ts.seconds + ts.nanos / 1e9
 
 
+def _to_proto(obj: Any, message_type: Callable[..., M], **wire_form: Any) -> M:
+    """A ``message_type`` with each field of the dataclass ``obj`` under the same name,
+    but for those given in their wire form (one the message lacks is a ValueError)."""
+    fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    return message_type(**(fields | wire_form))
+
+
+def _from_proto(msg: Any, domain_type: type[D], **domain_form: Any) -> D:
+    """A ``domain_type`` (a dataclass) with each field read from ``msg`` under the same
+    name, but for those given (nested messages, and repeated and map fields, which are
+    copied into plain lists and dicts)."""
+    fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(domain_type)}
+    return domain_type(**(fields | domain_form))
+
+
 def event_to_proto(event: RoundEvent) -> pb.RoundEvent:
     """A ``RoundEvent`` message with the event's ``seq`` and its oneof set."""
     body = event.body
     if isinstance(body, RoundTask):
+        # Not one-to-one (config is named training here, phase, deadline): spelt out.
         msg = pb.RoundEvent(
             task=pb.RoundTask(
                 round=body.round,
@@ -59,34 +81,12 @@ def event_to_proto(event: RoundEvent) -> pb.RoundEvent:
             )
         )
     elif isinstance(body, ModelPublished):
-        msg = pb.RoundEvent(
-            model_published=pb.ModelPublished(
-                version=body.version, round=body.round, manifest=manifest_to_proto(body.manifest)
-            )
-        )
+        manifest = manifest_to_proto(body.manifest)
+        msg = pb.RoundEvent(model_published=_to_proto(body, pb.ModelPublished, manifest=manifest))
     elif isinstance(body, RoundClosed):
-        msg = pb.RoundEvent(
-            round_closed=pb.RoundClosed(
-                round=body.round,
-                attempt=body.attempt,
-                success=body.success,
-                version=body.version,
-                participants=body.participants,
-                num_samples=body.num_samples,
-                train_loss=body.train_loss,
-                val_loss=body.val_loss,
-                reason=body.reason,
-            )
-        )
+        msg = pb.RoundEvent(round_closed=_to_proto(body, pb.RoundClosed))
     elif isinstance(body, RunFinished):
-        msg = pb.RoundEvent(
-            run_finished=pb.RunFinished(
-                final_version=body.final_version,
-                rounds=body.rounds,
-                reason=body.reason,
-                model=body.model,
-            )
-        )
+        msg = pb.RoundEvent(run_finished=_to_proto(body, pb.RunFinished))
     elif isinstance(body, Heartbeat):
         msg = pb.RoundEvent(heartbeat=pb.Heartbeat(time=_timestamp(body.time)))
     else:
@@ -114,30 +114,13 @@ def event_from_proto(msg: pb.RoundEvent) -> RoundEvent | None:
         )
     elif kind == "model_published":
         published = msg.model_published
-        body = ModelPublished(
-            version=published.version,
-            round=published.round,
-            manifest=manifest_from_proto(published.manifest),
-        )
+        manifest = manifest_from_proto(published.manifest)
+        body = _from_proto(published, ModelPublished, manifest=manifest)
     elif kind == "round_closed":
-        rc = msg.round_closed
-        body = RoundClosed(
-            round=rc.round,
-            attempt=rc.attempt,
-            success=rc.success,
-            version=rc.version,
-            participants=list(rc.participants),
-            num_samples=rc.num_samples,
-            train_loss=rc.train_loss,
-            val_loss=rc.val_loss,
-            reason=rc.reason,
-        )
+        closed = msg.round_closed
+        body = _from_proto(closed, RoundClosed, participants=list(closed.participants))
     elif kind == "run_finished":
-        done = msg.run_finished
-        body = RunFinished(
-            final_version=done.final_version, rounds=done.rounds, reason=done.reason,
-            model=done.model,
-        )  # fmt: skip
+        body = _from_proto(msg.run_finished, RunFinished)
     elif kind == "heartbeat":
         body = Heartbeat(_unix_s(msg.heartbeat.time))
     else:
@@ -146,56 +129,25 @@ def event_from_proto(msg: pb.RoundEvent) -> RoundEvent | None:
 
 
 def update_header_to_proto(header: UpdateHeader) -> pb.UpdateHeader:
-    return pb.UpdateHeader(
-        round=header.round,
-        base_version=header.base_version,
-        num_samples=header.num_samples,
-        manifest=manifest_to_proto(header.manifest),
-        metrics=dict(header.metrics),
-    )
+    return _to_proto(header, pb.UpdateHeader, manifest=manifest_to_proto(header.manifest))
 
 
 def update_header_from_proto(msg: pb.UpdateHeader) -> UpdateHeader:
-    return UpdateHeader(
-        round=msg.round,
-        base_version=msg.base_version,
-        num_samples=msg.num_samples,
-        manifest=manifest_from_proto(msg.manifest),
-        metrics=dict(msg.metrics),
-    )
+    manifest = manifest_from_proto(msg.manifest)
+    return _from_proto(msg, UpdateHeader, manifest=manifest, metrics=dict(msg.metrics))
 
 
 def receipt_to_proto(receipt: UpdateReceipt) -> pb.UpdateReceipt:
-    return pb.UpdateReceipt(
-        round=receipt.round,
-        bytes_received=receipt.bytes_received,
-        digest=receipt.digest,
-        updates_received=receipt.updates_received,
-    )
+    return _to_proto(receipt, pb.UpdateReceipt)
 
 
 def receipt_from_proto(msg: pb.UpdateReceipt) -> UpdateReceipt:
-    return UpdateReceipt(
-        round=msg.round,
-        bytes_received=msg.bytes_received,
-        digest=msg.digest,
-        updates_received=msg.updates_received,
-    )
+    return _from_proto(msg, UpdateReceipt)
 
 
 def model_header_to_proto(header: ModelHeader) -> pb.ModelHeader:
-    return pb.ModelHeader(
-        version=header.version,
-        round=header.round,
-        model=header.model,
-        manifest=manifest_to_proto(header.manifest),
-    )
+    return _to_proto(header, pb.ModelHeader, manifest=manifest_to_proto(header.manifest))
 
 
 def model_header_from_proto(msg: pb.ModelHeader) -> ModelHeader:
-    return ModelHeader(
-        version=msg.version,
-        round=msg.round,
-        model=msg.model,
-        manifest=manifest_from_proto(msg.manifest),
-    )
+    return _from_proto(msg, ModelHeader, manifest=manifest_from_proto(msg.manifest))

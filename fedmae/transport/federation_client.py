@@ -9,15 +9,12 @@ failed call is raised as the domain error of its status code
 from __future__ import annotations
 
 import dataclasses
-import threading
-from collections.abc import Callable, Iterator, Mapping
-from typing import TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import grpc
 import torch
 
-from fedmae.payload.buffers import BufferPool
-from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
 from fedmae.payload.encodings import Encoding
 from fedmae.payload.layout import ModelLayout
 from fedmae.rounds import ModelHeader, RoundEvent, UpdateReceipt
@@ -89,46 +86,27 @@ class FederationClient:
         layout: ModelLayout,
         version: int | None = None,
         encoding: Encoding = Encoding.FP32,
-        *,
-        timeout: float | None = None,
-        resume_attempts: int = 3,
-        pool: BufferPool | None = None,
-        stop: threading.Event | None = None,
+        **options: Any,
     ) -> tuple[ModelHeader, torch.Tensor]:
         """A published version (``None`` = the latest) as one flat float32 tensor,
-        checked end to end; a broken download resumes from its last byte
-        (``transfer.fetch_model``)."""
+        checked end to end; a broken download resumes from its last byte. ``options``
+        are those of ``transfer.fetch_model`` (``timeout``, ``resume_attempts``,
+        ``pool``, ``stop``)."""
         header, flat = _in_domain_terms(
-            lambda: transfer.fetch_model(
-                self._stub, layout, version, encoding, timeout, resume_attempts, pool, stop
-            )
+            lambda: transfer.fetch_model(self._stub, layout, version, encoding, **options)
         )
         return model_header_from_proto(header), flat
 
     def submit_update(
-        self,
-        layout: ModelLayout,
-        delta: torch.Tensor,
-        *,
-        round_: int,
-        base_version: int,
-        num_samples: int,
-        encoding: Encoding = Encoding.FP32,
-        metrics: Mapping[str, float] | None = None,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        timeout: float | None = None,
-        busy_retries: int = 8,
-        stop: threading.Event | None = None,
+        self, layout: ModelLayout, delta: torch.Tensor, **options: Any
     ) -> UpdateReceipt:
         """Upload ``delta`` (local − global, flat float32) for a round; the server's
-        receipt. Waits while the server is busy (``transfer.submit_update``)."""
+        receipt. Waits while the server is busy. ``options`` are those of
+        ``transfer.submit_update`` (``round_``, ``base_version``, ``num_samples`` and
+        ``encoding``, ``metrics``, ``chunk_size``, ``timeout``, ``busy_retries``, ``stop``)."""
         receipt = _in_domain_terms(
-            lambda: transfer.submit_update(
-                self._stub, layout, delta, round_=round_, base_version=base_version,
-                num_samples=num_samples, encoding=encoding, metrics=metrics,
-                chunk_size=chunk_size, timeout=timeout, busy_retries=busy_retries, stop=stop,
-            )
-        )  # fmt: skip
+            lambda: transfer.submit_update(self._stub, layout, delta, **options)
+        )
         return receipt_from_proto(receipt)
 
     def close(self) -> None:

@@ -80,9 +80,9 @@ def status_code(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-class _Answered:
-    """Mixed into a domain error raised from a peer's answer: it keeps the answer's code
-    and details (``grpc.RpcError``'s ``code()`` and ``details()``)."""
+class Answered:
+    """A peer's answer, kept as ``grpc.RpcError``'s ``code()`` and ``details()``: mixed
+    into a domain error raised from one (and into a failed call a test makes up)."""
 
     def __init__(self, code: grpc.StatusCode, details: str):
         super().__init__(details)
@@ -97,7 +97,7 @@ class _Answered:
 
 @functools.cache
 def _answered(cls: type[errors.FedmaeError]) -> type[errors.FedmaeError]:
-    return type(cls.__name__, (_Answered, cls, grpc.RpcError), {"__module__": __name__})
+    return type(cls.__name__, (Answered, cls, grpc.RpcError), {"__module__": __name__})
 
 
 def error_for(code: grpc.StatusCode, message: str) -> errors.FedmaeError:

@@ -22,10 +22,12 @@ from fedmae.payload.decoder import PayloadDecoder
 from fedmae.payload.digest import PayloadDigest
 from fedmae.payload.encodings import Encoding, encode
 from fedmae.payload.layout import ModelLayout
+from fedmae.rounds import UpdateHeader
 from fedmae.transport import frames as wire
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport._proto import federation_pb2_grpc as pb_grpc
-from fedmae.transport.messages import encoding_to_proto, manifest_from_proto, manifest_to_proto
+from fedmae.transport.events import update_header_to_proto
+from fedmae.transport.messages import encoding_to_proto, manifest_from_proto
 from fedmae.transport.retry import CONNECTION_LOST, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -151,12 +153,9 @@ def update_messages(
 
 
 def _header(layout, round_, base_version, num_samples, encoding, metrics) -> pb.UpdateHeader:
-    return pb.UpdateHeader(
-        round=round_,
-        base_version=base_version,
-        num_samples=num_samples,
-        manifest=manifest_to_proto(layout.manifest(encoding)),
-        metrics=dict(metrics),
+    manifest = layout.manifest(encoding)
+    return update_header_to_proto(
+        UpdateHeader(round_, base_version, num_samples, manifest, dict(metrics))
     )
 
 

@@ -9,22 +9,10 @@ import pytest
 import torch
 from failed_call import Failed
 
-from fedmae import errors
+from fedmae import errors, rounds
 from fedmae.config import TrainingConfig
 from fedmae.payload.encodings import Encoding
 from fedmae.payload.layout import ModelLayout
-from fedmae.rounds import (
-    Heartbeat,
-    ModelHeader,
-    ModelPublished,
-    Phase,
-    RoundClosed,
-    RoundEvent,
-    RoundTask,
-    RunFinished,
-    UpdateHeader,
-    UpdateReceipt,
-)
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport.events import (
     event_from_proto,
@@ -45,22 +33,22 @@ MANIFEST = LAYOUT.manifest(Encoding.FP32, digest="xxh3-128:" + "0" * 32)
 
 
 EVENTS = [
-    RoundTask(round=3, attempt=2, model_version=2, phase=Phase.TRAIN,
+    rounds.RoundTask(round=3, attempt=2, model_version=2, phase=rounds.Phase.TRAIN,
               training=TrainingConfig(model="small", local_epochs=2, update_encoding="int8"),
               deadline=1_700_000_000.5, selected_clients=4),
-    ModelPublished(version=3, round=3, manifest=MANIFEST),
-    RoundClosed(round=3, attempt=2, success=True, version=3, participants=["a", "b"],
+    rounds.ModelPublished(version=3, round=3, manifest=MANIFEST),
+    rounds.RoundClosed(round=3, attempt=2, success=True, version=3, participants=["a", "b"],
                 num_samples=120, train_loss=0.25, val_loss=0.5, reason=""),
-    RoundClosed(round=4, attempt=1, success=False, version=3, participants=[],
+    rounds.RoundClosed(round=4, attempt=1, success=False, version=3, participants=[],
                 num_samples=0, train_loss=0.0, val_loss=0.0, reason="too few updates"),
-    RunFinished(final_version=3, rounds=4, reason="completed", model="small"),
-    Heartbeat(time=1_700_000_001.25),
+    rounds.RunFinished(final_version=3, rounds=4, reason="completed", model="small"),
+    rounds.Heartbeat(time=1_700_000_001.25),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("body", EVENTS, ids=lambda body: body.kind)
 def test_every_event_kind_survives_the_wire(body):
-    event = RoundEvent(seq=0 if isinstance(body, Heartbeat) else 7, body=body)
+    event = rounds.RoundEvent(seq=0 if isinstance(body, rounds.Heartbeat) else 7, body=body)
     msg = pb.RoundEvent.FromString(event_to_proto(event).SerializeToString())
     assert msg.WhichOneof("event") == body.kind
     assert event_from_proto(msg) == event
@@ -69,15 +57,15 @@ def test_every_event_kind_survives_the_wire(body):
 def test_an_event_of_an_unknown_kind_is_skipped_and_an_unknown_phase_kept():
     assert event_from_proto(pb.RoundEvent(seq=5)) is None
     task = event_from_proto(pb.RoundEvent(task=pb.RoundTask(round=1, phase=3))).body
-    assert task.phase == 3 and not isinstance(task.phase, Phase)
+    assert task.phase == 3 and not isinstance(task.phase, rounds.Phase)
 
 
 def test_transfer_headers_and_the_receipt_survive_the_wire():
-    update = UpdateHeader(1, 0, 30, LAYOUT.manifest(Encoding.INT8), {"train_loss": 0.5})
+    update = rounds.UpdateHeader(1, 0, 30, LAYOUT.manifest(Encoding.INT8), {"train_loss": 0.5})
     assert update_header_from_proto(update_header_to_proto(update)) == update
-    model = ModelHeader(version=2, round=2, model="tiny", manifest=MANIFEST)
+    model = rounds.ModelHeader(version=2, round=2, model="tiny", manifest=MANIFEST)
     assert model_header_from_proto(model_header_to_proto(model)) == model
-    receipt = UpdateReceipt(round=1, bytes_received=4096, digest="d", updates_received=2)
+    receipt = rounds.UpdateReceipt(round=1, bytes_received=4096, digest="d", updates_received=2)
     assert receipt_from_proto(receipt_to_proto(receipt)) == receipt
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from round_engine_harness import FakeClock, delta, start_engine
+from round_engine_harness import FakeClock, delta, start_engine, start_round_c_owes
 
 from aggregator_service.round_state import Phase
 from aggregator_service.strategies import FedAvg
@@ -119,12 +119,8 @@ def test_a_client_not_selected_is_refused(tmp_path, clock):
 
 
 def test_a_round_closes_early_when_every_owing_client_is_gone(tmp_path, clock):
-    engine, clients, loop = start_engine(
-        tmp_path, clock, "abc", min_clients=3, min_updates=2, rounds=1
-    )
+    engine, clients, loop = start_round_c_owes(tmp_path, clock)
     try:
-        for c in "ab":
-            clients[c].take_part(round_=1)
         clients["c"].next_event("task", round=1)
         clients["c"].leave()
         loop.settle(clock)

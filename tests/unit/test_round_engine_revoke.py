@@ -15,6 +15,7 @@ from round_engine_harness import (
     delta,
     make_engine,
     start_engine,
+    start_round_c_owes,
 )
 
 from aggregator_service.strategies import FedAvg
@@ -83,12 +84,8 @@ def test_revoking_a_client_after_its_update_was_folded_fails_and_retries_the_rou
 
 
 def test_revoking_a_client_that_owes_an_update_drops_it_and_the_round_goes_on(tmp_path, clock):
-    engine, clients, loop = start_engine(
-        tmp_path, clock, "abc", min_clients=3, min_updates=2, rounds=1
-    )
+    engine, clients, loop = start_round_c_owes(tmp_path, clock)
     try:
-        for c in "ab":
-            clients[c].take_part(round_=1)
         engine.revoke("c", reason="decommissioned")
         closed = clients["a"].next_event("round_closed", round=1)  # no deadline waited for
     finally:
