@@ -31,9 +31,10 @@ demo: $(STAMP) data
 test: $(STAMP) data
 	$(BIN)/python -m pytest -q
 
-# Unit and integration tests without the slow system tests (processes, kill -9, demo, compose).
+# Unit and integration tests without the slow system tests (processes, kill -9, demo, compose),
+# one pytest-xdist worker per core.
 test-fast: $(STAMP) data
-	$(BIN)/python -m pytest -q -m "not slow" tests/unit tests/integration
+	$(BIN)/python -m pytest -q -n auto -m "not slow" tests/unit tests/integration
 
 # The docker compose cluster on a real Docker engine, offline (installs docker.io).
 compose-test: $(STAMP) data
