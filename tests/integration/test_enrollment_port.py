@@ -21,7 +21,6 @@ from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import enrollment_pb2 as epb
 from fedmae.transport._proto import enrollment_pb2_grpc as epb_grpc
-from fedmae.transport.transfer import submit_update
 
 
 def test_f1_enrollment_port_serves_enrollment_only_with_small_limits(tmp_path):

@@ -20,9 +20,9 @@ from federation_harness import (
 )
 
 from aggregator_service.rpc.server import ENROLL_WORKERS
-from client_agent.transfer import submit_update
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
+from fedmae.transport.transfer import submit_update
 
 FLOOD = Path(__file__).parent.parent / "enrollment_flood.py"
 
