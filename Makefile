@@ -28,12 +28,18 @@ data:
 demo: $(STAMP) data
 	$(BIN)/fedmae demo --clients 3 --rounds 5
 
+# Everything: the unit and integration tests on one pytest-xdist worker per core, then
+# the slow system tests one at a time (processes, kill -9 and restarts, timed answers:
+# they stay as reliable on a busy machine as before). Both run even if the first fails.
 test: $(STAMP) data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist worksteal -m "not slow"; fast=$$?; \
+	$(BIN)/python -m pytest -q -m slow; slow=$$?; \
+	test $$fast = 0 && test $$slow = 0
 
-# Unit and integration tests without the slow system tests (processes, kill -9, demo, compose).
+# Unit and integration tests without the slow system tests (processes, kill -9, demo, compose),
+# one pytest-xdist worker per core (worksteal: an idle worker takes tests queued on another).
 test-fast: $(STAMP) data
-	$(BIN)/python -m pytest -q -m "not slow" tests/unit tests/integration
+	$(BIN)/python -m pytest -q -n auto --dist worksteal -m "not slow" tests/unit tests/integration
 
 # The docker compose cluster on a real Docker engine, offline (installs docker.io).
 compose-test: $(STAMP) data

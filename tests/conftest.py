@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker is one process of several on the same cores: give
+    each worker's torch its share of the cores, not all of them. (Every worker's torch on
+    every core oversubscribes them, and its threads spin-wait for each other: the MAE
+    tests took twice the CPU time.) Workers are the processes xdist gives a count."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(autouse=True)

@@ -298,10 +298,17 @@ class EnrollmentFederation:
 
 
 def fetch_flat(
-    client: ScriptedClient, layout: ModelLayout, version: int | None = None
+    client: ScriptedClient,
+    layout: ModelLayout,
+    version: int | None = None,
+    resume_attempts: int = 3,
 ) -> torch.Tensor:
-    """A published version (``None`` = the latest) as a flat tensor."""
-    _, flat = fetch_model(client.stub, layout, version, timeout=TIMEOUT)
+    """A published version (``None`` = the latest) as a flat tensor; a broken download
+    is tried again ``resume_attempts`` times (0 for a call that must be refused: a
+    refused handshake is UNAVAILABLE, which is otherwise retried for 3.5 s)."""
+    _, flat = fetch_model(
+        client.stub, layout, version, timeout=TIMEOUT, resume_attempts=resume_attempts
+    )
     return flat.clone()
 
 

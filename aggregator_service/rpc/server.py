@@ -310,7 +310,11 @@ class AggregatorServer:
         return waiting
 
     def stop(self, grace: float | None = None) -> None:
-        self._stop.set()
+        """End the round loop at once (it is woken, not left to its next poll), then
+        the servers, letting calls in flight run up to ``grace`` s (default
+        ``exit_grace_s``)."""
+        self._stop.set()  # the loop's stop event (``run`` adopted it); wake the loop too
+        self.rounds.stop()
         if self._loop is not None:
             self._loop.join(timeout=10)
         self.health.enter_graceful_shutdown()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from federation_harness import EnrollmentFederation, Federations
+
+# The harness loads grpc, torch and the aggregator (4-5 s of CPU): imported in the
+# fixtures, so that the pytest-xdist controller, which loads this file but runs no
+# test, does not pay for it.
 
 
 @pytest.fixture
@@ -13,6 +16,8 @@ def cluster(tmp_path):
     ``cluster(names, rounds=1, min_clients=None, **policy)`` -> (server, port, clients,
     identities); ``policy`` holds RoundPolicy fields, min_clients defaults to one per name.
     """
+    from federation_harness import Federations
+
     with Federations(tmp_path) as federations:
 
         def start(names: list[str], rounds: int = 1, min_clients: int | None = None, **policy):
@@ -26,6 +31,8 @@ def cluster(tmp_path):
 def fed(tmp_path):
     """Factory: a running aggregator with no pre-registered clients, and the operator's
     admin stub (``EnrollmentFederation``); all closed at teardown."""
+    from federation_harness import EnrollmentFederation
+
     made = []
 
     def start(**kwargs) -> EnrollmentFederation:

@@ -38,7 +38,7 @@ def test_unknown_or_foreign_certificates_and_roles(fed):
     foreign = issue_client(other.dir, "loose", f.tmp / "foreign")
     (foreign.dir / "ca.pem").write_bytes(f.ca_pem)
     with pytest.raises(grpc.RpcError) as handshake:
-        fetch_flat(f.connect(foreign.dir, subscribe=False), f.server.layout, 0)
+        fetch_flat(f.connect(foreign.dir, subscribe=False), f.server.layout, 0, resume_attempts=0)
     assert raised_status(handshake) == grpc.StatusCode.UNAVAILABLE
     # No certificate at all on the enrollment port: only Enrollment is served there.
     with grpc.secure_channel(f.enroll_addr, grpc.ssl_channel_credentials(f.ca_pem)) as ch:

@@ -140,6 +140,8 @@ def test_malformed_updates_get_invalid_argument_and_change_nothing(cluster):
 
 def test_clients_without_a_ca_certificate_are_refused(cluster, tmp_path):
     server, port, clients, ids = cluster(["a"], rounds=1, min_clients=2)
+    # a's Subscribe is in flight when cluster() returns: wait until it is registered.
+    wait_until(lambda: server.rounds.connected() == ["a"], "a's subscription")
     # A certificate from another CA, and no certificate at all.
     other = init_certs(tmp_path / "other-ca")
     foreign = issue_client(other.dir, "a", tmp_path / "foreign")

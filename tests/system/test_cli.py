@@ -1,4 +1,5 @@
-"""The fedmae command as a user runs it: certificates, errors, and the demo cluster."""
+"""The fedmae command as a user runs it: certificates, errors, refused flags, watch and
+JSON logs, and the demo cluster."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from federation_harness import ScriptedClient, drive_rounds, make_identities, make_server
 
 from fedmae.cli.main import main
 
@@ -141,3 +143,51 @@ def test_demo_stops_every_process_on_ctrl_c(tmp_path):
         wait_until(lambda: not left().split(), "the demo's processes to be gone", timeout=10)
     except AssertionError:
         raise AssertionError(f"processes left behind: {left()}") from None
+
+
+def test_f13_serve_insecure_on_a_public_address_is_refused(tmp_path):
+    # A process of its own: were the flag accepted, it would serve (until the timeout).
+    result = subprocess.run(
+        [sys.executable, "-m", "fedmae", "serve", "--state-dir", str(tmp_path / "state"),
+         "--insecure", "--listen", "0.0.0.0:0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--insecure" in result.stderr and "loopback" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "state").exists()
+
+
+def test_watch_json_cli_prints_each_round_of_a_run(tmp_path):
+    certs, ids = make_identities(tmp_path, ["a"])
+    server = make_server(tmp_path / "state", certs, min_clients=1, rounds=3)
+    port = server.start()
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "fedmae", "watch", "--json", "--server", f"127.0.0.1:{port}",
+         "--identity", str(certs / "admin")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    client = ScriptedClient(port, ids["a"])
+    try:
+        drive_rounds({"a": client}, server.layout, [1, 2, 3])
+        out, err = watch.communicate(timeout=60)
+    finally:
+        client.close()
+        server.stop(grace=0)
+        if watch.poll() is None:
+            watch.kill()
+    assert watch.returncode == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert all(r["status"] == "published" and r["participants"] == ["a"] for r in records)
+
+
+def test_json_logs_are_one_object_per_line(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "fedmae", "--log-format", "json", "certs", "init", "--out",
+         str(tmp_path / "c")], capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0
+    lines = [json.loads(x) for x in res.stderr.splitlines()]
+    assert lines and all({"time", "level", "msg", "logger"} <= set(x) for x in lines)
