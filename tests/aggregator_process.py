@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import grpc
-from federation_harness import TIMEOUT, ScriptedClient, random_delta
+from federation_harness import TIMEOUT, ScriptedClient, open_admin, random_delta
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedmae.ml.model_state import trainable_state
@@ -21,9 +21,8 @@ from fedmae.ml.model_zoo import build_model
 from fedmae.payload.layout import ModelLayout
 from fedmae.pki.files import ClientIdentity
 from fedmae.transport._proto import admin_pb2 as apb
-from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import federation_pb2 as pb
-from fedmae.transport.credentials import channel_credentials
+from fedmae.transport.channels import open_channel
 from fedmae.transport.transfer import fetch_model, update_messages
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -72,8 +71,7 @@ class Aggregator:
         raise AssertionError("aggregator did not become healthy")
 
     def healthy(self) -> bool:
-        creds = channel_credentials(ClientIdentity(self.certs / "admin"))
-        with grpc.secure_channel(f"127.0.0.1:{self.port}", creds) as ch:
+        with open_channel(f"127.0.0.1:{self.port}", ClientIdentity(self.certs / "admin")) as ch:
             try:
                 status = (
                     health_pb2_grpc.HealthStub(ch)
@@ -85,9 +83,9 @@ class Aggregator:
         return status == health_pb2.HealthCheckResponse.SERVING
 
     def status(self) -> apb.StatusResponse:
-        creds = channel_credentials(ClientIdentity(self.certs / "admin"))
-        with grpc.secure_channel(f"127.0.0.1:{self.port}", creds) as ch:
-            return apb_grpc.AdminStub(ch).Status(apb.StatusRequest(), timeout=TIMEOUT)
+        channel, admin = open_admin(self.port, self.certs)
+        with channel:
+            return admin.Status(apb.StatusRequest(), timeout=TIMEOUT)
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

@@ -101,9 +101,7 @@ def held_upload(client, layout, delta, round_, release: threading.Event, started
 
 def open_admin(port: int, certs: Path) -> tuple[grpc.Channel, apb_grpc.AdminStub]:
     """A channel to the Admin service as CERTS/admin, and its stub."""
-    channel = grpc.secure_channel(
-        f"127.0.0.1:{port}", channel_credentials(ClientIdentity(certs / "admin"))
-    )
+    channel = open_channel(f"127.0.0.1:{port}", ClientIdentity(certs / "admin"))
     return channel, apb_grpc.AdminStub(channel)
 
 
@@ -269,11 +267,7 @@ class EnrollmentFederation:
         self.server = make_server(tmp_path / "state", self.certs.dir, min_clients, rounds, **policy)
         self.port = self.server.start()
         self.enroll_addr = f"127.0.0.1:{self.server.enroll_port}"
-        self.admin_channel = grpc.secure_channel(
-            f"127.0.0.1:{self.port}",
-            channel_credentials(ClientIdentity(self.certs.dir / "admin")),
-        )
-        self.admin = apb_grpc.AdminStub(self.admin_channel)
+        self.admin_channel, self.admin = open_admin(self.port, self.certs.dir)
         self.ca_pem = self.certs.ca_cert.read_bytes()
         self.clients: list[ScriptedClient] = []
 

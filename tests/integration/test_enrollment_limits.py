@@ -14,11 +14,10 @@ import sqlite3
 
 import grpc
 import pytest
-from federation_harness import TIMEOUT, make_server
+from federation_harness import TIMEOUT, make_server, open_admin
 
 from fedmae.cli.main import build_parser
 from fedmae.pki.ca import make_key_and_csr
-from fedmae.pki.files import ClientIdentity
 from fedmae.pki.issue import init_certs, issue_client
 from fedmae.pki.peer import certificate_info
 from fedmae.transport._proto import admin_pb2 as apb
@@ -45,10 +44,7 @@ class Fed:
         self.port = self.server.start()
         self.addr = f"127.0.0.1:{self.port}"
         self.ca_pem = self.certs.ca_cert.read_bytes()
-        self.admin_channel = grpc.secure_channel(
-            self.addr, channel_credentials(ClientIdentity(self.certs.dir / "admin"))
-        )
-        self.admin = apb_grpc.AdminStub(self.admin_channel)
+        self.admin_channel, self.admin = open_admin(self.port, self.certs.dir)
         self.enroll_channel = grpc.secure_channel(
             f"127.0.0.1:{self.server.enroll_port}", grpc.ssl_channel_credentials(self.ca_pem)
         )

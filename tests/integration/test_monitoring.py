@@ -6,7 +6,6 @@ import argparse
 import json
 import queue
 import threading
-import time
 import urllib.request
 from dataclasses import replace
 
@@ -19,15 +18,15 @@ from federation_harness import (
     drive_rounds,
     make_identities,
     make_server,
+    open_admin,
+    wait_until,
 )
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedmae.cli.watch import follow_rounds
-from fedmae.pki.files import ClientIdentity
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
-from fedmae.transport.credentials import channel_credentials
 
 
 def _watcher(port: int, certs):
@@ -85,16 +84,14 @@ def test_status_metrics_and_who_may_watch(tmp_path):
     server.config = replace(server.config, metrics_listen="127.0.0.1:0")
     port = server.start()
     clients = {n: ScriptedClient(port, ids[n]) for n in ids}
-    admin_ch = grpc.secure_channel(
-        f"127.0.0.1:{port}", channel_credentials(ClientIdentity(certs / "admin"))
-    )
-    admin = apb_grpc.AdminStub(admin_ch)
+    admin_ch, admin = open_admin(port, certs)
     try:
-        for _ in range(100):  # until round 1 is open (the tasks stay queued for drive_rounds)
+
+        def training():  # round 1 is open (the tasks stay queued for drive_rounds)
             status = admin.Status(apb.StatusRequest(), timeout=TIMEOUT)
-            if status.state == "training":
-                break
-            time.sleep(0.1)
+            return status if status.state == "training" else None
+
+        status = wait_until(training, "round 1 to open")
         assert status.state == "training" and status.round == 1 and status.version == 0
         assert list(status.connected) == ["a", "b"] and list(status.selected) == ["a", "b"]
         assert status.rounds_target == 3
