@@ -1,10 +1,10 @@
 """Fixed point: real updates into the ring Z_{2^bits} and their sum back out.
 
-A site clips each value to [-clip, clip], scales by 2^frac_bits, rounds
-stochastically (up with probability equal to the fraction, so the rounding is
-unbiased), multiplies by its capped sample count, and stores the integer in two's
-complement. Sums of such integers decode exactly as long as the true sum fits the
-signed range of the ring, which :func:`check_ring` guarantees from the configuration.
+A site clips each value to [-clip, clip], multiplies it by its capped sample count
+and by 2^frac_bits, rounds stochastically (up with probability equal to the
+fraction, so the rounding is unbiased), and stores the integer in two's complement.
+Sums of such integers decode exactly as long as the true sum fits the signed range
+of the ring, which :func:`check_ring` guarantees from the configuration.
 """
 
 from __future__ import annotations
@@ -62,10 +62,17 @@ def encode(
     weight: int = 1,
     rng: np.random.Generator | None = None,
 ) -> np.ndarray:
-    """``weight`` x quantize(values) in the ring: what a site masks and sends."""
+    """``weight`` x clipped ``values`` x 2^frac_bits, stochastically rounded, in the ring.
+
+    The rounding comes after the weighting, so a site's error is under one unit of
+    2^-frac_bits on ``weight x value`` and the weighted mean of m sites is off by less
+    than m x 2^-frac_bits / (sum of weights) per value (the documented bound).
+    """
     if weight < 0:
         raise ValueError(f"a weight is a non-negative sample count, got {weight}")
-    return to_ring(quantize(values, bound, frac_bits, rng) * np.int64(weight), bits)
+    rng = rng if rng is not None else np.random.default_rng()
+    scaled = clip(values, bound) * (float(weight) * float(2**frac_bits))
+    return to_ring(stochastic_round(scaled, rng), bits)
 
 
 def to_signed(ring: np.ndarray) -> np.ndarray:
@@ -116,3 +123,27 @@ def check_ring(bits: int, sites: int, weight_cap: int, clip: float, frac_bits: i
             else f"no ring fits: {sites} sites x weight cap {weight_cap} x clip {clip} at "
             f"2^{frac_bits} per unit needs {needed} bits (at most 64); lower one of them"
         )
+
+
+MIN_FRAC_BITS = 8  # below this the rounding error is too coarse to choose a ring for
+MAX_FRAC_BITS = 24  # float32 deltas carry 24 significant bits: more is only noise
+
+
+def plan_ring(
+    sites: int, weight_cap: int, clip: float, ring_bits: int | None = None
+) -> tuple[int, int]:
+    """(ring bits, fractional bits) for ``sites`` x ``weight_cap`` x ``clip``: the most
+    fractional bits (up to MAX_FRAC_BITS) that cannot overflow the ring.
+
+    ``ring_bits`` None chooses: 32 when it still leaves MIN_FRAC_BITS fractional bits
+    (half the bytes of 64 on the wire and in memory), else 64. ConfigError when the
+    asked-for ring (or no ring) fits MIN_FRAC_BITS.
+    """
+    if ring_bits is None:
+        fits_32 = ring_bits_needed(sites, weight_cap, clip, MIN_FRAC_BITS) <= 32
+        ring_bits = 32 if fits_32 else 64
+    check_ring(ring_bits, sites, weight_cap, clip, MIN_FRAC_BITS)
+    frac = MIN_FRAC_BITS
+    while frac < MAX_FRAC_BITS and ring_bits_needed(sites, weight_cap, clip, frac + 1) <= ring_bits:
+        frac += 1
+    return ring_bits, frac

@@ -45,18 +45,36 @@ def bits_of(ring: np.ndarray) -> int:
 
 def expand(seed: bytes, n: int, bits: int, nonce: bytes) -> np.ndarray:
     """``n`` uniform elements of Z_{2^bits}: the ChaCha20 keystream of ``seed``, little-endian."""
+    return expand_range(seed, 0, n, bits, nonce)
+
+
+def expand_range(seed: bytes, start: int, count: int, bits: int, nonce: bytes) -> np.ndarray:
+    """Elements ``start .. start + count`` of ``expand(seed, ..., bits, nonce)``.
+
+    ChaCha20 is seekable: the keystream's 64-byte block ``b`` is the cipher started at
+    block counter ``b`` (the first 4 bytes of cryptography's 16-byte nonce, added to the
+    nonce's own), so a long mask is made, added and dropped block by block.
+    """
     if len(seed) != SEED_BYTES:
         raise ValueError(f"a mask seed is {SEED_BYTES} bytes, got {len(seed)}")
-    if n < 0:
-        raise ValueError(f"a mask has a non-negative length, got {n}")
+    if count < 0 or start < 0:
+        raise ValueError(f"a mask range has a non-negative start and length, got {start}, {count}")
     dtype = ring_dtype(bits)
-    out = np.empty(n, dtype=dtype.newbyteorder("<"))
+    first_byte = start * dtype.itemsize
+    block, skip = divmod(first_byte, 64)
+    block += int.from_bytes(nonce[:4], "little")  # the nonce's own starting counter
+    if block + (skip + count * dtype.itemsize + 63) // 64 > 2**32:
+        raise ValueError("a mask is at most 256 GiB (2^32 ChaCha20 blocks)")
+    seek = block.to_bytes(4, "little") + nonce[4:]
+    out = np.empty(count, dtype=dtype.newbyteorder("<"))
     raw = out.view(np.uint8)
-    keystream = Cipher(algorithms.ChaCha20(seed, nonce), mode=None).encryptor()
+    keystream = Cipher(algorithms.ChaCha20(seed, seek), mode=None).encryptor()
+    if skip:
+        keystream.update(_ZEROS[:skip])
     # In chunks, so a 10 M-parameter mask never needs a second full-size zero buffer.
-    for start in range(0, raw.size, _CHUNK_BYTES):
-        stop = min(start + _CHUNK_BYTES, raw.size)
-        raw[start:stop] = np.frombuffer(keystream.update(_ZEROS[: stop - start]), np.uint8)
+    for begin in range(0, raw.size, _CHUNK_BYTES):
+        stop = min(begin + _CHUNK_BYTES, raw.size)
+        raw[begin:stop] = np.frombuffer(keystream.update(_ZEROS[: stop - begin]), np.uint8)
     return out.astype(dtype, copy=False)
 
 

@@ -11,7 +11,7 @@ Lagrange interpolation at 0.
 from __future__ import annotations
 
 import secrets as _random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 PRIME = 2**521 - 1
@@ -45,16 +45,26 @@ class Share:
 
 
 def split(secret: bytes, threshold: int, shares: int) -> list[Share]:
-    """``shares`` shares of a 32-byte ``secret``; any ``threshold`` of them rebuild it."""
+    """``shares`` shares of a 32-byte ``secret`` at x = 1..shares; any ``threshold``
+    of them rebuild it."""
+    return split_at(secret, threshold, range(1, shares + 1))
+
+
+def split_at(secret: bytes, threshold: int, xs: Iterable[int]) -> list[Share]:
+    """Shares of a 32-byte ``secret`` at the distinct points ``xs`` (site indices,
+    1..65535); any ``threshold`` of them rebuild it."""
+    points = list(xs)
     if len(secret) != SECRET_BYTES:
         raise ValueError(f"a shared secret is {SECRET_BYTES} bytes, got {len(secret)}")
-    if not 1 <= threshold <= shares < 2 ** (8 * _X_BYTES):
+    if len(set(points)) != len(points) or not all(0 < x < 2 ** (8 * _X_BYTES) for x in points):
+        raise ValueError(f"share points are distinct and in 1..65535, got {points}")
+    if not 1 <= threshold <= len(points):
         raise ValueError(
-            f"need 1 <= threshold <= shares < 65536, got threshold {threshold}, shares {shares}"
+            f"need 1 <= threshold <= shares, got threshold {threshold}, shares {len(points)}"
         )
     coefficients = [int.from_bytes(secret, "big")]
     coefficients += [_random.randbelow(PRIME) for _ in range(threshold - 1)]
-    return [Share(x, _evaluate(coefficients, x)) for x in range(1, shares + 1)]
+    return [Share(x, _evaluate(coefficients, x)) for x in points]
 
 
 def reconstruct(shares: Sequence[Share], threshold: int) -> bytes:

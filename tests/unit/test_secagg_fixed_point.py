@@ -106,3 +106,18 @@ def test_the_overflow_check_names_the_configuration():
         fixed_point.ring_bits_needed(0, 1, 1.0, 0)
     with pytest.raises(ValueError, match="non-negative"):
         fixed_point.encode(np.zeros(2), 1.0, 2, 32, weight=-1)
+
+
+def test_the_ring_plan_takes_32_bits_while_they_fit_and_the_most_fraction_bits():
+    assert fixed_point.plan_ring(3, 600, 1.0) == (32, 20)  # 3 x 600 x 2^20 < 2^31
+    bits, frac = fixed_point.plan_ring(100, 10_000, 1.0)
+    assert (bits, frac) == (32, 11)
+    assert fixed_point.ring_bits_needed(100, 10_000, 1.0, frac) <= 32
+    assert fixed_point.ring_bits_needed(100, 10_000, 1.0, frac + 1) > 32
+    assert fixed_point.plan_ring(10_000, 10_000, 4.0) == (64, 24)  # too big for 32
+    assert fixed_point.plan_ring(3, 600, 1.0, ring_bits=64) == (64, 24)
+
+
+def test_a_ring_too_small_for_the_configuration_is_a_clear_error():
+    with pytest.raises(ConfigError, match="32-bit ring can overflow"):
+        fixed_point.plan_ring(10_000, 10_000, 4.0, ring_bits=32)

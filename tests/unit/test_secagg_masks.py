@@ -138,3 +138,17 @@ def test_bad_arguments_are_refused():
         masks.masked_input(np.zeros(4, np.int64), 1, {}, _seed("s"))
     with pytest.raises(ValueError, match="itself"):
         masks.pairwise_contribution(2, 2, _seed("s"), 4, 32)
+
+
+def test_a_range_of_a_mask_is_the_same_elements_of_the_whole():
+    seed = bytes(range(32))
+    for bits in (32, 64):
+        whole = masks.self_mask(seed, 5000, bits)
+        for start, count in ((0, 5000), (1, 17), (15, 1), (16, 100), (4093, 907), (4999, 1)):
+            part = masks.expand_range(seed, start, count, bits, masks.SELF_NONCE)
+            assert np.array_equal(part, whole[start : start + count]), (bits, start, count)
+
+
+def test_a_range_past_the_keystream_limit_is_refused():
+    with pytest.raises(ValueError, match="256 GiB"):
+        masks.expand_range(bytes(32), 2**36, 1, 64, masks.SELF_NONCE)

@@ -99,3 +99,17 @@ def test_the_field_prime_is_the_mersenne_prime_m521():
     assert shamir.PRIME == 2**521 - 1
     for base in (2, 3, 5, 7, 11):
         assert pow(base, shamir.PRIME - 1, shamir.PRIME) == 1
+
+
+def test_shares_at_chosen_points_rebuild_from_any_threshold_of_them():
+    secret = bytes(range(32))
+    shares = shamir.split_at(secret, 3, [7, 2, 40, 11])
+    assert [s.x for s in shares] == [7, 2, 40, 11]
+    for subset in itertools.combinations(shares, 3):
+        assert shamir.reconstruct(subset, 3) == secret
+
+
+@pytest.mark.parametrize("xs", [[1, 1, 2], [0, 1, 2], [1, 65536]])
+def test_share_points_are_distinct_site_indices(xs):
+    with pytest.raises(ValueError, match="distinct and in 1..65535"):
+        shamir.split_at(bytes(32), 2, xs)
