@@ -37,6 +37,7 @@ from fedmae.payload.layout import ModelLayout
 from fedmae.pki.ca import MAX_LEAF_DAYS, CertificateAuthority
 from fedmae.pki.files import ServerCerts
 from fedmae.private_files import private_dir
+from fedmae.secagg.signing import CertificateCheck
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import enrollment_pb2 as epb
@@ -127,6 +128,10 @@ class AggregatorServer:
             self.store,
             strategy,
             RoundLog(config.state_dir / "rounds.jsonl", echo=echo),
+            # Sites' keys are checked against the federation's root CA, as peers do.
+            keys_check=CertificateCheck(ServerCerts(config.certs).root_pem())
+            if config.secure is not None
+            else None,
         )
         self.registry = Registry(config.state_dir / "fedmae.db")
         self.feed = RoundFeed(self.registry)

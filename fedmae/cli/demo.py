@@ -46,6 +46,7 @@ class DemoConfig:
     fresh: bool = True
     round_timeout_s: float = 300.0
     seed: int = 0
+    secure_aggregation: bool = False
 
 
 def free_port() -> int:
@@ -155,7 +156,8 @@ def run_demo(cfg: DemoConfig) -> int:
 
     previous = signal.signal(signal.SIGTERM, _on_term)
     print(
-        f"fedmae demo: {cfg.clients} clients, {cfg.rounds} rounds, mTLS on {server_addr}, "
+        f"fedmae demo: {cfg.clients} clients, {cfg.rounds} rounds, mTLS on {server_addr}"
+        f"{', secure aggregation' if cfg.secure_aggregation else ''}, "
         f"state in {state}",
         flush=True,
     )
@@ -178,6 +180,7 @@ def run_demo(cfg: DemoConfig) -> int:
                 "--seed", str(cfg.seed),
                 "--eval-data", cfg.data,
                 "--eval-images", "500",
+                *(["--secure-aggregation"] if cfg.secure_aggregation else []),
             ],
             stdout=subprocess.PIPE,
             stderr=server_log,
@@ -311,6 +314,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             data=args.data,
             encoding=args.encoding,
             fresh=not args.keep_state,
+            secure_aggregation=args.secure_aggregation,
         )
     )
 
@@ -338,5 +342,11 @@ def build(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--encoding", default="fp32", choices=ENCODING_NAMES, help="update encoding" + D)
     d.add_argument(
         "--keep-state", action="store_true", help="resume instead of starting fresh (default off)"
+    )
+    d.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="run the rounds with secure aggregation: the aggregator sees only the sum "
+        "(docs/privacy.md; default off)",
     )
     d.set_defaults(func=cmd_demo, role="demo")
