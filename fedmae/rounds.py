@@ -13,12 +13,22 @@ from typing import ClassVar, Protocol
 
 from fedmae.config import TrainingConfig
 from fedmae.payload.layout import Manifest
+from fedmae.secagg.messages import InboundShares, Roster, SecAggParams, UnmaskRequest
 
 
 class Phase(IntEnum):
     """A phase of a round; the values are the wire's ``fedmae.v1.Phase`` numbers."""
 
     TRAIN = 1  # fetch the model, train, SubmitUpdate
+    # A secure round (``fedmae.secagg.messages`` has what each phase says):
+    ADVERTISE_KEYS = 2  # train, keep the delta, send AdvertiseKeys
+    SHARE_KEYS = 3  # the task's Roster -> ShareKeys
+    MASKED_INPUT = 4  # the task's InboundShares -> the masked input (a ring upload)
+    UNMASK = 5  # the task's UnmaskRequest -> UnmaskShares
+
+
+# What a secure round's phase gives a site with its task (SHARE_KEYS, MASKED_INPUT, UNMASK).
+PhaseData = Roster | InboundShares | UnmaskRequest
 
 
 class _RunningPhase(Protocol):
@@ -63,15 +73,25 @@ class RoundTask:
     training: TrainingConfig
     deadline: float  # wall-clock (Unix) seconds
     selected_clients: int
+    secagg: SecAggParams | None = None  # set in every phase of a secure round
+    phase_data: PhaseData | None = None  # what this phase gives this site, if anything
 
     @classmethod
-    def of(cls, state: _OpenRound, training: TrainingConfig, deadline: float) -> RoundTask:
-        """The task of the phase ``state`` is in."""
+    def of(
+        cls,
+        state: _OpenRound,
+        training: TrainingConfig,
+        deadline: float,
+        *,
+        secagg: SecAggParams | None = None,
+        phase_data: PhaseData | None = None,
+    ) -> RoundTask:
+        """The task of the phase ``state`` is in (for one site when ``phase_data``)."""
         assert state.phase is not None
         return cls(
             round=state.round, attempt=state.attempt, model_version=state.base_version,
             phase=state.phase.phase, training=training, deadline=deadline,
-            selected_clients=len(state.selected),
+            selected_clients=len(state.selected), secagg=secagg, phase_data=phase_data,
         )  # fmt: skip
 
 

@@ -7,7 +7,8 @@ The transport cuts it into ~1 MiB chunks, so no message approaches gRPC's 2 GiB 
 whatever the model size.
 
 - ``layout``: where each tensor lives in the flat vector (``ModelLayout``), manifests.
-- ``encodings``: fp32 / fp16 / bf16 / int8 on the wire (``Encoding``, ``encode``).
+- ``encodings``: fp32 / fp16 / bf16 / int8 on the wire (``Encoding``, ``encode``); ring32 /
+  ring64 for a secure-aggregation masked input (``ring_manifest`` in ``layout``).
 - ``digest``: "algorithm:hex" payload digests, whole or piece by piece.
 - ``chunks``: the chunk size and the pieces a payload is sent in.
 - ``buffers``: receive buffers kept for reuse (``BufferPool``).

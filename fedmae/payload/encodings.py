@@ -1,8 +1,15 @@
-"""How tensor values are written in a payload: fp32, fp16, bf16 or int8.
+"""How tensor values are written in a payload: fp32, fp16, bf16 or int8 for a model or
+a delta, ring32 or ring64 for a secure-aggregation masked input.
 
 All little-endian. int8 carries one float32 scale per block of ``INT8_BLOCK`` values
 (the flat vector cut into blocks, the last one shorter) with stochastic rounding, so
 it is unbiased; its payload is all block scales first, then all values.
+
+The ring encodings are no way of writing floats: a masked input is uniform-looking
+integers mod 2^32 or 2^64 that only the server's masked sum makes sense of. So they
+are not update encodings: ``encoding_from_name`` does not offer them, and
+``wire_format``, ``encode`` and ``decode`` (the model and delta paths) refuse them;
+``ring_format`` describes their payloads.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ class Encoding(IntEnum):
     FP16 = 2
     BF16 = 3
     INT8 = 4
+    RING32 = 5  # a masked secure-aggregation input in Z_2^32 (uint32)
+    RING64 = 6  # the same in Z_2^64 (uint64)
 
 
 # encoding -> (wire dtype name, bytes per element)
@@ -39,17 +48,25 @@ _WIRE_FORMATS: dict[Encoding, tuple[str, int]] = {
     Encoding.BF16: ("bfloat16", 2),
     Encoding.INT8: ("int8", 1),
 }
-ENCODING_NAMES = [e.name.lower() for e in Encoding]  # "fp32", "fp16", "bf16", "int8"
+# encoding -> (wire dtype name, bytes per element) of a masked input
+_RING_FORMATS: dict[Encoding, tuple[str, int]] = {
+    Encoding.RING32: ("uint32", 4),
+    Encoding.RING64: ("uint64", 8),
+}
+RING_ENCODINGS = frozenset(_RING_FORMATS)
+# The encodings of a model or a delta, the choices of ``update_encoding``.
+ENCODING_NAMES = [e.name.lower() for e in _WIRE_FORMATS]  # "fp32", "fp16", "bf16", "int8"
 
 
 def encoding_from_name(name: str) -> Encoding:
-    """``"fp32"`` / ``"FP16"`` / ``"bf16"`` / ``"int8"`` -> the ``Encoding``."""
-    try:
-        return Encoding[name.upper()]
-    except KeyError:
+    """``"fp32"`` / ``"FP16"`` / ``"bf16"`` / ``"int8"`` -> the ``Encoding``; a ring
+    encoding's name is refused too (it is secure aggregation's, never a user's choice)."""
+    encoding = Encoding.__members__.get(name.upper())
+    if encoding is None or encoding in RING_ENCODINGS:
         raise ValueError(
-            f"unknown encoding {name!r}; choose one of {sorted(ENCODING_NAMES)}"
-        ) from None
+            f"unknown update encoding {name!r}; choose one of {sorted(ENCODING_NAMES)}"
+        )
+    return encoding
 
 
 def encoding_name(encoding: int) -> str:
@@ -61,13 +78,31 @@ def encoding_name(encoding: int) -> str:
 
 
 def wire_format(encoding: Encoding) -> tuple[str, int]:
-    """(dtype name in a manifest, bytes per value); ``InvalidUpdate`` if unknown."""
+    """(dtype name in a manifest, bytes per value) of a model or delta encoding;
+    ``InvalidUpdate`` if unknown or a ring encoding (a masked input is no delta)."""
     try:
         return _WIRE_FORMATS[encoding]
     except KeyError:
+        if encoding in RING_ENCODINGS:
+            raise InvalidUpdate(
+                f"encoding {encoding_name(encoding)} is a secure-aggregation masked input, "
+                "not a model or delta; it is only accepted in a secure round's MASKED_INPUT"
+            ) from None
         raise InvalidUpdate(
             f"unsupported encoding {encoding_name(encoding)}; "
             f"this server accepts {', '.join(sorted(ENCODING_NAMES))}"
+        ) from None
+
+
+def ring_format(encoding: Encoding) -> tuple[str, int]:
+    """(dtype name in a manifest, bytes per element) of a ring encoding;
+    ``InvalidUpdate`` for any other."""
+    try:
+        return _RING_FORMATS[encoding]
+    except KeyError:
+        raise InvalidUpdate(
+            f"encoding {encoding_name(encoding)} is no secure-aggregation ring encoding; "
+            "a masked input is ring32 or ring64"
         ) from None
 
 
@@ -94,7 +129,9 @@ def encode(
 
 
 def decode(buf: np.ndarray, encoding: Encoding, numel: int) -> torch.Tensor:
-    """Payload bytes -> flat float32 [P]: a view of ``buf`` for fp32, else a new tensor."""
+    """Payload bytes -> flat float32 [P]: a view of ``buf`` for fp32, else a new tensor.
+    ``InvalidUpdate`` for a ring encoding: a masked input never becomes a delta."""
+    wire_format(encoding)
     if encoding == Encoding.FP32:
         return torch.from_numpy(buf.view(np.float32))  # zero-copy
     if encoding == Encoding.FP16:

@@ -9,7 +9,13 @@ import numpy as np
 import torch
 
 from fedmae.errors import InvalidUpdate
-from fedmae.payload.encodings import Encoding, encoding_name, head_bytes, wire_format
+from fedmae.payload.encodings import (
+    Encoding,
+    encoding_name,
+    head_bytes,
+    ring_format,
+    wire_format,
+)
 
 
 @dataclass(frozen=True)
@@ -18,7 +24,7 @@ class TensorSpec:
 
     name: str
     shape: tuple[int, ...]
-    dtype: str  # dtype on the wire: "float32", "float16", "bfloat16", "int8"
+    dtype: str  # on the wire: "float32", "float16", "bfloat16", "int8"; "uint32", "uint64"
     offset: int  # byte offset in the flat payload
     nbytes: int
 
@@ -124,3 +130,37 @@ class ModelLayout:
             raise InvalidUpdate(
                 f"manifest declares {manifest.total_bytes} bytes in total; the model needs {total}"
             )
+
+
+MASKED_INPUT_TENSOR = "secagg.masked_input"  # the one tensor of a ring payload
+
+
+def ring_manifest(length: int, encoding: Encoding, digest: str = "") -> Manifest:
+    """The manifest of a secure-aggregation masked input: one tensor of ``length``
+    (d+1) ring elements, little-endian, in ``encoding`` (RING32 or RING64)."""
+    dtype, size = ring_format(encoding)
+    spec = TensorSpec(MASKED_INPUT_TENSOR, (length,), dtype, offset=0, nbytes=length * size)
+    return Manifest((spec,), Encoding(encoding), length * size, digest)
+
+
+def check_ring_manifest(manifest: Manifest, length: int, encoding: Encoding) -> None:
+    """Raise ``InvalidUpdate`` unless ``manifest`` is the masked input this round
+    expects (``ring_manifest(length, encoding)``, any digest)."""
+    if manifest.encoding != encoding:
+        raise InvalidUpdate(
+            f"masked input in encoding {encoding_name(manifest.encoding)}; this round's "
+            f"ring is {encoding_name(encoding)}"
+        )
+    want = ring_manifest(length, encoding, manifest.digest)
+    if manifest != want:
+        spec = manifest.tensors[0] if len(manifest.tensors) == 1 else None
+        got = (
+            f"{spec.name!r} {list(spec.shape)} {spec.dtype} at {spec.offset}, {spec.nbytes} bytes"
+            if spec
+            else f"{len(manifest.tensors)} tensors"
+        )
+        raise InvalidUpdate(
+            f"masked input manifest lists {got} ({manifest.total_bytes} in total); expected "
+            f"one tensor {MASKED_INPUT_TENSOR!r} [{length}] {want.tensors[0].dtype} at 0, "
+            f"{want.total_bytes} bytes"
+        )

@@ -30,6 +30,7 @@ from fedmae.transport.messages import (
     training_config_from_proto,
     training_config_to_proto,
 )
+from fedmae.transport.secagg import task_fields_from_proto, task_fields_to_proto
 
 M = TypeVar("M")  # a message type
 D = TypeVar("D")  # a dataclass of fedmae.rounds
@@ -68,7 +69,8 @@ def event_to_proto(event: RoundEvent) -> pb.RoundEvent:
     """A ``RoundEvent`` message with the event's ``seq`` and its oneof set."""
     body = event.body
     if isinstance(body, RoundTask):
-        # Not one-to-one (config is named training here, phase, deadline): spelt out.
+        # Not one-to-one (config is named training here, phase, deadline, the oneof
+        # phase_data): spelt out.
         msg = pb.RoundEvent(
             task=pb.RoundTask(
                 round=body.round,
@@ -78,6 +80,7 @@ def event_to_proto(event: RoundEvent) -> pb.RoundEvent:
                 config=training_config_to_proto(body.training),
                 deadline=_timestamp(body.deadline),
                 selected_clients=body.selected_clients,
+                **task_fields_to_proto(body.secagg, body.phase_data),
             )
         )
     elif isinstance(body, ModelPublished):
@@ -111,6 +114,7 @@ def event_from_proto(msg: pb.RoundEvent) -> RoundEvent | None:
             training=training_config_from_proto(task.config),
             deadline=_unix_s(task.deadline),
             selected_clients=task.selected_clients,
+            **task_fields_from_proto(task),
         )
     elif kind == "model_published":
         published = msg.model_published

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 import torch
 
 from fedmae.payload.encodings import Encoding
@@ -22,6 +23,7 @@ from fedmae.transport import transfer
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport.events import event_from_proto, model_header_from_proto, receipt_from_proto
 from fedmae.transport.retry import CONNECTION_LOST, TRANSIENT, RetryPolicy
+from fedmae.transport.secagg import SecAggAnswer, answer_message
 from fedmae.transport.status import domain_error
 
 T = TypeVar("T")
@@ -107,6 +109,29 @@ class FederationClient:
         receipt = _in_domain_terms(
             lambda: transfer.submit_update(self._stub, layout, delta, **options)
         )
+        return receipt_from_proto(receipt)
+
+    def submit_masked_input(
+        self, ring: np.ndarray, round_: int, base_version: int, **options: Any
+    ) -> UpdateReceipt:
+        """Upload a secure round's masked input (d+1 ring elements, uint32 or uint64)
+        in encoding RING32/RING64; the server's receipt. ``options`` are those of
+        ``transfer.submit_masked_input`` (``chunk_size``, ``timeout``, ``busy_retries``,
+        ``stop``)."""
+        receipt = _in_domain_terms(
+            lambda: transfer.submit_masked_input(
+                self._stub, ring, round_=round_, base_version=base_version, **options
+            )
+        )
+        return receipt_from_proto(receipt)
+
+    def send_secagg(self, message: SecAggAnswer, **options: Any) -> UpdateReceipt:
+        """Answer a secure round's phase (``AdvertiseKeys``, ``ShareKeys``,
+        ``UnmaskShares``, or ``SecAggAbort`` for any): a SubmitUpdate of that one
+        message. ``options`` are those of ``transfer.submit_secagg`` (``timeout``,
+        ``busy_retries``, ``stop``)."""
+        request = answer_message(message)
+        receipt = _in_domain_terms(lambda: transfer.submit_secagg(self._stub, request, **options))
         return receipt_from_proto(receipt)
 
     def close(self) -> None:

@@ -20,6 +20,8 @@ _TO_PROTO: dict[Encoding, int] = {
     Encoding.FP16: pb.ENCODING_FP16,
     Encoding.BF16: pb.ENCODING_BF16,
     Encoding.INT8: pb.ENCODING_INT8,
+    Encoding.RING32: pb.ENCODING_RING32,
+    Encoding.RING64: pb.ENCODING_RING64,
 }
 _FROM_PROTO: dict[int, Encoding] = {v: k for k, v in _TO_PROTO.items()}
 _FROM_PROTO[pb.ENCODING_UNSPECIFIED] = Encoding.FP32  # proto3's default: the plain encoding

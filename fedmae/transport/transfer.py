@@ -1,5 +1,6 @@
-"""Moving tensors over the Federation service: fetch a model, submit a delta, at the
-level of the generated stub and its messages (``FederationClient`` speaks the domain's
+"""Moving tensors over the Federation service: fetch a model, submit a delta (or a
+secure round's masked input, or one of its answers), at the level of the generated
+stub and its messages (``FederationClient`` speaks the domain's
 objects over these; tools and tests that take the messages apart use them directly).
 
 Payload chunks go out and come in as ``fedmae.transport.frames`` frames: no protobuf
@@ -13,15 +14,16 @@ import threading
 from collections.abc import Iterator, Mapping
 
 import grpc
+import numpy as np
 import torch
 
 from fedmae.errors import InvalidUpdate
 from fedmae.payload.buffers import BufferPool
 from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE, iter_slices
 from fedmae.payload.decoder import PayloadDecoder
-from fedmae.payload.digest import PayloadDigest
+from fedmae.payload.digest import PayloadDigest, payload_digest
 from fedmae.payload.encodings import Encoding, encode
-from fedmae.payload.layout import ModelLayout
+from fedmae.payload.layout import ModelLayout, ring_manifest
 from fedmae.rounds import UpdateHeader
 from fedmae.transport import frames as wire
 from fedmae.transport._proto import federation_pb2 as pb
@@ -199,6 +201,62 @@ def submit_update(
     return retries.call(
         lambda: _admitted_upload(stub, _messages(header, payload, chunk_size), timeout),
         "server busy; sending the update again",
+        logger=log,
+    )
+
+
+_RING_ENCODINGS = {np.dtype(np.uint32): Encoding.RING32, np.dtype(np.uint64): Encoding.RING64}
+
+
+def submit_masked_input(
+    stub: pb_grpc.FederationStub,
+    ring: np.ndarray,
+    *,
+    round_: int,
+    base_version: int,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    timeout: float | None = None,
+    busy_retries: int = 8,
+    stop: threading.Event | None = None,
+) -> pb.UpdateReceipt:
+    """Upload a secure round's masked input (``ring``: d+1 elements, uint32 or uint64)
+    as an update in RING32/RING64, with the same waits as ``submit_update``.
+
+    The chunks are views of ``ring`` (each copied once into its frame); its sample
+    count is 0, as the weight travels masked in its last element.
+    """
+    encoding = _RING_ENCODINGS.get(ring.dtype)
+    if encoding is None or ring.ndim != 1 or not ring.flags.c_contiguous:
+        raise ValueError(
+            f"a masked input is one contiguous uint32 or uint64 vector, not {ring.dtype} "
+            f"of shape {list(ring.shape)}"
+        )
+    payload = memoryview(ring).cast("B")
+    manifest = ring_manifest(len(ring), encoding, payload_digest(payload))
+    header = update_header_to_proto(UpdateHeader(round_, base_version, 0, manifest))
+    retries = dataclasses.replace(BUSY_UPLOAD_RETRY, max_retries=busy_retries).start(stop)
+    return retries.call(
+        lambda: _admitted_upload(stub, _messages(header, payload, chunk_size), timeout),
+        "server busy; sending the masked input again",
+        logger=log,
+    )
+
+
+def submit_secagg(
+    stub: pb_grpc.FederationStub,
+    message: pb.UpdateMessage,
+    *,
+    timeout: float | None = None,
+    busy_retries: int = 8,
+    stop: threading.Event | None = None,
+) -> pb.UpdateReceipt:
+    """Send a secure-aggregation answer (``fedmae.transport.secagg.answer_message``)
+    as a SubmitUpdate stream of that one message; the receipt. A busy server is asked
+    again as in ``submit_update``; one small message, so nothing waits for admission."""
+    retries = dataclasses.replace(BUSY_UPLOAD_RETRY, max_retries=busy_retries).start(stop)
+    return retries.call(
+        lambda: stub.SubmitUpdate(iter((message,)), timeout=timeout),
+        "server busy; sending the secure-aggregation answer again",
         logger=log,
     )
 

@@ -17,18 +17,30 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENCODING_FP16: _ClassVar[Encoding]
     ENCODING_BF16: _ClassVar[Encoding]
     ENCODING_INT8: _ClassVar[Encoding]
+    ENCODING_RING32: _ClassVar[Encoding]
+    ENCODING_RING64: _ClassVar[Encoding]
 
 class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PHASE_UNSPECIFIED: _ClassVar[Phase]
     PHASE_TRAIN: _ClassVar[Phase]
+    PHASE_ADVERTISE_KEYS: _ClassVar[Phase]
+    PHASE_SHARE_KEYS: _ClassVar[Phase]
+    PHASE_MASKED_INPUT: _ClassVar[Phase]
+    PHASE_UNMASK: _ClassVar[Phase]
 ENCODING_UNSPECIFIED: Encoding
 ENCODING_FP32: Encoding
 ENCODING_FP16: Encoding
 ENCODING_BF16: Encoding
 ENCODING_INT8: Encoding
+ENCODING_RING32: Encoding
+ENCODING_RING64: Encoding
 PHASE_UNSPECIFIED: Phase
 PHASE_TRAIN: Phase
+PHASE_ADVERTISE_KEYS: Phase
+PHASE_SHARE_KEYS: Phase
+PHASE_MASKED_INPUT: Phase
+PHASE_UNMASK: Phase
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "shape", "dtype", "offset", "nbytes")
@@ -85,7 +97,7 @@ class TrainingConfig(_message.Message):
     def __init__(self, model: _Optional[str] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., mask_ratio: _Optional[float] = ..., update_encoding: _Optional[_Union[Encoding, str]] = ..., max_samples: _Optional[int] = ...) -> None: ...
 
 class RoundTask(_message.Message):
-    __slots__ = ("round", "attempt", "model_version", "phase", "config", "deadline", "selected_clients")
+    __slots__ = ("round", "attempt", "model_version", "phase", "config", "deadline", "selected_clients", "secagg", "roster", "inbound_shares", "unmask")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +105,10 @@ class RoundTask(_message.Message):
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
     SELECTED_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_FIELD_NUMBER: _ClassVar[int]
+    INBOUND_SHARES_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_FIELD_NUMBER: _ClassVar[int]
     round: int
     attempt: int
     model_version: int
@@ -100,7 +116,129 @@ class RoundTask(_message.Message):
     config: TrainingConfig
     deadline: _timestamp_pb2.Timestamp
     selected_clients: int
-    def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., model_version: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., config: _Optional[_Union[TrainingConfig, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., selected_clients: _Optional[int] = ...) -> None: ...
+    secagg: SecAggParams
+    roster: Roster
+    inbound_shares: InboundShares
+    unmask: UnmaskRequest
+    def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., model_version: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., config: _Optional[_Union[TrainingConfig, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., selected_clients: _Optional[int] = ..., secagg: _Optional[_Union[SecAggParams, _Mapping]] = ..., roster: _Optional[_Union[Roster, _Mapping]] = ..., inbound_shares: _Optional[_Union[InboundShares, _Mapping]] = ..., unmask: _Optional[_Union[UnmaskRequest, _Mapping]] = ...) -> None: ...
+
+class SecAggParams(_message.Message):
+    __slots__ = ("ring_bits", "frac_bits", "clip", "weight_cap", "threshold", "neighbours")
+    RING_BITS_FIELD_NUMBER: _ClassVar[int]
+    FRAC_BITS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_CAP_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    ring_bits: int
+    frac_bits: int
+    clip: float
+    weight_cap: int
+    threshold: int
+    neighbours: int
+    def __init__(self, ring_bits: _Optional[int] = ..., frac_bits: _Optional[int] = ..., clip: _Optional[float] = ..., weight_cap: _Optional[int] = ..., threshold: _Optional[int] = ..., neighbours: _Optional[int] = ...) -> None: ...
+
+class AdvertiseKeys(_message.Message):
+    __slots__ = ("round", "attempt", "mask_public", "share_public", "certificate_chain", "signature")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    SHARE_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_CHAIN_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    attempt: int
+    mask_public: bytes
+    share_public: bytes
+    certificate_chain: bytes
+    signature: bytes
+    def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., mask_public: _Optional[bytes] = ..., share_public: _Optional[bytes] = ..., certificate_chain: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class PeerKeys(_message.Message):
+    __slots__ = ("index", "client_id", "keys")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    client_id: str
+    keys: AdvertiseKeys
+    def __init__(self, index: _Optional[int] = ..., client_id: _Optional[str] = ..., keys: _Optional[_Union[AdvertiseKeys, _Mapping]] = ...) -> None: ...
+
+class Roster(_message.Message):
+    __slots__ = ("index", "threshold", "peers")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    threshold: int
+    peers: _containers.RepeatedCompositeFieldContainer[PeerKeys]
+    def __init__(self, index: _Optional[int] = ..., threshold: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerKeys, _Mapping]]] = ...) -> None: ...
+
+class SealedShare(_message.Message):
+    __slots__ = ("sender", "receiver", "ciphertext")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    sender: int
+    receiver: int
+    ciphertext: bytes
+    def __init__(self, sender: _Optional[int] = ..., receiver: _Optional[int] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class ShareKeys(_message.Message):
+    __slots__ = ("round", "attempt", "shares", "seed_commitment")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    SEED_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    attempt: int
+    shares: _containers.RepeatedCompositeFieldContainer[SealedShare]
+    seed_commitment: bytes
+    def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., seed_commitment: _Optional[bytes] = ...) -> None: ...
+
+class InboundShares(_message.Message):
+    __slots__ = ("shares",)
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    shares: _containers.RepeatedCompositeFieldContainer[SealedShare]
+    def __init__(self, shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ...) -> None: ...
+
+class UnmaskRequest(_message.Message):
+    __slots__ = ("survivors", "dropped")
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    survivors: _containers.RepeatedScalarFieldContainer[int]
+    dropped: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, survivors: _Optional[_Iterable[int]] = ..., dropped: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RevealedShare(_message.Message):
+    __slots__ = ("owner", "share")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    owner: int
+    share: bytes
+    def __init__(self, owner: _Optional[int] = ..., share: _Optional[bytes] = ...) -> None: ...
+
+class UnmaskShares(_message.Message):
+    __slots__ = ("round", "attempt", "seed_shares", "key_shares")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SEED_SHARES_FIELD_NUMBER: _ClassVar[int]
+    KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    attempt: int
+    seed_shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    key_shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., seed_shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ..., key_shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...
+
+class SecAggAbort(_message.Message):
+    __slots__ = ("round", "attempt", "reason")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    attempt: int
+    reason: str
+    def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ModelPublished(_message.Message):
     __slots__ = ("version", "round", "manifest")
@@ -238,14 +376,22 @@ class UpdateTrailer(_message.Message):
     def __init__(self, digest: _Optional[str] = ...) -> None: ...
 
 class UpdateMessage(_message.Message):
-    __slots__ = ("header", "chunk", "trailer")
+    __slots__ = ("header", "chunk", "trailer", "advertise_keys", "share_keys", "unmask_shares", "secagg_abort")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     TRAILER_FIELD_NUMBER: _ClassVar[int]
+    ADVERTISE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    SHARE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_SHARES_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_ABORT_FIELD_NUMBER: _ClassVar[int]
     header: UpdateHeader
     chunk: Chunk
     trailer: UpdateTrailer
-    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., trailer: _Optional[_Union[UpdateTrailer, _Mapping]] = ...) -> None: ...
+    advertise_keys: AdvertiseKeys
+    share_keys: ShareKeys
+    unmask_shares: UnmaskShares
+    secagg_abort: SecAggAbort
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., trailer: _Optional[_Union[UpdateTrailer, _Mapping]] = ..., advertise_keys: _Optional[_Union[AdvertiseKeys, _Mapping]] = ..., share_keys: _Optional[_Union[ShareKeys, _Mapping]] = ..., unmask_shares: _Optional[_Union[UnmaskShares, _Mapping]] = ..., secagg_abort: _Optional[_Union[SecAggAbort, _Mapping]] = ...) -> None: ...
 
 class UpdateReceipt(_message.Message):
     __slots__ = ("round", "bytes_received", "digest", "updates_received")

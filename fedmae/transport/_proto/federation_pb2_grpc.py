@@ -85,6 +85,14 @@ class FederationServicer:
         "fedmae-upload-admitted: 1"; clients should send their chunks only after it (a
         waiting upload then holds nothing on the server but its header). Uploads wait for
         a slot first come, first served, up to a limit, then get RESOURCE_EXHAUSTED.
+
+        Secure aggregation answers its phases here too. AdvertiseKeys, ShareKeys,
+        UnmaskShares or SecAggAbort: a stream of exactly that one message, answered with
+        an UpdateReceipt (bytes_received and digest empty). The masked input
+        (MASKED_INPUT): an upload as above whose manifest has encoding RING32 or RING64
+        and one tensor "secagg.masked_input" of shape [d+1], dtype "uint32" / "uint64"
+        (d = the model's parameter count; the last element is the site's weight);
+        its num_samples is 0 (the weight travels masked).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
