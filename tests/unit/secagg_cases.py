@@ -17,13 +17,13 @@ import numpy as np
 from fedmae.pki.issue import init_certs, issue_client
 from fedmae.secagg.aggregation import SecureSum
 from fedmae.secagg.fixed_point import clip
-from fedmae.secagg.messages import SecAggParams, UnmaskShares
+from fedmae.secagg.messages import Roster, SecAggParams, UnmaskShares
 from fedmae.secagg.signing import CertificateCheck
 from fedmae.secagg.site import SiteRound
 
 ROUND, ATTEMPT = 7, 0
-# 25 sites x weight cap 64 x clip 0.5 leave 20 fractional bits in a 32-bit ring.
-PARAMS = SecAggParams(ring_bits=32, frac_bits=20, clip=0.5, weight_cap=64)
+# 25 sites x weight cap 64 x clip 0.5 leave 21 fractional bits in a 32-bit ring.
+PARAMS = SecAggParams(ring_bits=32, frac_bits=21, clip=0.5, weight_cap=64)
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,7 @@ class InMemoryRound:
             )
             for i, name in enumerate(self.names)
         }  # fmt: skip
+        self.rosters: dict[str, Roster] = {}
         self.revealed: dict[str, UnmaskShares] = {}
 
     def _answers(self, phase: str, members: Iterable[str]) -> list[str]:
@@ -127,8 +128,9 @@ class InMemoryRound:
         self.server.close_advertising()
 
     def share(self) -> None:
+        self.rosters = {name: self.server.roster(name) for name in self.names}
         for name in self._answers("share", self.names):
-            self.server.shared(name, self.sites[name].share_keys(self.server.roster(name)))
+            self.server.shared(name, self.sites[name].share_keys(self.rosters[name]))
         self.server.close_sharing()
 
     def mask(self) -> None:
