@@ -22,7 +22,7 @@ from fedmae.secagg.keys import (
     public_bytes,
 )
 from fedmae.secagg.masks import BLOCK, PAIRWISE_NONCE, SELF_NONCE, bits_of, expand_range
-from fedmae.secagg.shamir import Share, reconstruct
+from fedmae.secagg.shamir import Share, interpolate_at, reconstruct
 
 
 class SharesDisagree(ValueError):
@@ -38,18 +38,20 @@ def recover(
 
     With more than ``threshold`` shares a wrong one is found by leaving one holder out
     at a time: the first ``threshold`` of the rest rebuild the secret exactly when the
-    wrong share is the one left out. ``SharesDisagree`` when no candidate passes (two or
-    more wrong shares among the first, or exactly ``threshold`` shares with one wrong).
+    wrong share is the one left out. The holders named are those whose shares lie off
+    the polynomial that rebuilt the secret (when another share confirms it).
+    ``SharesDisagree`` when no candidate passes (two or more wrong shares among the
+    first, or exactly ``threshold`` shares with one wrong).
     """
     holders = sorted(shares)
-    secret = _try(shares, holders, threshold, is_right)
-    if secret is not None:
-        return secret, ()
+    subsets = [holders]
     if len(holders) > threshold:
-        for left_out in holders:
-            secret = _try(shares, [h for h in holders if h != left_out], threshold, is_right)
-            if secret is not None:
-                return secret, (left_out,)
+        subsets += [[h for h in holders if h != left_out] for left_out in holders]
+    for subset in subsets:
+        used = [shares[h] for h in subset[:threshold]]
+        secret = _try(used, threshold, is_right)
+        if secret is not None:
+            return secret, _off_the_polynomial(used, [shares[h] for h in holders])
     raise SharesDisagree(
         f"the {len(holders)} revealed shares (threshold {threshold}) rebuild no secret that "
         "matches its commitment: more than one holder sent a wrong share"
@@ -57,6 +59,16 @@ def recover(
         else f"the {len(holders)} revealed shares (threshold {threshold}) rebuild no secret "
         "that matches its commitment, and there is no spare share to find the wrong one"
     )
+
+
+def _off_the_polynomial(used: list[Share], every: list[Share]) -> tuple[int, ...]:
+    """The holders of shares off the polynomial through ``used``, once a share outside
+    ``used`` confirms that polynomial. Unconfirmed (wrong shares among ``used`` whose
+    errors happen to cancel at 0: the secret is still right), nobody is blamed."""
+    points = {share.x for share in used}
+    others = [share for share in every if share.x not in points]
+    off = tuple(s.x for s in others if interpolate_at(used, s.x) != s.y)
+    return off if len(off) < len(others) else ()
 
 
 def matches_commitment(commitment: bytes) -> Callable[[bytes], bool]:
@@ -69,14 +81,9 @@ def matches_public_key(public: bytes) -> Callable[[bytes], bool]:
     return lambda secret: public_bytes(load_private(secret)) == public
 
 
-def _try(
-    shares: Mapping[int, Share],
-    holders: list[int],
-    threshold: int,
-    is_right: Callable[[bytes], bool],
-) -> bytes | None:
+def _try(used: list[Share], threshold: int, is_right: Callable[[bytes], bool]) -> bytes | None:
     try:
-        candidate = reconstruct([shares[h] for h in holders[:threshold]], threshold)
+        candidate = reconstruct(used, threshold)
     except ValueError:  # interpolates to no 32-byte value: a wrong share among them
         return None
     return candidate if is_right(candidate) else None
