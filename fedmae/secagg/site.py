@@ -148,6 +148,8 @@ class SiteRound:
             raise self._abort("the roster lists this site as its own neighbour")
         if not all(0 < index < 2**16 for index in [roster.index, *indices]):
             raise self._abort(f"the roster has indices out of 1..65535: {sorted(indices)}")
+        if not roster.peers:
+            raise self._abort("the roster has no neighbours: this site's input would be alone")
         holders = len(roster.peers) + 1
         # t must be a strict majority of the holders: with t <= holders / 2 a server could
         # ask one half for a site's seed shares and the other half for its key shares.
@@ -172,7 +174,9 @@ class SiteRound:
     ) -> np.ndarray:
         """Open the shares neighbours sealed for this site, then return
         encode(delta) ++ [weight] plus the self mask and the pairwise masks of every
-        sender, in the ring (length d + 1), built block by block."""
+        sender, in the ring (length d + 1), built block by block. Asked again with the
+        same shares and delta, the same bytes. ValueError for a delta that is not flat
+        and finite (a fault here, not the server's)."""
         if self._shared is None or self._roster is None or self._keys is None:
             raise self._abort("asked for a masked input before sharing keys")
         held = self._open(inbound)

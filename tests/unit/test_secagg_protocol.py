@@ -14,6 +14,7 @@ from secagg_cases import PARAMS, InMemoryRound, Inputs, Pki, site_names
 from fedmae.errors import SecAggAborted, SecAggFailed
 from fedmae.secagg import fixed_point, graph
 from fedmae.secagg.keys import generate_site_keys
+from fedmae.secagg.masks import BLOCK
 from fedmae.secagg.messages import UnmaskRequest
 
 D = 1000
@@ -70,6 +71,19 @@ def test_a_dropout_in_each_phase_leaves_the_sum_of_the_survivors(pki, sites, nei
     assert names[3] in server.survivors  # its input is in the sum, its shares never came
     assert set(server.survivors) == set(names) - {names[1], names[2]}
     _assert_weighted_sum(round_, result)
+
+
+@pytest.mark.parametrize("d", [BLOCK - 1, BLOCK + 3])
+def test_masks_are_added_and_removed_block_by_block(pki, d):
+    # d + 1 = BLOCK puts the weight at the end of the only block; BLOCK + 4 splits the
+    # input; a dropout leaves pairwise masks to remove in every block.
+    names = site_names(4)
+    inputs = Inputs.random(names, d, seed=d)
+    round_ = InMemoryRound(pki, names, inputs, silent_after={names[1]: "share"})
+    total, weight = round_.run()
+    expected, expected_weight = inputs.expected(round_.server.survivors, PARAMS)
+    assert weight == expected_weight and total.shape == (d,)
+    assert np.max(np.abs(total - expected)) < 3 * 2.0**-PARAMS.frac_bits
 
 
 def test_too_many_dropouts_in_unmask_fail_the_round_with_the_counts(pki):
@@ -162,13 +176,18 @@ def test_a_tampered_roster_key_aborts_naming_the_peer(pki):
     assert "altered them" in message and "aborting the round" in message
 
 
-def test_a_roster_with_a_minority_threshold_aborts(pki):
+def test_a_roster_with_a_minority_threshold_or_no_neighbours_aborts(pki):
     names = site_names(5)
     round_ = InMemoryRound(pki, names, Inputs.random(names, D, seed=2))
     round_.advertise()
     roster = round_.server.roster(names[0])
     with pytest.raises(SecAggAborted, match="not a strict majority of this site's 5"):
         round_.sites[names[0]].share_keys(dataclasses.replace(roster, threshold=2))
+    with pytest.raises(SecAggAborted, match="no neighbours"):
+        round_.sites[names[0]].share_keys(dataclasses.replace(roster, threshold=1, peers=()))
+    twice = (*roster.peers, roster.peers[0])
+    with pytest.raises(SecAggAborted, match="names a neighbour twice"):
+        round_.sites[names[0]].share_keys(dataclasses.replace(roster, peers=twice))
 
 
 def test_a_tampered_sealed_share_aborts_naming_the_sender(pki):

@@ -259,3 +259,21 @@ def test_the_result_is_kept_and_the_masked_sum_freed(pki):
     first = round_.run()
     assert round_.server._sum is None
     assert round_.server.result() is first
+
+
+def test_too_few_masked_inputs_fail_before_any_share_is_revealed(pki):
+    names = site_names(6)  # complete graph, t = 4
+    silent = {name: "share" for name in names[3:]}
+    round_ = InMemoryRound(pki, names, Inputs.random(names, D, seed=2), silent_after=silent)
+    round_.advertise()
+    round_.share()
+    with pytest.raises(SecAggFailed, match="3 site\\(s\\) sent a masked input; at least 4"):
+        round_.mask()
+    with pytest.raises(FailedPrecondition, match="is done"):
+        round_.server.unmask_request(names[0])
+
+
+def test_a_minority_threshold_is_refused_by_the_server(pki):
+    round_ = _round(pki, sites=6, params=dataclasses.replace(PARAMS, threshold=3))
+    with pytest.raises(SecAggFailed, match="threshold 3 is not a strict majority of every site's"):
+        round_.advertise()
