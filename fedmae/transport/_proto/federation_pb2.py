@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64mae/v1/federation.proto\x12\tfedmae.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"X\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"~\n\x08Manifest\x12&\n\x07tensors\x18\x01 \x03(\x0b\x32\x15.fedmae.v1.TensorSpec\x12%\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x13.fedmae.v1.Encoding\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xcd\x01\n\x0eTrainingConfig\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0clocal_epochs\x18\x02 \x01(\r\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x12\n\nmask_ratio\x18\x06 \x01(\x01\x12,\n\x0fupdate_encoding\x18\x07 \x01(\x0e\x32\x13.fedmae.v1.Encoding\x12\x13\n\x0bmax_samples\x18\x08 \x01(\r\"\xd6\x01\n\tRoundTask\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\x12\x1f\n\x05phase\x18\x04 \x01(\x0e\x32\x10.fedmae.v1.Phase\x12)\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x19.fedmae.v1.TrainingConfig\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10selected_clients\x18\x07 \x01(\r\"W\n\x0eModelPublished\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\x04\x12%\n\x08manifest\x18\x03 \x01(\x0b\x32\x13.fedmae.v1.Manifest\"\xb0\x01\n\x0bRoundClosed\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0f\n\x07success\x18\x03 \x01(\x08\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x14\n\x0cparticipants\x18\x05 \x03(\t\x12\x13\n\x0bnum_samples\x18\x06 \x01(\x04\x12\x12\n\ntrain_loss\x18\x07 \x01(\x01\x12\x10\n\x08val_loss\x18\x08 \x01(\x01\x12\x0e\n\x06reason\x18\t \x01(\t\"S\n\x0bRunFinished\x12\x15\n\rfinal_version\x18\x01 \x01(\x04\x12\x0e\n\x06rounds\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\"5\n\tHeartbeat\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x10SubscribeRequest\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x19\n\x11\x61vailable_samples\x18\x02 \x01(\x04\"\x89\x02\n\nRoundEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12$\n\x04task\x18\x02 \x01(\x0b\x32\x14.fedmae.v1.RoundTaskH\x00\x12\x34\n\x0fmodel_published\x18\x03 \x01(\x0b\x32\x19.fedmae.v1.ModelPublishedH\x00\x12.\n\x0cround_closed\x18\x04 \x01(\x0b\x32\x16.fedmae.v1.RoundClosedH\x00\x12.\n\x0crun_finished\x18\x05 \x01(\x0b\x32\x16.fedmae.v1.RunFinishedH\x00\x12)\n\theartbeat\x18\x06 \x01(\x0b\x32\x14.fedmae.v1.HeartbeatH\x00\x42\x07\n\x05\x65vent\"\x8c\x01\n\x11\x46\x65tchModelRequest\x12\x11\n\x07version\x18\x01 \x01(\x04H\x00\x12\x10\n\x06latest\x18\x05 \x01(\x08H\x00\x12%\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x13.fedmae.v1.Encoding\x12\x12\n\nchunk_size\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x42\x07\n\x05which\"c\n\x0bModelHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\x04\x12\r\n\x05model\x18\x03 \x01(\t\x12%\n\x08manifest\x18\x04 \x01(\x0b\x32\x13.fedmae.v1.Manifest\"a\n\nModelChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedmae.v1.ModelHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.fedmae.v1.ChunkH\x00\x42\x06\n\x04part\"\xd6\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12%\n\x08manifest\x18\x04 \x01(\x0b\x32\x13.fedmae.v1.Manifest\x12\x35\n\x07metrics\x18\x05 \x03(\x0b\x32$.fedmae.v1.UpdateHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1f\n\rUpdateTrailer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"\x92\x01\n\rUpdateMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedmae.v1.UpdateHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.fedmae.v1.ChunkH\x00\x12+\n\x07trailer\x18\x03 \x01(\x0b\x32\x18.fedmae.v1.UpdateTrailerH\x00\x42\x06\n\x04part\"`\n\rUpdateReceipt\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x18\n\x10updates_received\x18\x04 \x01(\r*p\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_FP32\x10\x01\x12\x11\n\rENCODING_FP16\x10\x02\x12\x11\n\rENCODING_BF16\x10\x03\x12\x11\n\rENCODING_INT8\x10\x04*\x7f\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPHASE_TRAIN\x10\x01\"\x04\x08\x02\x10\x05*\x14PHASE_ADVERTISE_KEYS*\x10PHASE_SHARE_KEYS*\x12PHASE_MASKED_INPUT*\x0cPHASE_UNMASK2\xda\x01\n\nFederation\x12\x41\n\tSubscribe\x12\x1b.fedmae.v1.SubscribeRequest\x1a\x15.fedmae.v1.RoundEvent0\x01\x12\x43\n\nFetchModel\x12\x1c.fedmae.v1.FetchModelRequest\x1a\x15.fedmae.v1.ModelChunk0\x01\x12\x44\n\x0cSubmitUpdate\x12\x18.fedmae.v1.UpdateMessage\x1a\x18.fedmae.v1.UpdateReceipt(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64mae/v1/federation.proto\x12\tfedmae.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"X\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"~\n\x08Manifest\x12&\n\x07tensors\x18\x01 \x03(\x0b\x32\x15.fedmae.v1.TensorSpec\x12%\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x13.fedmae.v1.Encoding\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xcd\x01\n\x0eTrainingConfig\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0clocal_epochs\x18\x02 \x01(\r\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x12\n\nmask_ratio\x18\x06 \x01(\x01\x12,\n\x0fupdate_encoding\x18\x07 \x01(\x0e\x32\x13.fedmae.v1.Encoding\x12\x13\n\x0bmax_samples\x18\x08 \x01(\r\"\xd6\x01\n\tRoundTask\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x15\n\rmodel_version\x18\x03 \x01(\x04\x12\x1f\n\x05phase\x18\x04 \x01(\x0e\x32\x10.fedmae.v1.Phase\x12)\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x19.fedmae.v1.TrainingConfig\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10selected_clients\x18\x07 \x01(\r\"W\n\x0eModelPublished\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\x04\x12%\n\x08manifest\x18\x03 \x01(\x0b\x32\x13.fedmae.v1.Manifest\"\xac\x01\n\x0bRoundClosed\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0f\n\x07success\x18\x03 \x01(\x08\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x12\n\ntrain_loss\x18\x07 \x01(\x01\x12\x10\n\x08val_loss\x18\x08 \x01(\x01\x12\x0e\n\x06reason\x18\t \x01(\tJ\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07R\x0cparticipantsR\x0bnum_samples\"S\n\x0bRunFinished\x12\x15\n\rfinal_version\x18\x01 \x01(\x04\x12\x0e\n\x06rounds\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\"5\n\tHeartbeat\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"D\n\x10SubscribeRequest\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x19\n\x11\x61vailable_samples\x18\x02 \x01(\x04\"\x89\x02\n\nRoundEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12$\n\x04task\x18\x02 \x01(\x0b\x32\x14.fedmae.v1.RoundTaskH\x00\x12\x34\n\x0fmodel_published\x18\x03 \x01(\x0b\x32\x19.fedmae.v1.ModelPublishedH\x00\x12.\n\x0cround_closed\x18\x04 \x01(\x0b\x32\x16.fedmae.v1.RoundClosedH\x00\x12.\n\x0crun_finished\x18\x05 \x01(\x0b\x32\x16.fedmae.v1.RunFinishedH\x00\x12)\n\theartbeat\x18\x06 \x01(\x0b\x32\x14.fedmae.v1.HeartbeatH\x00\x42\x07\n\x05\x65vent\"\x8c\x01\n\x11\x46\x65tchModelRequest\x12\x11\n\x07version\x18\x01 \x01(\x04H\x00\x12\x10\n\x06latest\x18\x05 \x01(\x08H\x00\x12%\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x13.fedmae.v1.Encoding\x12\x12\n\nchunk_size\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x42\x07\n\x05which\"c\n\x0bModelHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\x04\x12\r\n\x05model\x18\x03 \x01(\t\x12%\n\x08manifest\x18\x04 \x01(\x0b\x32\x13.fedmae.v1.Manifest\"a\n\nModelChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedmae.v1.ModelHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.fedmae.v1.ChunkH\x00\x42\x06\n\x04part\"\xd6\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12%\n\x08manifest\x18\x04 \x01(\x0b\x32\x13.fedmae.v1.Manifest\x12\x35\n\x07metrics\x18\x05 \x03(\x0b\x32$.fedmae.v1.UpdateHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1f\n\rUpdateTrailer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"\x92\x01\n\rUpdateMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedmae.v1.UpdateHeaderH\x00\x12!\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x10.fedmae.v1.ChunkH\x00\x12+\n\x07trailer\x18\x03 \x01(\x0b\x32\x18.fedmae.v1.UpdateTrailerH\x00\x42\x06\n\x04part\"`\n\rUpdateReceipt\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x18\n\x10updates_received\x18\x04 \x01(\r*p\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_FP32\x10\x01\x12\x11\n\rENCODING_FP16\x10\x02\x12\x11\n\rENCODING_BF16\x10\x03\x12\x11\n\rENCODING_INT8\x10\x04*\x7f\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPHASE_TRAIN\x10\x01\"\x04\x08\x02\x10\x05*\x14PHASE_ADVERTISE_KEYS*\x10PHASE_SHARE_KEYS*\x12PHASE_MASKED_INPUT*\x0cPHASE_UNMASK2\xda\x01\n\nFederation\x12\x41\n\tSubscribe\x12\x1b.fedmae.v1.SubscribeRequest\x1a\x15.fedmae.v1.RoundEvent0\x01\x12\x43\n\nFetchModel\x12\x1c.fedmae.v1.FetchModelRequest\x1a\x15.fedmae.v1.ModelChunk0\x01\x12\x44\n\x0cSubmitUpdate\x12\x18.fedmae.v1.UpdateMessage\x1a\x18.fedmae.v1.UpdateReceipt(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_ENCODING']._serialized_start=2342
-  _globals['_ENCODING']._serialized_end=2454
-  _globals['_PHASE']._serialized_start=2456
-  _globals['_PHASE']._serialized_end=2583
+  _globals['_ENCODING']._serialized_start=2338
+  _globals['_ENCODING']._serialized_end=2450
+  _globals['_PHASE']._serialized_start=2452
+  _globals['_PHASE']._serialized_end=2579
   _globals['_TENSORSPEC']._serialized_start=74
   _globals['_TENSORSPEC']._serialized_end=162
   _globals['_MANIFEST']._serialized_start=164
@@ -51,31 +51,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELPUBLISHED']._serialized_start=756
   _globals['_MODELPUBLISHED']._serialized_end=843
   _globals['_ROUNDCLOSED']._serialized_start=846
-  _globals['_ROUNDCLOSED']._serialized_end=1022
-  _globals['_RUNFINISHED']._serialized_start=1024
-  _globals['_RUNFINISHED']._serialized_end=1107
-  _globals['_HEARTBEAT']._serialized_start=1109
-  _globals['_HEARTBEAT']._serialized_end=1162
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1164
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1232
-  _globals['_ROUNDEVENT']._serialized_start=1235
-  _globals['_ROUNDEVENT']._serialized_end=1500
-  _globals['_FETCHMODELREQUEST']._serialized_start=1503
-  _globals['_FETCHMODELREQUEST']._serialized_end=1643
-  _globals['_MODELHEADER']._serialized_start=1645
-  _globals['_MODELHEADER']._serialized_end=1744
-  _globals['_MODELCHUNK']._serialized_start=1746
-  _globals['_MODELCHUNK']._serialized_end=1843
-  _globals['_UPDATEHEADER']._serialized_start=1846
-  _globals['_UPDATEHEADER']._serialized_end=2060
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=2014
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=2060
-  _globals['_UPDATETRAILER']._serialized_start=2062
-  _globals['_UPDATETRAILER']._serialized_end=2093
-  _globals['_UPDATEMESSAGE']._serialized_start=2096
-  _globals['_UPDATEMESSAGE']._serialized_end=2242
-  _globals['_UPDATERECEIPT']._serialized_start=2244
-  _globals['_UPDATERECEIPT']._serialized_end=2340
-  _globals['_FEDERATION']._serialized_start=2586
-  _globals['_FEDERATION']._serialized_end=2804
+  _globals['_ROUNDCLOSED']._serialized_end=1018
+  _globals['_RUNFINISHED']._serialized_start=1020
+  _globals['_RUNFINISHED']._serialized_end=1103
+  _globals['_HEARTBEAT']._serialized_start=1105
+  _globals['_HEARTBEAT']._serialized_end=1158
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1160
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1228
+  _globals['_ROUNDEVENT']._serialized_start=1231
+  _globals['_ROUNDEVENT']._serialized_end=1496
+  _globals['_FETCHMODELREQUEST']._serialized_start=1499
+  _globals['_FETCHMODELREQUEST']._serialized_end=1639
+  _globals['_MODELHEADER']._serialized_start=1641
+  _globals['_MODELHEADER']._serialized_end=1740
+  _globals['_MODELCHUNK']._serialized_start=1742
+  _globals['_MODELCHUNK']._serialized_end=1839
+  _globals['_UPDATEHEADER']._serialized_start=1842
+  _globals['_UPDATEHEADER']._serialized_end=2056
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=2010
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=2056
+  _globals['_UPDATETRAILER']._serialized_start=2058
+  _globals['_UPDATETRAILER']._serialized_end=2089
+  _globals['_UPDATEMESSAGE']._serialized_start=2092
+  _globals['_UPDATEMESSAGE']._serialized_end=2238
+  _globals['_UPDATERECEIPT']._serialized_start=2240
+  _globals['_UPDATERECEIPT']._serialized_end=2336
+  _globals['_FEDERATION']._serialized_start=2582
+  _globals['_FEDERATION']._serialized_end=2800
 # @@protoc_insertion_point(module_scope)
