@@ -94,8 +94,10 @@ class RoundState:
             return
         self.revoked.add(client_id)
         if client_id in self.accepted or client_id in self.folding:
+            # Unnamed: every client hears this reason (RoundClosed), and who took part is
+            # the operator's to know (the engine's log and the audit name the client).
             self.invalidated = (
-                f"client {client_id} was revoked after its update was aggregated; "
+                "a selected client was revoked after its update was aggregated; "
                 "the round is retried without it"
             )
         else:
