@@ -11,12 +11,16 @@ from fedmae.config import TrainingConfig
 from fedmae.errors import ConfigError
 from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
 
+# With fewer participants than this, one of them can infer another's update from the
+# published model: it knows its own delta and the model before and after.
+SAFE_MIN_PARTICIPANTS = 3
+
 
 @dataclass(frozen=True)
 class RoundPolicy:
     """When a round starts, whom it asks, and when it closes."""
 
-    min_clients: int = 2  # connected clients needed before a round starts
+    min_clients: int = 3  # connected clients needed before a round starts (>= min_participants)
     fraction: float = 1.0  # share of connected clients selected each round
     min_updates: int = 0  # accepted updates needed to publish; 0 = min_clients
     rounds: int = 5  # published rounds to run; 0 = run until stopped
@@ -30,10 +34,26 @@ class RoundPolicy:
     # Over-selection: with fraction/min_clients selecting more clients than needed, close
     # as soon as this many updates arrived (0 = wait for every selected client).
     target_updates: int = 0
+    # Accepted updates below which a round never publishes, whatever min_updates says:
+    # with 2 participants, each recovers the other's update from the published model
+    # and its own (issue 13). Lower only for a test federation whose sites trust each
+    # other.
+    min_participants: int = SAFE_MIN_PARTICIPANTS
 
     def __post_init__(self) -> None:
         if self.min_clients < 1:
             raise ValueError("min_clients must be at least 1")
+        if self.min_participants < 1:
+            raise ValueError("min_participants must be at least 1")
+        if self.min_clients < self.min_participants:
+            raise ConfigError(
+                f"--min-clients {self.min_clients} is below --min-participants "
+                f"{self.min_participants}: a round started with {self.min_clients} clients "
+                f"could never publish. Start at least {self.min_participants} clients and "
+                f"pass --min-clients {self.min_participants}, or, for a test federation "
+                f"whose sites trust each other, lower --min-participants to "
+                f"{self.min_clients}"
+            )
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError("fraction must be in (0, 1]")
         if self.min_updates < 0 or self.rounds < 0 or self.round_timeout_s <= 0:
@@ -41,6 +61,8 @@ class RoundPolicy:
 
     @property
     def required_updates(self) -> int:
+        """``min_updates``, else ``min_clients`` (``RoundState.to_publish`` adds the
+        ``min_participants`` floor)."""
         return self.min_updates or self.min_clients
 
 

@@ -3,7 +3,8 @@
 One round: wait for ``min_clients`` subscribers, select (seeded), run the round's
 phases (``round_state.ROUND_PHASES``; today TRAIN), close when every phase is done or at
 the deadline, publish a new version (``published_model``) if at least ``min_updates``
-were accepted, else retry the round. ``docs/architecture.md`` walks through it.
+(and ``min_participants``) were accepted, else retry the round.
+``docs/architecture.md`` walks through it.
 
 The servicers in ``aggregator_service.rpc`` translate the wire to calls on this object
 and its parts ``uploads`` (admission, the fold) and ``downloads`` (slots, streams).
@@ -300,12 +301,14 @@ class RoundEngine:
                 encoding=encoding_from_name(self.config.training.update_encoding),
                 target_updates=self.policy.target_updates,
                 close_rule=self.strategy.updates_to_close,
+                required=self.strategy.updates_to_publish(self.policy.required_updates),
+                min_participants=self.policy.min_participants,
                 norm_bound=norm_bound,
             )
             if self.secagg is not None:
                 state.secure = SecureRound.open(
                     state, self.secagg, self.config.secure, self.layout.numel, self.keys_check,
-                    required=self.strategy.updates_to_publish(self.policy.required_updates),
+                    required=state.to_publish(),
                 )  # fmt: skip
             log.info("round %d (attempt %d) started: %d of %d clients selected, base version %d",
                      round_, attempt, len(selected), len(self.subscribers),
@@ -341,7 +344,6 @@ class RoundEngine:
 
     def _close_round(self, state: RoundState, timings: dict[str, float]) -> bool:
         """Close the round, publish its model if enough updates came, log it, tell all."""
-        required = self.strategy.updates_to_publish(self.policy.required_updates)
         with self._cond:
             state.closed = True  # later completions get DEADLINE_EXCEEDED
             self.phase = "closing"
@@ -349,7 +351,7 @@ class RoundEngine:
         if state.secure is not None and not state.invalidated and not self._stop.is_set():
             self.uploads.unmask(state)  # outside the lock: a pass over the model per mask
         with self._cond:
-            status, reason = state.outcome(required, stopping=self._stop.is_set())
+            status, reason = state.outcome(stopping=self._stop.is_set())
         success = status == "published"
         next_version = None
         if success:  # outside the engine's lock: full-model passes and an fsync

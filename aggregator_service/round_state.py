@@ -47,6 +47,10 @@ class RoundState:
     close_rule: Callable[[int, int], int] = lambda available, target: (
         min(target, available) if target else available
     )
+    required: int = 1  # accepted updates to publish (``Strategy.updates_to_publish``)
+    # The floor under ``required`` whatever the strategy says (``RoundPolicy``): fewer
+    # participants could infer each other's updates from the published model.
+    min_participants: int = 1
     accepted: dict[str, ClientResult] = field(default_factory=dict)
     uploading: set[str] = field(default_factory=set)  # admitted, not yet accepted or refused
     folding: set[str] = field(default_factory=set)  # being added into the aggregate now
@@ -61,10 +65,17 @@ class RoundState:
     bytes_in: int = 0
     bytes_out: int = 0
 
+    def to_publish(self) -> int:
+        """Accepted updates the round needs to publish a new version."""
+        return max(1, self.required, self.min_participants)
+
     def needed(self) -> int:
-        """Updates that close the round early: every selected client, or the target."""
+        """Updates that close the round early: every selected client, or the target,
+        but not fewer than it takes to publish while enough clients may still send."""
         available = len(set(self.selected) - self.revoked)
-        return self.close_rule(available, self.target_updates)
+        return max(
+            self.close_rule(available, self.target_updates), min(self.to_publish(), available)
+        )
 
     def awaits(self, client_id: str) -> bool:
         """Whether the running phase still waits for this client to start its part (a
@@ -84,23 +95,31 @@ class RoundState:
             return
         self.revoked.add(client_id)
         if client_id in self.accepted or client_id in self.folding:
+            # Unnamed: every client hears this reason (RoundClosed), and who took part is
+            # the operator's to know (the engine's log and the audit name the client).
             self.invalidated = (
-                f"client {client_id} was revoked after its update was aggregated; "
+                "a selected client was revoked after its update was aggregated; "
                 "the round is retried without it"
             )
         else:
             self.rejected[client_id] = f"revoked{why}"
 
-    def outcome(self, required: int, stopping: bool) -> tuple[str, str]:
+    def outcome(self, stopping: bool) -> tuple[str, str]:
         """(status, reason) of the closed round: published, failed or aborted."""
         reported = len(self.accepted)
         if self.invalidated:
             return "failed", self.invalidated
-        if reported >= max(1, required):
+        if reported >= self.to_publish():
             return "published", ""
         if stopping:
             return "aborted", "aggregator stopped during the round"
-        return "failed", f"only {reported} of {required} required updates"
+        if reported < self.min_participants:
+            who = "participant" if reported == 1 else "participants"
+            return "failed", (
+                f"only {reported} {who}: a round needs at least {self.min_participants} "
+                "to publish (--min-participants)"
+            )
+        return "failed", f"only {reported} of {self.to_publish()} required updates"
 
     def progress(self, now: float) -> dict[str, Any]:
         """The open round's part of the engine's status snapshot (``now``: monotonic)."""

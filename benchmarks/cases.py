@@ -143,7 +143,9 @@ def bench_transfer(params: int, reps: int = 9) -> dict:
     layout = _layout(params)
     config = ServerConfig(
         state_dir=fed.work / "state", listen="127.0.0.1:0", certs_dir=fed.certs,
-        policy=RoundPolicy(min_clients=1, rounds=0, round_timeout_s=600, retry_delay_s=0.05),
+        policy=RoundPolicy(
+            min_clients=1, rounds=0, round_timeout_s=600, retry_delay_s=0.05, min_participants=1
+        ),
         training=TrainingConfig(model=f"blob:{params}"), max_requests_per_s=0,
         enroll_listen="off", exit_grace_s=0.1,
     )  # fmt: skip
@@ -190,8 +192,9 @@ def bench_round(params: int, clients: int, rounds: int = 4, raw_MiBps: float | N
     names = [f"c{i}" for i in range(clients)]
     fed = Federation(names)
     agg = AggregatorProcess(
-        fed.work, fed.certs, f"blob:{params}", "--min-clients", str(clients), "--rounds",
-        str(rounds), "--round-timeout", "600", "--max-workers", str(max(64, 2 * clients + 16)),
+        fed.work, fed.certs, f"blob:{params}", "--min-clients", str(clients),
+        "--min-participants", str(min(clients, 3)), "--rounds", str(rounds),
+        "--round-timeout", "600", "--max-workers", str(max(64, 2 * clients + 16)),
     )  # fmt: skip
     procs: list[subprocess.Popen] = []
     try:

@@ -187,11 +187,10 @@ class ClientAgent:
                     self._secure.closed(body.round, body.attempt)
                 if body.success:
                     log.info(
-                        "%s: round %d closed: version %d from %d clients, val_loss %.4f",
+                        "%s: round %d closed: version %d, val_loss %.4f",
                         self.client_id,
                         body.round,
                         body.version,
-                        len(body.participants),
                         body.val_loss,
                     )
                 else:

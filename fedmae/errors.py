@@ -57,6 +57,18 @@ class FailedPrecondition(FedmaeError):
     """A request the current state forbids (revoking the last admin, or oneself)."""
 
 
+class KeysRejected(InvalidRequest):
+    """Secure-aggregation keys whose signature or certificate chain does not verify."""
+
+
+class SecAggAborted(FedmaeError):
+    """A site refuses to go on with a secure-aggregation round: one of its checks failed."""
+
+
+class SecAggFailed(FedmaeError):
+    """A secure-aggregation round that cannot be unmasked (too few sites or shares)."""
+
+
 class LimitExceeded(FedmaeError):
     """Over a size or rate limit."""
 

@@ -51,8 +51,6 @@ class _ClosedRound(Protocol):
     round: int
     attempt: int
     version: int
-    participants: list[str]
-    num_samples: int
     train_loss: float | None
     val_loss: float | None
     reason: str
@@ -107,15 +105,18 @@ class ModelPublished:
 
 @dataclass(frozen=True)
 class RoundClosed:
-    """A round ended: published (``success``) or failed, and who took part."""
+    """A round ended: published (``success``) or failed, with the aggregate metrics.
+
+    Not who took part nor the round's sample total: a client that knows its own delta
+    and count would recover a co-participant's delta from them and the published model
+    (issue 13). The operator's views (Admin.Status, WatchRounds, the round log) keep
+    them."""
 
     kind: ClassVar[str] = "round_closed"
     round: int
     attempt: int
     success: bool
     version: int  # published (success) or unchanged
-    participants: list[str]
-    num_samples: int
     train_loss: float
     val_loss: float
     reason: str
@@ -125,8 +126,7 @@ class RoundClosed:
         """The event of a closed round's record (no loss reported: 0.0)."""
         return cls(
             round=record.round, attempt=record.attempt, success=record.published,
-            version=record.version, participants=record.participants,
-            num_samples=record.num_samples, train_loss=record.train_loss or 0.0,
+            version=record.version, train_loss=record.train_loss or 0.0,
             val_loss=record.val_loss or 0.0, reason=record.reason,
         )  # fmt: skip
 

@@ -68,7 +68,8 @@ def main() -> int:
                        capture_output=True)  # fmt: skip
     serve_args = [*FEDMAE, "serve", "--state-dir", str(state), "--certs", str(certs),
                   "--listen", f"127.0.0.1:{port}", "--enroll-listen", "off",
-                  "--min-clients", "2", "--min-updates", "2", "--rounds", str(args.rounds),
+                  "--min-clients", "2", "--min-participants", "2", "--min-updates", "2",
+                  "--rounds", str(args.rounds),
                   "--round-timeout", "120", "--dropout-grace", "3"]  # fmt: skip
     logs: list = []
 

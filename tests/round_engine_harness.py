@@ -131,10 +131,10 @@ def start_engine(
 def start_round_c_owes(
     state_dir: Path, clock: FakeClock
 ) -> tuple[RoundEngine, dict[str, Client], EngineThread]:
-    """Round 1 of 1 for clients a, b, c (it closes on 2 updates): a and b have sent
-    theirs, c owes one. The caller stops the loop."""
+    """Round 1 of 1 for clients a, b, c (it closes on 2 updates, min_participants 2):
+    a and b have sent theirs, c owes one. The caller stops the loop."""
     engine, clients, loop = start_engine(
-        state_dir, clock, "abc", min_clients=3, min_updates=2, rounds=1
+        state_dir, clock, "abc", min_clients=3, min_updates=2, rounds=1, min_participants=2
     )
     try:
         for c in "ab":

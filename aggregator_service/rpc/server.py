@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from aggregator_service import admin_pins
 from aggregator_service.checkpoint_store import CheckpointStore
-from aggregator_service.config import ServerConfig
+from aggregator_service.config import SAFE_MIN_PARTICIPANTS, ServerConfig
 from aggregator_service.engine import RoundEngine
 from aggregator_service.global_eval import GlobalEvaluator
 from aggregator_service.metrics import Metrics
@@ -160,6 +160,12 @@ class AggregatorServer:
                 )  # fmt: skip
             self.auth.root_pem = certs.root_pem()  # an admin to pin must be signed by it
             admin_pins.pin_from_certs_dir(self.registry, certs)
+        if (n := config.policy.min_participants) < SAFE_MIN_PARTICIPANTS:
+            log.warning(
+                "--min-participants %d: with fewer than %d participants in a round, a "
+                "participant can infer another's update from the published model (for a "
+                "test federation whose sites trust each other)", n, SAFE_MIN_PARTICIPANTS,
+            )  # fmt: skip
         self._stop = threading.Event()
         self._server: grpc.Server | None = None
         self._enroll_server: grpc.Server | None = None

@@ -69,7 +69,8 @@ class Strategy(ABC):
 
     def updates_to_publish(self, required: int) -> int:
         """Accepted updates a closed round needs to publish a new model; ``required`` is
-        the policy's minimum (``min_updates``, else ``min_clients``). Never below one."""
+        the policy's minimum (``min_updates``, else ``min_clients``). Never below one.
+        The engine adds its own floor, ``min_participants`` (``RoundState.to_publish``)."""
         return max(1, required)
 
     def begin_round(self, numel: int) -> None:  # noqa: B027 (a hook; most rules keep no state)

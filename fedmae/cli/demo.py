@@ -138,6 +138,8 @@ def _tail(path: Path, lines: int = 5) -> str:
 
 
 def run_demo(cfg: DemoConfig) -> int:
+    from aggregator_service.config import SAFE_MIN_PARTICIPANTS
+
     state = cfg.state_dir.resolve()
     if cfg.fresh:
         _reset(state)
@@ -161,6 +163,13 @@ def run_demo(cfg: DemoConfig) -> int:
         f"state in {state}",
         flush=True,
     )
+    if cfg.clients < SAFE_MIN_PARTICIPANTS:
+        print(
+            f"note: with {cfg.clients} client(s) a round publishes with fewer than "
+            f"{SAFE_MIN_PARTICIPANTS} participants, so each can infer the others' updates "
+            "from the published model; fine for a demo, not for real sites",
+            flush=True,
+        )
     start = time.monotonic()
     try:
         server_log = open(logs / "aggregator.log", "w")
@@ -173,6 +182,9 @@ def run_demo(cfg: DemoConfig) -> int:
                 "--enroll-listen", enroll_addr,
                 "--certs", str(certs.dir),
                 "--min-clients", str(cfg.clients),
+                # Fewer than 3 demo clients publish anyway: the sites are all ours (the
+                # aggregator warns that such a round leaks updates between them).
+                "--min-participants", str(min(cfg.clients, SAFE_MIN_PARTICIPANTS)),
                 "--rounds", str(cfg.rounds),
                 "--round-timeout", str(cfg.round_timeout_s),
                 "--local-epochs", str(cfg.local_epochs),

@@ -224,7 +224,16 @@ def build(sub: argparse._SubParsersAction) -> None:
         "clipped updates); default %(default)s",
     )
     s.add_argument(
-        "--min-clients", type=int, default=2, help="connected clients to start a round" + D
+        "--min-clients", type=int, default=3, help="connected clients to start a round" + D
+    )
+    s.add_argument(
+        "--min-participants",
+        type=int,
+        default=3,
+        help="accepted updates below which a round never publishes, whatever --min-updates "
+        "says: with fewer, a participant can infer another's update from the published "
+        "model; lower it only for a test federation whose sites trust each other; at most "
+        "--min-clients" + D,
     )
     s.add_argument(
         "--fraction", type=float, default=1.0, help="share of clients asked each round" + D

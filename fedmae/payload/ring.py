@@ -15,40 +15,10 @@ from fedmae.errors import InvalidUpdate
 from fedmae.payload.buffers import BufferPool
 from fedmae.payload.digest import PayloadDigest, check_digest
 from fedmae.payload.encodings import Encoding
-from fedmae.payload.layout import Manifest, TensorSpec
+from fedmae.payload.layout import Manifest, check_ring_manifest
 
-MASKED_INPUT = "secagg.masked_input"
-RING_ENCODINGS = {32: Encoding.RING32, 64: Encoding.RING64}
 _DTYPES = {32: np.dtype("<u4"), 64: np.dtype("<u8")}
-
-
-def ring_manifest(length: int, bits: int, digest: str = "") -> Manifest:
-    """The manifest of a masked input of ``length`` elements of Z_{2^bits}."""
-    dtype = _DTYPES[bits]
-    nbytes = length * dtype.itemsize
-    spec = TensorSpec(MASKED_INPUT, (length,), f"uint{bits}", 0, nbytes)
-    return Manifest((spec,), RING_ENCODINGS[bits], nbytes, digest)
-
-
-def check_ring_manifest(manifest: Manifest, length: int, bits: int) -> None:
-    """InvalidUpdate unless ``manifest`` is exactly the masked input the round expects."""
-    expected = ring_manifest(length, bits)
-    if manifest.encoding != expected.encoding:
-        try:
-            got = Encoding(manifest.encoding).name.lower()
-        except ValueError:
-            got = str(manifest.encoding)
-        raise InvalidUpdate(
-            f"this round is secure: an update is a masked input in encoding "
-            f"{expected.encoding.name.lower()}, not {got}"
-        )
-    if manifest.tensors != expected.tensors or manifest.total_bytes != expected.total_bytes:
-        raise InvalidUpdate(
-            f"a masked input is one tensor {MASKED_INPUT!r} of {length} uint{bits} elements "
-            f"({expected.total_bytes} bytes); got "
-            + ", ".join(f"{t.name!r} {list(t.shape)} {t.dtype}" for t in manifest.tensors)
-            + f" ({manifest.total_bytes} bytes)"
-        )
+_ENCODINGS = {32: Encoding.RING32, 64: Encoding.RING64}
 
 
 class RingDecoder:
@@ -56,7 +26,7 @@ class RingDecoder:
     the ring vector (a view of the buffer until ``release``)."""
 
     def __init__(self, manifest: Manifest, length: int, bits: int, pool: BufferPool | None):
-        check_ring_manifest(manifest, length, bits)
+        check_ring_manifest(manifest, length, _ENCODINGS[bits])
         self.bits = bits
         self.length = length
         self.total = int(manifest.total_bytes)

@@ -23,6 +23,11 @@ RING_DTYPES = {32: np.dtype(np.uint32), 64: np.dtype(np.uint64)}
 PAIRWISE_NONCE = (0).to_bytes(4, "little") + b"fedmae-pair\x00"
 SELF_NONCE = (0).to_bytes(4, "little") + b"fedmae-self\x00"
 
+# Elements per block when a masked input is built or a sum unmasked: 1 MiB of uint32
+# (2 MiB of uint64) of keystream at a time, so no party holds a second full-length mask
+# beside its one input or sum array (a 10 M-parameter model would need 40-80 MB each).
+BLOCK = 1 << 18
+
 _CHUNK_BYTES = 1 << 20
 _ZEROS = bytes(_CHUNK_BYTES)
 

@@ -87,12 +87,18 @@ def reconstruct(shares: Sequence[Share], threshold: int) -> bytes:
 
 def interpolate_at_zero(points: Sequence[Share]) -> int:
     """The value at 0 of the polynomial through ``points`` (Lagrange, mod PRIME)."""
+    return interpolate_at(points, 0)
+
+
+def interpolate_at(points: Sequence[Share], x: int) -> int:
+    """The value at ``x`` of the polynomial through ``points`` (Lagrange, mod PRIME): at
+    0 the secret; at a holder's x, what its share should be."""
     total = 0
     for i, share_i in enumerate(points):
         numerator, denominator = 1, 1
         for j, share_j in enumerate(points):
             if i != j:
-                numerator = numerator * (-share_j.x) % PRIME
+                numerator = numerator * (x - share_j.x) % PRIME
                 denominator = denominator * (share_i.x - share_j.x) % PRIME
         total = (total + share_i.y * numerator * pow(denominator, -1, PRIME)) % PRIME
     return total

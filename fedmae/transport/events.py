@@ -121,8 +121,7 @@ def event_from_proto(msg: pb.RoundEvent) -> RoundEvent | None:
         manifest = manifest_from_proto(published.manifest)
         body = _from_proto(published, ModelPublished, manifest=manifest)
     elif kind == "round_closed":
-        closed = msg.round_closed
-        body = _from_proto(closed, RoundClosed, participants=list(closed.participants))
+        body = _from_proto(msg.round_closed, RoundClosed)
     elif kind == "run_finished":
         body = _from_proto(msg.run_finished, RunFinished)
     elif kind == "heartbeat":

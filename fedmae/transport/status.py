@@ -32,6 +32,7 @@ STATUS_CODES: Mapping[type[errors.FedmaeError], grpc.StatusCode] = {
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.InvalidUpdate: grpc.StatusCode.INVALID_ARGUMENT,
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.KeysRejected: grpc.StatusCode.INVALID_ARGUMENT,
     errors.StaleUpdate: grpc.StatusCode.FAILED_PRECONDITION,
     errors.DuplicateUpdate: grpc.StatusCode.FAILED_PRECONDITION,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
@@ -45,6 +46,10 @@ STATUS_CODES: Mapping[type[errors.FedmaeError], grpc.StatusCode] = {
     # A conflict between two holders of one identity, not a server fault: agents stop
     # on ABORTED instead of evicting each other forever.
     errors.ConnectionReplaced: grpc.StatusCode.ABORTED,
+    # A site stopped a secure-aggregation round on a failed check: trying the same
+    # round again cannot pass it.
+    errors.SecAggAborted: grpc.StatusCode.ABORTED,
+    errors.SecAggFailed: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.ServerFault: grpc.StatusCode.INTERNAL,

@@ -37,7 +37,9 @@ def admin_server(tmp_path):
     servers = []
 
     def start():
-        servers.append(make_server(tmp_path / "state", certs, min_clients=2, rounds=1))
+        servers.append(
+            make_server(tmp_path / "state", certs, min_clients=2, rounds=1, min_participants=1)
+        )
         return servers[-1], servers[-1].start()
 
     yield certs, start
@@ -127,7 +129,9 @@ def test_f6_an_expired_certificate_ends_the_stream(tmp_path):
     registry = Registry(tmp_path / "state" / "fedmae.db")
     registry.register("test", "short", info.fingerprint, info.serial, info.not_after)
     registry.close()
-    server = make_server(tmp_path / "state", certs, min_clients=2, rounds=1)  # heartbeats 1 s
+    server = make_server(
+        tmp_path / "state", certs, min_clients=2, rounds=1, min_participants=1
+    )  # heartbeats 1 s
     port = server.start()
     events: queue.Queue = queue.Queue()
     try:

@@ -26,7 +26,7 @@ from fedmae.transport.transfer import submit_update
 
 
 def test_unknown_or_foreign_certificates_and_roles(fed):
-    f = fed(min_clients=2)
+    f = fed(min_clients=2, min_participants=1)
     # Signed by our CA but never registered (e.g. issued offline without --state-dir).
     loose = issue_client(f.certs.dir, "loose", f.tmp / "loose")
     with pytest.raises(grpc.RpcError) as unknown:
@@ -63,7 +63,7 @@ def test_unknown_or_foreign_certificates_and_roles(fed):
 
 
 def test_revoked_client_is_cut_off_and_its_pending_update_dropped(fed):
-    f = fed(min_clients=2, rounds=1, min_updates=1)
+    f = fed(min_clients=2, rounds=1, min_updates=1, min_participants=1)
     a = f.connect(f.enroll(f.token(), name="a").identity.dir)
     b = f.connect(f.enroll(f.token(), name="b").identity.dir)
     for c in (a, b):
@@ -98,7 +98,7 @@ def test_revoked_client_is_cut_off_and_its_pending_update_dropped(fed):
 
 
 def test_revocation_after_aggregation_fails_and_retries_the_round(fed):
-    f = fed(min_clients=2, rounds=1, min_updates=1, retry_delay_s=0.1)
+    f = fed(min_clients=2, rounds=1, min_updates=1, retry_delay_s=0.1, min_participants=1)
     a = f.connect(f.enroll(f.token(), name="a").identity.dir)
     b = f.connect(f.enroll(f.token(), name="b").identity.dir)
     for x in (a, b):
@@ -118,7 +118,7 @@ def test_revocation_after_aggregation_fails_and_retries_the_round(fed):
 
 
 def test_admin_actions_and_enrollments_are_audited(fed):
-    f = fed()
+    f = fed(min_participants=1)
     f.enroll(f.token(name="s1"), name="s1")
     f.admin.RevokeClient(apb.RevokeClientRequest(client_id="s1", reason="test"), timeout=TIMEOUT)
     entries = f.admin.Audit(apb.AuditRequest(), timeout=TIMEOUT).entries

@@ -42,7 +42,7 @@ def _run_in_thread(agent: ClientAgent) -> tuple[threading.Thread, list[int]]:
 
 def test_agents_train_and_the_run_ends(tmp_path):
     certs, ids = make_identities(tmp_path, ["s1", "s2"])
-    server = make_server(tmp_path / "state", certs, min_clients=2, rounds=2)
+    server = make_server(tmp_path / "state", certs, min_clients=2, rounds=2, min_participants=1)
     port = server.start()
     agents = [_agent(port, ids["s1"], 0, 2), _agent(port, ids["s2"], 1, 2)]
     try:
@@ -68,7 +68,7 @@ def test_agents_train_and_the_run_ends(tmp_path):
 
 def test_agent_reconnects_after_the_aggregator_restarts(tmp_path):
     certs, ids = make_identities(tmp_path, ["s1"])
-    server = make_server(tmp_path / "state", certs, min_clients=1, rounds=2)
+    server = make_server(tmp_path / "state", certs, min_clients=1, rounds=2, min_participants=1)
     port = server.start()
     agent = _agent(port, ids["s1"], 0, 1)
     thread, rc = _run_in_thread(agent)
@@ -85,7 +85,9 @@ def test_agent_reconnects_after_the_aggregator_restarts(tmp_path):
         server.rounds.round_log.append = append_then_signal
         assert first.wait(timeout=60)
         server.stop(grace=0)
-        restarted = make_server(tmp_path / "state", certs, min_clients=1, rounds=2, port=port)
+        restarted = make_server(
+            tmp_path / "state", certs, min_clients=1, rounds=2, port=port, min_participants=1
+        )
         restarted.start()
         assert restarted.wait(timeout=120), "resumed run did not finish"
         thread.join(timeout=30)
@@ -107,7 +109,9 @@ def test_f11_an_agent_replaced_by_another_connection_stops(tmp_path):
     """Two agents with one identity: the older one is told (ABORTED) and exits non-zero
     instead of reconnecting, which would evict the newer one, and so on forever."""
     certs, ids = make_identities(tmp_path, ["s1"])
-    server = make_server(tmp_path / "state", certs, min_clients=2, rounds=1)  # no round
+    server = make_server(
+        tmp_path / "state", certs, min_clients=2, rounds=1, min_participants=1
+    )  # no round
     port = server.start()
     agent = _agent(port, ids["s1"], 0, 1)
     agent.config.status_file = tmp_path / "status.json"

@@ -37,7 +37,7 @@ from fedmae.transport.transfer import submit_update
 
 
 def test_enrolled_client_completes_a_round(fed):
-    f = fed(min_clients=1, rounds=1)
+    f = fed(min_clients=1, rounds=1, min_participants=1)
     result = f.enroll(f.token(), name="hospital-a")
     assert result.client_id == "hospital-a" and not result.renewed
     assert oct((result.identity.key).stat().st_mode & 0o777) == "0o600"
@@ -62,7 +62,7 @@ def test_enrolled_client_completes_a_round(fed):
 
 
 def test_token_reuse_expiry_and_unknown_are_refused(fed):
-    f = fed()
+    f = fed(min_participants=1)
     once = f.token()
     f.enroll(once, out="first")
     with pytest.raises(grpc.RpcError) as reused:
@@ -99,7 +99,7 @@ def test_token_reuse_expiry_and_unknown_are_refused(fed):
 
 
 def test_the_token_store_keeps_only_hashes(fed):
-    f = fed()
+    f = fed(min_participants=1)
     token = f.token(name="site-x")
     db = sqlite3.connect(f.server.registry.path)
     dump = "\n".join(db.iterdump())
@@ -117,7 +117,7 @@ def _enroll_raw(f: EnrollmentFederation, token: str, csr_pem: bytes, name: str =
 
 
 def test_forged_names_and_bad_csrs_are_refused(fed):
-    f = fed()
+    f = fed(min_participants=1)
     bound = f.token(name="hospital-a", uses=5)
     with pytest.raises(grpc.RpcError) as other_name:
         f.enroll(bound, name="hospital-b")
@@ -182,7 +182,7 @@ def test_forged_names_and_bad_csrs_are_refused(fed):
 
 
 def test_enrollment_response_never_carries_the_ca_key(fed):
-    f = fed()
+    f = fed(min_participants=1)
     _, csr = make_key_and_csr("site-1")
     resp = _enroll_raw(f, f.token(), csr, name="site-1")
     wire = resp.SerializeToString()
@@ -200,7 +200,7 @@ def test_enrollment_response_never_carries_the_ca_key(fed):
 
 
 def test_renewal_needs_a_bound_token_and_replaces_the_old_certificate(fed):
-    f = fed(min_clients=2)  # no round starts: only authorization is exercised
+    f = fed(min_clients=2, min_participants=1)  # no round starts: only authorization is exercised
     first = f.enroll(f.token(), name="lab-1", out="lab-1-old")
     with pytest.raises(grpc.RpcError) as taken:
         f.enroll(f.token(), name="lab-1", out="thief")  # unbound token, existing name
@@ -220,11 +220,11 @@ def test_ca_key_permissions_and_separate_path(tmp_path):
     certs = init_certs(tmp_path / "certs")
     certs.enrollment_ca_key.chmod(0o644)  # the key the aggregator signs enrollments with
     with pytest.raises(ConfigError, match="chmod 600"):
-        make_server(tmp_path / "state", certs.dir, 1, 1)
+        make_server(tmp_path / "state", certs.dir, 1, 1, min_participants=1)
     certs.enrollment_ca_key.unlink()  # a CERTS made before the enrollment CA: the root signs
     certs.ca_key.chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
-        make_server(tmp_path / "state", certs.dir, 1, 1)
+        make_server(tmp_path / "state", certs.dir, 1, 1, min_participants=1)
     outside = tmp_path / "vault" / "ca.key"
     outside.parent.mkdir()
     certs.ca_key.rename(outside)

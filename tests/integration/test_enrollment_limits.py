@@ -39,7 +39,7 @@ class Fed:
         # send many refused enrollments in a row from 127.0.0.1 on purpose.
         self.server = make_server(
             tmp_path / "state", self.certs.dir, min_clients=2, rounds=1,
-            server={"enroll_rate": 0},
+            server={"enroll_rate": 0}, min_participants=1,
         )  # fmt: skip
         self.port = self.server.start()
         self.addr = f"127.0.0.1:{self.port}"

@@ -26,7 +26,9 @@ from fedmae.transport._proto import enrollment_pb2_grpc as epb_grpc
 def test_f1_enrollment_port_serves_enrollment_only_with_small_limits(tmp_path):
     certs, _ = make_identities(tmp_path, [])
     # 0.1 enrollments per second per address: one call, then nothing for 10 s.
-    server = make_server(tmp_path / "state", certs, 1, 1, server={"enroll_rate": 0.1})
+    server = make_server(
+        tmp_path / "state", certs, 1, 1, server={"enroll_rate": 0.1}, min_participants=1
+    )
     server.start()
     channel = tls_only_channel(f"127.0.0.1:{server.enroll_port}", (certs / "ca.pem").read_bytes())
     try:
@@ -64,7 +66,9 @@ def test_f1_enroll_waits_out_the_rate_limit(tmp_path, caplog):
     """A script enrolling many devices from one address is slowed down, not refused:
     ``enroll`` waits and tries again on RESOURCE_EXHAUSTED."""
     certs, _ = make_identities(tmp_path, [])
-    server = make_server(tmp_path / "state", certs, 1, 1, server={"enroll_rate": 2.0})
+    server = make_server(
+        tmp_path / "state", certs, 1, 1, server={"enroll_rate": 2.0}, min_participants=1
+    )
     port = server.start()
     admin_channel, admin = open_admin(port, certs)
     ca_pem = (certs / "ca.pem").read_bytes()

@@ -3,6 +3,7 @@ failed and retried rounds, selection and over-selection, the generated stubs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import grpc
@@ -18,12 +19,15 @@ from federation_harness import (
     make_server,
     random_delta,
 )
+from google.protobuf.unknown_fields import UnknownFieldSet
 from safetensors.numpy import load_file
 
 from fedmae.payload.digest import payload_digest
 from fedmae.payload.encodings import encode
+from fedmae.rounds import RoundClosed
 from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport._proto import federation_pb2_grpc as pb_grpc
+from fedmae.transport.events import event_from_proto
 from fedmae.transport.transfer import fetch_model, submit_update, update_messages
 
 
@@ -80,12 +84,48 @@ def test_fedavg_is_exact_over_mtls(cluster, tmp_path):
     assert record["bytes_in"] == 3 * layout.numel * 4
     assert record["bytes_out"] >= layout.numel * 4  # the fetch above
     closed = clients["charlie"].wait_for("round_closed", round=1).round_closed
-    assert closed.success and list(closed.participants) == names
+    assert closed.success and closed.version == 1  # who took part: the log above only
+
+
+def test_clients_hear_the_version_and_aggregate_metrics_only(cluster):
+    """Issue 13: a client that knows its own delta and count, and the round's participant
+    list and sample total, would recover a co-participant's delta from the published
+    model. RoundClosed carries neither, and a round of fewer than 3 (the default
+    min_participants) does not publish."""
+    names = ["a", "b", "c"]
+    server, _port, clients, _ = cluster(names, rounds=2, round_timeout_s=4.0)
+    assert {"participants", "num_samples"}.isdisjoint(pb.RoundClosed.DESCRIPTOR.fields_by_name)
+    layout = server.layout
+
+    def send(n: str, round_: int) -> None:
+        task = clients[n].wait_for("task", round=round_).task
+        submit_update(clients[n].stub, layout, random_delta(layout, ord(n)), round_=round_,
+                      base_version=task.model_version, num_samples=4, timeout=TIMEOUT,
+                      metrics={"train_loss": 1.0, "val_loss": 2.0})  # fmt: skip
+
+    for n in names:
+        send(n, 1)
+    for c in clients.values():
+        msg = c.wait_for("round_closed", round=1)
+        sent = {f.name for f, _ in msg.round_closed.ListFields()}
+        assert sent == {"round", "attempt", "success", "version", "train_loss", "val_loss"}
+        assert len(UnknownFieldSet(msg.round_closed)) == 0  # nothing under numbers 5, 6
+        body = event_from_proto(msg).body
+        assert isinstance(body, RoundClosed) and body.success and body.version == 1
+        assert not {"participants", "num_samples"} & {f.name for f in dataclasses.fields(body)}
+    assert server.rounds.round_log.read()[0]["participants"] == names  # the operator's
+    for n in ("a", "b"):  # c sends nothing in round 2: 2 participants, below the 3
+        send(n, 2)
+    failed = clients["a"].wait_for("round_closed", round=2).round_closed
+    assert not failed.success and failed.version == 1
+    assert failed.reason == (
+        "only 2 participants: a round needs at least 3 to publish (--min-participants)"
+    )
 
 
 def test_fp16_and_bf16_updates_are_aggregated(cluster):
     names = ["a", "b"]
-    server, _port, clients, _ = cluster(names, rounds=1)
+    server, _port, clients, _ = cluster(names, rounds=1, min_participants=2)
     layout = server.layout
     for c in clients.values():
         c.wait_for("task")
@@ -110,7 +150,7 @@ def test_fp16_and_bf16_updates_are_aggregated(cluster):
 
 def test_restart_resumes_from_the_last_published_version(tmp_path):
     certs_dir, ids = make_identities(tmp_path, ["a"])
-    server = make_server(tmp_path / "state", certs_dir, min_clients=1, rounds=1)
+    server = make_server(tmp_path / "state", certs_dir, min_clients=1, rounds=1, min_participants=1)
     port = server.start()
     client = ScriptedClient(port, ids["a"])
     try:
@@ -125,7 +165,7 @@ def test_restart_resumes_from_the_last_published_version(tmp_path):
         client.close()
         server.stop(grace=0)
 
-    again = make_server(tmp_path / "state", certs_dir, min_clients=1, rounds=2)
+    again = make_server(tmp_path / "state", certs_dir, min_clients=1, rounds=2, min_participants=1)
     assert again.rounds.version == 1 and again.rounds.next_round == 2
     assert torch.equal(again.rounds.global_flat, v1)
     port = again.start()
@@ -140,7 +180,9 @@ def test_restart_resumes_from_the_last_published_version(tmp_path):
 
 def test_round_without_enough_updates_fails_and_is_retried(cluster):
     names = ["a", "b"]
-    server, _port, clients, _ = cluster(names, rounds=1, round_timeout_s=1.5, retry_delay_s=0.1)
+    server, _port, clients, _ = cluster(
+        names, rounds=1, round_timeout_s=1.5, retry_delay_s=0.1, min_participants=1
+    )  # the min_clients rule, not the participant floor (tests/unit/test_min_participants.py)
     layout = server.layout
     for c in clients.values():
         c.wait_for("task", round=1, attempt=1)
@@ -177,7 +219,9 @@ def test_selection_is_seeded_and_respects_fraction():
 
 def test_over_selection_closes_at_the_target_and_refuses_the_straggler(cluster):
     names = ["a", "b", "c"]
-    server, _port, clients, _ = cluster(names, rounds=2, target_updates=2, min_updates=2)
+    server, _port, clients, _ = cluster(
+        names, rounds=2, target_updates=2, min_updates=2, min_participants=2
+    )
     layout = server.layout
     for c in clients.values():
         c.wait_for("task", round=1)
@@ -185,7 +229,8 @@ def test_over_selection_closes_at_the_target_and_refuses_the_straggler(cluster):
         submit_update(clients[n].stub, layout, random_delta(layout, ord(n)), round_=1,
                       base_version=0, num_samples=4, timeout=TIMEOUT)  # fmt: skip
     closed = clients["c"].wait_for("round_closed", round=1).round_closed
-    assert closed.success and list(closed.participants) == ["a", "b"]
+    assert closed.success
+    assert server.rounds.round_log.read()[0]["participants"] == ["a", "b"]
     with pytest.raises(grpc.RpcError) as late:
         submit_update(clients["c"].stub, layout, random_delta(layout, 3), round_=1,
                       base_version=0, num_samples=4, timeout=TIMEOUT)  # fmt: skip
@@ -208,7 +253,7 @@ def test_multi_tensor_model_in_many_small_chunks(tmp_path):
     try:
         server = AggregatorServer(ServerConfig(
             state_dir=tmp_path / "state", listen="127.0.0.1:0", certs_dir=certs_dir,
-            policy=RoundPolicy(min_clients=1, rounds=1), chunk_size=4096,
+            policy=RoundPolicy(min_clients=1, rounds=1, min_participants=1), chunk_size=4096,
             training=TrainingConfig(model="blob:312345"), max_requests_per_s=0,
         ))  # fmt: skip
     finally:
@@ -233,7 +278,7 @@ def test_multi_tensor_model_in_many_small_chunks(tmp_path):
 
 
 def test_other_encodings_are_encoded_once_for_all_downloads(cluster):
-    server, _port, clients, _ = cluster(["a", "b"], rounds=1)
+    server, _port, clients, _ = cluster(["a", "b"], rounds=1, min_participants=2)
     layout = server.layout
     fp32 = fetch_flat(clients["a"], layout, 0)
     ha, fa = fetch_model(clients["a"].stub, layout, 0, encoding=pb.ENCODING_FP16, timeout=TIMEOUT)
@@ -246,7 +291,7 @@ def test_other_encodings_are_encoded_once_for_all_downloads(cluster):
 def test_plain_generated_stubs_interoperate(cluster):
     """The fast framing is only an implementation: a peer with plain generated stubs
     (protobuf parsing and serializing every chunk) downloads and uploads the same."""
-    server, port, clients, ids = cluster(["a"], rounds=1)
+    server, port, clients, ids = cluster(["a"], rounds=1, min_participants=1)
     layout = server.layout
     clients["a"].wait_for("task")
     fast = fetch_flat(clients["a"], layout, 0)

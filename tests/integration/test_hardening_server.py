@@ -50,7 +50,9 @@ def _services(channel: grpc.Channel) -> set[str]:
 @pytest.mark.parametrize("reflection", [False, True])
 def test_f1_reflection_only_when_asked_and_only_on_the_mtls_port(tmp_path, reflection):
     certs, ids = make_identities(tmp_path, ["a"])
-    server = make_server(tmp_path / "state", certs, 2, 1, server={"reflection": reflection})
+    server = make_server(
+        tmp_path / "state", certs, 2, 1, server={"reflection": reflection}, min_participants=1
+    )
     port = server.start()
     client = ScriptedClient(port, ids["a"], subscribe=False)
     outsider = tls_only_channel(f"127.0.0.1:{server.enroll_port}", (certs / "ca.pem").read_bytes())
@@ -74,7 +76,9 @@ def test_f1_agent_backs_off_while_the_server_is_at_its_call_limit(tmp_path):
     at once (instead of waiting forever behind long streams). The agent takes that as
     "busy": it backs off and joins once a call ends, instead of giving up."""
     certs, ids = make_identities(tmp_path, ["s1"])
-    server = make_server(tmp_path / "state", certs, 1, 1, server={"max_workers": 3})
+    server = make_server(
+        tmp_path / "state", certs, 1, 1, server={"max_workers": 3}, min_participants=1
+    )
     port = server.start()
     admin_channel, admin = open_admin(port, certs)
     watches = [
@@ -161,7 +165,9 @@ def test_f6_connection_age_makes_callers_handshake_again_without_cutting_a_round
     it.) Calls already running are not cut: the subscribed client's event stream, older
     than the age, still delivers its round."""
     certs, ids = make_identities(tmp_path, ["a"])
-    server = make_server(tmp_path / "state", certs, 1, 1, server={"max_connection_age_s": 1.0})
+    server = make_server(
+        tmp_path / "state", certs, 1, 1, server={"max_connection_age_s": 1.0}, min_participants=1
+    )
     port = server.start()
     client = channel = None
     try:
@@ -224,7 +230,9 @@ def test_f13_insecure_listens_on_loopback_only(tmp_path, listen, ok):
 
 
 def test_f13_insecure_mode_serves_no_admin(tmp_path):
-    server = make_server(tmp_path / "state", tmp_path / "certs", 1, 1, server={"insecure": True})
+    server = make_server(
+        tmp_path / "state", tmp_path / "certs", 1, 1, server={"insecure": True}, min_participants=1
+    )
     port = server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
@@ -249,7 +257,7 @@ def test_round_is_logged_before_it_is_announced(tmp_path):
     """Whoever hears of version N (ModelPublished, RoundClosed, Status) finds round N in
     rounds.jsonl: the line is written (fsynced) before the events go out."""
     certs, ids = make_identities(tmp_path, ["a"])
-    server = make_server(tmp_path / "state", certs, 1, 1)
+    server = make_server(tmp_path / "state", certs, 1, 1, min_participants=1)
     order: list[str] = []
     rounds = server.rounds
     append, send = rounds.round_log.append, rounds.subscribers.send

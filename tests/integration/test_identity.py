@@ -168,7 +168,7 @@ def test_f5_enrollment_ca_cannot_mint_a_server_certificate_that_clients_accept(t
 def test_f5_aggregator_enrolls_with_the_enrollment_ca_and_no_root_key(tmp_path, capsys):
     certs, signer, admin = tmp_path / "certs", tmp_path / "signer", tmp_path / "admin"
     init_certs(certs, signer=signer, admin_out=admin)
-    server = make_server(tmp_path / "state", certs, min_clients=2, rounds=1)
+    server = make_server(tmp_path / "state", certs, min_clients=2, rounds=1, min_participants=1)
     port = server.start()
     try:
         assert server.ca is not None and server.ca.key_path == certs / "enrollment-ca.key"
@@ -230,7 +230,7 @@ def test_f7_state_files_and_directories_are_private(tmp_path, umask_022):
     RoundLog(state / "rounds.jsonl").append({"round": 1})  # an existing 0644 log is tightened
     (state / "rounds.jsonl").chmod(0o644)
     certs, _ = make_identities(tmp_path, [], state_dir=state)
-    server = make_server(state, certs, min_clients=2, rounds=1)
+    server = make_server(state, certs, min_clients=2, rounds=1, min_participants=1)
     server.rounds.round_log.append({"round": 2})
     server.registry.create_token("test")  # a write: SQLite has made its -wal and -shm
     try:

@@ -47,7 +47,7 @@ def _drain(q: queue.Queue) -> list:
 
 def test_watchers_get_every_round_once_in_order_across_a_restart(tmp_path):
     certs, ids = make_identities(tmp_path, ["a", "b"])
-    server = make_server(tmp_path / "state", certs, min_clients=2, rounds=5)
+    server = make_server(tmp_path / "state", certs, min_clients=2, rounds=5, min_participants=1)
     port = server.start()
     watchers = [_watcher(port, certs), _watcher(port, certs)]
     clients = {n: ScriptedClient(port, ids[n]) for n in ids}
@@ -56,7 +56,9 @@ def test_watchers_get_every_round_once_in_order_across_a_restart(tmp_path):
         for c in clients.values():
             c.close()
         server.stop(grace=0)  # a crash after round 3: the watchers lose the aggregator ...
-        server = make_server(tmp_path / "state", certs, min_clients=2, rounds=5, port=port)
+        server = make_server(
+            tmp_path / "state", certs, min_clients=2, rounds=5, port=port, min_participants=1
+        )
         server.start()  # ... and find it again, resuming after the last record they saw
         clients = {n: ScriptedClient(port, ids[n]) for n in ids}
         drive_rounds(clients, server.layout, [4, 5])
@@ -80,7 +82,7 @@ def test_watchers_get_every_round_once_in_order_across_a_restart(tmp_path):
 
 def test_status_metrics_and_who_may_watch(tmp_path):
     certs, ids = make_identities(tmp_path, ["a", "b"])
-    server = make_server(tmp_path / "state", certs, min_clients=2, rounds=3)
+    server = make_server(tmp_path / "state", certs, min_clients=2, rounds=3, min_participants=1)
     server.config = replace(server.config, metrics_listen="127.0.0.1:0")
     port = server.start()
     clients = {n: ScriptedClient(port, ids[n]) for n in ids}
@@ -153,7 +155,7 @@ def test_report_plots_a_real_run(tmp_path):
     from fedmae.cli.report import write_report
 
     certs, ids = make_identities(tmp_path, ["a", "b"])
-    server = make_server(tmp_path / "state", certs, min_clients=2, rounds=2)
+    server = make_server(tmp_path / "state", certs, min_clients=2, rounds=2, min_participants=1)
     port = server.start()
     clients = {n: ScriptedClient(port, ids[n]) for n in ids}
     try:

@@ -105,8 +105,8 @@ def test_f2_poisoned_round_stays_within_the_documented_bound(federation):
     assert per["liar"]["capped"] and not per["honest"]["capped"] and not per["scaler"]["capped"]
     assert per["liar"]["clipped"] and per["scaler"]["clipped"] and not per["honest"]["clipped"]
     assert per["honest"]["update_norm"] == pytest.approx(float(honest.double().norm()), rel=1e-5)
-    # RoundClosed and the log count the weights used, not the claims.
-    assert closed.num_samples == record["num_samples"] == W + 2 * n_honest
+    # The log counts the weights used, not the claims (clients are told no total).
+    assert record["num_samples"] == W + 2 * n_honest
 
     # The published model is exactly norm-bounded FedAvg of what was sent ...
     deltas = [_f64(honest), _f64(big), _f64(scaled)]
@@ -196,7 +196,9 @@ def test_f2_auto_bound_follows_the_last_round_and_leaves_honest_updates_untouche
 
 @pytest.mark.parametrize("setting", ["5", "off", "0"])
 def test_f2_fixed_bound_clips_and_off_disables(federation, setting):
-    server, clients = federation(["a"], max_update_norm=parse_norm_bound(setting))
+    server, clients = federation(
+        ["a"], max_update_norm=parse_norm_bound(setting), policy={"min_participants": 1}
+    )
     layout = server.layout
     clients["a"].wait_for("task")
     theta0 = fetch_flat(clients["a"], layout, 0)
@@ -219,7 +221,10 @@ def test_f2_weight_cap_is_max_samples_when_set(federation):
     """With ``--max-samples`` a site trains on at most that many: a larger claim is
     false and weighs max_samples (capped, not refused); smaller claims are kept."""
     training = TrainingConfig(model="tiny", max_samples=500)
-    server, clients = federation(["a", "b"], training=training, max_client_samples=10**9)
+    server, clients = federation(
+        ["a", "b"], training=training, max_client_samples=10**9,
+        policy={"min_participants": 2},
+    )  # fmt: skip
     layout = server.layout
     for c in clients.values():
         c.wait_for("task")
@@ -228,7 +233,7 @@ def test_f2_weight_cap_is_max_samples_when_set(federation):
     _send(clients["a"], layout, da, 2**40)
     _send(clients["b"], layout, db, 300)
     closed = clients["a"].wait_for("round_closed", round=1).round_closed
-    assert closed.success and closed.num_samples == 800
+    assert closed.success
     record = _logged(server, 1)
     per = _clients(record)
     assert record["weight_cap"] == 500 and record["num_samples"] == 800

@@ -32,9 +32,11 @@ def started(tmp_path):
     """Factory: a started server with enrolled identities; torn down at the end."""
     made: list = []
 
-    def start(names: list[str], min_clients: int, rounds: int, **server_cfg):
+    def start(names: list[str], min_clients: int, rounds: int, min_participants: int,
+              **server_cfg):  # fmt: skip
         certs, ids = make_identities(tmp_path, names)
-        server = make_server(tmp_path / "state", certs, min_clients, rounds, server=server_cfg)
+        server = make_server(tmp_path / "state", certs, min_clients, rounds, server=server_cfg,
+                             min_participants=min_participants)  # fmt: skip
         port = server.start()
         made.append(server)
         return server, port, ids
@@ -45,7 +47,8 @@ def started(tmp_path):
 
 
 def test_f11_a_newer_subscribe_ends_the_older_with_aborted(started):
-    server, port, ids = started(["a"], min_clients=2, rounds=1)  # no round starts
+    # No round starts: one client of two.
+    server, port, ids = started(["a"], min_clients=2, rounds=1, min_participants=1)
     first, second = (ScriptedClient(port, ids["a"], subscribe=False) for _ in range(2))
     try:
         old = first.stub.Subscribe(pb.SubscribeRequest(agent_version="test"), timeout=TIMEOUT)
@@ -67,7 +70,8 @@ def test_f11_a_newer_subscribe_ends_the_older_with_aborted(started):
 
 
 def test_f12_version_0_can_be_fetched_after_version_1_exists(started):
-    server, port, ids = started(["a"], min_clients=1, rounds=2)  # keeps running after v1
+    # Two rounds: it keeps running after v1.
+    server, port, ids = started(["a"], min_clients=1, rounds=2, min_participants=1)
     client = ScriptedClient(port, ids["a"])
     try:
         theta0 = fetch_flat(client, server.layout, 0)
@@ -88,7 +92,9 @@ def test_f12_version_0_can_be_fetched_after_version_1_exists(started):
 def test_f12_the_final_model_is_served_until_the_grace_ends(started):
     """After the run, the server waits for the clients subscribed at the end (and those
     subscribing since) to fetch the final version, at most ``final_grace_s``."""
-    server, port, ids = started(["a", "b", "c"], min_clients=1, rounds=1, final_grace_s=1.0)
+    server, port, ids = started(
+        ["a", "b", "c"], min_clients=1, rounds=1, min_participants=1, final_grace_s=1.0
+    )
     a = ScriptedClient(port, ids["a"])
     try:
         drive_rounds({"a": a}, server.layout, [1])

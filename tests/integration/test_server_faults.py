@@ -29,7 +29,7 @@ SECRET = "/srv/fedmae/secret-path"
 def buggy_server(tmp_path):
     """A real aggregator whose Subscribe has a bug (raises KeyError): its calls counted."""
     certs, ids = make_identities(tmp_path, ["s1"])
-    server = make_server(tmp_path / "state", certs, min_clients=1, rounds=1)
+    server = make_server(tmp_path / "state", certs, min_clients=1, rounds=1, min_participants=1)
     calls: list[str] = []
 
     def subscribe_with_a_bug(client_id: str, peer: str):

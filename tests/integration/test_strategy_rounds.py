@@ -136,7 +136,7 @@ def test_a_spill_file_a_crash_left_behind_is_removed_at_start(tmp_path):
     state_dir = tmp_path / "state"
     leftover = state_dir / SPILL_FILE
     leftover.write_bytes(b"\0" * 4096)  # a needs-all round cut short by kill -9
-    server = make_server(state_dir, certs, min_clients=1, rounds=1)
+    server = make_server(state_dir, certs, min_clients=1, rounds=1, min_participants=1)
     try:
         assert not leftover.exists()
     finally:

@@ -31,7 +31,10 @@ from fedmae.transport.transfer import fetch_model, submit_update
 def federation(tmp_path):
     """Factory: a started server and its clients (one client starts a round, none
     subscribes unless asked, downloads may be held unread); all torn down."""
-    defaults = {"min_clients": 1, "subscribe": False, "client_options": UNREAD_DOWNLOADS}
+    defaults = {
+        "min_clients": 1, "subscribe": False, "client_options": UNREAD_DOWNLOADS,
+        "policy": {"min_participants": 1},
+    }  # fmt: skip
     with Federations(tmp_path, **defaults) as federations:
         yield federations.start
 

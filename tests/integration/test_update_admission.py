@@ -43,7 +43,7 @@ def _code(excinfo) -> grpc.StatusCode:
 
 def test_stale_and_duplicate_updates_are_refused(cluster):
     names = ["a", "b"]
-    server, _port, clients, _ = cluster(names, rounds=2)
+    server, _port, clients, _ = cluster(names, rounds=2, min_participants=2)
     layout = server.layout
     for c in clients.values():
         c.wait_for("task", round=1)
@@ -94,7 +94,7 @@ def _send_raw(client: ScriptedClient, messages) -> pb.UpdateReceipt:
 
 
 def test_malformed_updates_get_invalid_argument_and_change_nothing(cluster):
-    server, _port, clients, _ = cluster(["a", "b"], rounds=1)
+    server, _port, clients, _ = cluster(["a", "b"], rounds=1, min_participants=2)
     layout = server.layout
     clients["a"].wait_for("task")
     a = clients["a"]
@@ -139,7 +139,7 @@ def test_malformed_updates_get_invalid_argument_and_change_nothing(cluster):
 
 
 def test_clients_without_a_ca_certificate_are_refused(cluster, tmp_path):
-    server, port, clients, ids = cluster(["a"], rounds=1, min_clients=2)
+    server, port, clients, ids = cluster(["a"], rounds=1, min_clients=2, min_participants=2)
     # a's Subscribe is in flight when cluster() returns: wait until it is registered.
     wait_until(lambda: server.rounds.connected() == ["a"], "a's subscription")
     # A certificate from another CA, and no certificate at all.
@@ -216,7 +216,7 @@ def test_downloads_beyond_the_budget_wait_for_a_slot(tmp_path):
     """Downloads at once are bounded by ``download_budget_mb`` / model size (at least 2);
     one more waits, and gets RESOURCE_EXHAUSTED after ``transfer_wait_s``."""
     certs, ids = make_identities(tmp_path, ["a", "b"])
-    server = make_server(tmp_path / "state", certs, 1, 1,
+    server = make_server(tmp_path / "state", certs, 1, 1, min_participants=1,
                          server={"download_budget_mb": 1, "transfer_wait_s": 1.0})  # fmt: skip
     port = server.start()
     a, b = (ScriptedClient(port, ids[n], False, UNREAD_DOWNLOADS) for n in ("a", "b"))

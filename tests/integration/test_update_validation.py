@@ -35,7 +35,7 @@ from fedmae.transport.transfer import update_messages
 def site(tmp_path):
     """An aggregator with one selected client ``a`` and an open round 1."""
     certs, ids = make_identities(tmp_path, ["a"])
-    server = make_server(tmp_path / "state", certs, min_clients=1, rounds=1)
+    server = make_server(tmp_path / "state", certs, min_clients=1, rounds=1, min_participants=1)
     port = server.start()
     client = ScriptedClient(port, ids["a"])
     client.wait_for("task", round=1)

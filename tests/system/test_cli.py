@@ -72,6 +72,8 @@ def test_demo_runs_a_real_federation(tmp_path):
         "v000002.safetensors",
     ]
     assert "over mTLS" in result.stdout and "(lower)" in result.stdout
+    # Two sites: the demo lowers --min-participants to 2 itself, and says what that costs.
+    assert "fewer than 3 participants" in result.stdout
     report = state / "report"
     assert {p.name for p in report.glob("*.png")} == {
         "loss.png",
@@ -91,7 +93,7 @@ def test_health_command_over_mtls(tmp_path, capsys):
     from federation_harness import make_identities, make_server
 
     certs, _ = make_identities(tmp_path, [])
-    server = make_server(tmp_path / "state", certs, min_clients=1, rounds=1)
+    server = make_server(tmp_path / "state", certs, min_clients=1, rounds=1, min_participants=1)
     port = server.start()
     try:
         assert (
@@ -160,7 +162,7 @@ def test_f13_serve_insecure_on_a_public_address_is_refused(tmp_path):
 
 def test_watch_json_cli_prints_each_round_of_a_run(tmp_path):
     certs, ids = make_identities(tmp_path, ["a"])
-    server = make_server(tmp_path / "state", certs, min_clients=1, rounds=3)
+    server = make_server(tmp_path / "state", certs, min_clients=1, rounds=3, min_participants=1)
     port = server.start()
     watch = subprocess.Popen(
         [sys.executable, "-m", "fedmae", "watch", "--json", "--server", f"127.0.0.1:{port}",

@@ -55,7 +55,8 @@ def test_enroll_train_revoke_from_the_command_line(tmp_path):
     server_log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
         [*FEDMAE, "serve", "--state-dir", str(state), "--certs", str(certs), "--listen", fed,
-         "--enroll-listen", enr, "--min-clients", "1", "--rounds", "0", "--round-timeout", "60"],
+         "--enroll-listen", enr, "--min-clients", "1", "--min-participants", "1", "--rounds", "0",
+         "--round-timeout", "60"],
         stdout=server_log, stderr=subprocess.STDOUT, env=ENV,
     )  # fmt: skip
     client = None

@@ -65,7 +65,7 @@ def test_f1_enrollment_flood_does_not_stall_the_federation(tmp_path):
     server the streams took every handler thread and Status hit DEADLINE_EXCEEDED."""
     watches, held = 3000, 24
     certs, ids = make_identities(tmp_path, ["a"])
-    server = make_server(tmp_path / "state", certs, min_clients=1, rounds=1)
+    server = make_server(tmp_path / "state", certs, min_clients=1, rounds=1, min_participants=1)
     port = server.start()
     admin_channel, admin = open_admin(port, certs)
     client = ScriptedClient(port, ids["a"])

@@ -56,8 +56,8 @@ def _check_run(agg: Aggregator, rounds: int) -> None:
 
 def test_kill9_mid_round_resumes_without_losing_or_repeating_a_round(tmp_path):
     certs, ids = make_identities(tmp_path, ["a", "b"])
-    agg = Aggregator(tmp_path, certs, "--min-clients", "2", "--rounds", "4",
-                     "--round-timeout", "120").start()  # fmt: skip
+    agg = Aggregator(tmp_path, certs, "--min-clients", "2", "--min-participants", "1",
+                     "--rounds", "4", "--round-timeout", "120").start()  # fmt: skip
     clients = [_client(tmp_path, agg.port, ids[n], n, i, 2) for i, n in enumerate(ids)]
     try:
         wait_until(lambda: len(agg.published()) >= 2, "two rounds", 120, every=0.2)
@@ -76,8 +76,8 @@ def test_kill9_mid_round_resumes_without_losing_or_repeating_a_round(tmp_path):
 @pytest.mark.parametrize("point", ["checkpoint", "published"])
 def test_kill9_mid_checkpoint_is_crash_consistent(tmp_path, point):
     certs, ids = make_identities(tmp_path, ["a"])
-    agg = Aggregator(tmp_path, certs, "--min-clients", "1", "--rounds", "2",
-                     "--round-timeout", "120")  # fmt: skip
+    agg = Aggregator(tmp_path, certs, "--min-clients", "1", "--min-participants", "1",
+                     "--rounds", "2", "--round-timeout", "120")  # fmt: skip
     agg.start(env={"FEDMAE_CRASH_AT": point})  # dies by SIGKILL inside round 1's checkpoint
     client = _client(tmp_path, agg.port, ids["a"], "a", 0, 1)
     try:
@@ -102,8 +102,9 @@ def test_kill9_mid_checkpoint_is_crash_consistent(tmp_path, point):
 
 def test_a_client_killed_mid_round_is_dropped_and_the_round_closes(tmp_path):
     certs, ids = make_identities(tmp_path, ["a", "b"])
-    agg = Aggregator(tmp_path, certs, "--min-clients", "2", "--min-updates", "1", "--rounds",
-                     "3", "--round-timeout", "120", "--dropout-grace", "1").start()  # fmt: skip
+    agg = Aggregator(tmp_path, certs, "--min-clients", "2", "--min-participants", "1",
+                     "--min-updates", "1", "--rounds", "3", "--round-timeout", "120",
+                     "--dropout-grace", "1").start()  # fmt: skip
     a = _client(tmp_path, agg.port, ids["a"], "a", 0, 2)
     b = ScriptedClient(agg.port, ids["b"])  # b takes the task and then vanishes
     try:
@@ -122,8 +123,8 @@ def test_a_client_killed_mid_round_is_dropped_and_the_round_closes(tmp_path):
 
 def test_server_limits_answer_resource_exhausted(tmp_path):
     certs, ids = make_identities(tmp_path, ["a"])
-    agg = Aggregator(tmp_path, certs, "--min-clients", "1", "--rounds", "1",
-                     "--max-requests-per-s", "2").start()  # fmt: skip
+    agg = Aggregator(tmp_path, certs, "--min-clients", "1", "--min-participants", "1",
+                     "--rounds", "1", "--max-requests-per-s", "2").start()  # fmt: skip
     a = ScriptedClient(agg.port, ids["a"], subscribe=False)
     try:
         codes = []
@@ -144,7 +145,9 @@ def test_server_limits_answer_resource_exhausted(tmp_path):
 def test_update_submission_after_restart_is_refused_cleanly(tmp_path):
     """An update in flight during a crash is refused after the restart, never half-applied."""
     certs, ids = make_identities(tmp_path, ["a", "b"])
-    agg = Aggregator(tmp_path, certs, "--min-clients", "2", "--rounds", "2").start()
+    agg = Aggregator(
+        tmp_path, certs, "--min-clients", "2", "--min-participants", "1", "--rounds", "2"
+    ).start()
     a, b = ScriptedClient(agg.port, ids["a"]), ScriptedClient(agg.port, ids["b"])
     try:
         a.wait_for("task", round=1)
@@ -186,8 +189,8 @@ def test_f12_the_final_model_is_served_after_the_run_until_every_client_has_it(t
     """`fedmae serve` keeps serving the final version after RunFinished, so a slow client
     still gets it, and exits once every client subscribed at the end has fetched it."""
     certs, ids = make_identities(tmp_path, ["a", "b"])
-    agg = Aggregator(tmp_path, certs, "--min-clients", "2", "--rounds", "1",
-                     "--final-grace", "600").start()  # fmt: skip
+    agg = Aggregator(tmp_path, certs, "--min-clients", "2", "--min-participants", "1",
+                     "--rounds", "1", "--final-grace", "600").start()  # fmt: skip
     log = tmp_path / "serve-1.log"
     a, b = ScriptedClient(agg.port, ids["a"]), ScriptedClient(agg.port, ids["b"])
     try:

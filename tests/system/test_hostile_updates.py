@@ -29,8 +29,8 @@ def hostile(tmp_path_factory):
     certs, ids = make_identities(tmp, ["a", "b"])
     limits = ["--max-update-norm", "1000", "--max-requests-per-s", "0"]
     # Two rounds: the server keeps serving after the last test closes round 1.
-    agg = Aggregator(tmp, certs, "--min-clients", "1", "--rounds", "2", "--round-timeout",
-                     "600", *limits).start()  # fmt: skip
+    agg = Aggregator(tmp, certs, "--min-clients", "1", "--min-participants", "1", "--rounds", "2",
+                     "--round-timeout", "600", *limits).start()  # fmt: skip
     a = ScriptedClient(agg.port, ids["a"])
     a.wait_for("task", round=1)
     b = ScriptedClient(agg.port, ids["b"])  # subscribes after the round started

@@ -26,7 +26,7 @@ CLIENT_KEYS = [
 
 def test_a_published_round_is_logged_with_the_documented_keys(tmp_path):
     clock = FakeClock()
-    engine = make_engine(tmp_path, clock, min_clients=2, rounds=1,
+    engine = make_engine(tmp_path, clock, min_clients=2, rounds=1, min_participants=2,
                          server={"max_client_samples": 50})  # fmt: skip
     # a diverged model: logged as null
     engine.strategy.evaluator = lambda layout, flat: float("nan")
@@ -61,7 +61,7 @@ def test_a_published_version_missing_from_the_log_is_recovered_once(tmp_path):
     store.save(0, 0, "tiny", layout, flat)
     store.save(1, 1, "tiny", layout, flat + 0.5)  # published, then kill -9 before logging
     (tmp_path / "rounds.jsonl").write_text('{"round": 1, "status": "aborted", "ver')  # torn
-    engine = make_engine(tmp_path, clock, min_clients=1, rounds=2)
+    engine = make_engine(tmp_path, clock, min_clients=1, rounds=2, min_participants=1)
     assert (engine.version, engine.next_round) == (1, 2)
     record = engine.recover_log()
     lines = (tmp_path / "rounds.jsonl").read_text().splitlines()
@@ -71,12 +71,12 @@ def test_a_published_version_missing_from_the_log_is_recovered_once(tmp_path):
     assert logged["recovered"] is True and logged["version"] == 1 and logged["round"] == 1
     assert logged["base_version"] == 0 and logged["status"] == "published"
     assert record.to_json() == logged
-    again = make_engine(tmp_path, clock, min_clients=1, rounds=2).recover_log()
+    again = make_engine(tmp_path, clock, min_clients=1, rounds=2, min_participants=1).recover_log()
     assert again.to_json() == logged  # found in the log: not logged twice
     assert len((tmp_path / "rounds.jsonl").read_text().splitlines()) == 1
 
 
 def test_a_fresh_state_has_nothing_to_recover(tmp_path):
-    engine = make_engine(tmp_path, FakeClock(), min_clients=1)
+    engine = make_engine(tmp_path, FakeClock(), min_clients=1, min_participants=1)
     assert engine.recover_log() is None
     assert not (tmp_path / "rounds.jsonl").exists()

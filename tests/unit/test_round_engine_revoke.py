@@ -57,8 +57,9 @@ def in_thread(fn) -> tuple[threading.Thread, list]:
 
 def test_revoking_a_client_after_its_update_was_folded_fails_and_retries_the_round(tmp_path, clock):
     engine, clients, loop = start_engine(
-        tmp_path, clock, "abc", min_clients=2, min_updates=2, rounds=1, retry_delay_s=1.0
-    )
+        tmp_path, clock, "abc", min_clients=2, min_updates=2, rounds=1, retry_delay_s=1.0,
+        min_participants=2,
+    )  # fmt: skip
     try:
         for c in "abc":
             clients[c].next_event("task", round=1, attempt=1)
@@ -75,6 +76,7 @@ def test_revoking_a_client_after_its_update_was_folded_fails_and_retries_the_rou
     finally:
         loop.stop()
     assert not closed.success and "revoked after its update was aggregated" in closed.reason
+    assert closed.reason.startswith("a selected client was")  # not named to the others
     assert task.model_version == 0
     records = engine.round_log.read()
     assert [(r["attempt"], r["status"], r["version"]) for r in records] == [
@@ -98,7 +100,9 @@ def test_revoking_a_client_that_owes_an_update_drops_it_and_the_round_goes_on(tm
 
 def test_the_fold_holds_no_lock_that_status_subscribe_or_revoke_need(tmp_path, clock):
     strategy = GatedFedAvg()
-    engine, clients, loop = start_engine(tmp_path, clock, "ab", strategy, min_clients=2, rounds=1)
+    engine, clients, loop = start_engine(
+        tmp_path, clock, "ab", strategy, min_clients=2, rounds=1, min_participants=2
+    )
     try:
         clients["a"].next_event("task", round=1)
         folding, receipt = in_thread(lambda: clients["a"].submit(delta(engine.layout, 1), 1))
@@ -125,7 +129,7 @@ def test_the_fold_holds_no_lock_that_status_subscribe_or_revoke_need(tmp_path, c
 def test_a_round_waits_for_a_fold_admitted_before_its_deadline(tmp_path, clock):
     strategy = GatedFedAvg()
     engine, clients, loop = start_engine(
-        tmp_path, clock, "ab", strategy, min_clients=2, min_updates=1, rounds=1
+        tmp_path, clock, "ab", strategy, min_clients=2, min_updates=1, rounds=1, min_participants=1
     )
     try:
         clients["a"].next_event("task", round=1)
@@ -138,11 +142,12 @@ def test_a_round_waits_for_a_fold_admitted_before_its_deadline(tmp_path, clock):
     finally:
         strategy.proceed.set()
         loop.stop()
-    assert closed.success and closed.participants == ["a"] and engine.version == 1
+    assert closed.success and engine.version == 1
+    assert engine.round_log.read()[0]["participants"] == ["a"]
 
 
 def test_a_client_that_reconnects_mid_round_gets_its_task_again(tmp_path, clock):
-    engine = make_engine(tmp_path, clock, min_clients=2, rounds=1)
+    engine = make_engine(tmp_path, clock, min_clients=2, rounds=1, min_participants=2)
     a, b = Client(engine, "a"), Client(engine, "b")
     loop = EngineThread(engine)
     try:
@@ -162,7 +167,7 @@ def test_a_client_that_reconnects_mid_round_gets_its_task_again(tmp_path, clock)
 
 
 def test_after_a_completed_run_a_new_stream_hears_that_it_finished(tmp_path, clock):
-    engine = make_engine(tmp_path, clock, min_clients=1, rounds=1)
+    engine = make_engine(tmp_path, clock, min_clients=1, rounds=1, min_participants=1)
     a = Client(engine, "a")
     loop = EngineThread(engine)
     try:

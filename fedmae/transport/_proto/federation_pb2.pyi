@@ -251,13 +251,11 @@ class ModelPublished(_message.Message):
     def __init__(self, version: _Optional[int] = ..., round: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ...) -> None: ...
 
 class RoundClosed(_message.Message):
-    __slots__ = ("round", "attempt", "success", "version", "participants", "num_samples", "train_loss", "val_loss", "reason")
+    __slots__ = ("round", "attempt", "success", "version", "train_loss", "val_loss", "reason")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
-    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
-    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     VAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -265,12 +263,10 @@ class RoundClosed(_message.Message):
     attempt: int
     success: bool
     version: int
-    participants: _containers.RepeatedScalarFieldContainer[str]
-    num_samples: int
     train_loss: float
     val_loss: float
     reason: str
-    def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., success: _Optional[bool] = ..., version: _Optional[int] = ..., participants: _Optional[_Iterable[str]] = ..., num_samples: _Optional[int] = ..., train_loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., success: _Optional[bool] = ..., version: _Optional[int] = ..., train_loss: _Optional[float] = ..., val_loss: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RunFinished(_message.Message):
     __slots__ = ("final_version", "rounds", "reason", "model")
