@@ -117,6 +117,7 @@ class SecureRound:
             )
         if isinstance(message, SecAggAbort):
             reason = f"{client_id} aborted secure aggregation: {message.reason}"
+            self.sum.aborted(client_id, message.reason)
             state.invalidated = state.invalidated or reason
             log.error("round %d: %s", state.round, reason)
             return 0

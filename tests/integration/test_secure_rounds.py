@@ -77,7 +77,9 @@ def _deltas(layout: ModelLayout, names: list[str], scale: float = 0.01) -> dict[
 
 
 @pytest.mark.parametrize(
-    ("sites", "model"), [(3, "tiny"), (10, "blob:40000")], ids=["3-sites-tiny", "10-sites"]
+    ("sites", "model"),
+    [(3, "tiny"), (10, "blob:40000"), (50, "blob:20000")],
+    ids=["3-sites-tiny", "10-sites", "50-sites-sparse"],
 )
 def test_a_secure_round_publishes_the_weighted_mean_within_the_bound(tmp_path, sites, model):
     names = [f"site-{k:02d}" for k in range(sites)]
@@ -100,6 +102,8 @@ def test_a_secure_round_publishes_the_weighted_mean_within_the_bound(tmp_path, s
         assert record["train_loss"] is None and record["val_loss"] is None
         assert record["secagg"]["ring_bits"] == 32
         assert record["secagg"]["masked_input"] == sites
+        # Up to 20 sites the graph is complete; above, SecAgg+'s sparse one (k ~ 3 log2 n).
+        assert record["secagg"]["neighbours"] == (sites - 1 if sites <= 20 else 18)
         for site in fed.sites.values():  # every site heard the round close, without lists
             wait_until(lambda s=site: s.closed, "RoundClosed at each site")
             assert site.error is None
