@@ -6,6 +6,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent import futures
 from typing import TextIO
 
@@ -87,9 +88,14 @@ class AggregatorServer:
     """
 
     def __init__(
-        self, config: ServerConfig, strategy: Strategy | None = None, echo: TextIO | None = None
+        self,
+        config: ServerConfig,
+        strategy: Strategy | None = None,
+        echo: TextIO | None = None,
+        interceptors: Sequence[grpc.ServerInterceptor] = (),
     ):
         self.config = config
+        self.interceptors = list(interceptors)  # outermost first, on the mTLS port
         private_dir(config.state_dir)
         self.store = CheckpointStore(config.state_dir / "checkpoints", keep=config.keep_checkpoints)
         state = initial_state(config.training.model, seed=config.model_seed)
@@ -207,7 +213,7 @@ class AggregatorServer:
                 ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
                 *_connection_age(cfg.max_connection_age_s, cfg.max_connection_age_grace_s),
             ],
-            interceptors=[StatusInterceptor(), RequestGuard()],
+            interceptors=[*self.interceptors, StatusInterceptor(), RequestGuard()],
             maximum_concurrent_rpcs=cfg.max_workers,
         )
         federation_servicer.add_to_server(

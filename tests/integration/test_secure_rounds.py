@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -17,6 +18,9 @@ from aggregator_service.config import SecureAggregation
 from fedmae.config import TrainingConfig
 from fedmae.ml.model_zoo import initial_state
 from fedmae.payload.layout import ModelLayout
+from fedmae.secagg.fixed_point import encode
+from fedmae.transport._proto import federation_pb2 as pb
+from fedmae.transport.status import wrap_behaviour
 
 TIMEOUT = 120.0
 
@@ -25,7 +29,8 @@ class SecureFederation:
     """An aggregator with --secure-aggregation and one ``SecureSite`` per name."""
 
     def __init__(self, tmp_path: Path, names: list[str], model: str = "tiny",
-                 secure: SecureAggregation | None = None, **policy: object):  # fmt: skip
+                 secure: SecureAggregation | None = None, interceptors: tuple = (),
+                 **policy: object):  # fmt: skip
         self.tmp_path = tmp_path
         self.names = names
         self.certs, self.ids = make_identities(tmp_path, names)
@@ -33,7 +38,7 @@ class SecureFederation:
         self.server = make_server(
             tmp_path / "state", self.certs, min_clients=len(names), rounds=1,
             server={"secure": secure or SecureAggregation()},
-            training=TrainingConfig(model=model), **policy,
+            training=TrainingConfig(model=model), interceptors=interceptors, **policy,
         )  # fmt: skip
         self.port = self.server.start()
         self.layout = self.server.layout
@@ -108,5 +113,97 @@ def test_a_secure_round_publishes_the_weighted_mean_within_the_bound(tmp_path, s
             wait_until(lambda s=site: s.closed, "RoundClosed at each site")
             assert site.error is None
             assert site.closed[0].success and site.closed[0].version == 1
+    finally:
+        fed.close()
+
+
+class Recorder(grpc.ServerInterceptor):
+    """Every request byte the aggregator's mTLS port receives, per call and client."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, list[bytes]]] = []  # (method, client CN, messages)
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)  # once per call: the list below is this call's
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        deserialize = handler.request_deserializer
+        received: list[bytes] = []
+
+        def recording(data: bytes):
+            received.append(bytes(data))
+            return deserialize(data)
+
+        def wrap(behaviour, _streaming):
+            def call(request, context):
+                names = context.auth_context().get("x509_common_name") or [b""]
+                self.calls.append((details.method, names[0].decode(), received))
+                return behaviour(request, context)
+
+            return call
+
+        return wrap_behaviour(handler, wrap)._replace(request_deserializer=recording)
+
+    def masked_inputs(self) -> dict[str, np.ndarray]:
+        """Each client's masked input as it arrived (the chunks of its ring upload)."""
+        out = {}
+        for method, client, raw in self.calls:
+            if not method.endswith("SubmitUpdate"):
+                continue
+            msgs = [pb.UpdateMessage.FromString(r) for r in raw]
+            if msgs and msgs[0].WhichOneof("part") == "header":
+                data = b"".join(m.chunk.data for m in msgs if m.WhichOneof("part") == "chunk")
+                out[client] = np.frombuffer(data, dtype="<u4")
+        return out
+
+
+CHI2_255_AT_1E6 = 377.2  # chi-square, 255 degrees of freedom: P(X > 377.2) = 1e-6
+
+
+def _chi_square(data: bytes) -> float:
+    counts = np.bincount(np.frombuffer(data, dtype=np.uint8), minlength=256)
+    expected = len(data) / 256
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_the_server_sees_noise_from_each_site_and_the_exact_sum(tmp_path):
+    names = ["site-a", "site-b", "site-c"]
+    recorder = Recorder()
+    fed = SecureFederation(tmp_path, names, interceptors=(recorder,))
+    try:
+        deltas = _deltas(fed.layout, names, scale=0.02)
+        samples = {"site-a": 300, "site-b": 500, "site-c": 700}
+        [record] = fed.run(deltas, samples)
+        assert record["status"] == "published", record.get("reason")
+        d = fed.layout.numel
+        # The aggregate is exact (within the bound) ...
+        expected = fed.theta0 + weighted_mean(deltas, samples, clip=1.0, cap=10_000)
+        assert (np.abs(fed.published() - expected) <= fed.bound(3, 1500)).all()
+        # ... while no masked input correlates with any site's delta: under independence
+        # Pearson r ~ N(0, 1/d), so |r| < 5/sqrt(d) fails by chance once in 1.7 million.
+        masked = recorder.masked_inputs()
+        assert sorted(masked) == names and all(m.size == d + 1 for m in masked.values())
+        bound = 5 / np.sqrt(d)
+        for site, y in masked.items():
+            for values in (y[:d].astype(np.float64), y[:d].view(np.int32).astype(np.float64)):
+                for other, delta in deltas.items():
+                    r = np.corrcoef(values, delta.numpy().astype(np.float64))[0, 1]
+                    assert abs(r) < bound, (site, other, r)
+            # and its bytes are uniform.
+            assert _chi_square(y.tobytes()) < CHI2_255_AT_1E6, site
+        # The test has power: the same delta encoded without masks correlates fully.
+        clear = encode(deltas["site-a"].numpy(), 1.0, 20, 32, weight=300).view(np.int32)
+        assert np.corrcoef(clear.astype(np.float64), deltas["site-a"].numpy())[0, 1] > 0.99
+        # Nothing the server received or keeps holds any run of a delta's bytes.
+        received = b"".join(b for _, _, raw in recorder.calls for b in raw)
+        kept = b"".join(p.read_bytes() for p in (tmp_path / "state").rglob("*") if p.is_file())
+        for delta in deltas.values():
+            raw = delta.numpy().tobytes()
+            for start in range(0, len(raw) - 32, len(raw) // 50):
+                window = raw[start : start + 32]
+                assert window not in received and window not in kept
+        # What it keeps of the round: counts and the aggregate's weight, nothing per site.
+        assert record["clients"] == [] and record["update_norm"] is None
+        assert fed.server.rounds.state.secure.sum._sum is None  # the masked sum is freed
     finally:
         fed.close()
