@@ -27,6 +27,8 @@ from fedmae.errors import (
     SecAggFailed,
     StaleUpdate,
 )
+from fedmae.payload.buffers import BufferPool
+from fedmae.payload.ring import RingDecoder
 from fedmae.rounds import Phase, UpdateHeader
 from fedmae.secagg.aggregation import SecureSum
 from fedmae.secagg.fixed_point import plan_ring
@@ -171,6 +173,15 @@ class SecureRound:
             self.exclude(client_id, f"{type(err).__name__}: {err}")
             raise
 
+    def receiver(self, client_id: str, header: UpdateHeader, pool: BufferPool) -> RingDecoder:
+        """The receive buffer of an admitted masked input; a manifest that is not the
+        round's (size, ring, encoding) is refused and its sender excluded."""
+        try:
+            return RingDecoder(header.manifest, self.sum.input_length, self.params.ring_bits, pool)
+        except FedmaeError as err:
+            self.exclude(client_id, f"{type(err).__name__}: {err}")
+            raise
+
     def masked(self, client_id: str) -> None:
         """``client_id``'s masked input was added to the sum."""
         self.answered[Phase.MASKED_INPUT].add(client_id)
@@ -202,7 +213,13 @@ def _all_answered(phase: Phase):
 
 
 def _advertise_done(state: RoundState) -> bool:
-    return len(_secure(state).answered[Phase.ADVERTISE_KEYS]) >= state.needed()
+    """Training ends when enough sites advertised keys (the target, with over-selection)
+    or none it asked still owes them (the rest were excluded or revoked)."""
+    secure = _secure(state)
+    return (
+        len(secure.answered[Phase.ADVERTISE_KEYS]) >= state.needed()
+        or not secure.owing(Phase.ADVERTISE_KEYS, state)
+    )
 
 
 def _enough(phase: Phase):

@@ -36,7 +36,6 @@ from fedmae.errors import (
 from fedmae.payload.buffers import BufferPool
 from fedmae.payload.decoder import PayloadDecoder
 from fedmae.payload.layout import ModelLayout
-from fedmae.payload.ring import RingDecoder
 from fedmae.rounds import Phase, UpdateHeader, UpdateReceipt
 
 log = logging.getLogger(__name__)
@@ -162,10 +161,7 @@ class Uploads:
                     self.queue.remove(ticket)
                     self._cond.notify_all()
             if state.secure is not None:  # a masked input: ring elements, never decoded
-                params = state.secure.params
-                decoder = RingDecoder(
-                    header.manifest, self.layout.numel + 1, params.ring_bits, self.buffers
-                )
+                decoder = state.secure.receiver(client_id, header, self.buffers)
             else:
                 decoder = PayloadDecoder(
                     self.layout, header.manifest, pool=self.buffers, require_digest=True

@@ -71,7 +71,8 @@ class SecureRounds:
         flat = delta.detach().to(torch.float32).numpy()  # [P]
         self.current = _Round(task.round, task.attempt, task.model_version, site, flat,
                               num_samples)  # fmt: skip
-        self._send(client, Phase.ADVERTISE_KEYS, site.advertise())
+        keys = self.current.answers[Phase.ADVERTISE_KEYS] = site.advertise()
+        self._send(client, Phase.ADVERTISE_KEYS, keys)
 
     def answer(
         self, client: FederationClient, task: RoundTask, chunk_size: int, stop: threading.Event

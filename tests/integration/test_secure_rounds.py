@@ -4,6 +4,7 @@ site that misbehaves is excluded while the honest ones still publish."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,11 +17,17 @@ from secure_sites import SecureSite, weighted_mean
 
 from aggregator_service.config import SecureAggregation
 from fedmae.config import TrainingConfig
+from fedmae.errors import FedmaeError
 from fedmae.ml.model_zoo import initial_state
 from fedmae.payload.layout import ModelLayout
+from fedmae.rounds import Phase, RoundTask
+from fedmae.secagg.aggregation import SecureSum
 from fedmae.secagg.fixed_point import encode
+from fedmae.secagg.keys import generate_site_keys, public_bytes
+from fedmae.secagg.messages import UnmaskShares
+from fedmae.secagg.site import SiteRound
 from fedmae.transport._proto import federation_pb2 as pb
-from fedmae.transport.status import wrap_behaviour
+from fedmae.transport.status import status_name, wrap_behaviour
 
 TIMEOUT = 120.0
 
@@ -30,13 +37,13 @@ class SecureFederation:
 
     def __init__(self, tmp_path: Path, names: list[str], model: str = "tiny",
                  secure: SecureAggregation | None = None, interceptors: tuple = (),
-                 **policy: object):  # fmt: skip
+                 rounds: int = 1, **policy: object):  # fmt: skip
         self.tmp_path = tmp_path
         self.names = names
         self.certs, self.ids = make_identities(tmp_path, names)
         policy = {"min_participants": 3, "dropout_grace_s": 1.0, **policy}
         self.server = make_server(
-            tmp_path / "state", self.certs, min_clients=len(names), rounds=1,
+            tmp_path / "state", self.certs, min_clients=len(names), rounds=rounds,
             server={"secure": secure or SecureAggregation()},
             training=TrainingConfig(model=model), interceptors=interceptors, **policy,
         )  # fmt: skip
@@ -205,5 +212,126 @@ def test_the_server_sees_noise_from_each_site_and_the_exact_sum(tmp_path):
         # What it keeps of the round: counts and the aggregate's weight, nothing per site.
         assert record["clients"] == [] and record["update_norm"] is None
         assert fed.server.rounds.state.secure.sum._sum is None  # the masked sum is freed
+    finally:
+        fed.close()
+
+
+class Mallory(SecureSite):
+    """A site that answers one phase badly (``case``) and records what it was told."""
+
+    def __init__(self, *args, case: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.case = case
+        self.refused: list[str] = []  # status names of the refusals it got
+        self.round1_keys = None
+
+    def _answer(self, task: RoundTask) -> None:
+        secure, client = self.secure, self.client
+        if task.phase == Phase.ADVERTISE_KEYS:
+            if self.case == "replay" and task.round == 2:
+                return self._send(self.round1_keys)  # last round's signed keys, again
+            if self.case == "bad-signature":
+                site = SiteRound(task.round, task.attempt, self.name_, task.secagg,
+                                 secure._key_pem, secure._chain_pem, secure._check)  # fmt: skip
+                keys = site.advertise()
+                return self._send(
+                    dataclasses.replace(keys, signature=keys.signature[:-2] + b"\0\0")
+                )
+            self.secure.trained(client, task, self.deltas[task.round], self.samples[task.round])
+            self.round1_keys = self.round1_keys or secure.current.answers[task.phase]
+            return
+        now = secure.current
+        if self.case == "malformed-share" and task.phase == Phase.SHARE_KEYS:
+            shares = now.site.share_keys(task.phase_data)
+            bad = dataclasses.replace(shares.shares[0], ciphertext=b"short")
+            return self._send(dataclasses.replace(shares, shares=(bad, *shares.shares[1:])))
+        if self.case == "out-of-turn" and task.phase == Phase.SHARE_KEYS:
+            return self._send(UnmaskShares(task.round, task.attempt, (), ()))
+        if self.case == "wrong-size" and task.phase == Phase.MASKED_INPUT:
+            ring = now.site.masked_input(task.phase_data, now.delta, 100)
+            try:
+                client.submit_masked_input(ring[:-1], round_=task.round,
+                                           base_version=task.model_version)  # fmt: skip
+            except FedmaeError as err:
+                self.refused.append(status_name(err))
+            return
+        super()._answer(task)
+
+    def _send(self, message) -> None:
+        try:
+            self.client.send_secagg(message)
+        except FedmaeError as err:
+            self.refused.append(status_name(err))
+
+
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [
+        ("bad-signature", "INVALID_ARGUMENT"),
+        ("malformed-share", "INVALID_ARGUMENT"),
+        ("out-of-turn", "FAILED_PRECONDITION"),
+        ("wrong-size", "INVALID_ARGUMENT"),
+        ("replay", "FAILED_PRECONDITION"),
+    ],
+)
+def test_a_misbehaving_site_is_refused_and_excluded_and_the_honest_ones_publish(
+    tmp_path, case, code
+):
+    names = ["honest-1", "honest-2", "honest-3", "mallory"]
+    rounds = 2 if case == "replay" else 1
+    # A replaying site is connected and never answers round 2: that round waits for its
+    # deadline (kept short here) and goes on with the three.
+    timeout = {"round_timeout_s": 8.0} if case == "replay" else {}
+    fed = SecureFederation(tmp_path, names, model="blob:30000", rounds=rounds, min_updates=3,
+                           **timeout)  # fmt: skip
+    try:
+        deltas = {r: _deltas(fed.layout, names) for r in (1, 2)}
+        samples = {"honest-1": 100, "honest-2": 200, "honest-3": 300, "mallory": 400}
+        for n in names:
+            kind = Mallory if n == "mallory" else SecureSite
+            extra = {"case": case} if n == "mallory" else {}
+            fed.sites[n] = kind(fed.port, fed.ids[n], {r: deltas[r][n] for r in (1, 2)},
+                                {1: samples[n], 2: samples[n]}, **extra)  # fmt: skip
+            fed.sites[n].start()
+        records = wait_until(lambda: len(fed.records()) >= rounds and fed.records(),
+                             "the rounds' records", timeout=TIMEOUT)  # fmt: skip
+        last = records[-1]
+        assert [r["status"] for r in records] == ["published"] * rounds, last.get("reason")
+        assert fed.sites["mallory"].refused == [code]
+        assert "mallory" not in last["participants"]
+        if case != "replay":  # a replay changes nothing: it is just not an answer
+            assert "mallory" in last["secagg"]["excluded"]
+        honest = {n: deltas[rounds][n] for n in names[:3]}
+        before = fed.theta0 if rounds == 1 else None
+        if before is not None:
+            honest_samples = {n: samples[n] for n in honest}
+            expected = before + weighted_mean(honest, honest_samples, clip=1.0, cap=10_000)
+            assert (np.abs(fed.published() - expected) <= fed.bound(3, 600)).all()
+        wait_until(lambda: fed.server.rounds.status()["state"] == "finished",
+                   "the run to finish (the server up throughout)")  # fmt: skip
+    finally:
+        fed.close()
+
+
+def test_a_server_that_swaps_a_key_is_caught_and_the_round_aborts(tmp_path, monkeypatch):
+    names = ["site-a", "site-b", "site-c"]
+    honest_roster = SecureSum.roster
+
+    def swapped(self, client_id):  # a dishonest server: its own key in place of a peer's
+        roster = honest_roster(self, client_id)
+        peer = roster.peers[0]
+        fake = dataclasses.replace(peer.keys, mask_public=public_bytes(generate_site_keys().mask))
+        return dataclasses.replace(roster, peers=(dataclasses.replace(peer, keys=fake),
+                                                  *roster.peers[1:]))  # fmt: skip
+
+    monkeypatch.setattr(SecureSum, "roster", swapped)
+    fed = SecureFederation(tmp_path, names, model="blob:30000", max_attempts=1)
+    try:
+        deltas = _deltas(fed.layout, names)
+        [record] = fed.run(deltas, {n: 100 for n in names})
+        assert record["status"] == "failed"
+        assert "aborted secure aggregation" in record["reason"]
+        assert "do not verify" in record["reason"] or "signature" in record["reason"]
+        assert fed.server.rounds.version == 0  # nothing published, nothing unmasked
     finally:
         fed.close()
