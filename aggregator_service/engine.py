@@ -47,9 +47,9 @@ from fedmae.rounds import (
     RunFinished,
     UpdateReceipt,
 )
+from fedmae.runtime import release_free_memory
 from fedmae.secagg.messages import SecAggParams
 from fedmae.secagg.signing import CertificateCheck
-from fedmae.runtime import release_free_memory
 
 log = logging.getLogger(__name__)
 

@@ -173,7 +173,9 @@ class RoundRecord:
             bytes_out=state.bytes_out,
             encoding=encoding,
             strategy=strategy,
-            clients=[] if secure else [
+            clients=[]
+            if secure
+            else [
                 ClientRecord(
                     id=r.client_id,
                     samples=r.num_samples,
@@ -207,7 +209,8 @@ class RoundRecord:
         )  # fmt: skip
 
 
-_OPTIONAL = ("recovered", "reason", "secure_aggregation", "secagg", "other")  # written after "time", when set
+# Written after "time", when set.
+_OPTIONAL = ("recovered", "reason", "secure_aggregation", "secagg", "other")
 
 
 def _client(entry: dict[str, Any]) -> ClientRecord | dict[str, Any]:

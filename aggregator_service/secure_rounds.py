@@ -32,7 +32,6 @@ from fedmae.payload.ring import RingDecoder
 from fedmae.rounds import Phase, UpdateHeader
 from fedmae.secagg.aggregation import SecureSum
 from fedmae.secagg.fixed_point import plan_ring
-from fedmae.secagg.signing import CertificateCheck
 from fedmae.secagg.messages import (
     AdvertiseKeys,
     SecAggAbort,
@@ -40,6 +39,7 @@ from fedmae.secagg.messages import (
     ShareKeys,
     UnmaskShares,
 )
+from fedmae.secagg.signing import CertificateCheck
 
 log = logging.getLogger(__name__)
 
@@ -216,9 +216,8 @@ def _advertise_done(state: RoundState) -> bool:
     """Training ends when enough sites advertised keys (the target, with over-selection)
     or none it asked still owes them (the rest were excluded or revoked)."""
     secure = _secure(state)
-    return (
-        len(secure.answered[Phase.ADVERTISE_KEYS]) >= state.needed()
-        or not secure.owing(Phase.ADVERTISE_KEYS, state)
+    return len(secure.answered[Phase.ADVERTISE_KEYS]) >= state.needed() or not secure.owing(
+        Phase.ADVERTISE_KEYS, state
     )
 
 

@@ -292,8 +292,7 @@ class Uploads:
                 session.decoder.release()
                 self._cond.notify_all()
                 raise RoundClosedError(
-                    f"round {state.round} closed before the masked input from {client} "
-                    "completed"
+                    f"round {state.round} closed before the masked input from {client} completed"
                 )
             state.folding.add(client)
         added = False

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from client_agent.secure_rounds import SecureRounds
 from fedmae.config import TrainingConfig
 from fedmae.errors import ConfigError, ConnectionReplaced, FedmaeError, Unavailable
 from fedmae.ml.model_state import load_trainable_state, trainable_state
@@ -24,7 +25,6 @@ from fedmae.payload.buffers import BufferPool
 from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
 from fedmae.payload.layout import ModelLayout
 from fedmae.pki.files import ClientIdentity
-from client_agent.secure_rounds import SecureRounds
 from fedmae.rounds import Phase, RoundClosed, RoundTask, RunFinished
 from fedmae.transport.channels import open_channel
 from fedmae.transport.federation_client import FederationClient, reconnect_policy

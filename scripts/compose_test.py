@@ -8,8 +8,9 @@
    with the base pinned by its content digest (BASE_IMAGE=sha256:<id>), and check the
    tag form builds the same image (steps 1-3: scripts/compose_image.py);
 4. `docker compose up` the cluster (certs, tokens, aggregator, 3 clients) and wait for 3
-   published rounds, all with secure aggregation (FEDMAE_SECURE_AGGREGATION=1); check each replica enrolled as client-K with its own single-use
-   token and trains on partition K-1, the aggregator holds neither the root CA key nor
+   published rounds, all with secure aggregation (FEDMAE_SECURE_AGGREGATION=1); check
+   each replica enrolled as client-K with its own single-use token and trains on
+   partition K-1, the aggregator holds neither the root CA key nor
    the admin key, its healthcheck uses the health identity (which is refused Admin),
    and every container runs hardened (read-only root, no capabilities, limits); print
    the memory and threads each container uses;
