@@ -245,7 +245,7 @@ def _begin(phase: Phase, previous: Phase, close: str):
         try:
             getattr(secure.sum, close)()
         except SecAggFailed as err:
-            state.invalidated = state.invalidated or f"secure aggregation failed: {err}"
+            state.invalidated = state.invalidated or str(err)
             return
         secure.asked[phase] = secure.answered[previous] - secure.excluded.keys() - state.revoked
         state.deadline = now + secure.phase_timeout_s

@@ -326,13 +326,16 @@ class Uploads:
             with self.fold_lock:
                 total, weight = state.secure.sum.result()  # float64 [P], sum of weights
                 if weight <= 0:
-                    raise SecAggFailed("the surviving sites' weights sum to 0")
+                    raise SecAggFailed(
+                        f"secure aggregation of round {state.round} failed: the surviving "
+                        "sites' weights sum to 0"
+                    )
                 mean = torch.from_numpy(total).div_(weight).to(torch.float32)  # [P]
                 del total
                 self.strategy.accumulate(mean, weight)
         except SecAggFailed as err:
             with self._cond:
-                state.invalidated = state.invalidated or f"secure aggregation failed: {err}"
+                state.invalidated = state.invalidated or str(err)
             return
         state.secure.total_weight = weight
 
