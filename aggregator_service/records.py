@@ -84,10 +84,14 @@ class RoundRecord:
         """The closed round in one log line."""
         if not self.published:
             return f"round {self.round} attempt {self.attempt} {self.status}: {self.reason}"
+        if self.secure_aggregation:  # no site's loss is known: the server's own evaluation
+            loss = f"eval_loss {self.eval_loss or float('nan'):.4f}"
+            how = " (secure aggregation)"
+        else:
+            loss, how = f"val_loss {self.val_loss or float('nan'):.4f}", ""
         return (
             f"round {self.round} published version {self.version}: {len(self.participants)} "
-            f"clients, {self.num_samples} samples, val_loss {self.val_loss or float('nan'):.4f}, "
-            f"{self.duration_s:.1f}s"
+            f"clients{how}, {self.num_samples} samples in all, {loss}, {self.duration_s:.1f}s"
         )
 
     def to_json(self) -> dict[str, Any]:
