@@ -10,6 +10,7 @@ from aggregator_service.strategies import DEFAULT_STRATEGY, strategy_class
 from fedmae.config import TrainingConfig
 from fedmae.errors import ConfigError
 from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
+from fedmae.secagg.fixed_point import plan_ring
 
 # With fewer participants than this, one of them can infer another's update from the
 # published model: it knows its own delta and the model before and after.
@@ -177,11 +178,21 @@ class ServerConfig:
                     "--secure-aggregation needs mTLS identities (sites sign their keys "
                     "with them): it cannot run with --insecure"
                 )
+            # The ring must hold any sum the configuration allows: checked before the
+            # server creates anything (ConfigError naming the numbers).
+            plan_ring(self.secure.max_sites, self.weight_cap, self.secure.clip,
+                      self.secure.ring_bits)  # fmt: skip
         if self.insecure and not is_loopback(self.listen):
             raise ConfigError(
                 f"--insecure serves plaintext without authentication: it may only listen on a "
                 f"loopback address (127.0.0.1, ::1, localhost), not {self.listen!r}"
             )
+
+    @property
+    def weight_cap(self) -> int:
+        """The most samples an update weighs (``update_bounds``): --max-samples if set,
+        else --max-client-samples."""
+        return int(self.training.max_samples or self.max_client_samples)
 
     @property
     def certs(self) -> Path:

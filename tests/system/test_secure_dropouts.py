@@ -85,6 +85,15 @@ def test_sites_killed_after_share_keys_and_after_masked_input_leave_the_rest_exa
         for k, name in enumerate(names):
             hang = {"d": "MASKED_INPUT", "e": "UNMASK"}.get(name)
             cluster.site(name, seed=k, samples=samples[name], hang_at=hang)
+        marker = cluster.marker("d")
+        wait_until(marker.exists, "d to hold its MASKED_INPUT task", timeout=TIMEOUT)
+        # Operators see the phase and who answered it (fedmae status / watch).
+        status = wait_until(
+            lambda: (s := cluster.server.rounds.status())["reported"] == ["a", "b", "c", "e"] and s,
+            "four masked inputs in",
+            timeout=TIMEOUT,
+        )
+        assert status["state"] == "masked_input"
         cluster.kill_when_reached("d", "MASKED_INPUT")  # shared keys, sent no input
         cluster.kill_when_reached("e", "UNMASK")  # sent its input, reveals no shares
         record = cluster.record()
