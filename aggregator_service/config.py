@@ -10,6 +10,7 @@ from aggregator_service.strategies import DEFAULT_STRATEGY, strategy_class
 from fedmae.config import TrainingConfig
 from fedmae.errors import ConfigError
 from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
+from fedmae.secagg.fixed_point import plan_ring
 
 # With fewer participants than this, one of them can infer another's update from the
 # published model: it knows its own delta and the model before and after.
@@ -64,6 +65,36 @@ class RoundPolicy:
         """``min_updates``, else ``min_clients`` (``RoundState.to_publish`` adds the
         ``min_participants`` floor)."""
         return self.min_updates or self.min_clients
+
+
+@dataclass(frozen=True)
+class SecureAggregation:
+    """``--secure-aggregation``: rounds whose aggregate the server learns, and no single
+    update (Bonawitz et al. 2017 with Bell et al. 2020's neighbour graph;
+    docs/privacy.md). The ring and its fixed point are planned at start from
+    ``max_sites`` x the weight cap x ``clip`` (``fedmae.secagg.fixed_point.plan_ring``)."""
+
+    threshold: int = 0  # Shamir t; 0 = a strict majority of each site's share holders
+    neighbours: int = 0  # SecAgg+ degree above 20 sites; 0 = about 3 log2(n)
+    clip: float = 1.0  # each delta value is clipped to [-clip, clip] before encoding
+    ring_bits: int | None = None  # 32 or 64; None = 32 while it fits, else 64
+    max_sites: int = 100  # sites per round at most (selection is capped to it)
+    phase_timeout_s: float = 60.0  # each phase after training: answers due within this
+
+    def __post_init__(self) -> None:
+        if self.threshold == 1 or self.threshold < 0:
+            raise ConfigError(
+                f"--secagg-threshold {self.threshold}: a threshold of 1 lets any one share "
+                "holder reveal a site's secret; use 2 or more (0 = default)"
+            )
+        if self.neighbours < 0 or self.neighbours == 1:
+            raise ConfigError(f"--secagg-neighbours {self.neighbours}: use 0 (default) or >= 2")
+        if not self.clip > 0 or self.max_sites < 2 or self.phase_timeout_s <= 0:
+            raise ConfigError(
+                "secure aggregation needs --secagg-clip > 0, --secagg-max-sites >= 2 and "
+                f"--secagg-phase-timeout > 0 (got {self.clip}, {self.max_sites}, "
+                f"{self.phase_timeout_s})"
+            )
 
 
 @dataclass(frozen=True)
@@ -127,18 +158,41 @@ class ServerConfig:
     # the caller's gRPC library until one ends.
     max_streams_per_connection: int = 16
     enroll_rate: float = 5.0  # enrollment calls per second per peer address (burst 2x)
+    # Secure aggregation (None = off: the server sees each update, clipped and weighted).
+    secure: SecureAggregation | None = None
 
     def __post_init__(self) -> None:
         for name in ("final_grace_s", "max_downloads_per_client", "download_idle_s",
                      "upload_idle_s"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
-        strategy_class(self.strategy)  # an unknown name fails here, naming the choices
+        rule = strategy_class(self.strategy)  # an unknown name fails here, naming the choices
+        if self.secure is not None:
+            if rule.needs_all_updates:
+                raise ConfigError(
+                    f"--strategy {self.strategy} needs every update in the clear, which "
+                    "secure aggregation never shows the server: use fedavg with it"
+                )
+            if self.insecure:
+                raise ConfigError(
+                    "--secure-aggregation needs mTLS identities (sites sign their keys "
+                    "with them): it cannot run with --insecure"
+                )
+            # The ring must hold any sum the configuration allows: checked before the
+            # server creates anything (ConfigError naming the numbers).
+            plan_ring(self.secure.max_sites, self.weight_cap, self.secure.clip,
+                      self.secure.ring_bits)  # fmt: skip
         if self.insecure and not is_loopback(self.listen):
             raise ConfigError(
                 f"--insecure serves plaintext without authentication: it may only listen on a "
                 f"loopback address (127.0.0.1, ::1, localhost), not {self.listen!r}"
             )
+
+    @property
+    def weight_cap(self) -> int:
+        """The most samples an update weighs (``update_bounds``): --max-samples if set,
+        else --max-client-samples."""
+        return int(self.training.max_samples or self.max_client_samples)
 
     @property
     def certs(self) -> Path:

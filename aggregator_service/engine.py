@@ -32,15 +32,24 @@ from aggregator_service.published_model import PublishedModel
 from aggregator_service.records import RoundRecord, recover
 from aggregator_service.round_log import RoundLog
 from aggregator_service.round_state import ROUND_PHASES, DropoutWatch, RoundPhase, RoundState
+from aggregator_service.secure_rounds import SECURE_PHASES, SecureRound, plan_params
 from aggregator_service.strategies import Strategy
 from aggregator_service.subscriptions import RoundObserver, Subscribers, Subscription
 from aggregator_service.update_bounds import UpdateBounds
 from aggregator_service.uploads import Uploads
-from fedmae.errors import PermissionDenied
+from fedmae.errors import ConfigError, PermissionDenied, StaleUpdate
 from fedmae.payload.encodings import encoding_from_name, encoding_name
 from fedmae.payload.layout import ModelLayout
-from fedmae.rounds import ModelPublished, RoundClosed, RoundTask, RunFinished
+from fedmae.rounds import (
+    ModelPublished,
+    RoundClosed,
+    RoundTask,
+    RunFinished,
+    UpdateReceipt,
+)
 from fedmae.runtime import release_free_memory
+from fedmae.secagg.messages import SecAggParams
+from fedmae.secagg.signing import CertificateCheck
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +69,8 @@ class RoundEngine:
         strategy: Strategy,
         round_log: RoundLog,
         clock: Clock = SYSTEM_CLOCK,
-        phases: tuple[RoundPhase, ...] = ROUND_PHASES,
+        phases: tuple[RoundPhase, ...] | None = None,
+        keys_check: CertificateCheck | None = None,
     ):
         self.config = config
         self.policy = config.policy
@@ -72,8 +82,16 @@ class RoundEngine:
         self.strategy = strategy
         self.round_log = round_log
         self.clock = clock
-        self.phases = phases
         self.bounds = UpdateBounds(config, history=round_log.read)
+        # Secure aggregation: its phases, and the parameters every round sends (the ring
+        # planned now, so a configuration that could overflow fails at start).
+        self.secagg: SecAggParams | None = None
+        if config.secure is not None:
+            if keys_check is None:
+                raise ConfigError("secure aggregation needs the federation's CA to check keys")
+            self.secagg = plan_params(config.secure, self.bounds.cap)
+        self.keys_check = keys_check
+        self.phases = phases or (SECURE_PHASES if self.secagg else ROUND_PHASES)
         self.next_round = checkpoint.round + 1
         self._stop = threading.Event()
         self.subscribers = Subscribers()
@@ -123,7 +141,8 @@ class RoundEngine:
                 if self.completed:
                     self.final_fetches.expect([client_id], self.version)
             elif state is not None and state.awaits(client_id):
-                sub.push(self.subscribers.event(self._task(state)))  # resend after a reconnect
+                # Resend after a reconnect.
+                sub.push(self.subscribers.event(self._task(state, client_id)))
             connected = len(self.subscribers)
         log.info("client %s subscribed (%d connected)", client_id, connected)
         return sub
@@ -251,7 +270,7 @@ class RoundEngine:
         state = self._open_round(attempt)
         for phase in self.phases:
             self._run_phase(state, phase, timings)
-            if state.invalidated or self._stop.is_set() or not phase.done(state):
+            if state.invalidated or self._stop.is_set() or not phase.goes_on(state):
                 break
         return self._close_round(state, timings)
 
@@ -269,6 +288,8 @@ class RoundEngine:
                 round_, attempt, sorted(self.subscribers.ids()), self.policy.fraction,
                 self.policy.min_clients, self.policy.seed,
             )  # fmt: skip
+            if self.config.secure is not None:  # the ring is planned for this many at most
+                selected = selected[: self.config.secure.max_sites]
             now = self.clock.monotonic()
             self.state = state = RoundState(
                 round=round_,
@@ -284,6 +305,11 @@ class RoundEngine:
                 min_participants=self.policy.min_participants,
                 norm_bound=norm_bound,
             )
+            if self.secagg is not None:
+                state.secure = SecureRound.open(
+                    state, self.secagg, self.config.secure, self.layout.numel, self.keys_check,
+                    required=state.to_publish(),
+                )  # fmt: skip
             log.info("round %d (attempt %d) started: %d of %d clients selected, base version %d",
                      round_, attempt, len(selected), len(self.subscribers),
                      self.version)  # fmt: skip
@@ -297,7 +323,12 @@ class RoundEngine:
         with self._cond:
             started = self.clock.monotonic()
             state.phase, self.phase = phase, phase.label
-            self.subscribers.send(self._task(state), to=sorted(phase.owing(state)))
+            if phase.start is not None:
+                phase.start(state, started)
+            if state.invalidated:
+                return
+            for client in sorted(phase.owing(state)):
+                self.subscribers.send(self._task(state, client), to=[client])
             dropouts = DropoutWatch(self.policy.dropout_grace_s, busy=started)
             while not phase.done(state) and not self._stop.is_set() and not state.invalidated:
                 now = self.clock.monotonic()
@@ -317,6 +348,9 @@ class RoundEngine:
             state.closed = True  # later completions get DEADLINE_EXCEEDED
             self.phase = "closing"
             self._wait_until(lambda: not state.folding, math.inf)  # admitted before: they count
+        if state.secure is not None and not state.invalidated and not self._stop.is_set():
+            self.uploads.unmask(state)  # outside the lock: a pass over the model per mask
+        with self._cond:
             status, reason = state.outcome(stopping=self._stop.is_set())
         success = status == "published"
         next_version = None
@@ -377,9 +411,26 @@ class RoundEngine:
 
     # ------------------------------------------------------------ helpers
 
-    def _task(self, state: RoundState) -> RoundTask:
+    def _task(self, state: RoundState, client_id: str) -> RoundTask:
+        """The running phase's task for one client (a secure phase's part is its own)."""
         wall_deadline = self.clock.time() + state.deadline - self.clock.monotonic()
-        return RoundTask.of(state, self.config.training, wall_deadline)
+        phase = state.phase
+        data = phase.task_data(state, client_id) if phase and phase.task_data else None
+        return RoundTask.of(
+            state, self.config.training, wall_deadline, secagg=self.secagg, phase_data=data
+        )
+
+    def secagg_answer(self, client_id: str, message: object) -> UpdateReceipt:
+        """A client's secure-aggregation message (keys, shares, unmask shares, abort)."""
+        with self._cond:
+            state = self.state
+            if state is None or state.secure is None or state.closed:
+                raise StaleUpdate(
+                    f"no secure round is open (the message names round {message.round})"
+                )
+            answered = state.secure.answer(state, client_id, message)
+            self._cond.notify_all()
+            return UpdateReceipt(state.round, 0, "", answered)
 
     def _run_done(self) -> bool:
         """Round ``policy.rounds`` is published (never, when rounds = 0)."""

@@ -70,6 +70,9 @@ class RoundRecord:
     time: str = ""  # UTC, ISO 8601
     recovered: bool = False  # written only when true
     reason: str = ""  # written only when set
+    # A secure round (written only then): its parameters and counts, nothing per site.
+    secure_aggregation: bool = False
+    secagg: dict[str, Any] | None = None
     # Keys of an older (or newer) log line that this schema does not know, kept as read.
     other: dict[str, Any] = field(default_factory=dict)
 
@@ -81,10 +84,14 @@ class RoundRecord:
         """The closed round in one log line."""
         if not self.published:
             return f"round {self.round} attempt {self.attempt} {self.status}: {self.reason}"
+        if self.secure_aggregation:  # no site's loss is known: the server's own evaluation
+            loss = f"eval_loss {self.eval_loss or float('nan'):.4f}"
+            how = " (secure aggregation)"
+        else:
+            loss, how = f"val_loss {self.val_loss or float('nan'):.4f}", ""
         return (
             f"round {self.round} published version {self.version}: {len(self.participants)} "
-            f"clients, {self.num_samples} samples, val_loss {self.val_loss or float('nan'):.4f}, "
-            f"{self.duration_s:.1f}s"
+            f"clients{how}, {self.num_samples} samples in all, {loss}, {self.duration_s:.1f}s"
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -98,6 +105,9 @@ class RoundRecord:
             out["recovered"] = True
         if self.reason:
             out["reason"] = self.reason
+        if self.secure_aggregation:
+            out["secure_aggregation"] = True
+            out["secagg"] = dict(self.secagg or {})
         out.update(self.other)
         return out
 
@@ -129,7 +139,8 @@ class RoundRecord:
     ) -> RoundRecord:
         """The record of a round the engine just closed."""
         results = sorted(state.accepted.values(), key=lambda r: r.client_id)
-        norms = sorted(r.update_norm for r in results)
+        secure = state.secure
+        norms = [] if secure else sorted(r.update_norm for r in results)
         dropped = state.dropped(connected)
         if eval_loss is not None and not math.isfinite(eval_loss):
             # The round log is strict JSON (no NaN/Infinity): a diverged model's loss is
@@ -147,7 +158,7 @@ class RoundRecord:
             dropped=sorted(dropped),
             dropped_reasons=dropped,
             rejected=[{"client": c, "reason": r} for c, r in sorted(state.rejected.items())],
-            num_samples=sum(r.num_samples for r in results),
+            num_samples=secure.total_weight if secure else sum(r.num_samples for r in results),
             train_loss=state.weighted("train_loss"),
             val_loss=state.weighted("val_loss"),
             eval_loss=eval_loss,
@@ -166,7 +177,9 @@ class RoundRecord:
             bytes_out=state.bytes_out,
             encoding=encoding,
             strategy=strategy,
-            clients=[
+            clients=[]
+            if secure
+            else [
                 ClientRecord(
                     id=r.client_id,
                     samples=r.num_samples,
@@ -183,6 +196,8 @@ class RoundRecord:
             ],
             time=utc_iso(wall_time),
             reason=reason,
+            secure_aggregation=secure is not None,
+            secagg=secure.summary() if secure else None,
         )
 
     @classmethod
@@ -198,7 +213,8 @@ class RoundRecord:
         )  # fmt: skip
 
 
-_OPTIONAL = ("recovered", "reason", "other")  # written after "time", when set
+# Written after "time", when set.
+_OPTIONAL = ("recovered", "reason", "secure_aggregation", "secagg", "other")
 
 
 def _client(entry: dict[str, Any]) -> ClientRecord | dict[str, Any]:

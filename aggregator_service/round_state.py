@@ -2,11 +2,10 @@
 
 A round is an ordered list of phases (``ROUND_PHASES``). The engine sends each phase's
 task to the clients that owe it something, waits until the phase is done (or the
-deadline, or every client it waits for is gone), then moves to the next phase. Today a
-round has one phase, TRAIN; secure aggregation (Bonawitz et al. 2017) adds
-ADVERTISE_KEYS, SHARE_KEYS, MASKED_INPUT and UNMASK as entries of the list, with their
-own ``owing`` and ``done`` rules, without a change to the loop. Their wire numbers (2..5)
-are reserved in ``proto/fedmae/v1/federation.proto``.
+deadline, or every client it waits for is gone), then moves to the next phase. A plain
+round has one phase, TRAIN; a secure one (``secure_rounds.SECURE_PHASES``, Bonawitz et
+al. 2017) runs ADVERTISE_KEYS (train, then advertise keys), SHARE_KEYS, MASKED_INPUT
+and UNMASK, with their own rules, through the same loop.
 """
 
 from __future__ import annotations
@@ -60,6 +59,8 @@ class RoundState:
     invalidated: str | None = None  # set when an aggregated update must not be published
     norm_bound: float | None = None  # L2 bound updates are clipped to; None = off
     phase: RoundPhase | None = None  # the phase running now
+    # A secure round's protocol state (``aggregator_service.secure_rounds.SecureRound``).
+    secure: Any = None
     closed: bool = False
     bytes_in: int = 0
     bytes_out: int = 0
@@ -122,11 +123,14 @@ class RoundState:
 
     def progress(self, now: float) -> dict[str, Any]:
         """The open round's part of the engine's status snapshot (``now``: monotonic)."""
+        reported = self.accepted.keys()
+        if self.secure is not None and self.phase is not None:  # who answered this phase
+            reported = self.secure.answered[self.phase.phase]
         return {
             "round": self.round,
             "attempt": self.attempt,
             "selected": list(self.selected),
-            "reported": sorted(self.accepted),
+            "reported": sorted(reported),
             "uploading": sorted(self.uploading),
             "round_elapsed_s": now - self.started,
             "deadline_in_s": max(0.0, self.deadline - now),
@@ -174,12 +178,29 @@ class DropoutWatch:
 
 @dataclass(frozen=True)
 class RoundPhase:
-    """One step of a round: whom its task goes to and when it is complete."""
+    """One step of a round: whom its task goes to and when it is complete.
+
+    A plain phase ends the round unless it is ``done``; a phase with ``settle`` decides
+    after its wait whether the round goes on (``settle`` sets ``state.invalidated`` to
+    stop it). ``start`` runs when the phase begins (``now``: the monotonic clock), and
+    ``task_data`` gives the part of a client's task that is its own (a secure round's
+    roster, shares, unmask request).
+    """
 
     phase: Phase
     label: str  # the status while it runs; its timing in the record is ``<label>_s``
     owing: Callable[[RoundState], set[str]]  # clients this phase still waits for
-    done: Callable[[RoundState], bool]  # complete: the round may move on (or close)
+    done: Callable[[RoundState], bool]  # complete: the phase need not wait any longer
+    start: Callable[[RoundState, float], None] | None = None
+    settle: Callable[[RoundState], None] | None = None
+    task_data: Callable[[RoundState, str], Any] | None = None
+
+    def goes_on(self, state: RoundState) -> bool:
+        """After the wait: may the round run its next phase?"""
+        if self.settle is None:
+            return self.done(state)
+        self.settle(state)
+        return state.invalidated is None
 
 
 def _train_owing(state: RoundState) -> set[str]:

@@ -82,7 +82,7 @@ class UpdateBounds:
     def __init__(
         self, config: ServerConfig, history: Callable[[], Iterable[dict[str, Any]]] = list
     ):
-        self.cap = int(config.training.max_samples or config.max_client_samples)
+        self.cap = config.weight_cap
         if self.cap < 1:
             raise ValueError("--max-client-samples must be at least 1")
         self.setting = parse_norm_bound(config.max_update_norm)

@@ -30,12 +30,13 @@ from fedmae.errors import (
     LimitExceeded,
     PermissionDenied,
     RoundClosedError,
+    SecAggFailed,
     StaleUpdate,
 )
 from fedmae.payload.buffers import BufferPool
 from fedmae.payload.decoder import PayloadDecoder
 from fedmae.payload.layout import ModelLayout
-from fedmae.rounds import UpdateHeader, UpdateReceipt
+from fedmae.rounds import Phase, UpdateHeader, UpdateReceipt
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +160,12 @@ class Uploads:
                 if ticket is not None:
                     self.queue.remove(ticket)
                     self._cond.notify_all()
-            decoder = PayloadDecoder(
-                self.layout, header.manifest, pool=self.buffers, require_digest=True
-            )
+            if state.secure is not None:  # a masked input: ring elements, never decoded
+                decoder = state.secure.receiver(client_id, header, self.buffers)
+            else:
+                decoder = PayloadDecoder(
+                    self.layout, header.manifest, pool=self.buffers, require_digest=True
+                )
             state.uploading.add(client_id)
             return UploadSession(state, client_id, header, decoder, self._clock.monotonic())
 
@@ -190,6 +194,9 @@ class Uploads:
             raise DuplicateUpdate(
                 f"client {client_id} already sent an update for round {state.round}"
             )
+        if state.secure is not None:
+            state.secure.admit_masked(state, client_id, header)
+            return state
         if header.num_samples <= 0:
             raise InvalidUpdate(f"num_samples must be positive, got {header.num_samples}")
         check_update_metrics(header.metrics)
@@ -198,6 +205,8 @@ class Uploads:
     def complete(self, session: UploadSession, digest: str) -> UpdateReceipt:
         """Check the payload and fold it into the round's aggregate."""
         # A refused payload raises; the caller (the servicer) frees the slot with ``abort``.
+        if session.state.secure is not None:
+            return self._complete_masked(session, digest)
         delta = session.decoder.finish(digest)  # outside the lock: hashing/decoding is slow
         weighing = self.bounds.weigh(
             int(session.header.num_samples), session.decoder.norm, session.state.norm_bound
@@ -271,6 +280,64 @@ class Uploads:
         for observer in self.observers:
             observer.update_accepted(client, session.bytes)
         return UpdateReceipt(state.round, session.bytes, session.decoder.digest, accepted)
+
+    def _complete_masked(self, session: UploadSession, digest: str) -> UpdateReceipt:
+        """Add a masked input into the round's masked sum (all the server can do with it)."""
+        ring = session.decoder.finish(digest)
+        client, state = session.client_id, session.state
+        with self._cond:
+            session.done = True
+            if client in state.revoked or state is not self._current() or state.closed:
+                state.uploading.discard(client)
+                session.decoder.release()
+                self._cond.notify_all()
+                raise RoundClosedError(
+                    f"round {state.round} closed before the masked input from {client} completed"
+                )
+            state.folding.add(client)
+        added = False
+        try:
+            with self.fold_lock:
+                state.secure.sum.add_masked(client, ring)  # refuses before it adds
+            added = True
+        finally:
+            del ring
+            session.decoder.release()
+            with self._cond:
+                state.folding.discard(client)
+                state.uploading.discard(client)
+                state.bytes_in += session.bytes
+                if added:
+                    state.secure.masked(client)
+                    state.accepted[client] = ClientResult(client, 0, {}, 0, 0.0)
+                else:
+                    state.secure.exclude(client, "its masked input was refused")
+                accepted = len(state.accepted)
+                self._cond.notify_all()
+        log.info("round %d: masked input from %s added (%d/%d)", state.round, client,
+                 accepted, len(state.secure.asked.get(Phase.MASKED_INPUT, ())))  # fmt: skip
+        return UpdateReceipt(state.round, session.bytes, session.decoder.digest, accepted)
+
+    def unmask(self, state: RoundState) -> None:
+        """A secure round's close: unmask the sum and fold the weighted mean into the
+        strategy's aggregate; a failure (too few shares) fails the round, revealing
+        nothing."""
+        try:
+            with self.fold_lock:
+                total, weight = state.secure.sum.result()  # float64 [P], sum of weights
+                if weight <= 0:
+                    raise SecAggFailed(
+                        f"secure aggregation of round {state.round} failed: the surviving "
+                        "sites' weights sum to 0"
+                    )
+                mean = torch.from_numpy(total).div_(weight).to(torch.float32)  # [P]
+                del total
+                self.strategy.accumulate(mean, weight)
+        except SecAggFailed as err:
+            with self._cond:
+                state.invalidated = state.invalidated or str(err)
+            return
+        state.secure.total_weight = weight
 
     def abort(self, session: UploadSession, reason: str, code: str = "cancelled") -> None:
         """Release a refused or broken upload's slot (idempotent)."""

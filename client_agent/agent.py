@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from client_agent.secure_rounds import SecureRounds
 from fedmae.config import TrainingConfig
 from fedmae.errors import ConfigError, ConnectionReplaced, FedmaeError, Unavailable
 from fedmae.ml.model_state import load_trainable_state, trainable_state
@@ -24,7 +25,7 @@ from fedmae.payload.buffers import BufferPool
 from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
 from fedmae.payload.layout import ModelLayout
 from fedmae.pki.files import ClientIdentity
-from fedmae.rounds import RoundClosed, RoundTask, RunFinished
+from fedmae.rounds import Phase, RoundClosed, RoundTask, RunFinished
 from fedmae.transport.channels import open_channel
 from fedmae.transport.federation_client import FederationClient, reconnect_policy
 from fedmae.transport.retry import Verdict, connection_failed
@@ -77,6 +78,7 @@ class ClientAgent:
             self.identity = ClientIdentity(config.identity)
             self.client_id = self.identity.client_id
         self._client: FederationClient | None = None
+        self._secure: SecureRounds | None = None  # created by the first secure task
         # The server away, busy (at its limit of calls at once, or of requests per
         # second) or slow: back off and come again (``RECONNECT_RETRY``).
         self.reconnect_policy = reconnect_policy(
@@ -181,6 +183,8 @@ class ClientAgent:
             if isinstance(body, RoundTask):
                 self._handle_task(client, body)
             elif isinstance(body, RoundClosed):
+                if self._secure is not None:
+                    self._secure.closed(body.round, body.attempt)
                 if body.success:
                     log.info(
                         "%s: round %d closed: version %d, val_loss %.4f",
@@ -265,6 +269,25 @@ class ClientAgent:
         return flat
 
     def _handle_task(self, client: FederationClient, task: RoundTask) -> None:
+        if task.phase not in (Phase.TRAIN, Phase.ADVERTISE_KEYS):  # a later secure phase
+            self._secure_rounds().answer(client, task, self.config.chunk_size, self.stop_event)
+            return
+        cfg, result, val_loss, delta = self._train(client, task)
+        if task.phase == Phase.ADVERTISE_KEYS:  # secure: the delta stays here, masked later
+            self._secure_rounds().trained(client, task, delta, result.num_samples)
+            self.rounds_done += 1
+            return
+        self._upload(client, task, cfg, result, val_loss, delta)
+
+    def _secure_rounds(self) -> SecureRounds:
+        if self._secure is None:
+            if self.config.insecure:
+                raise ConfigError("secure aggregation needs an enrolled identity, not --insecure")
+            self._secure = SecureRounds(self.client_id, self.identity)
+        return self._secure
+
+    def _train(self, client: FederationClient, task: RoundTask):
+        """Fetch the task's model and train it locally: (config, result, val_loss, delta)."""
         cfg = task.training.with_overrides(**self.config.overrides)
         self._mask_ratio = cfg.mask_ratio
         log.info(
@@ -309,6 +332,10 @@ class ClientAgent:
         )
         val_loss = evaluate(self.model, self.val_images, cfg.mask_ratio)
         delta = self.layout.flatten(trainable_state(self.model)).sub_(global_flat)
+        return cfg, result, val_loss, delta
+
+    def _upload(self, client, task, cfg, result, val_loss, delta) -> None:
+        """Send a plain round's update (the server sees it, clipped and weighted)."""
         metrics = {
             "train_loss": result.train_loss,
             "val_loss": val_loss,

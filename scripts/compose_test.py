@@ -8,8 +8,9 @@
    with the base pinned by its content digest (BASE_IMAGE=sha256:<id>), and check the
    tag form builds the same image (steps 1-3: scripts/compose_image.py);
 4. `docker compose up` the cluster (certs, tokens, aggregator, 3 clients) and wait for 3
-   published rounds; check each replica enrolled as client-K with its own single-use
-   token and trains on partition K-1, the aggregator holds neither the root CA key nor
+   published rounds, all with secure aggregation (FEDMAE_SECURE_AGGREGATION=1); check
+   each replica enrolled as client-K with its own single-use token and trains on
+   partition K-1, the aggregator holds neither the root CA key nor
    the admin key, its healthcheck uses the health identity (which is refused Admin),
    and every container runs hardened (read-only root, no capabilities, limits); print
    the memory and threads each container uses;
@@ -75,6 +76,7 @@ class Cluster:
             "FEDMAE_ROUNDS": "0",  # until stopped: the host client joins a later round
             "FEDMAE_IMAGES": "1500",
             "FEDMAE_ROUND_TIMEOUT": "120",
+            "FEDMAE_SECURE_AGGREGATION": "1",  # every round masked (docs/privacy.md)
             "FEDMAE_PORT": str(self.port),
             "FEDMAE_ENROLL_PORT": str(self.enroll_port),
         }
@@ -241,7 +243,11 @@ def run_cluster(engine: DockerEngine, work: Path) -> None:
         )
         compose_ids = sorted({c for r in published(records) for c in r["participants"]})
         assert compose_ids == ["client-1", "client-2", "client-3"], compose_ids
-        say(f"3 rounds closed with the compose clients {compose_ids}")
+        secure = [r for r in published(records) if r.get("secure_aggregation") is True]
+        assert len(secure) == len(published(records)), "a round ran without secure aggregation"
+        assert all(not r["clients"] for r in secure), "a secure round logged per-site details"
+        say(f"3 rounds closed with the compose clients {compose_ids}, all with secure "
+            f"aggregation (ring {secure[0]['secagg']['ring_bits']} bits)")  # fmt: skip
         check_partitions(cluster, 3)
         check_hardening(cluster)
         check_secrets_placement(cluster)

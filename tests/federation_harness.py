@@ -63,6 +63,7 @@ def make_server(
     server: dict | None = None,
     training: TrainingConfig | None = None,
     strategy: Strategy | None = None,
+    interceptors: tuple = (),
     **policy: object,
 ) -> AggregatorServer:
     """An aggregator on 127.0.0.1 (port 0 = any) with the tiny model, not started;
@@ -79,7 +80,7 @@ def make_server(
         exit_grace_s=0.5,
         **(server or {}),
     )
-    return AggregatorServer(config, strategy=strategy)
+    return AggregatorServer(config, strategy=strategy, interceptors=interceptors)
 
 
 def held_upload(client, layout, delta, round_, release: threading.Event, started: threading.Event):

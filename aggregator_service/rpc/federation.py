@@ -23,6 +23,7 @@ from fedmae.transport.events import (
     update_header_from_proto,
 )
 from fedmae.transport.messages import encoding_from_proto
+from fedmae.transport.secagg import secagg_answer
 from fedmae.transport.status import status_code
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,9 @@ class FederationServicer(pb_grpc.FederationServicer):
     def SubmitUpdate(self, request_iterator, context) -> pb.UpdateReceipt:
         client_id = self.auth.client(context)
         first = next(request_iterator, None)
+        answer = secagg_answer(first) if first is not None else None
+        if answer is not None:  # a secure-aggregation message: one per stream
+            return receipt_to_proto(self.rounds.secagg_answer(client_id, answer))
         if first is None or wire.part(first) != "header":
             raise InvalidUpdate("an update stream must start with an UpdateHeader")
         header = update_header_from_proto(first.header)

@@ -6,6 +6,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent import futures
 from typing import TextIO
 
@@ -37,6 +38,7 @@ from fedmae.payload.layout import ModelLayout
 from fedmae.pki.ca import MAX_LEAF_DAYS, CertificateAuthority
 from fedmae.pki.files import ServerCerts
 from fedmae.private_files import private_dir
+from fedmae.secagg.signing import CertificateCheck
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
 from fedmae.transport._proto import enrollment_pb2 as epb
@@ -86,9 +88,14 @@ class AggregatorServer:
     """
 
     def __init__(
-        self, config: ServerConfig, strategy: Strategy | None = None, echo: TextIO | None = None
+        self,
+        config: ServerConfig,
+        strategy: Strategy | None = None,
+        echo: TextIO | None = None,
+        interceptors: Sequence[grpc.ServerInterceptor] = (),
     ):
         self.config = config
+        self.interceptors = list(interceptors)  # outermost first, on the mTLS port
         private_dir(config.state_dir)
         self.store = CheckpointStore(config.state_dir / "checkpoints", keep=config.keep_checkpoints)
         state = initial_state(config.training.model, seed=config.model_seed)
@@ -127,6 +134,10 @@ class AggregatorServer:
             self.store,
             strategy,
             RoundLog(config.state_dir / "rounds.jsonl", echo=echo),
+            # Sites' keys are checked against the federation's root CA, as peers do.
+            keys_check=CertificateCheck(ServerCerts(config.certs).root_pem())
+            if config.secure is not None
+            else None,
         )
         self.registry = Registry(config.state_dir / "fedmae.db")
         self.feed = RoundFeed(self.registry)
@@ -202,7 +213,7 @@ class AggregatorServer:
                 ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
                 *_connection_age(cfg.max_connection_age_s, cfg.max_connection_age_grace_s),
             ],
-            interceptors=[StatusInterceptor(), RequestGuard()],
+            interceptors=[*self.interceptors, StatusInterceptor(), RequestGuard()],
             maximum_concurrent_rpcs=cfg.max_workers,
         )
         federation_servicer.add_to_server(

@@ -168,7 +168,13 @@ def write_report(state_dir: Path, out: Path, data: str = "fashion-mnist") -> Rep
             f"{max(len(r['participants']) for r in pub)}; samples per round: "
             f"{last['num_samples']}",
             f"- validation loss (clients, sample-weighted): round {first['round']} "
-            f"{first['val_loss']:.4f} → round {last['round']} {last['val_loss']:.4f}",
+            f"{_num(first['val_loss'])} → round {last['round']} {_num(last['val_loss'])}"
+            + (
+                " (a secure round reports no site's loss)" if last.get("secure_aggregation") else ""
+            ),
+            f"- global model on held-out images (server): round {first['round']} "
+            f"{_num(first.get('eval_loss'))} → round {last['round']} "
+            f"{_num(last.get('eval_loss'))}",
             f"- latest model version: {last['version']}; its masked-patch MSE on the "
             f"reconstruction images: {recon_loss:.4f}",
             f"- bytes: {sum(r['bytes_in'] for r in records) / 1e6:.1f} MB of updates in, "

@@ -92,6 +92,52 @@ LIMIT_FLAGS: tuple[tuple[str, Any, Any, str], ...] = (
 )  # fmt: skip
 
 
+# Secure aggregation (docs/privacy.md): on with --secure-aggregation.
+SECAGG_FLAGS: tuple[tuple[str, Any, Any, str], ...] = (
+    ("--secagg-threshold", int, 0,
+     "Shamir threshold t: shares needed to unmask a site; 0 = a strict majority of "
+     "each site's share holders (itself and its neighbours)"),
+    ("--secagg-neighbours", int, 0,
+     "neighbours per site above 20 sites per round (SecAgg+); 0 = about 3 log2(n)"),
+    ("--secagg-clip", float, 1.0,
+     "each delta value is clipped to [-C, C] before it is encoded in the ring"),
+    ("--secagg-max-sites", int, 100,
+     "sites per round at most (selection is capped); the ring is planned for it"),
+    ("--secagg-phase-timeout", float, 60.0,
+     "seconds each phase after training waits for answers; sites silent that long "
+     "drop out of the round"),
+)  # fmt: skip
+
+
+def _on_off(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"use 1 or 0, not {text!r}")
+
+
+def _ring_bits(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if text in ("32", "64"):
+        return int(text)
+    raise argparse.ArgumentTypeError(f"ring bits are 32, 64 or auto, not {text!r}")
+
+
+def _secure(args: argparse.Namespace):
+    """The secure-aggregation settings from the flags; None without --secure-aggregation."""
+    from aggregator_service.config import SecureAggregation
+
+    if not args.secure_aggregation:
+        return None
+    return SecureAggregation(
+        threshold=args.secagg_threshold, neighbours=args.secagg_neighbours,
+        clip=args.secagg_clip, ring_bits=args.secagg_ring_bits,
+        max_sites=args.secagg_max_sites, phase_timeout_s=args.secagg_phase_timeout,
+    )  # fmt: skip
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from aggregator_service.config import RoundPolicy, ServerConfig
     from aggregator_service.rpc.server import serve
@@ -106,6 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_seed=args.seed,
         policy=_from_flags(RoundPolicy, args),
         training=_from_flags(TrainingConfig, args),
+        secure=_secure(args),
     )
     if not config.insecure and not (config.certs / "server.pem").exists():
         from fedmae.pki.issue import init_certs
@@ -199,6 +246,25 @@ def build(sub: argparse._SubParsersAction) -> None:
         "--round-timeout", type=float, default=600.0, help="round deadline in seconds" + D
     )
     _add_numbers(s, LIMIT_FLAGS)
+    s.add_argument(
+        "--secure-aggregation",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_on_off,
+        metavar="1|0",
+        help="secure aggregation: the server learns only the weighted sum of each round's "
+        "updates, never one site's (docs/privacy.md); '=0' turns it off, for compose's "
+        "FEDMAE_SECURE_AGGREGATION (default off)",
+    )
+    _add_numbers(s, SECAGG_FLAGS)
+    s.add_argument(
+        "--secagg-ring-bits",
+        type=_ring_bits,
+        default=None,
+        help="ring of the masked inputs: 32, 64, or auto = 32 while the configuration "
+        "cannot overflow it (max sites x weight cap x clip), else 64 (default auto)",
+    )
     s.add_argument("--local-epochs", type=int, default=1, help="sent to clients" + D)
     s.add_argument("--batch-size", type=int, default=64, help="sent to clients" + D)
     s.add_argument("--lr", type=float, default=1e-3, help="clients' AdamW learning rate" + D)

@@ -13,6 +13,9 @@ from fedmae.admin_view import RunStatus
 from fedmae.cli.admin import add_connection_args, admin_client
 from fedmae.errors import FedmaeError
 
+# The status of a secure round after its training (aggregator_service.secure_rounds).
+SECURE_PHASE_LABELS = ("share_keys", "masked_input", "unmask")
+
 
 def follow_rounds(
     args: argparse.Namespace, out: queue.Queue, stop: threading.Event, from_round: int = 0
@@ -97,7 +100,7 @@ def _status_panel(status: RunStatus | None, error: str):
         ("   connected ", "dim"), f"{len(status.connected)} (min {status.min_clients})",
     )  # fmt: skip
     parts: list = [head, Text(", ".join(status.connected) or "no clients connected", style="dim")]
-    if status.state == "training" and status.selected:
+    if status.state in ("training", *SECURE_PHASE_LABELS) and status.selected:
         done, total = len(status.reported), len(status.selected)
         parts.append(
             Text.assemble(
@@ -171,6 +174,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if s.state == "training":
         print(f"updates:   {len(s.reported)}/{len(s.selected)} received, "
               f"{len(s.uploading)} uploading, deadline in {s.deadline_in_s:.0f}s")  # fmt: skip
+    elif s.state in SECURE_PHASE_LABELS:  # a secure round's later phase
+        print(f"answers:   {len(s.reported)}/{len(s.selected)} sites answered {s.state}, "
+              f"deadline in {s.deadline_in_s:.0f}s")  # fmt: skip
     if last:
         print(
             f"last:      round {last['round']} {last['status']}: {len(last['participants'])} "

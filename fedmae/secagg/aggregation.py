@@ -105,6 +105,11 @@ class SecureSum:
         return tuple(sorted(self._client[i] for i in self._u2 - self._u3))
 
     @property
+    def degree(self) -> int:
+        """Neighbours per site in this round's graph (0 before it is drawn)."""
+        return max((len(peers) for peers in self._neighbours.values()), default=0)
+
+    @property
     def ring_dtype(self) -> np.dtype:
         return ring_dtype(self.params.ring_bits)
 

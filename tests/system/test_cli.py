@@ -89,6 +89,31 @@ def test_demo_runs_a_real_federation(tmp_path):
     assert str(state) not in ps
 
 
+def test_demo_with_secure_aggregation_trains_real_agents_on_masked_rounds(tmp_path):
+    state = tmp_path / "demo"
+    result = _fedmae(
+        "demo", "--clients", "3", "--rounds", "2", "--images-per-client", "300",
+        "--secure-aggregation", "--state-dir", str(state),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "with secure aggregation" in result.stdout
+    records = [json.loads(line) for line in (state / "rounds.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["published", "published"]
+    assert all(r["secure_aggregation"] and r["clients"] == [] for r in records)
+    assert all(r["train_loss"] is None and r["val_loss"] is None for r in records)
+    assert records[1]["eval_loss"] < records[0]["eval_loss"]  # it learns
+    # Each real agent trained, advertised keys, shared them, masked its delta, unmasked.
+    for k in (1, 2, 3):
+        log = (state / "logs" / f"site-{k}.log").read_text()
+        for what in ("ADVERTISE_KEYS sent", "SHARE_KEYS sent", "masked input sent",
+                     "UNMASK sent"):  # fmt: skip
+            assert log.count(what) == 2, (k, what)
+    # The aggregator logged each round's sum of samples, never a site's count or norm.
+    server_log = (state / "logs" / "aggregator.log").read_text()
+    assert "accepted update from" not in server_log and "L2 norm" not in server_log
+    assert server_log.count("(secure aggregation), 810 samples in all") == 2
+
+
 def test_health_command_over_mtls(tmp_path, capsys):
     from federation_harness import make_identities, make_server
 
