@@ -349,7 +349,9 @@ class RoundEngine:
             self.phase = "closing"
             self._wait_until(lambda: not state.folding, math.inf)  # admitted before: they count
         if state.secure is not None and not state.invalidated and not self._stop.is_set():
+            started = self.clock.monotonic()
             self.uploads.unmask(state)  # outside the lock: a pass over the model per mask
+            timings["unmasking_s"] = round(self.clock.monotonic() - started, 3)
         with self._cond:
             status, reason = state.outcome(stopping=self._stop.is_set())
         success = status == "published"
