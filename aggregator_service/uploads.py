@@ -297,8 +297,9 @@ class Uploads:
             state.folding.add(client)
         added = False
         try:
-            with self.fold_lock:
-                state.secure.sum.add_masked(client, ring)  # refuses before it adds
+            with self.fold_lock:  # refuses before it adds; the first input becomes the sum
+                if state.secure.sum.add_masked(client, ring, own=True):
+                    session.decoder.hand_over()
             added = True
         finally:
             del ring
@@ -324,15 +325,9 @@ class Uploads:
         nothing."""
         try:
             with self.fold_lock:
-                total, weight = state.secure.sum.result()  # float64 [P], sum of weights
-                if weight <= 0:
-                    raise SecAggFailed(
-                        f"secure aggregation of round {state.round} failed: the surviving "
-                        "sites' weights sum to 0"
-                    )
-                mean = torch.from_numpy(total).div_(weight).to(torch.float32)  # [P]
-                del total
-                self.strategy.accumulate(mean, weight)
+                mean, weight = state.secure.sum.mean()  # float32 [P], sum of weights
+                self.strategy.accumulate(torch.from_numpy(mean), weight)
+                del mean  # the round's masked sum, decoded in place
         except SecAggFailed as err:
             with self._cond:
                 state.invalidated = state.invalidated or str(err)

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -189,14 +190,53 @@ CLIENT_PROCESSES = 4  # benchmark clients are spread over this many processes
 def bench_round(params: int, clients: int, rounds: int = 4, raw_MiBps: float | None = None) -> dict:
     """Seconds per round and the aggregator's peak RSS, clients sending a fixed delta
     (``benchmarks/round_clients.py``, in up to ``CLIENT_PROCESSES`` processes)."""
+    run = run_rounds(params, clients, rounds)
+    per_round = run.round_s
+    model_bytes = params * 4
+    in_flight = min(clients, 8)
+    moved = 2 * clients * model_bytes  # every client downloads and uploads the model
+    out = {
+        "params": params, "clients": clients, "rounds": rounds,
+        "round_s": per_round, "wall_s": run.wall_s,
+        "peak_rss_MB": run.peak_rss / 1e6, "model_MB": model_bytes / 1e6,
+        "rss_bound_MB": (model_bytes * (3 + in_flight) + 300e6) / 1e6,
+    }  # fmt: skip
+    if raw_MiBps:
+        out["ideal_round_s"] = moved / (raw_MiBps * MiB)
+        out["round_vs_ideal"] = per_round / out["ideal_round_s"]
+    return out
+
+
+@dataclass
+class RoundsRun:
+    """One aggregator process's run of rounds: its records, peak RSS, the clients' figures."""
+
+    records: list[dict]
+    peak_rss: int  # bytes
+    wall_s: float
+    sites: dict[str, dict]  # client id -> what round_clients reported
+
+    @property
+    def round_s(self) -> float:
+        """Median round duration. The first round also warms connections and the page
+        cache: the median is taken over the rounds after it (when there are any)."""
+        timed = self.records[1:] if len(self.records) > 1 else self.records
+        return statistics.median(r["duration_s"] for r in timed)
+
+
+def run_rounds(params: int, clients: int, rounds: int, secure: bool = False) -> RoundsRun:
+    """``rounds`` rounds of ``clients`` clients sending a fixed delta to `fedmae serve` in
+    its own process (with ``--secure-aggregation`` when ``secure``)."""
     names = [f"c{i}" for i in range(clients)]
     fed = Federation(names)
     agg = AggregatorProcess(
         fed.work, fed.certs, f"blob:{params}", "--min-clients", str(clients),
         "--min-participants", str(min(clients, 3)), "--rounds", str(rounds),
         "--round-timeout", "600", "--max-workers", str(max(64, 2 * clients + 16)),
+        *(["--secure-aggregation"] if secure else []),
     )  # fmt: skip
     procs: list[subprocess.Popen] = []
+    sites: dict[str, dict] = {}
     try:
         _wait_port(agg)
         groups = min(clients, CLIENT_PROCESSES)
@@ -205,13 +245,15 @@ def bench_round(params: int, clients: int, rounds: int = 4, raw_MiBps: float | N
             ids = [str(fed.ids[n]) for n in names[g::groups]]
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "benchmarks.round_clients", "--port", str(agg.port),
-                 "--params", str(params), "--rounds", str(rounds), *ids],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                 "--params", str(params), "--rounds", str(rounds),
+                 *(["--secure"] if secure else []), *ids],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             ))  # fmt: skip
         for proc in procs:
-            _, err = proc.communicate(timeout=1800)
+            out, err = proc.communicate(timeout=1800)
             if proc.returncode != 0:
                 raise RuntimeError(f"benchmark clients failed:\n{err[-2000:]}")
+            sites.update(json.loads(out.strip().splitlines()[-1]))
         wall = time.perf_counter() - t0
         _wait_records(agg.state, rounds)
         rss = agg.stop()
@@ -223,23 +265,7 @@ def bench_round(params: int, clients: int, rounds: int = 4, raw_MiBps: float | N
             agg.stop()
     records = [json.loads(x) for x in (agg.state / "rounds.jsonl").read_text().splitlines()]
     fed.cleanup()
-    # The first round also warms connections and the page cache: the median is taken
-    # over the rounds after it (when there are any).
-    timed = records[1:] if len(records) > 1 else records
-    per_round = statistics.median(r["duration_s"] for r in timed)
-    model_bytes = params * 4
-    in_flight = min(clients, 8)
-    moved = 2 * clients * model_bytes  # every client downloads and uploads the model
-    out = {
-        "params": params, "clients": clients, "rounds": rounds,
-        "round_s": per_round, "wall_s": wall,
-        "peak_rss_MB": rss / 1e6, "model_MB": model_bytes / 1e6,
-        "rss_bound_MB": (model_bytes * (3 + in_flight) + 300e6) / 1e6,
-    }  # fmt: skip
-    if raw_MiBps:
-        out["ideal_round_s"] = moved / (raw_MiBps * MiB)
-        out["round_vs_ideal"] = per_round / out["ideal_round_s"]
-    return out
+    return RoundsRun(records, rss, wall, sites)
 
 
 def _wait_port(agg: AggregatorProcess, timeout: float = 120) -> None:

@@ -67,6 +67,8 @@ def summary_rows(results: dict) -> list[list[str]]:
                 "int8: ≤ 0.27 / ≤ 1.02" if enc == "int8" else "-",
                 _met(ok) if enc == "int8" else "-",
             ])  # fmt: skip
+    for r in c.get("secagg", []):
+        rows += secagg_rows(r)
     if "training" in c:
         t = c["training"]
         rows.append([
@@ -75,6 +77,69 @@ def summary_rows(results: dict) -> list[list[str]]:
             "overhead ≤ 5 %", _met(t["overhead"] <= 0.05),
         ])  # fmt: skip
     return rows
+
+
+def secagg_rows(r: dict) -> list[list[str]]:
+    """A secure round against the plain one of the same run: time, and peak RSS."""
+    size = f"{r['params'] / 1e6:.0f} M × {r['sites']} sites"
+    extra = r["rss_extra_models"]
+    return [
+        [
+            f"secure round, {size}", f"{r['secure_round_s']:.2f} s/round",
+            f"plain round: {r['plain_round_s']:.2f} s", f"{r['time_ratio']:.2f}", "≤ 1.5",
+            _met(r["time_ratio"] <= r["time_target"]),
+        ],
+        [
+            f"secure round RSS, {size}", f"{r['secure_peak_rss_MB']:.0f} MB",
+            f"plain round: {r['plain_peak_rss_MB']:.0f} MB", f"{extra:+.2f} × model",
+            "≤ +2 × model", _met(extra <= r["rss_target_models"]),
+        ],
+    ]  # fmt: skip
+
+
+def secagg_section(results: dict) -> list[str]:
+    """Docs lines: the secure-aggregation figures in full, with where the time goes."""
+    runs = results["cases"].get("secagg")
+    if not runs:
+        return []
+    m = results.get("machine_of", {}).get("secagg")
+    lines = ["## Secure aggregation", ""]
+    if m:
+        lines += ["Measured in a run of its own (`python -m benchmarks.run --only secagg "
+                  f"--into ...`): {m['cores']} cores ({m['cpu']}), {m['time']}, load average "
+                  f"at start {m['load_avg']:.1f}.", ""]  # fmt: skip
+    head = ["", *(f"{r['params'] / 1e6:.0f} M × {r['sites']} sites" for r in runs)]
+    rows = [
+        ("round time, plain / secure (s)",
+         lambda r: f"{r['plain_round_s']:.2f} / {r['secure_round_s']:.2f}"),
+        ("secure / plain (target ≤ 1.5)", lambda r: f"{r['time_ratio']:.2f}"),
+        ("aggregator peak RSS, plain / secure (MB)",
+         lambda r: f"{r['plain_peak_rss_MB']:.0f} / {r['secure_peak_rss_MB']:.0f}"),
+        ("secure − plain (target ≤ 2 × model)",
+         lambda r: f"{r['rss_extra_models']:+.2f} × {r['model_MB']:.0f} MB"),
+        ("bytes up per site and round, plain",
+         lambda r: f"{r['plain_upload_bytes_per_site_round']:,.0f}"),
+        ("bytes up per site and round, secure: masked input + messages",
+         lambda r: f"{r['secure_upload_bytes_per_site_round']:,.0f} + "
+                   f"{r['secure_message_bytes_per_site_round']:,.0f}"),
+        ("masking per site: CPU / wall (s)",
+         lambda r: f"{r['mask_cpu_s']:.3f} / {r['mask_wall_s']:.2f}"),
+    ]  # fmt: skip
+    for step in runs[0]["secure_phases_s"]:
+        rows.append((f"step `{step}`: secure (plain)", lambda r, k=step: _step(r, k)))
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([label, *(f(r) for r in runs)]) + " |" for label, f in rows]
+    lines += ["", "Steps are the aggregator's own timings (the round log's `phases`, "
+              "docs/round-log.md): a secure round's `training_s` is its ADVERTISE_KEYS phase "
+              "(download, keys), a plain round's also holds the upload; `unmasking_s` is the "
+              "server taking the masks off the sum."]  # fmt: skip
+    return [*lines, ""]
+
+
+def _step(r: dict, key: str) -> str:
+    plain = r["plain_phases_s"].get(key)
+    secure = r["secure_phases_s"].get(key, 0.0)
+    return f"{secure:.3f}" + (f" ({plain:.3f})" if plain is not None else "")
 
 
 def _round_row(label: str, r: dict) -> list[str]:
@@ -113,6 +178,8 @@ def plots(results: dict, out: Path) -> list[Path]:
         a1.legend()
         a2.legend()
         made.append(_save(fig, out / "bench_rounds.png"))
+    if c.get("secagg"):
+        made.append(_secagg_plot(c["secagg"], out / "bench_secagg.png"))
     bars = {}
     if "kernel" in c:
         bars["aggregation"] = c["kernel"]["ratio"]
@@ -129,6 +196,27 @@ def plots(results: dict, out: Path) -> list[Path]:
         ax.legend()
         made.append(_save(fig, out / "bench_ratios.png"))
     return made
+
+
+def _secagg_plot(runs: list[dict], path: Path) -> Path:
+    """Plain and secure rounds side by side: time (dotted: 1.5 × plain) and the
+    aggregator's peak RSS (dotted: plain + 2 × model)."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    labels = [f"{r['params'] / 1e6:.0f} M × {r['sites']}" for r in runs]
+    x = range(len(runs))
+    for ax, key, limit, unit in (
+        (a1, "round_s", lambda r: r["time_target"] * r["plain_round_s"], "seconds per round"),
+        (a2, "peak_rss_MB", lambda r: r["plain_peak_rss_MB"] + 2 * r["model_MB"], "MB"),
+    ):
+        ax.bar([i - 0.2 for i in x], [r[f"plain_{key}"] for r in runs], 0.4, label="plain")
+        ax.bar([i + 0.2 for i in x], [r[f"secure_{key}"] for r in runs], 0.4, label="secure")
+        for i, r in enumerate(runs):
+            ax.hlines(limit(r), i - 0.4, i + 0.4, colors="k", linestyles=":")
+        ax.set(xticks=list(x), xticklabels=labels, ylabel=unit)
+        ax.legend()
+    a1.set_title("Round time (dotted: target)")
+    a2.set_title("Aggregator peak RSS (dotted: target)")
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:
@@ -158,6 +246,7 @@ def render(results: dict, docs: Path, write: bool = True) -> str:
             text, "",
         ]  # fmt: skip
         body += [f"![{p.stem}]({p.name})" for p in images]
+        body += ["", *secagg_section(results)]
         notes = Path(__file__).with_name("NOTES.md")
         if notes.exists():
             body += ["", notes.read_text()]

@@ -12,6 +12,7 @@ from pathlib import Path
 from benchmarks import cases
 from benchmarks.common import machine
 from benchmarks.render import render
+from benchmarks.secagg_case import bench_secagg
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -24,6 +25,7 @@ FULL = {
     "big_model": {"params": 600_000_000},
     "encodings": {"rounds": 5, "clients": 3, "images": 1500},
     "training": {"images": 3000},
+    "secagg": {"cases": [(1_000_000, 16), (10_000_000, 4)], "rounds": 4, "repeats": 2},
 }
 QUICK = {
     "kernel": {"params": 5_000_000},
@@ -32,8 +34,10 @@ QUICK = {
     "many_clients": {"clients": 32},
     "encodings": {"rounds": 2, "clients": 2, "images": 300},
     "training": {"images": 800},
+    "secagg": {"cases": [(1_000_000, 4)], "rounds": 3, "repeats": 1},
 }
-CASES = ["kernel", "transfer", "rounds", "many_clients", "big_model", "encodings", "training"]
+CASES = ["kernel", "transfer", "rounds", "many_clients", "big_model", "encodings", "training",
+         "secagg"]  # fmt: skip
 
 
 def say(msg: str) -> None:
@@ -70,6 +74,10 @@ def run(plan: dict, only: list[str]) -> dict:
                                               ["fp32", "fp16", "bf16", "int8"])  # fmt: skip
         elif name == "training":
             out[name] = cases.bench_training(p["images"])
+        elif name == "secagg":
+            out[name] = [
+                bench_secagg(params, n, p["rounds"], p["repeats"]) for params, n in p["cases"]
+            ]
         say(f"{name} done in {time.monotonic() - t0:.0f}s: {json.dumps(out[name])[:300]}")
     return results
 
@@ -79,6 +87,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes; under 3 minutes")
     parser.add_argument("--only", nargs="*", default=[], choices=CASES)
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite BENCHMARKS.md")
+    parser.add_argument("--into", metavar="RESULTS_JSON",
+                        help="merge the cases run now into an earlier run's results "
+                        "(a new file; the docs say which run each case is from)")  # fmt: skip
     parser.add_argument("--render", metavar="RESULTS_JSON",
                         help="only rewrite docs/BENCHMARKS.md from a results file")  # fmt: skip
     args = parser.parse_args()
@@ -86,6 +97,12 @@ def main() -> int:
         print(render(json.loads(Path(args.render).read_text()), ROOT / "docs"), flush=True)
         return 0
     results = run(QUICK if args.quick else FULL, args.only)
+    if args.into:
+        earlier = json.loads(Path(args.into).read_text())
+        for name, figures in results["cases"].items():
+            earlier["cases"][name] = figures
+            earlier.setdefault("machine_of", {})[name] = results["machine"]
+        results = earlier
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = RESULTS / f"{'quick' if args.quick else 'full'}-{stamp}.json"

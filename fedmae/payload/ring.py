@@ -74,6 +74,11 @@ class RingDecoder:
             self.digest = self.digest or checked
         return self._buf[: self.total].view(_DTYPES[self.bits])
 
+    def hand_over(self) -> None:
+        """The buffer now belongs to the vector from ``finish`` (the round's sum took
+        it): it is not given back to the pool."""
+        self._buf = None
+
     def release(self) -> None:
         """Give the buffer back to the pool (the vector from ``finish`` is a view of it)."""
         buf, self._buf = self._buf, None

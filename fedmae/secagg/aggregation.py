@@ -64,15 +64,8 @@ ADVERTISING, SHARING, MASKING, UNMASKING, DONE = (
 class SecureSum:
     """One round's secure sum at the server (see the module docstring)."""
 
-    def __init__(
-        self,
-        round: int,
-        attempt: int,
-        params: SecAggParams,
-        length: int,
-        check: CertificateCheck,
-        seed: bytes | None = None,
-    ):
+    def __init__(self, round: int, attempt: int, params: SecAggParams, length: int,
+                 check: CertificateCheck, seed: bytes | None = None):  # fmt: skip
         self.round, self.attempt, self.params, self.length = round, attempt, params, length
         self._check = check
         self._graph_seed = seed if seed is not None else os.urandom(32)
@@ -119,8 +112,7 @@ class SecureSum:
         return self.length + 1
 
     def exclude(self, client_id: str, reason: str) -> None:
-        """Drop a site from the phases still to come (a masked input already added stays
-        in the sum and is unmasked with the others)."""
+        """Drop a site from the phases to come (an input already added stays in the sum)."""
         self.excluded.setdefault(client_id, reason)
         log.info("secagg round %s: %s excluded: %s", self.round, client_id, reason)
 
@@ -229,24 +221,26 @@ class SecureSum:
 
     # MASKED_INPUT ---------------------------------------------------------------------
 
-    def add_masked(self, client_id: str, ring: np.ndarray) -> None:
-        """Add a site's masked input into the running sum (in place, modulo 2^bits)."""
+    def add_masked(self, client_id: str, ring: np.ndarray, own: bool = False) -> bool:
+        """Add a site's masked input into the running sum (in place, modulo 2^bits).
+        ``own``: the caller gives ``ring`` (a receive buffer) up, and the round's first
+        input becomes the sum instead of a model-sized copy; True when it did."""
         me = self._member(client_id, MASKING, self._u2, "did not share keys")
         if me in self._summed:
             raise FailedPrecondition(f"site {client_id} already sent its masked input")
         if not isinstance(ring, np.ndarray) or ring.dtype != self.ring_dtype:
-            raise InvalidUpdate(
-                f"a masked input is {self.ring_dtype} in this round, got "
-                f"{getattr(ring, 'dtype', type(ring).__name__)}"
-            )
+            got = getattr(ring, "dtype", type(ring).__name__)
+            raise InvalidUpdate(f"a masked input is {self.ring_dtype} in this round, got {got}")
         if ring.shape != (self.input_length,):
-            raise InvalidUpdate(
-                f"a masked input has {self.input_length} elements (d + 1), got shape {ring.shape}"
-            )
+            n, got = self.input_length, ring.shape
+            raise InvalidUpdate(f"a masked input has {n} elements (d + 1), got shape {got}")
+        adopted = own and self._sum is None
         if self._sum is None:
-            self._sum = np.zeros(self.input_length, dtype=self.ring_dtype)
-        self._sum += ring
+            self._sum = ring if own else ring.copy()  # [d + 1]
+        else:
+            self._sum += ring
         self._summed.add(me)
+        return adopted
 
     def close_masking(self) -> None:
         """Fix U3 and fail now, before any share is revealed, if some site's secret
@@ -313,29 +307,35 @@ class SecureSum:
     # The result -----------------------------------------------------------------------
 
     def result(self) -> tuple[np.ndarray, int]:
-        """(sum of weight x delta over U3, float64 length d; sum of weights). The masked
-        sum is unmasked in place and freed; ``SecAggFailed`` if that is impossible."""
-        if self._result is not None:
-            return self._result
+        """(sum of weight x delta over U3, float64 [d]; sum of weights), or SecAggFailed."""
+        if self._result is None:
+            ring, weight = self._unmask()
+            self._result = (fixed_point.decode_sum(ring, self.params.frac_bits), weight)
+        return self._result
+
+    def mean(self) -> tuple[np.ndarray, int]:
+        """(weighted mean over U3 as float32 [d], in the sum's own memory; sum of weights)."""
+        ring, weight = self._unmask()
+        if weight <= 0:
+            raise self._fail("the surviving sites' weights sum to 0")
+        return fixed_point.decode_mean_in_place(ring, self.params.frac_bits, weight), weight
+
+    def _unmask(self) -> tuple[np.ndarray, int]:
+        """Every mask taken off the sum: its d values (in place) and the sum of weights."""
         if self.abort_reason is not None:
             raise SecAggFailed(self.abort_reason)
         self._expect(UNMASKING, "result")
         assert self._sum is not None  # close_masking checked U3 is not empty
         answered = {h: m for h, m in self._revealed.items() if self._client[h] not in self.excluded}
         seeds = {v: self._secret(v, "seed", answered) for v in sorted(self._u3)}
-        dropped = sorted(self._u2 - self._u3)
-        keys = {v: self._secret(v, "key", answered) for v in dropped}
+        keys = {v: self._secret(v, "key", answered) for v in sorted(self._u2 - self._u3)}
         pairwise: list[tuple[bytes, int]] = []
-        for v in dropped:
+        for v, key in keys.items():
             survivors = {w: self._mask_public(w) for w in self._neighbours[v] & self._u3}
-            pairwise += dropped_pairs(self.round, v, keys[v], survivors)
-        remove_masks(self._sum, seeds.values(), pairwise)
-        total_weight = int(self._sum[self.length])
-        values = fixed_point.decode_sum(self._sum[: self.length], self.params.frac_bits)
-        self._sum = None
-        self._phase = DONE
-        self._result = (values, total_weight)
-        return self._result
+            pairwise += dropped_pairs(self.round, v, key, survivors)
+        total, self._sum, self._phase = self._sum, None, DONE
+        remove_masks(total, seeds.values(), pairwise)
+        return total[: self.length], int(total[self.length])
 
     def _mask_public(self, index: int) -> bytes:
         return self._keys[self._client[index]].mask_public

@@ -8,6 +8,7 @@ Arithmetic is numpy unsigned integers, which wrap modulo 2^bits.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -53,8 +54,11 @@ def expand(seed: bytes, n: int, bits: int, nonce: bytes) -> np.ndarray:
     return expand_range(seed, 0, n, bits, nonce)
 
 
-def expand_range(seed: bytes, start: int, count: int, bits: int, nonce: bytes) -> np.ndarray:
-    """Elements ``start .. start + count`` of ``expand(seed, ..., bits, nonce)``.
+def expand_range(
+    seed: bytes, start: int, count: int, bits: int, nonce: bytes, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Elements ``start .. start + count`` of ``expand(seed, ..., bits, nonce)``, written
+    into ``out`` (``count`` elements of the ring dtype; a fresh array when None).
 
     ChaCha20 is seekable: the keystream's 64-byte block ``b`` is the cipher started at
     block counter ``b`` (the first 4 bytes of cryptography's 16-byte nonce, added to the
@@ -71,16 +75,22 @@ def expand_range(seed: bytes, start: int, count: int, bits: int, nonce: bytes) -
     if block + (skip + count * dtype.itemsize + 63) // 64 > 2**32:
         raise ValueError("a mask is at most 256 GiB (2^32 ChaCha20 blocks)")
     seek = block.to_bytes(4, "little") + nonce[4:]
-    out = np.empty(count, dtype=dtype.newbyteorder("<"))
+    if out is None:
+        out = np.empty(count, dtype=dtype)
+    elif out.shape != (count,) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"a mask range is written into {count} contiguous {dtype} elements")
     raw = out.view(np.uint8)
     keystream = Cipher(algorithms.ChaCha20(seed, seek), mode=None).encryptor()
     if skip:
         keystream.update(_ZEROS[:skip])
-    # In chunks, so a 10 M-parameter mask never needs a second full-size zero buffer.
+    # Encrypting zeros straight into the array: no keystream bytes object and no copy
+    # (10 M uint32: 27 -> 14 ms here), and never a second full-size zero buffer.
     for begin in range(0, raw.size, _CHUNK_BYTES):
         stop = min(begin + _CHUNK_BYTES, raw.size)
-        raw[begin:stop] = np.frombuffer(keystream.update(_ZEROS[: stop - begin]), np.uint8)
-    return out.astype(dtype, copy=False)
+        keystream.update_into(_ZEROS[: stop - begin], raw[begin:stop])
+    if sys.byteorder == "big":  # the keystream's bytes are little-endian elements
+        out.byteswap(inplace=True)
+    return out
 
 
 def pairwise_mask(seed: bytes, n: int, bits: int) -> np.ndarray:

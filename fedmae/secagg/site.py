@@ -247,6 +247,7 @@ class SiteRound:
             for peer in sorted(self._held)
         }
         out = np.empty(d + 1, dtype=ring_dtype(params.ring_bits))  # [d + 1] ring
+        scratch = np.empty(BLOCK, dtype=out.dtype)  # each mask's block, in turn
         for start in range(0, d + 1, BLOCK):
             stop = min(start + BLOCK, d + 1)
             block = out[start:stop]  # a view: the masks are added in place
@@ -256,11 +257,11 @@ class SiteRound:
             )
             if stop == d + 1:
                 block[-1] = weight  # the last element: this site's weight, unscaled
-            block += expand_range(
-                self._self_seed, start, stop - start, params.ring_bits, SELF_NONCE
-            )
+            mask = scratch[: stop - start]
+            block += expand_range(self._self_seed, start, mask.size, params.ring_bits,
+                                  SELF_NONCE, out=mask)  # fmt: skip
             for peer, seed in pair_seeds.items():
-                mask = expand_range(seed, start, stop - start, params.ring_bits, PAIRWISE_NONCE)
+                expand_range(seed, start, mask.size, params.ring_bits, PAIRWISE_NONCE, out=mask)
                 if peer > me:
                     block += mask
                 else:

@@ -100,12 +100,14 @@ def remove_masks(
     """
     bits = bits_of(total)
     seeds, pairs = list(self_seeds), list(pairwise)
+    scratch = np.empty(BLOCK, dtype=total.dtype)  # each mask's block, in turn
     for start in range(0, total.size, BLOCK):
         block = total[start : start + BLOCK]  # a view: subtracted in place
+        mask = scratch[: block.size]
         for seed in seeds:
-            block -= expand_range(seed, start, block.size, bits, SELF_NONCE)
+            block -= expand_range(seed, start, block.size, bits, SELF_NONCE, out=mask)
         for seed, sign in pairs:
-            mask = expand_range(seed, start, block.size, bits, PAIRWISE_NONCE)
+            expand_range(seed, start, block.size, bits, PAIRWISE_NONCE, out=mask)
             if sign > 0:
                 block -= mask
             else:

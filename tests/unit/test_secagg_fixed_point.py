@@ -121,3 +121,18 @@ def test_the_ring_plan_takes_32_bits_while_they_fit_and_the_most_fraction_bits()
 def test_a_ring_too_small_for_the_configuration_is_a_clear_error():
     with pytest.raises(ConfigError, match="32-bit ring can overflow"):
         fixed_point.plan_ring(10_000, 10_000, 4.0, ring_bits=32)
+
+
+@pytest.mark.parametrize(("bits", "frac_bits"), [(32, 16), (64, 40)])
+def test_the_mean_decoded_in_place_is_the_plain_decoding(bits, frac_bits):
+    # Block by block over the sum's own memory (more than one block, a ragged last one)
+    # gives, value for value, the float32 of decode_sum(...) / weight.
+    n, weight = 3 * (1 << 18) + 5, 7
+    rng = np.random.default_rng(11)
+    values = rng.integers(-(2**30), 2**30, n) * (1 if bits == 32 else 2**20)
+    total = fixed_point.to_ring(values, bits)
+    expected = (fixed_point.decode_sum(total, frac_bits) / weight).astype(np.float32)
+    mean = fixed_point.decode_mean_in_place(total, frac_bits, weight)
+    assert mean.dtype == np.float32 and mean.shape == (n,)
+    assert np.shares_memory(mean, total)
+    assert np.array_equal(mean, expected)

@@ -152,3 +152,14 @@ def test_a_range_of_a_mask_is_the_same_elements_of_the_whole():
 def test_a_range_past_the_keystream_limit_is_refused():
     with pytest.raises(ValueError, match="256 GiB"):
         masks.expand_range(bytes(32), 2**36, 1, 64, masks.SELF_NONCE)
+
+
+def test_a_range_written_into_a_given_array_is_the_same_elements():
+    seed = bytes(range(32))
+    for bits in (32, 64):
+        whole = masks.self_mask(seed, 5000, bits)
+        out = np.zeros(907, dtype=masks.ring_dtype(bits))
+        part = masks.expand_range(seed, 4093, 907, bits, masks.SELF_NONCE, out=out)
+        assert part is out and np.array_equal(out, whole[4093:])
+        with pytest.raises(ValueError, match="contiguous"):
+            masks.expand_range(seed, 0, 10, bits, masks.SELF_NONCE, out=out[:20:2])

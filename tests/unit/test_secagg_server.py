@@ -277,3 +277,28 @@ def test_a_minority_threshold_is_refused_by_the_server(pki):
     round_ = _round(pki, sites=6, params=dataclasses.replace(PARAMS, threshold=3))
     with pytest.raises(SecAggFailed, match="threshold 3 is not a strict majority of every site's"):
         round_.advertise()
+
+
+def test_an_owned_first_input_becomes_the_sum_and_the_mean_is_the_weighted_mean(pki):
+    # The engine hands its receive buffers over (own=True): the first becomes the sum,
+    # the later ones are added into it, and mean() decodes it in place.
+    round_ = _round(pki, sites=3)
+    round_.advertise()
+    round_.share()
+    adopted = {}
+    for name in round_.names:
+        site, inputs = round_.sites[name], round_.inputs
+        ring = site.masked_input(
+            round_.server.inbound(name), inputs.deltas[name], inputs.counts[name]
+        )
+        adopted[name] = (round_.server.add_masked(name, ring, own=True), ring)
+    round_.server.close_masking()
+    round_.unmask()
+    assert [kept for kept, _ in adopted.values()] == [True, False, False]
+    mean, weight = round_.server.mean()
+    expected, expected_weight = round_.inputs.expected(round_.names, round_.params)
+    assert weight == expected_weight
+    assert mean.dtype == np.float32 and np.shares_memory(mean, adopted["site-00"][1])
+    assert (
+        np.abs(mean - expected / weight).max() < 3 * 2.0**-round_.params.frac_bits / weight + 1e-6
+    )
