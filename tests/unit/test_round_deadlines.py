@@ -5,8 +5,10 @@ site that stalled or left; and the round log says which site was slow and which 
 from __future__ import annotations
 
 import pytest
-from round_engine_harness import FakeClock, delta, start_engine
+from round_engine_harness import Client, EngineThread, FakeClock, delta, make_engine, start_engine
+from secagg_cases import Pki
 
+from aggregator_service.config import SecureAggregation
 from aggregator_service.round_state import ROUND_PHASES
 from aggregator_service.secure_rounds import SECURE_PHASES
 from fedmae.errors import InvalidRequest, PermissionDenied, StaleUpdate
@@ -172,6 +174,38 @@ def test_progress_reports_are_checked_and_shown_in_status(tmp_path, clock):
         }  # fmt: skip
     finally:
         loop.stop()
+
+
+def test_a_secure_round_extends_its_training_phase(tmp_path, clock):
+    check = Pki(tmp_path / "pki").check()
+    policy = {**POLICY, "min_participants": 3, "min_updates": 3}
+    engine = make_engine(tmp_path / "state", clock, server={"secure": SecureAggregation()},
+                         keys_check=check, **policy)  # fmt: skip
+    clients = {c: Client(engine, c) for c in "abc"}
+    loop = EngineThread(engine)
+    try:
+        for client in clients.values():
+            assert client.next_event("task", round=1).phase.name == "ADVERTISE_KEYS"
+        start, step = engine.state.started, 0
+        while clock.monotonic() - start < 100:  # all three train past the 60 s deadline
+            step += 10
+            for c in "abc":
+                engine.training_progress(c, TrainingProgress(1, 1, step, TOTAL))
+            clock.advance(20.0)
+            loop.settle(clock)
+            assert not engine.state.closed and engine.phase == "training"
+        while not engine.state.closed:  # they stall: no keys advertised, the round fails
+            clock.advance(20.0)
+            loop.settle(clock)
+        loop.join()
+    finally:
+        loop.stop()
+    record = engine.round_log.read()[-1]
+    # Last step at 80 s: the deadline moved to 110 s; at 120 s they had stalled 40 s.
+    assert record["status"] == "failed" and record["deadline_extended_s"] == 50.0
+    assert record["dropped_reasons"] == dict.fromkeys(
+        "abc", "no progress for 40 s (last step 50/400)"
+    )
 
 
 def test_only_training_phases_are_extended():
