@@ -26,6 +26,11 @@ class RoundPolicy:
     min_updates: int = 0  # accepted updates needed to publish; 0 = min_clients
     rounds: int = 5  # published rounds to run; 0 = run until stopped
     round_timeout_s: float = 600.0  # deadline for updates after the task is sent
+    # Training's deadline moves on while every site still owing an update is connected
+    # and advanced its step within progress_timeout_s (aggregator_service/deadlines.py),
+    # up to this long after the round started: None = 3 x round_timeout_s, 0 = never.
+    round_hard_timeout_s: float | None = None
+    progress_timeout_s: float = 60.0
     retry_delay_s: float = 1.0  # pause before retrying a failed round
     max_attempts: int = 0  # attempts per round before the run fails; 0 = unlimited
     seed: int = 0  # client selection is deterministic for a seed
@@ -59,6 +64,22 @@ class RoundPolicy:
             raise ValueError("fraction must be in (0, 1]")
         if self.min_updates < 0 or self.rounds < 0 or self.round_timeout_s <= 0:
             raise ValueError("min_updates and rounds must be >= 0, round_timeout_s > 0")
+        hard = self.round_hard_timeout_s
+        if hard is not None and hard != 0 and hard < self.round_timeout_s:
+            raise ConfigError(
+                f"--round-hard-timeout {hard:g} is below --round-timeout "
+                f"{self.round_timeout_s:g}: use 0 (never extend) or at least the round timeout"
+            )
+        if self.progress_timeout_s <= 0:
+            raise ConfigError(f"--progress-timeout must be > 0, got {self.progress_timeout_s:g}")
+
+    @property
+    def hard_timeout_s(self) -> float:
+        """How long after its start a round's training may last at most (0 = no
+        extension past ``round_timeout_s``)."""
+        if self.round_hard_timeout_s is None:
+            return 3 * self.round_timeout_s
+        return self.round_hard_timeout_s
 
     @property
     def required_updates(self) -> int:

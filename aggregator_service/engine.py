@@ -27,6 +27,7 @@ import torch
 from aggregator_service.checkpoint_store import Checkpoint, CheckpointStore
 from aggregator_service.clock import SYSTEM_CLOCK, Clock
 from aggregator_service.config import ServerConfig
+from aggregator_service.deadlines import TrainingDeadline
 from aggregator_service.downloads import Downloads, FinalFetches
 from aggregator_service.published_model import PublishedModel
 from aggregator_service.records import RoundRecord, recover
@@ -45,6 +46,7 @@ from fedmae.rounds import (
     RoundClosed,
     RoundTask,
     RunFinished,
+    TrainingProgress,
     UpdateReceipt,
 )
 from fedmae.runtime import release_free_memory
@@ -188,7 +190,7 @@ class RoundEngine:
                 "rounds_target": self.policy.rounds, "min_clients": self.policy.min_clients,
                 "connected": sorted(self.subscribers.ids()),
                 "selected": [], "reported": [], "uploading": [],
-                "round_elapsed_s": 0.0, "deadline_in_s": 0.0,
+                "round_elapsed_s": 0.0, "deadline_in_s": 0.0, "progress": {},
                 "last_record": self.last_record.to_json() if self.last_record else None,
             }  # fmt: skip
             if (state := self.state) is not None and not state.closed:
@@ -290,7 +292,7 @@ class RoundEngine:
             )  # fmt: skip
             if self.config.secure is not None:  # the ring is planned for this many at most
                 selected = selected[: self.config.secure.max_sites]
-            now = self.clock.monotonic()
+            now, policy = self.clock.monotonic(), self.policy
             self.state = state = RoundState(
                 round=round_,
                 attempt=attempt,
@@ -304,7 +306,11 @@ class RoundEngine:
                 required=self.strategy.updates_to_publish(self.policy.required_updates),
                 min_participants=self.policy.min_participants,
                 norm_bound=norm_bound,
-            )
+                training=TrainingDeadline.opened(
+                    now + policy.round_timeout_s, now, policy.hard_timeout_s,
+                    policy.progress_timeout_s,
+                ),
+            )  # fmt: skip
             if self.secagg is not None:
                 state.secure = SecureRound.open(
                     state, self.secagg, self.config.secure, self.layout.numel, self.keys_check,
@@ -318,8 +324,9 @@ class RoundEngine:
 
     def _run_phase(self, state: RoundState, phase: RoundPhase, timings: dict[str, float]) -> None:
         """Send the phase's task to the clients it waits for; wait until the phase is
-        done, the deadline passes, or every client it waits for has been gone for
-        ``dropout_grace_s`` (early close)."""
+        done, the deadline passes (a training phase's moves on while every site it
+        waits for progresses: ``deadlines``), or every client it waits for has been
+        gone for ``dropout_grace_s`` (early close)."""
         with self._cond:
             started = self.clock.monotonic()
             state.phase, self.phase = phase, phase.label
@@ -332,7 +339,7 @@ class RoundEngine:
             dropouts = DropoutWatch(self.policy.dropout_grace_s, busy=started)
             while not phase.done(state) and not self._stop.is_set() and not state.invalidated:
                 now = self.clock.monotonic()
-                if now >= state.deadline:
+                if now >= state.deadline and not state.extend_deadline(self.subscribers.ids(), now):
                     break
                 owing = phase.owing(state)
                 if dropouts.all_gone(owing, state.uploading, self.subscribers.gone_since, now):
@@ -340,6 +347,7 @@ class RoundEngine:
                              "closing early", state.round)  # fmt: skip
                     break
                 self.clock.wait(self._cond, min(state.deadline - now, POLL_S))
+            state.close_training(self.subscribers.ids(), self.clock.monotonic())
             timings[f"{phase.label}_s"] = round(self.clock.monotonic() - started, 3)
 
     def _close_round(self, state: RoundState, timings: dict[str, float]) -> bool:
@@ -421,6 +429,14 @@ class RoundEngine:
         return RoundTask.of(
             state, self.config.training, wall_deadline, secagg=self.secagg, phase_data=data
         )
+
+    def training_progress(self, client_id: str, progress: TrainingProgress) -> UpdateReceipt:
+        """A site's training progress report (``RoundState.report_progress``)."""
+        with self._cond:
+            if (state := self.state) is None:
+                raise StaleUpdate(f"no round is open (the report names round {progress.round})")
+            state.report_progress(client_id, progress, self.clock.monotonic())
+            return UpdateReceipt(state.round, 0, "", len(state.accepted))
 
     def secagg_answer(self, client_id: str, message: object) -> UpdateReceipt:
         """A client's secure-aggregation message (keys, shares, unmask shares, abort)."""

@@ -70,6 +70,8 @@ class RoundRecord:
     time: str = ""  # UTC, ISO 8601
     recovered: bool = False  # written only when true
     reason: str = ""  # written only when set
+    # How far the training deadline moved for sites still progressing (written only then).
+    deadline_extended_s: float = 0.0
     # A secure round (written only then): its parameters and counts, nothing per site.
     secure_aggregation: bool = False
     secagg: dict[str, Any] | None = None
@@ -105,6 +107,8 @@ class RoundRecord:
             out["recovered"] = True
         if self.reason:
             out["reason"] = self.reason
+        if self.deadline_extended_s:
+            out["deadline_extended_s"] = self.deadline_extended_s
         if self.secure_aggregation:
             out["secure_aggregation"] = True
             out["secagg"] = dict(self.secagg or {})
@@ -196,6 +200,7 @@ class RoundRecord:
             ],
             time=utc_iso(wall_time),
             reason=reason,
+            deadline_extended_s=state.training.extended_s if state.training else 0.0,
             secure_aggregation=secure is not None,
             secagg=secure.summary() if secure else None,
         )
@@ -214,7 +219,8 @@ class RoundRecord:
 
 
 # Written after "time", when set.
-_OPTIONAL = ("recovered", "reason", "secure_aggregation", "secagg", "other")
+_OPTIONAL = ("recovered", "reason", "deadline_extended_s", "secure_aggregation", "secagg",
+             "other")  # fmt: skip
 
 
 def _client(entry: dict[str, Any]) -> ClientRecord | dict[str, Any]:

@@ -10,11 +10,16 @@ and UNMASK, with their own rules, through the same loop.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedmae.rounds import Phase
+from aggregator_service.deadlines import TrainingDeadline
+from fedmae.errors import InvalidRequest, PermissionDenied, StaleUpdate
+from fedmae.rounds import Phase, TrainingProgress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,6 +66,9 @@ class RoundState:
     phase: RoundPhase | None = None  # the phase running now
     # A secure round's protocol state (``aggregator_service.secure_rounds.SecureRound``).
     secure: Any = None
+    # Progress reports and the training deadline's extension (``deadlines``); None: a
+    # fixed deadline.
+    training: TrainingDeadline | None = None
     closed: bool = False
     bytes_in: int = 0
     bytes_out: int = 0
@@ -104,6 +112,40 @@ class RoundState:
         else:
             self.rejected[client_id] = f"revoked{why}"
 
+    def report_progress(self, client_id: str, progress: TrainingProgress, now: float) -> None:
+        """Record a site's training progress (kept only while a training phase runs)."""
+        if self.closed or (progress.round, progress.attempt) != (self.round, self.attempt):
+            raise StaleUpdate(
+                f"progress for round {progress.round} attempt {progress.attempt}, but round "
+                f"{self.round} attempt {self.attempt} is {'closed' if self.closed else 'open'}"
+            )
+        if client_id not in self.selected:
+            raise PermissionDenied(f"{client_id} is not selected for round {self.round}")
+        if progress.step > progress.total:
+            raise InvalidRequest(f"progress step {progress.step} above total {progress.total}")
+        if self.training is not None and self.phase is not None and self.phase.trains:
+            self.training.report(client_id, progress, now)
+
+    def extend_deadline(self, connected: set[str], now: float) -> bool:
+        """At a training phase's deadline: move it on while every site it still waits for
+        is connected and progressing (``TrainingDeadline.extension``)."""
+        if self.training is None or self.phase is None or not self.phase.trains:
+            return False
+        owing = self.phase.owing(self) - self.rejected.keys()  # refused: not waited for
+        later = self.training.extension(owing, connected, self.uploading, now)
+        if later is None:
+            return False
+        self.deadline = later
+        log.info("round %d: every site still training is progressing: deadline extended to "
+                 "%.0f s after the start", self.round, later - self.started)  # fmt: skip
+        return True
+
+    def close_training(self, connected: set[str], now: float) -> None:
+        """A training phase ended: fix why each site it still waited for is missing."""
+        if self.training is not None and self.phase is not None and self.phase.trains:
+            owing = self.phase.owing(self) - self.rejected.keys()
+            self.training.close(owing, connected, self.deadline, now)
+
     def outcome(self, stopping: bool) -> tuple[str, str]:
         """(status, reason) of the closed round: published, failed or aborted."""
         reported = len(self.accepted)
@@ -134,6 +176,7 @@ class RoundState:
             "uploading": sorted(self.uploading),
             "round_elapsed_s": now - self.started,
             "deadline_in_s": max(0.0, self.deadline - now),
+            "progress": self.training.snapshot(now) if self.training else {},
         }
 
     def weighted(self, key: str) -> float | None:
@@ -145,10 +188,13 @@ class RoundState:
         return sum(w * v for w, v in pairs) / n if n else None
 
     def dropped(self, connected: set[str]) -> dict[str, str]:
-        """Selected clients that sent nothing accepted or refused, and why (as known)."""
+        """Selected clients that sent nothing accepted or refused, and why (as known:
+        slow or gone when training closed, from their progress reports)."""
         owing = set(self.selected) - set(self.accepted) - set(self.rejected)
+        known = self.training.reasons if self.training is not None else {}
         return {
-            c: "disconnected" if c not in connected else "no update before the round closed"
+            c: known.get(c)
+            or ("disconnected" if c not in connected else "no update before the round closed")
             for c in sorted(owing)
         }
 
@@ -194,6 +240,8 @@ class RoundPhase:
     start: Callable[[RoundState, float], None] | None = None
     settle: Callable[[RoundState], None] | None = None
     task_data: Callable[[RoundState, str], Any] | None = None
+    # Sites train in it: its deadline may be extended while they progress (``deadlines``).
+    trains: bool = False
 
     def goes_on(self, state: RoundState) -> bool:
         """After the wait: may the round run its next phase?"""
@@ -211,7 +259,7 @@ def _train_done(state: RoundState) -> bool:
     return len(state.accepted) >= state.needed()
 
 
-TRAIN = RoundPhase(Phase.TRAIN, "training", owing=_train_owing, done=_train_done)
+TRAIN = RoundPhase(Phase.TRAIN, "training", owing=_train_owing, done=_train_done, trains=True)
 
 # The phases of every round, in order.
 ROUND_PHASES: tuple[RoundPhase, ...] = (TRAIN,)

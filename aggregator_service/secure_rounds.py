@@ -255,7 +255,7 @@ def _begin(phase: Phase, previous: Phase, close: str):
 
 ADVERTISE_KEYS = RoundPhase(
     Phase.ADVERTISE_KEYS, "training", owing=_owing(Phase.ADVERTISE_KEYS),
-    done=_advertise_done, settle=_enough(Phase.ADVERTISE_KEYS),
+    done=_advertise_done, settle=_enough(Phase.ADVERTISE_KEYS), trains=True,
 )  # fmt: skip
 SHARE_KEYS = RoundPhase(
     Phase.SHARE_KEYS, "share_keys", owing=_owing(Phase.SHARE_KEYS),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from client_agent.progress_reports import ProgressReports
 from client_agent.secure_rounds import SecureRounds
 from fedmae.config import TrainingConfig
 from fedmae.errors import ConfigError, ConnectionReplaced, FedmaeError, Unavailable
@@ -49,6 +50,7 @@ class AgentConfig:
     give_up_after_s: float = 0.0  # 0 = keep trying forever
     seed: int = 0
     status_file: Path | None = None  # JSON state for health checks (``fedmae client-health``)
+    progress_every_s: float = 10.0  # training progress to the server at most this often; 0 = off
 
 
 class _RunDone(Exception):
@@ -305,8 +307,10 @@ class ClientAgent:
             self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay)
 
         last_report = [time.monotonic()]
+        report = ProgressReports(client, task, self.config.progress_every_s)
 
         def progress(step: int, total: int, loss: float) -> None:
+            report(step, total)  # to the server: the round waits while this site progresses
             if time.monotonic() - last_report[0] >= 5 or step == total:
                 last_report[0] = time.monotonic()
                 self._status("training", task.round, step=step, steps=total)

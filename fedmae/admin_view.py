@@ -91,6 +91,15 @@ class AuditEntry:
 
 
 @dataclass(frozen=True)
+class SiteProgress:
+    """How far one site's local training got in the open round."""
+
+    step: int
+    total: int
+    since_step_s: float  # since its step last advanced
+
+
+@dataclass(frozen=True)
 class RunStatus:
     """One snapshot of the run."""
 
@@ -107,3 +116,4 @@ class RunStatus:
     round_elapsed_s: float
     deadline_in_s: float
     last_record: dict[str, Any] | None  # the latest closed round, round-log schema
+    progress: dict[str, SiteProgress] = field(default_factory=dict)  # training sites' reports

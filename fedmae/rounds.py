@@ -181,6 +181,20 @@ class UpdateHeader:
 
 
 @dataclass(frozen=True)
+class TrainingProgress:
+    """How far a site's local training got in a training phase (TRAIN, ADVERTISE_KEYS).
+
+    Sent every few seconds while the site trains, so the server can tell a slow site
+    from a gone one: it extends the round's deadline while every site it waits for is
+    connected and its ``step`` keeps advancing (``aggregator_service.deadlines``)."""
+
+    round: int
+    attempt: int
+    step: int  # optimizer steps done so far
+    total: int  # optimizer steps the local training takes
+
+
+@dataclass(frozen=True)
 class UpdateReceipt:
     round: int
     bytes_received: int

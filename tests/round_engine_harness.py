@@ -26,6 +26,7 @@ from fedmae.payload.digest import payload_digest
 from fedmae.payload.encodings import encoding_from_name
 from fedmae.payload.layout import ModelLayout
 from fedmae.rounds import Heartbeat, RoundEvent, UpdateHeader, UpdateReceipt
+from fedmae.secagg.signing import CertificateCheck
 from fedmae.transport.frames import RawChunk
 from fedmae.transport.status import status_code
 
@@ -92,9 +93,11 @@ def make_engine(
     clock: FakeClock,
     strategy: Strategy | None = None,
     server: dict | None = None,
+    keys_check: CertificateCheck | None = None,
     **policy: object,
 ) -> RoundEngine:
-    """An engine over a fresh (or existing) state directory; version 0 is the seeded model."""
+    """An engine over a fresh (or existing) state directory; version 0 is the seeded model
+    (``keys_check``: the CA check of a secure round's keys, with ``server={"secure": ...}``)."""
     layout, flat = tiny_layout()
     store = CheckpointStore(state_dir / "checkpoints")
     config = ServerConfig(
@@ -110,8 +113,9 @@ def make_engine(
         checkpoint, flat = store.map(latest, layout)
     round_log = RoundLog(state_dir / "rounds.jsonl")
     return RoundEngine(
-        config, layout, flat, checkpoint, store, strategy or FedAvg(), round_log, clock=clock
-    )
+        config, layout, flat, checkpoint, store, strategy or FedAvg(), round_log, clock=clock,
+        keys_check=keys_check,
+    )  # fmt: skip
 
 
 def start_engine(

@@ -126,7 +126,10 @@ class AdminServicer(apb_grpc.AdminServicer):
         self.auth.admin(context)
         snap = self.rounds.status()
         last = snap.pop("last_record")
-        return apb.StatusResponse(**snap, last_record_json=record_json(last) if last else "")
+        progress = {c: apb.SiteProgress(**p) for c, p in snap.pop("progress").items()}
+        return apb.StatusResponse(
+            **snap, progress=progress, last_record_json=record_json(last) if last else ""
+        )
 
     def CreateToken(self, request: apb.CreateTokenRequest, context) -> apb.CreateTokenResponse:
         actor = self.auth.admin(context)

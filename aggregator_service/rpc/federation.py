@@ -19,6 +19,7 @@ from fedmae.transport._proto import federation_pb2_grpc as pb_grpc
 from fedmae.transport.events import (
     event_to_proto,
     model_header_to_proto,
+    progress_from_proto,
     receipt_to_proto,
     update_header_from_proto,
 )
@@ -81,6 +82,9 @@ class FederationServicer(pb_grpc.FederationServicer):
         answer = secagg_answer(first) if first is not None else None
         if answer is not None:  # a secure-aggregation message: one per stream
             return receipt_to_proto(self.rounds.secagg_answer(client_id, answer))
+        progress = progress_from_proto(first) if first is not None else None
+        if progress is not None:  # a progress report: one per stream
+            return receipt_to_proto(self.rounds.training_progress(client_id, progress))
         if first is None or wire.part(first) != "header":
             raise InvalidUpdate("an update stream must start with an UpdateHeader")
         header = update_header_from_proto(first.header)

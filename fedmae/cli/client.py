@@ -83,6 +83,7 @@ def cmd_client(args: argparse.Namespace) -> int:
             client_id=args.client_id,
             overrides=overrides,
             give_up_after_s=args.give_up_after,
+            progress_every_s=args.progress_every,
             seed=args.data_seed,
             status_file=Path(args.status_file) if args.status_file else None,
         ),
@@ -182,6 +183,13 @@ def build(sub: argparse._SubParsersAction) -> None:
         "--threads", type=int, default=0, help="torch threads; 0 = torch's own choice" + D
     )
     c.add_argument("--give-up-after", type=float, default=0.0, help="seconds; 0 = never" + D)
+    c.add_argument(
+        "--progress-every",
+        type=float,
+        default=10.0,
+        help="seconds between training progress reports to the aggregator (it extends a "
+        "round's deadline while every site it waits for progresses); 0 = none" + D,
+    )
     c.add_argument(
         "--status-file", help="write the agent's state here (for health checks; default: none)"
     )

@@ -17,6 +17,8 @@ T = TypeVar("T")
 # sets min_clients); a field without a flag keeps its default.
 FLAG_OF_FIELD = {
     "round_timeout_s": "round_timeout",
+    "round_hard_timeout_s": "round_hard_timeout",
+    "progress_timeout_s": "progress_timeout",
     "dropout_grace_s": "dropout_grace",
     "learning_rate": "lr",
     "update_encoding": "encoding",
@@ -244,6 +246,21 @@ def build(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--rounds", type=int, default=5, help="rounds to run; 0 = until stopped" + D)
     s.add_argument(
         "--round-timeout", type=float, default=600.0, help="round deadline in seconds" + D
+    )
+    s.add_argument(
+        "--round-hard-timeout",
+        type=float,
+        default=None,
+        help="seconds after a round's start past which its training deadline is never "
+        "extended; the deadline moves on while every site still owing an update is "
+        "connected and reports progress; 0 = never extend (default 3 x --round-timeout)",
+    )
+    s.add_argument(
+        "--progress-timeout",
+        type=float,
+        default=60.0,
+        help="a training site whose step did not advance for this many seconds is not "
+        "progressing: the deadline is not extended for it" + D,
     )
     _add_numbers(s, LIMIT_FLAGS)
     s.add_argument(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import queue
 import threading
@@ -115,6 +116,8 @@ def _status_panel(status: RunStatus | None, error: str):
             )  # fmt: skip
         )
         parts.append(ProgressBar(total=total, completed=done, width=50))
+        if status.progress:
+            parts.append(Text(_site_progress(status), style="dim"))
     return Panel(Group(*parts), title=f"aggregator {error}".strip())
 
 
@@ -152,6 +155,15 @@ def _watch_live(args: argparse.Namespace, records: queue.Queue) -> int:
     return 0
 
 
+def _site_progress(status: RunStatus) -> str:
+    """Each training site's step, e.g. ``a 120/400, b 40/400 (no step for 75s)``."""
+    return ", ".join(
+        f"{c} {p.step}/{p.total}" + (f" (no step for {p.since_step_s:.0f}s)"
+                                     if p.since_step_s >= 30 else "")
+        for c, p in sorted(status.progress.items())
+    )  # fmt: skip
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     with admin_client(args) as admin:
         s = admin.status(timeout=10)
@@ -162,6 +174,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "rounds_target": s.rounds_target, "connected": s.connected,
             "selected": s.selected, "reported": s.reported,
             "uploading": s.uploading, "last_round": last,
+            "progress": {c: dataclasses.asdict(p) for c, p in s.progress.items()},
         }  # fmt: skip
         print(json.dumps(snap))
         return 0
@@ -174,6 +187,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if s.state == "training":
         print(f"updates:   {len(s.reported)}/{len(s.selected)} received, "
               f"{len(s.uploading)} uploading, deadline in {s.deadline_in_s:.0f}s")  # fmt: skip
+        if s.progress:
+            print(f"progress:  {_site_progress(s)}")
     elif s.state in SECURE_PHASE_LABELS:  # a secure round's later phase
         print(f"answers:   {len(s.reported)}/{len(s.selected)} sites answered {s.state}, "
               f"deadline in {s.deadline_in_s:.0f}s")  # fmt: skip

@@ -11,7 +11,15 @@ from typing import Any
 
 import grpc
 
-from fedmae.admin_view import AdminInfo, AuditEntry, ClientInfo, IssuedToken, RunStatus, TokenInfo
+from fedmae.admin_view import (
+    AdminInfo,
+    AuditEntry,
+    ClientInfo,
+    IssuedToken,
+    RunStatus,
+    SiteProgress,
+    TokenInfo,
+)
 from fedmae.pki.files import ClientIdentity
 from fedmae.transport._proto import admin_pb2 as apb
 from fedmae.transport._proto import admin_pb2_grpc as apb_grpc
@@ -63,6 +71,7 @@ def _status(s: apb.StatusResponse) -> RunStatus:
         selected=list(s.selected), reported=list(s.reported), uploading=list(s.uploading),
         round_elapsed_s=s.round_elapsed_s, deadline_in_s=s.deadline_in_s,
         last_record=json.loads(s.last_record_json) if s.last_record_json else None,
+        progress={c: SiteProgress(p.step, p.total, p.since_step_s) for c, p in s.progress.items()},
     )  # fmt: skip
 
 

@@ -20,10 +20,12 @@ from fedmae.rounds import (
     RoundEvent,
     RoundTask,
     RunFinished,
+    TrainingProgress,
     UpdateHeader,
     UpdateReceipt,
 )
 from fedmae.transport._proto import federation_pb2 as pb
+from fedmae.transport.frames import part
 from fedmae.transport.messages import (
     manifest_from_proto,
     manifest_to_proto,
@@ -138,6 +140,19 @@ def update_header_to_proto(header: UpdateHeader) -> pb.UpdateHeader:
 def update_header_from_proto(msg: pb.UpdateHeader) -> UpdateHeader:
     manifest = manifest_from_proto(msg.manifest)
     return _from_proto(msg, UpdateHeader, manifest=manifest, metrics=dict(msg.metrics))
+
+
+def progress_message(progress: TrainingProgress) -> pb.UpdateMessage:
+    """The SubmitUpdate message (the stream's only one) that carries a progress report."""
+    return pb.UpdateMessage(progress=_to_proto(progress, pb.TrainingProgress))
+
+
+def progress_from_proto(request: Any) -> TrainingProgress | None:
+    """The progress report a SubmitUpdate stream's first message holds, or ``None``
+    when it holds anything else."""
+    if part(request) != "progress":
+        return None
+    return _from_proto(request.progress, TrainingProgress)
 
 
 def receipt_to_proto(receipt: UpdateReceipt) -> pb.UpdateReceipt:

@@ -9,6 +9,7 @@ failed call is raised as the domain error of its status code
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -18,15 +19,21 @@ import torch
 
 from fedmae.payload.encodings import Encoding
 from fedmae.payload.layout import ModelLayout
-from fedmae.rounds import ModelHeader, RoundEvent, UpdateReceipt
+from fedmae.rounds import ModelHeader, RoundEvent, TrainingProgress, UpdateReceipt
 from fedmae.transport import transfer
 from fedmae.transport._proto import federation_pb2 as pb
-from fedmae.transport.events import event_from_proto, model_header_from_proto, receipt_from_proto
+from fedmae.transport.events import (
+    event_from_proto,
+    model_header_from_proto,
+    progress_message,
+    receipt_from_proto,
+)
 from fedmae.transport.retry import CONNECTION_LOST, TRANSIENT, RetryPolicy
 from fedmae.transport.secagg import SecAggAnswer, answer_message
 from fedmae.transport.status import domain_error
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 CLIENT_ID_KEY = "x-fedmae-client-id"  # who a client is on an insecure channel (no certificate)
 
@@ -75,6 +82,7 @@ class FederationClient:
         self._channel = channel
         self._stub = transfer.federation_stub(channel)
         self._metadata = [(CLIENT_ID_KEY, client_id)] if client_id else None
+        self._progress_call: grpc.Future | None = None
 
     def subscribe(self, agent_version: str, available_samples: int) -> EventStream:
         """Open the event stream: the tasks, closed rounds and the run's end."""
@@ -134,9 +142,33 @@ class FederationClient:
         receipt = _in_domain_terms(lambda: transfer.submit_secagg(self._stub, request, **options))
         return receipt_from_proto(receipt)
 
+    def send_progress(self, progress: TrainingProgress, timeout: float = 10.0) -> bool:
+        """Report local training progress (a SubmitUpdate of that one message) without
+        waiting for the answer: training never stops for it. A failure is logged at
+        debug level and forgotten (a lost connection shows at the next upload, and the
+        agent reconnects then). Returns False, sending nothing, while the last report
+        is still in flight."""
+        if self._progress_call is not None and not self._progress_call.done():
+            return False
+        try:
+            call = self._stub.SubmitUpdate.future(
+                iter((progress_message(progress),)), timeout=timeout, metadata=self._metadata
+            )
+        except Exception as err:  # e.g. the channel was closed: the report is only a hint
+            log.debug("progress report not sent: %s", err)
+            return False
+        call.add_done_callback(_log_progress_failure)
+        self._progress_call = call
+        return True
+
     def close(self) -> None:
         """Close the channel: calls in flight end (an event stream with CANCELLED)."""
         self._channel.close()
+
+
+def _log_progress_failure(call: grpc.Future) -> None:
+    if not call.cancelled() and (err := call.exception()) is not None:
+        log.debug("progress report failed: %s", domain_error(err))
 
 
 def reconnect_policy(initial_s: float, max_s: float, give_up_after_s: float | None) -> RetryPolicy:

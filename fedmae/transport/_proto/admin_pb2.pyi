@@ -188,7 +188,14 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("state", "round", "attempt", "version", "rounds_target", "connected", "selected", "reported", "uploading", "round_elapsed_s", "deadline_in_s", "min_clients", "last_record_json")
+    __slots__ = ("state", "round", "attempt", "version", "rounds_target", "connected", "selected", "reported", "uploading", "round_elapsed_s", "deadline_in_s", "min_clients", "last_record_json", "progress")
+    class ProgressEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: SiteProgress
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[SiteProgress, _Mapping]] = ...) -> None: ...
     STATE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +209,7 @@ class StatusResponse(_message.Message):
     DEADLINE_IN_S_FIELD_NUMBER: _ClassVar[int]
     MIN_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     LAST_RECORD_JSON_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     state: str
     round: int
     attempt: int
@@ -215,7 +223,18 @@ class StatusResponse(_message.Message):
     deadline_in_s: float
     min_clients: int
     last_record_json: str
-    def __init__(self, state: _Optional[str] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., version: _Optional[int] = ..., rounds_target: _Optional[int] = ..., connected: _Optional[_Iterable[str]] = ..., selected: _Optional[_Iterable[str]] = ..., reported: _Optional[_Iterable[str]] = ..., uploading: _Optional[_Iterable[str]] = ..., round_elapsed_s: _Optional[float] = ..., deadline_in_s: _Optional[float] = ..., min_clients: _Optional[int] = ..., last_record_json: _Optional[str] = ...) -> None: ...
+    progress: _containers.MessageMap[str, SiteProgress]
+    def __init__(self, state: _Optional[str] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., version: _Optional[int] = ..., rounds_target: _Optional[int] = ..., connected: _Optional[_Iterable[str]] = ..., selected: _Optional[_Iterable[str]] = ..., reported: _Optional[_Iterable[str]] = ..., uploading: _Optional[_Iterable[str]] = ..., round_elapsed_s: _Optional[float] = ..., deadline_in_s: _Optional[float] = ..., min_clients: _Optional[int] = ..., last_record_json: _Optional[str] = ..., progress: _Optional[_Mapping[str, SiteProgress]] = ...) -> None: ...
+
+class SiteProgress(_message.Message):
+    __slots__ = ("step", "total", "since_step_s")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SINCE_STEP_S_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total: int
+    since_step_s: float
+    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., since_step_s: _Optional[float] = ...) -> None: ...
 
 class AdminInfo(_message.Message):
     __slots__ = ("name", "status", "fingerprint_sha256", "serial", "created", "not_after", "added_by", "revoked_at", "revoke_reason", "is_caller")

@@ -365,6 +365,18 @@ class UpdateHeader(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     def __init__(self, round: _Optional[int] = ..., base_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
+class TrainingProgress(_message.Message):
+    __slots__ = ("round", "attempt", "step", "total")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    attempt: int
+    step: int
+    total: int
+    def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., step: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+
 class UpdateTrailer(_message.Message):
     __slots__ = ("digest",)
     DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -372,7 +384,7 @@ class UpdateTrailer(_message.Message):
     def __init__(self, digest: _Optional[str] = ...) -> None: ...
 
 class UpdateMessage(_message.Message):
-    __slots__ = ("header", "chunk", "trailer", "advertise_keys", "share_keys", "unmask_shares", "secagg_abort")
+    __slots__ = ("header", "chunk", "trailer", "advertise_keys", "share_keys", "unmask_shares", "secagg_abort", "progress")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     TRAILER_FIELD_NUMBER: _ClassVar[int]
@@ -380,6 +392,7 @@ class UpdateMessage(_message.Message):
     SHARE_KEYS_FIELD_NUMBER: _ClassVar[int]
     UNMASK_SHARES_FIELD_NUMBER: _ClassVar[int]
     SECAGG_ABORT_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     header: UpdateHeader
     chunk: Chunk
     trailer: UpdateTrailer
@@ -387,7 +400,8 @@ class UpdateMessage(_message.Message):
     share_keys: ShareKeys
     unmask_shares: UnmaskShares
     secagg_abort: SecAggAbort
-    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., trailer: _Optional[_Union[UpdateTrailer, _Mapping]] = ..., advertise_keys: _Optional[_Union[AdvertiseKeys, _Mapping]] = ..., share_keys: _Optional[_Union[ShareKeys, _Mapping]] = ..., unmask_shares: _Optional[_Union[UnmaskShares, _Mapping]] = ..., secagg_abort: _Optional[_Union[SecAggAbort, _Mapping]] = ...) -> None: ...
+    progress: TrainingProgress
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., trailer: _Optional[_Union[UpdateTrailer, _Mapping]] = ..., advertise_keys: _Optional[_Union[AdvertiseKeys, _Mapping]] = ..., share_keys: _Optional[_Union[ShareKeys, _Mapping]] = ..., unmask_shares: _Optional[_Union[UnmaskShares, _Mapping]] = ..., secagg_abort: _Optional[_Union[SecAggAbort, _Mapping]] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ...) -> None: ...
 
 class UpdateReceipt(_message.Message):
     __slots__ = ("round", "bytes_received", "digest", "updates_received")

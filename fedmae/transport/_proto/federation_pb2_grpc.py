@@ -93,6 +93,8 @@ class FederationServicer:
         and one tensor "secagg.masked_input" of shape [d+1], dtype "uint32" / "uint64"
         (d = the model's parameter count; the last element is the site's weight);
         its num_samples is 0 (the weight travels masked).
+
+        A site's TrainingProgress travels here too, a stream of that one message.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
