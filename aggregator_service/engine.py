@@ -358,8 +358,9 @@ class RoundEngine:
         next_version = None
         if success:  # outside the engine's lock: full-model passes and an fsync
             next_version = self.model.prepare(
-                state.round, self.uploads.aggregate, self.strategy.evaluate, timings
-            )
+                state.round, self.uploads.aggregate, self.strategy.evaluate, timings,
+                self.strategy.state,
+            )  # fmt: skip
         self.uploads.end_round()
         with self._cond:
             if next_version is not None:
@@ -418,9 +419,8 @@ class RoundEngine:
         wall_deadline = self.clock.time() + state.deadline - self.clock.monotonic()
         phase = state.phase
         data = phase.task_data(state, client_id) if phase and phase.task_data else None
-        return RoundTask.of(
-            state, self.config.training, wall_deadline, secagg=self.secagg, phase_data=data
-        )
+        training = self.strategy.training_config(self.config.training)  # FedProx: its μ
+        return RoundTask.of(state, training, wall_deadline, secagg=self.secagg, phase_data=data)
 
     def secagg_answer(self, client_id: str, message: object) -> UpdateReceipt:
         """A client's secure-aggregation message (keys, shares, unmask shares, abort)."""
