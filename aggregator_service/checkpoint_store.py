@@ -4,6 +4,12 @@
 by any safetensors reader) and metadata (version, round, model, payload digest).
 Tensors of one dtype lie in the file in sorted-name order, which is the fp32 wire
 payload's order: ``FetchModel`` streams that byte range straight from the file.
+
+A rule with state (a server optimizer's moments, ``Strategy.state``) has it saved
+beside the version as ``v000042.opt.safetensors`` (float32 tensors, the rule's name and
+step count in the metadata), renamed into place before the model file: a version on
+disk always has the state it was made with, and the model file stays the plain payload
+that downloads stream.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
+from aggregator_service.strategies.base import StrategyState
 from fedmae.errors import ConfigError, VersionNotFound
 from fedmae.faults import crash_point
 from fedmae.payload.digest import payload_digest
@@ -52,14 +59,24 @@ class CheckpointStore:
     def path(self, version: int) -> Path:
         return self.dir / f"v{version:06d}.safetensors"
 
+    def state_path(self, version: int) -> Path:
+        return self.dir / f"v{version:06d}.opt.safetensors"
+
     def versions(self) -> list[int]:
         found = (_NAME.match(p.name) for p in self.dir.iterdir())
         return sorted(int(m.group(1)) for m in found if m)
 
     def save(
-        self, version: int, round_: int, model: str, layout: ModelLayout, flat: torch.Tensor
+        self,
+        version: int,
+        round_: int,
+        model: str,
+        layout: ModelLayout,
+        flat: torch.Tensor,
+        state: StrategyState | None = None,
     ) -> Checkpoint:
-        """Write version atomically: temp file, fsync, rename, fsync the directory."""
+        """Write version atomically: temp file, fsync, rename, fsync the directory.
+        ``state`` (the rule's, if it keeps one) is written, the same way, just before."""
         digest = payload_digest(flat.detach().contiguous().numpy())
         meta = {
             "format": "fedmae-checkpoint/1",
@@ -73,19 +90,13 @@ class CheckpointStore:
         final = self.path(version)
         tmp = final.with_name(final.name + ".tmp")
         save_file(arrays, str(tmp), metadata=meta)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(tmp)
+        if state is not None:
+            self._save_state(version, state)
         if round_ > 0:
             crash_point("checkpoint")  # a round's model written, not yet published
         os.replace(tmp, final)
-        dfd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        _fsync(self.dir)  # both renames
         self._prune(version)
         if round_ > 0:
             crash_point("published")  # published, not yet logged
@@ -97,6 +108,38 @@ class CheckpointStore:
         for v in self.versions():
             if v <= newest - self.keep:
                 self.path(v).unlink(missing_ok=True)
+                self.state_path(v).unlink(missing_ok=True)
+
+    def _save_state(self, version: int, state: StrategyState) -> None:
+        """The rule's state of ``version``, renamed into place (the caller fsyncs the
+        directory). A stale file of a version that was never published is replaced."""
+        meta = {
+            "format": "fedmae-strategy-state/1",
+            "version": str(version),
+            "strategy": state.strategy,
+            "step": str(state.step),
+        }
+        arrays = {
+            n: t.detach().to(torch.float32).contiguous().numpy() for n, t in state.tensors.items()
+        }
+        final = self.state_path(version)
+        tmp = final.with_name(final.name + ".tmp")
+        save_file(arrays, str(tmp), metadata=meta)
+        _fsync(tmp)
+        os.replace(tmp, final)
+
+    def load_state(self, version: int) -> StrategyState | None:
+        """The rule's state saved with ``version``; ``None`` if none was (a
+        stateless rule's version, or one written before states were saved)."""
+        path = self.state_path(version)
+        if not path.exists():
+            return None
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != "fedmae-strategy-state/1":
+            raise ConfigError(f"{path} is not a fedmae strategy state ({meta.get('format')!r})")
+        tensors = {n: torch.from_numpy(a) for n, a in load_file(str(path)).items()}
+        return StrategyState(meta.get("strategy", ""), int(meta.get("step", 0)), tensors)
 
     def describe(self, version: int, layout: ModelLayout | None = None) -> Checkpoint:
         """Read a checkpoint's header; check its data section is the fp32 payload."""
@@ -156,6 +199,14 @@ class CheckpointStore:
                     np.ascontiguousarray(f.get_tensor(e.name)).reshape(-1)
                 )
         return ckpt, flat
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _digest(meta: dict[str, str]) -> str:

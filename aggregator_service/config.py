@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aggregator_service.strategies import DEFAULT_STRATEGY, strategy_class
+from aggregator_service.strategies import DEFAULT_STRATEGY, StrategyOptions, strategy_class
 from fedmae.config import TrainingConfig
 from fedmae.errors import ConfigError
 from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
@@ -136,6 +136,8 @@ class ServerConfig:
     policy: RoundPolicy = field(default_factory=RoundPolicy)
     # The aggregation rule by name (aggregator_service/strategies/: fedavg, ...).
     strategy: str = DEFAULT_STRATEGY
+    # The rules' knobs (--server-lr, --beta1, --mu, ...): each rule reads those it needs.
+    strategy_options: StrategyOptions = field(default_factory=StrategyOptions)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     chunk_size: int = DEFAULT_CHUNK_SIZE
     keep_checkpoints: int = 0  # 0 = keep every published version

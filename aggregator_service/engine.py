@@ -366,8 +366,9 @@ class RoundEngine:
         next_version = None
         if success:  # outside the engine's lock: full-model passes and an fsync
             next_version = self.model.prepare(
-                state.round, self.uploads.aggregate, self.strategy.evaluate, timings
-            )
+                state.round, self.uploads.aggregate, self.strategy.evaluate, timings,
+                self.strategy.state,
+            )  # fmt: skip
         self.uploads.end_round()
         with self._cond:
             if next_version is not None:
@@ -426,9 +427,8 @@ class RoundEngine:
         wall_deadline = self.clock.time() + state.deadline - self.clock.monotonic()
         phase = state.phase
         data = phase.task_data(state, client_id) if phase and phase.task_data else None
-        return RoundTask.of(
-            state, self.config.training, wall_deadline, secagg=self.secagg, phase_data=data
-        )
+        training = self.strategy.training_config(self.config.training)  # FedProx: its μ
+        return RoundTask.of(state, training, wall_deadline, secagg=self.secagg, phase_data=data)
 
     def training_progress(self, client_id: str, progress: TrainingProgress) -> UpdateReceipt:
         """A site's training progress report (``RoundState.report_progress``)."""

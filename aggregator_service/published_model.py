@@ -10,6 +10,7 @@ line, so ``current`` never pairs a version with another's checkpoint).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,30 @@ import torch
 
 from aggregator_service.checkpoint_store import Checkpoint, CheckpointStore
 from aggregator_service.clock import Clock
+from aggregator_service.strategies.base import Strategy, StrategyState
 from fedmae.payload.layout import Manifest, ModelLayout
+
+log = logging.getLogger(__name__)
+
+
+def resume_state(store: CheckpointStore, strategy: Strategy, version: int) -> None:
+    """Give ``strategy`` the state saved with ``version``, the one the server resumes
+    from, so a restart continues the same optimizer trajectory. Without one (a version
+    written by a stateless rule, by another rule, or before states were saved) the rule
+    starts fresh, and the log says so."""
+    if not strategy.keeps_state:
+        return
+    saved = store.load_state(version)
+    if saved is not None and saved.strategy != strategy.name:
+        log.warning("version %d's saved state is %s's, not %s's: %s starts with fresh state",
+                    version, saved.strategy, strategy.name, strategy.name)  # fmt: skip
+        saved = None
+    elif saved is None and version > 0:
+        log.warning("version %d has no saved %s state: it starts with fresh state",
+                    version, strategy.name)  # fmt: skip
+    elif saved is not None:
+        log.info("resuming %s state of version %d (step %d)", strategy.name, version, saved.step)
+    strategy.load_state(saved)
 
 
 @dataclass(frozen=True)
@@ -79,14 +103,18 @@ class PublishedModel:
         aggregate: Callable[[torch.Tensor], torch.Tensor],
         evaluate: Callable[[ModelLayout, torch.Tensor], float | None],
         timings: dict[str, float],
+        rule_state: Callable[[], StrategyState | None] = lambda: None,
     ) -> NextVersion:
-        """Aggregate onto this version, save the result as the next one, evaluate it;
-        each step's seconds go into ``timings``."""
+        """Aggregate onto this version, save the result as the next one with the rule's
+        state after that aggregation (``rule_state``), evaluate it; each step's seconds
+        go into ``timings``."""
         t0 = self.clock.monotonic()
         model = aggregate(self.flat)
         timings["aggregation_s"] = self._since(t0)
         t0 = self.clock.monotonic()
-        checkpoint = self.store.save(self.version + 1, round_, self.model_name, self.layout, model)
+        checkpoint = self.store.save(
+            self.version + 1, round_, self.model_name, self.layout, model, rule_state()
+        )
         timings["checkpoint_s"] = self._since(t0)
         t0 = self.clock.monotonic()
         eval_loss = evaluate(self.layout, model)

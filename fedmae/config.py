@@ -54,6 +54,8 @@ class TrainingConfig:
     mask_ratio: float = 0.75
     update_encoding: str = "fp32"
     max_samples: int = 0  # 0 = every local sample
+    # FedProx (Li et al. 2020): add (μ/2)·‖w − w_global‖² to the local loss; 0 = off.
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         encoding_from_name(self.update_encoding)  # fail early on a typo
@@ -63,6 +65,8 @@ class TrainingConfig:
             raise ValueError("mask_ratio must be in (0, 1)")
         if self.learning_rate <= 0:
             raise ValueError("learning_rate must be positive")
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise ValueError("proximal_mu must be a finite number >= 0")
 
     @property
     def encoding(self) -> Encoding:

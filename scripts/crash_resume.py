@@ -127,7 +127,9 @@ def main() -> int:
     ok = [r["round"] for r in pub] == list(range(1, args.rounds + 1)) and versions == list(
         range(1, args.rounds + 1)
     )
-    ckpts = sorted(p.name for p in (state / "checkpoints").glob("v*.safetensors"))
+    ckpts = sorted(
+        p.name for p in (state / "checkpoints").glob("v*[0-9].safetensors")
+    )  # not the .opt state files
     print(f"\n{len(pub)} published versions {versions[0]}..{versions[-1]}, each exactly once: "
           f"{'yes' if ok else 'NO'}; {len(ckpts)} checkpoints (v0..v{args.rounds}); "
           f"aggregator exit code {server.returncode}")  # fmt: skip

@@ -20,6 +20,7 @@ from aggregator_service.config import SAFE_MIN_PARTICIPANTS, ServerConfig
 from aggregator_service.engine import RoundEngine
 from aggregator_service.global_eval import GlobalEvaluator
 from aggregator_service.metrics import Metrics
+from aggregator_service.published_model import resume_state
 from aggregator_service.registry import Registry
 from aggregator_service.round_feed import RoundFeed
 from aggregator_service.round_log import RoundLog
@@ -125,7 +126,10 @@ class AggregatorServer:
                     config.training.model, config.eval_data, config.eval_images,
                     config.training.mask_ratio,
                 )  # fmt: skip
-            strategy = make_strategy(config.strategy, evaluator=evaluator)
+            strategy = make_strategy(
+                config.strategy, evaluator=evaluator, options=config.strategy_options
+            )
+        resume_state(self.store, strategy, checkpoint.version)
         self.rounds = RoundEngine(
             config,
             self.layout,

@@ -1,24 +1,43 @@
 """Aggregation strategies, chosen by name (``fedmae serve --strategy NAME``).
 
-One file per rule; a new rule is registered here by its ``name``. The interface and
-the two kinds of rule (folding, needs-all) are described in ``base.py``.
+One file per rule (or per family: the server optimizers share ``server_opt.py``); a new
+rule is registered here by its ``name``. The interface and the two kinds of rule
+(folding, needs-all) are described in ``base.py``.
 """
 
 from __future__ import annotations
 
-from aggregator_service.strategies.base import Evaluator, Strategy
+from aggregator_service.strategies.adaptive import FedAdagrad, FedAdam, FedYogi
+from aggregator_service.strategies.base import (
+    Evaluator,
+    Strategy,
+    StrategyOptions,
+    StrategyState,
+)
 from aggregator_service.strategies.fedavg import FedAvg
+from aggregator_service.strategies.fedprox import FedProx
+from aggregator_service.strategies.server_opt import FedAvgM, ServerOptimizer
 from fedmae.errors import ConfigError
 
 DEFAULT_STRATEGY = "fedavg"
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg,)}
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi, FedProx)
+}
 
 __all__ = [
     "DEFAULT_STRATEGY",
     "STRATEGIES",
     "Evaluator",
+    "FedAdagrad",
+    "FedAdam",
     "FedAvg",
+    "FedAvgM",
+    "FedProx",
+    "FedYogi",
+    "ServerOptimizer",
     "Strategy",
+    "StrategyOptions",
+    "StrategyState",
     "make_strategy",
     "strategy_class",
 ]
@@ -34,6 +53,9 @@ def strategy_class(name: str) -> type[Strategy]:
         ) from None
 
 
-def make_strategy(name: str, evaluator: Evaluator | None = None) -> Strategy:
-    """A new strategy by name; ``evaluator`` (optional) checks each published model."""
-    return strategy_class(name)(evaluator=evaluator)
+def make_strategy(
+    name: str, evaluator: Evaluator | None = None, options: StrategyOptions | None = None
+) -> Strategy:
+    """A new strategy by name; ``evaluator`` (optional) checks each published model,
+    ``options`` holds the rules' knobs (each rule reads those it needs)."""
+    return strategy_class(name)(evaluator=evaluator, options=options)

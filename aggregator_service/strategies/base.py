@@ -16,13 +16,17 @@ changes. Two kinds of rule:
 
 from __future__ import annotations
 
+import math
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from fedmae.config import TrainingConfig
+from fedmae.errors import ConfigError
 from fedmae.payload.layout import ModelLayout
 
 if TYPE_CHECKING:
@@ -30,6 +34,44 @@ if TYPE_CHECKING:
 
 # A check of each published model, e.g. ``global_eval.GlobalEvaluator``: its loss.
 Evaluator = Callable[[ModelLayout, torch.Tensor], float]
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    """The rules' knobs (``fedmae serve --server-lr ...``). Every rule accepts them all
+    and reads those it needs (listed beside each), so a flag never fails a rule that
+    ignores it; the help of each flag says who reads it."""
+
+    server_lr: float | None = None  # η; None = the rule's default (server_opt.py)
+    server_momentum: float = 0.9  # β of fedavgm
+    beta1: float = 0.9  # fedadam, fedyogi (Reddi et al. 2021)
+    beta2: float = 0.99  # fedadam, fedyogi
+    tau: float = 1e-3  # fedadam, fedyogi, fedadagrad: adaptivity; v starts at τ²
+    mu: float = 0.01  # fedprox: the proximal term's weight, sent to clients
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("--server-lr", self.server_lr is None or self.server_lr > 0, "> 0"),
+            ("--server-momentum", 0.0 <= self.server_momentum < 1.0, "in [0, 1)"),
+            ("--beta1", 0.0 <= self.beta1 < 1.0, "in [0, 1)"),
+            ("--beta2", 0.0 <= self.beta2 < 1.0, "in [0, 1)"),
+            ("--tau", self.tau > 0, "> 0"),
+            ("--mu", self.mu >= 0, ">= 0"),
+        )
+        for flag, ok, want in checks:
+            value = getattr(self, flag[2:].replace("-", "_"))
+            if not ok or (value is not None and not math.isfinite(value)):
+                raise ConfigError(f"{flag} {value}: it must be a finite number {want}")
+
+
+@dataclass
+class StrategyState:
+    """What a rule carries from round to round (a server optimizer's moments and its
+    step count), saved beside each published version so a restart resumes it."""
+
+    strategy: str  # the rule's name: another rule never resumes it
+    step: int
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # flat float32
 
 
 class Strategy(ABC):
@@ -42,9 +84,27 @@ class Strategy(ABC):
     # False: ``accumulate`` folds each update in as it arrives. True: the engine keeps
     # every accepted update in an ``UpdateStore`` and hands it to ``aggregate``.
     needs_all_updates: ClassVar[bool] = False
+    # True: the rule carries state from round to round (``state``/``load_state``),
+    # saved with each published version.
+    keeps_state: ClassVar[bool] = False
 
-    def __init__(self, evaluator: Evaluator | None = None) -> None:
+    def __init__(
+        self, evaluator: Evaluator | None = None, options: StrategyOptions | None = None
+    ) -> None:
         self.evaluator = evaluator
+        self.options = options or StrategyOptions()
+
+    def training_config(self, training: TrainingConfig) -> TrainingConfig:
+        """The training config sent with each task (FedProx adds its μ)."""
+        return training
+
+    def state(self) -> StrategyState | None:
+        """State to save with the version just aggregated; ``None``: the rule keeps none."""
+        return None
+
+    def load_state(self, state: StrategyState | None) -> None:  # noqa: B027 (stateless rules)
+        """Resume the state saved with the version the server starts from (``None``:
+        start fresh)."""
 
     def configure_round(
         self,

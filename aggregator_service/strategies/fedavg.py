@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from aggregator_service.strategies.base import Strategy
+from aggregator_service.strategies.base import Evaluator, Strategy, StrategyOptions
 
 if TYPE_CHECKING:
     from aggregator_service.update_store import UpdateStore
@@ -20,8 +20,10 @@ class FedAvg(Strategy):
     name = "fedavg"
     needs_all_updates = False
 
-    def __init__(self, evaluator=None) -> None:
-        super().__init__(evaluator)
+    def __init__(
+        self, evaluator: Evaluator | None = None, options: StrategyOptions | None = None
+    ) -> None:
+        super().__init__(evaluator, options)
         self._acc: torch.Tensor | None = None
         self._total = 0
 
@@ -40,7 +42,11 @@ class FedAvg(Strategy):
     def aggregate(
         self, global_flat: torch.Tensor, updates: UpdateStore | None = None
     ) -> torch.Tensor:
-        assert self._acc is not None and self._total > 0, "no updates to aggregate"
         # Into the accumulator (θ read once from the page cache, nothing allocated);
         # begin_round zeroes it for the next round once the new model is on disk.
-        return self._acc.mul_(1.0 / self._total).add_(global_flat)
+        return self.mean_delta().add_(global_flat)
+
+    def mean_delta(self) -> torch.Tensor:
+        """Δ = Σ wᵢsᵢΔᵢ / Σ wᵢ, computed in the accumulator (which it returns)."""
+        assert self._acc is not None and self._total > 0, "no updates to aggregate"
+        return self._acc.mul_(1.0 / self._total)

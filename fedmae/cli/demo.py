@@ -288,7 +288,7 @@ def _pump(stream: IO[str], out: queue.Queue) -> None:
 
 def _summary(cfg: DemoConfig, state: Path, records: list[dict], server_rc: int, secs: float) -> int:
     published = [r for r in records if r["status"] == "published"]
-    ckpts = sorted((state / "checkpoints").glob("v*.safetensors"))
+    ckpts = sorted((state / "checkpoints").glob("v*[0-9].safetensors"))  # not the .opt state files
     print()
     if server_rc != 0 or len(published) < cfg.rounds:
         print(

@@ -94,6 +94,35 @@ LIMIT_FLAGS: tuple[tuple[str, Any, Any, str], ...] = (
 )  # fmt: skip
 
 
+def _server_lr(text: str) -> float | None:
+    return None if text in ("", "default") else float(text)
+
+
+# The rules' knobs (StrategyOptions): every rule accepts them all and reads those it
+# needs, so compose can pass them unconditionally. Defaults: Reddi et al. 2021.
+STRATEGY_FLAGS: tuple[tuple[str, Any, Any, str], ...] = (
+    ("--server-lr", _server_lr, None,
+     "server learning rate η of fedavgm, fedadam, fedyogi, fedadagrad; default: 1.0 "
+     "for fedavgm, 0.01 for the adaptive three"),
+    ("--server-momentum", float, 0.9, "server momentum β of fedavgm (m ← β·m + Δ)"),
+    ("--beta1", float, 0.9, "first-moment decay β1 of fedadam and fedyogi"),
+    ("--beta2", float, 0.99, "second-moment decay β2 of fedadam and fedyogi"),
+    ("--tau", float, 1e-3,
+     "adaptivity τ of fedadam, fedyogi, fedadagrad: the step is η·m/(√v + τ), v "
+     "starts at τ²"),
+    ("--mu", float, 0.01,
+     "proximal weight μ of fedprox, sent to clients: they add (μ/2)·‖w − w_global‖² "
+     "to the local loss"),
+)  # fmt: skip
+
+STRATEGY_HELP = (
+    "aggregation rule by name; choices: fedavg (the sample-weighted mean of the clipped "
+    "updates), fedavgm (with server momentum), fedadagrad, fedadam, fedyogi (adaptive "
+    "server optimizers, Reddi et al. 2021; their state is saved with each version), "
+    "fedprox (fedavg plus a proximal term in local training, Li et al. 2020); "
+    "default %(default)s"
+)
+
 # Secure aggregation (docs/privacy.md): on with --secure-aggregation.
 SECAGG_FLAGS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--secagg-threshold", int, 0,
@@ -143,6 +172,7 @@ def _secure(args: argparse.Namespace):
 def cmd_serve(args: argparse.Namespace) -> int:
     from aggregator_service.config import RoundPolicy, ServerConfig
     from aggregator_service.rpc.server import serve
+    from aggregator_service.strategies import StrategyOptions
     from fedmae.config import TrainingConfig
 
     config = _from_flags(
@@ -154,6 +184,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_seed=args.seed,
         policy=_from_flags(RoundPolicy, args),
         training=_from_flags(TrainingConfig, args),
+        strategy_options=_from_flags(StrategyOptions, args),
         secure=_secure(args),
     )
     if not config.insecure and not (config.certs / "server.pem").exists():
@@ -219,12 +250,8 @@ def build(sub: argparse._SubParsersAction) -> None:
     _add_numbers(s, CONNECTION_FLAGS)
     s.add_argument("--model", default="tiny", help="MAE config: tiny, vit_base, ..." + D)
     s.add_argument("--seed", type=int, default=0, help="initial model and client selection" + D)
-    s.add_argument(
-        "--strategy",
-        default="fedavg",
-        help="aggregation rule by name; choices: fedavg (the sample-weighted mean of the "
-        "clipped updates); default %(default)s",
-    )
+    s.add_argument("--strategy", default="fedavg", help=STRATEGY_HELP)
+    _add_numbers(s, STRATEGY_FLAGS)
     s.add_argument(
         "--min-clients", type=int, default=3, help="connected clients to start a round" + D
     )
@@ -312,9 +339,11 @@ def build(sub: argparse._SubParsersAction) -> None:
 def _add_numbers(
     parser: argparse.ArgumentParser, rows: tuple[tuple[str, Any, Any, str], ...]
 ) -> None:
-    """One flag a row of (flag, type, default, help); the help ends in its default."""
+    """One flag a row of (flag, type, default, help); the help ends in its default
+    (a ``None`` default is explained by the help itself)."""
     for flag, kind, default, text in rows:
-        parser.add_argument(flag, type=kind, default=default, help=f"{text} (default %(default)s)")
+        shown = "" if default is None else " (default %(default)s)"  # None: the text says
+        parser.add_argument(flag, type=kind, default=default, help=text + shown)
 
 
 def _from_flags(cls: type[T], args: argparse.Namespace, **given: Any) -> T:

@@ -62,7 +62,12 @@ def train_local(
     seed: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> TrainResult:
-    """Train ``cfg.local_epochs`` epochs over ``images``; report the last epoch's loss."""
+    """Train ``cfg.local_epochs`` epochs over ``images``; report the last epoch's loss.
+
+    With ``cfg.proximal_mu`` = μ > 0 (FedProx, Li et al. 2020) the loss minimised is the
+    MAE loss + (μ/2)·‖w − w_global‖² over the trainable parameters, ``w_global`` being
+    their values on entry (the round's global model): a copy kept for this call only.
+    The reported loss stays the MAE loss, comparable with FedAvg's."""
     if cfg.max_samples and len(images) > cfg.max_samples:
         images = images[: cfg.max_samples]
     for group in optimizer.param_groups:
@@ -73,12 +78,14 @@ def train_local(
     total_steps, step = cfg.local_epochs * steps_per_epoch, 0
     start = time.perf_counter()
     epoch_loss = float("nan")
+    anchor = _proximal_anchor(model) if cfg.proximal_mu > 0 else None
     for _epoch in range(cfg.local_epochs):
         loss_sum, count = 0.0, 0
         for batch in batches(images, cfg.batch_size, shuffle=True, generator=gen):
             loss, _, _ = model(batch, mask_ratio=cfg.mask_ratio)
+            objective = loss if anchor is None else loss + _proximal(anchor, cfg.proximal_mu)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             optimizer.step()
             value = loss.item()  # one host sync per step
             loss_sum += value * len(batch)
@@ -90,6 +97,16 @@ def train_local(
     seconds = time.perf_counter() - start
     seen = cfg.local_epochs * len(images)
     return TrainResult(epoch_loss, len(images), seconds, seen / max(seconds, 1e-9))
+
+
+def _proximal_anchor(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Each trainable parameter with a detached copy of its value now (w_global)."""
+    return [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+
+def _proximal(anchor: list[tuple[nn.Parameter, torch.Tensor]], mu: float) -> torch.Tensor:
+    """FedProx's term (μ/2)·‖w − w_global‖², differentiable in w."""
+    return 0.5 * mu * sum((p - g).pow(2).sum() for p, g in anchor)
 
 
 @torch.no_grad()

@@ -81,6 +81,7 @@ def training_config_to_proto(cfg: TrainingConfig) -> pb.TrainingConfig:
         mask_ratio=cfg.mask_ratio,
         update_encoding=encoding_to_proto(encoding_from_name(cfg.update_encoding)),
         max_samples=cfg.max_samples,
+        proximal_mu=cfg.proximal_mu,
     )
 
 
@@ -96,6 +97,7 @@ def training_config_from_proto(msg: pb.TrainingConfig) -> TrainingConfig:
         mask_ratio=msg.mask_ratio or defaults.mask_ratio,
         update_encoding=encoding_from_proto(msg.update_encoding).name.lower(),
         max_samples=msg.max_samples,
+        proximal_mu=msg.proximal_mu,
     )
 
 

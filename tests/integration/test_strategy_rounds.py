@@ -21,7 +21,7 @@ from federation_harness import (
 )
 from strategy_rules import CoordinateMedian
 
-from aggregator_service.strategies import STRATEGIES
+from aggregator_service.strategies import STRATEGIES, StrategyOptions
 from aggregator_service.update_store import SPILL_FILE
 from fedmae.cli.main import main
 from fedmae.ml.model_zoo import initial_state
@@ -116,6 +116,23 @@ def test_serve_with_a_named_strategy_runs_a_round(tmp_path):
     assert [(r["round"], r["status"], r["strategy"]) for r in records] == [
         (1, "published", "fedavg")
     ]
+
+
+def test_fedprox_sends_its_mu_with_each_task(tmp_path):
+    certs, ids = make_identities(tmp_path, ["a"])
+    server = make_server(
+        tmp_path / "state", certs, min_clients=1, rounds=1, min_participants=1,
+        server={"strategy": "fedprox", "strategy_options": StrategyOptions(mu=0.05)},
+    )  # fmt: skip
+    port = server.start()
+    client = ScriptedClient(port, ids["a"])
+    try:
+        task = client.wait_for("task", round=1).task
+        assert task.config.proximal_mu == 0.05  # over the wire, in the TrainingConfig
+        assert server.config.training.proximal_mu == 0.0  # the server's own stays plain
+    finally:
+        client.close()
+        server.stop(grace=0)
 
 
 def _accepts(port: int) -> bool:

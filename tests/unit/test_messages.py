@@ -45,4 +45,6 @@ def test_manifest_roundtrip(encoding):
 def test_training_config_roundtrip_and_proto_defaults():
     cfg = TrainingConfig(model="small", local_epochs=3, batch_size=8, update_encoding="int8")
     assert training_config_from_proto(training_config_to_proto(cfg)) == cfg
+    fedprox = TrainingConfig(proximal_mu=0.01)  # FedProx's μ travels with the task
+    assert training_config_from_proto(training_config_to_proto(fedprox)) == fedprox
     assert training_config_from_proto(pb.TrainingConfig()) == TrainingConfig(weight_decay=0.0)

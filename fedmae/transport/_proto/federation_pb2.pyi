@@ -77,7 +77,7 @@ class Chunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TrainingConfig(_message.Message):
-    __slots__ = ("model", "local_epochs", "batch_size", "learning_rate", "weight_decay", "mask_ratio", "update_encoding", "max_samples")
+    __slots__ = ("model", "local_epochs", "batch_size", "learning_rate", "weight_decay", "mask_ratio", "update_encoding", "max_samples", "proximal_mu")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class TrainingConfig(_message.Message):
     MASK_RATIO_FIELD_NUMBER: _ClassVar[int]
     UPDATE_ENCODING_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
     model: str
     local_epochs: int
     batch_size: int
@@ -94,7 +95,8 @@ class TrainingConfig(_message.Message):
     mask_ratio: float
     update_encoding: Encoding
     max_samples: int
-    def __init__(self, model: _Optional[str] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., mask_ratio: _Optional[float] = ..., update_encoding: _Optional[_Union[Encoding, str]] = ..., max_samples: _Optional[int] = ...) -> None: ...
+    proximal_mu: float
+    def __init__(self, model: _Optional[str] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., mask_ratio: _Optional[float] = ..., update_encoding: _Optional[_Union[Encoding, str]] = ..., max_samples: _Optional[int] = ..., proximal_mu: _Optional[float] = ...) -> None: ...
 
 class RoundTask(_message.Message):
     __slots__ = ("round", "attempt", "model_version", "phase", "config", "deadline", "selected_clients", "secagg", "roster", "inbound_shares", "unmask")
