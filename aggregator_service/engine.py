@@ -27,7 +27,6 @@ import torch
 from aggregator_service.checkpoint_store import Checkpoint, CheckpointStore
 from aggregator_service.clock import SYSTEM_CLOCK, Clock
 from aggregator_service.config import ServerConfig
-from aggregator_service.deadlines import TrainingDeadline
 from aggregator_service.downloads import Downloads, FinalFetches
 from aggregator_service.published_model import PublishedModel
 from aggregator_service.records import RoundRecord, recover
@@ -292,24 +291,9 @@ class RoundEngine:
             )  # fmt: skip
             if self.config.secure is not None:  # the ring is planned for this many at most
                 selected = selected[: self.config.secure.max_sites]
-            now, policy = self.clock.monotonic(), self.policy
-            self.state = state = RoundState(
-                round=round_,
-                attempt=attempt,
-                base_version=self.version,
-                selected=selected,
-                deadline=now + self.policy.round_timeout_s,
-                started=now,
-                encoding=encoding_from_name(self.config.training.update_encoding),
-                target_updates=self.policy.target_updates,
-                close_rule=self.strategy.updates_to_close,
-                required=self.strategy.updates_to_publish(self.policy.required_updates),
-                min_participants=self.policy.min_participants,
-                norm_bound=norm_bound,
-                training=TrainingDeadline.opened(
-                    now + policy.round_timeout_s, now, policy.hard_timeout_s,
-                    policy.progress_timeout_s,
-                ),
+            self.state = state = RoundState.opened(
+                round_, attempt, self.version, selected, self.config, self.strategy,
+                norm_bound=norm_bound, now=self.clock.monotonic(),
             )  # fmt: skip
             if self.secagg is not None:
                 state.secure = SecureRound.open(

@@ -13,11 +13,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aggregator_service.deadlines import TrainingDeadline
 from fedmae.errors import InvalidRequest, PermissionDenied, StaleUpdate
+from fedmae.payload.encodings import encoding_from_name
 from fedmae.rounds import Phase, TrainingProgress
+
+if TYPE_CHECKING:
+    from aggregator_service.config import ServerConfig
+    from aggregator_service.strategies import Strategy
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,33 @@ class RoundState:
     closed: bool = False
     bytes_in: int = 0
     bytes_out: int = 0
+
+    @classmethod
+    def opened(
+        cls, round_: int, attempt: int, base_version: int, selected: list[str],
+        config: ServerConfig, strategy: Strategy, norm_bound: float | None, now: float,
+    ) -> RoundState:  # fmt: skip
+        """A round opened now (``now``: the engine's monotonic clock) with its policy's
+        deadline, close and publish rules, and the strategy's."""
+        policy = config.policy
+        return cls(
+            round=round_,
+            attempt=attempt,
+            base_version=base_version,
+            selected=selected,
+            deadline=now + policy.round_timeout_s,
+            started=now,
+            encoding=encoding_from_name(config.training.update_encoding),
+            target_updates=policy.target_updates,
+            close_rule=strategy.updates_to_close,
+            required=strategy.updates_to_publish(policy.required_updates),
+            min_participants=policy.min_participants,
+            norm_bound=norm_bound,
+            training=TrainingDeadline.opened(
+                now + policy.round_timeout_s, now, policy.hard_timeout_s,
+                policy.progress_timeout_s,
+            ),
+        )  # fmt: skip
 
     def to_publish(self) -> int:
         """Accepted updates the round needs to publish a new version."""

@@ -42,6 +42,7 @@ class DemoConfig:
     dirichlet: float | None = None
     images_per_client: int = 2000
     local_epochs: int = 1
+    learning_rate: float = 1e-3
     data: str = "fashion-mnist"
     encoding: str = "fp32"
     fresh: bool = True
@@ -189,6 +190,7 @@ def run_demo(cfg: DemoConfig) -> int:
                 "--rounds", str(cfg.rounds),
                 "--round-timeout", str(cfg.round_timeout_s),
                 "--local-epochs", str(cfg.local_epochs),
+                "--lr", str(cfg.learning_rate),
                 "--encoding", cfg.encoding,
                 "--seed", str(cfg.seed),
                 "--eval-data", cfg.data,
@@ -331,6 +333,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             dirichlet=args.dirichlet,
             images_per_client=args.images_per_client,
             local_epochs=args.local_epochs,
+            learning_rate=args.lr,
             data=args.data,
             encoding=args.encoding,
             fresh=not args.keep_state,
@@ -356,6 +359,7 @@ def build(sub: argparse._SubParsersAction) -> None:
         help="images per client, training and validation" + D,
     )
     d.add_argument("--local-epochs", type=int, default=1, help="epochs per round" + D)
+    d.add_argument("--lr", type=float, default=1e-3, help="the sites' AdamW learning rate" + D)
     d.add_argument(
         "--data", default="fashion-mnist", help="fashion-mnist, a folder or .npy/.npz" + D
     )
