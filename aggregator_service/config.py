@@ -40,6 +40,9 @@ class RoundPolicy:
     # and its own (issue 13). Lower only for a test federation whose sites trust each
     # other.
     min_participants: int = SAFE_MIN_PARTICIPANTS
+    # Clients to wait for before the first round only (0 = min_clients): a simulation
+    # samples its first round from every site, not from the first few to connect.
+    start_clients: int = 0
 
     def __post_init__(self) -> None:
         if self.min_clients < 1:
@@ -59,6 +62,8 @@ class RoundPolicy:
             raise ValueError("fraction must be in (0, 1]")
         if self.min_updates < 0 or self.rounds < 0 or self.round_timeout_s <= 0:
             raise ValueError("min_updates and rounds must be >= 0, round_timeout_s > 0")
+        if self.start_clients < 0:
+            raise ValueError("start_clients must be >= 0")
 
     @property
     def required_updates(self) -> int:
