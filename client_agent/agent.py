@@ -138,6 +138,8 @@ class SiteSession:
                 )
                 return 2
             except FedmaeError as err:
+                if self.stop_event.is_set():  # stop() closed the connection: not a fault
+                    return 0
                 if self._heard_from_server:  # we were connected: start backing off afresh
                     retries.reset()
                 decision = retries.decide(err)

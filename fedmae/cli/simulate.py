@@ -37,6 +37,7 @@ from fedmae.pki.files import ClientIdentity, ServerCerts
 from fedmae.pki.issue import init_certs
 from fedmae.transport.admin_client import AdminClient
 
+IDLE_HOLD_S = 15  # --rounds 0: how long the connected sites are watched idle
 ENROLL_THREADS = 4  # key generation is the sites' work; the aggregator signs in turn
 
 
@@ -196,7 +197,9 @@ def run_simulation(cfg: SimulationConfig) -> int:
             flush=True,
         )
         if cfg.rounds == 0:
-            print(f"idle federation: peak {memory.describe_peak()}", flush=True)
+            time.sleep(IDLE_HOLD_S)  # keepalives and stream heartbeats: memory settles
+            print(f"idle federation after {IDLE_HOLD_S}s: peak {memory.describe_peak()}",
+                  flush=True)  # fmt: skip
             return 0
         return _follow_rounds(cfg, state, server, procs[1:], memory, start)
     except KeyboardInterrupt:
