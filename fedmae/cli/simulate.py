@@ -323,7 +323,9 @@ def build(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0, help="model, shards and selection" + D)
     s.add_argument("--round-timeout", type=float, default=600.0, help="seconds" + D)
     s.add_argument(
-        "--secure-aggregation", action="store_true", help="secure rounds (docs/privacy.md)"
+        "--secure-aggregation",
+        action="store_true",
+        help="secure rounds (docs/privacy.md; default off)",
     )
     s.add_argument(
         "--serve-args", default="", help="more flags for fedmae serve, one string (default none)"
