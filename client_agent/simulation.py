@@ -31,7 +31,7 @@ from client_agent.trainer import SiteImages, Trained, TrainerPool
 from fedmae.ml.datasets import ImageDataset
 from fedmae.ml.loaders import load_dataset
 from fedmae.ml.partitions import shard_indices, train_val_indices
-from fedmae.rounds import RoundTask
+from fedmae.rounds import RoundTask, RunFinished
 from fedmae.runtime import release_free_memory
 from fedmae.transport.federation_client import FederationClient
 
@@ -98,6 +98,10 @@ class VirtualSite(SiteSession):
         # comes from another thread, so hand them back (glibc malloc_trim).
         release_free_memory()
         return trained
+
+    def _final_model(self, client: FederationClient, done: RunFinished) -> None:
+        super()._final_model(client, done)  # every site at once at the end of the run
+        release_free_memory()
 
     def _upload(self, client: FederationClient, task: RoundTask, trained: Trained) -> None:
         if self.dump_dir is not None:
