@@ -45,6 +45,9 @@ class RoundPolicy:
     # and its own (issue 13). Lower only for a test federation whose sites trust each
     # other.
     min_participants: int = SAFE_MIN_PARTICIPANTS
+    # Clients to wait for before the first round only (0 = min_clients): a simulation
+    # samples its first round from every site, not from the first few to connect.
+    start_clients: int = 0
 
     def __post_init__(self) -> None:
         if self.min_clients < 1:
@@ -72,6 +75,8 @@ class RoundPolicy:
             )
         if self.progress_timeout_s <= 0:
             raise ConfigError(f"--progress-timeout must be > 0, got {self.progress_timeout_s:g}")
+        if self.start_clients < 0:
+            raise ValueError("start_clients must be >= 0")
 
     @property
     def hard_timeout_s(self) -> float:

@@ -102,6 +102,7 @@ class RoundEngine:
         self.phase = "waiting"  # for status: waiting, a phase's label, closing
         self.last_record: RoundRecord | None = None
         self._waited_s = 0.0
+        self._started_once = False  # start_clients gates the first round only
         self._closed_at = 0.0  # when the last round closed (the clock's monotonic time)
         self.uploads = Uploads(
             config, layout, strategy, self.bounds, self._cond, clock,
@@ -248,6 +249,8 @@ class RoundEngine:
 
     def _wait_for_clients(self) -> bool:
         t0, need, stop = self.clock.monotonic(), self.policy.min_clients, self._stop
+        if not self._started_once:  # the first round of this process waits for more
+            need = max(need, self.policy.start_clients)
 
         def enough() -> bool:
             return len(self.subscribers) >= need or stop.is_set()
@@ -258,6 +261,7 @@ class RoundEngine:
                 log.info("waiting for clients: %d of %d connected", len(self.subscribers), need)
                 self._wait_until(enough, self.clock.monotonic() + 10.0)
         self._waited_s = self.clock.monotonic() - t0
+        self._started_once = True
         return not stop.is_set()
 
     def _wait_until(self, ready: Callable[[], bool], end: float) -> bool:

@@ -1,5 +1,12 @@
 """The client agent: subscribe, and for each task fetch, train, upload; reconnect
-with exponential backoff and jitter while the server is away."""
+with exponential backoff and jitter while the server is away.
+
+``SiteSession`` is one site's part (its identity, connection, event stream, tasks and
+secure rounds); the model it trains in is borrowed from a ``TrainerPool``
+(``client_agent.trainer``) for each task. ``ClientAgent`` is a site with a trainer of
+its own, as ``fedmae client`` runs it; a simulation worker runs many sessions over one
+small pool (``client_agent.simulation``).
+"""
 
 from __future__ import annotations
 
@@ -8,23 +15,16 @@ import logging
 import os
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from client_agent.progress_reports import ProgressReports
 from client_agent.secure_rounds import SecureRounds
+from client_agent.trainer import SiteImages, Trained, TrainerPool
 from fedmae.config import TrainingConfig
 from fedmae.errors import ConfigError, ConnectionReplaced, FedmaeError, Unavailable
-from fedmae.ml.model_state import load_trainable_state, trainable_state
-from fedmae.ml.model_zoo import build_model
 from fedmae.ml.partitions import ClientData
-from fedmae.ml.training import evaluate, make_optimizer, train_local
-from fedmae.payload.buffers import BufferPool
 from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
-from fedmae.payload.layout import ModelLayout
 from fedmae.pki.files import ClientIdentity
 from fedmae.rounds import Phase, RoundClosed, RoundTask, RunFinished
 from fedmae.transport.channels import open_channel
@@ -51,24 +51,23 @@ class AgentConfig:
     seed: int = 0
     status_file: Path | None = None  # JSON state for health checks (``fedmae client-health``)
     progress_every_s: float = 10.0  # training progress to the server at most this often; 0 = off
+    channel_options: tuple[tuple[str, object], ...] = ()  # extra gRPC channel options
 
 
 class _RunDone(Exception):
     """The run ended (``RunFinished``) and this agent is done with it."""
 
 
-class ClientAgent:
-    def __init__(self, config: AgentConfig, data: ClientData):
+class SiteSession:
+    """One site: its identity, its connection and event stream, its tasks. The model
+    it trains in is leased from ``trainers`` for each task, so a site that is not
+    training holds no model."""
+
+    def __init__(self, config: AgentConfig, images: SiteImages, trainers: TrainerPool):
         self.config = config
-        self.data = data
-        self.train_images = data.train.to_tensor()
-        self.val_images = data.val.to_tensor()
-        self.model: torch.nn.Module | None = None
-        self.model_name: str | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.layout: ModelLayout | None = None
-        self.cached: tuple[int, torch.Tensor] | None = None  # (version, flat)
-        self._buffers = BufferPool(keep=1)  # the last model's memory, for the next download
+        self.images = images
+        self.trainers = trainers
+        self.model_name: str | None = None  # of the last task, for the final model
         self.rounds_done = 0
         self._mask_ratio = TrainingConfig().mask_ratio  # of the last task, for evaluation
         self.stop_event = threading.Event()
@@ -108,6 +107,7 @@ class ClientAgent:
             None if self.config.insecure else self.identity,
             insecure=self.config.insecure,
             chunk_size=self.config.chunk_size,
+            options=self.config.channel_options,
         )
         # Without a certificate the client says who it is (``--insecure`` only).
         self._client = FederationClient(channel, self.client_id if self.config.insecure else None)
@@ -125,6 +125,8 @@ class ClientAgent:
                 return 0
             except _RunDone:
                 return 0
+            except InterruptedError:  # stopped while waiting for a trainer
+                return 0
             except ConnectionReplaced as err:
                 # Another agent connected with our identity. Reconnecting would evict
                 # it, and it would evict us again, forever: stop, and say why.
@@ -138,6 +140,8 @@ class ClientAgent:
                 )
                 return 2
             except FedmaeError as err:
+                if self.stop_event.is_set():  # stop() closed the connection: not a fault
+                    return 0
                 if self._heard_from_server:  # we were connected: start backing off afresh
                     retries.reset()
                 decision = retries.decide(err)
@@ -177,7 +181,7 @@ class ClientAgent:
             self._client.close()
 
     def _session(self, client: FederationClient) -> None:
-        events = client.subscribe(AGENT_VERSION, len(self.train_images))
+        events = client.subscribe(AGENT_VERSION, self.images.train_count)
         for event in events:
             self._heard_from_server = True
             body = event.body
@@ -219,8 +223,11 @@ class ClientAgent:
         if not name:
             return
         try:
-            self._ensure_model(name)
-            flat = self._global(client, done.final_version)
+            with self.trainers.lease(self.stop_event) as trainer:
+                val_loss = trainer.evaluate_version(
+                    client, self.client_id, name, done.final_version, self.images,
+                    self._mask_ratio, self.stop_event,
+                )  # fmt: skip
         except FedmaeError as err:
             log.warning(
                 "%s: could not fetch the final model version %d: %s: %s",
@@ -230,56 +237,26 @@ class ClientAgent:
                 err,
             )
             return
-        load_trainable_state(self.model, self.layout.unflatten(flat))
-        val_loss = evaluate(self.model, self.val_images, self._mask_ratio)
         log.info(
             "%s: final model version %d: val_loss %.4f on %d local images",
             self.client_id,
             done.final_version,
             val_loss,
-            len(self.val_images),
+            self.images.val_count,
         )
 
     # ------------------------------------------------------------ one task
-
-    def _ensure_model(self, name: str) -> None:
-        if self.model is None or self.model_name != name:
-            self.model = build_model(name, seed=0)
-            self.model_name = name
-            self.optimizer = None
-            self.layout = ModelLayout.from_state(trainable_state(self.model))
-            self.cached = None
-
-    def _global(self, client: FederationClient, version: int) -> torch.Tensor:
-        if self.cached is not None and self.cached[0] == version:
-            return self.cached[1]
-        if self.cached is not None:  # the last round's model is done with: reuse its memory
-            self._buffers.give(self.cached[1])
-            self.cached = None
-        t0 = time.perf_counter()
-        header, flat = client.fetch_model(
-            self.layout, version, pool=self._buffers, stop=self.stop_event
-        )
-        log.info(
-            "%s: fetched model version %d (%.1f MB) in %.2fs",
-            self.client_id,
-            header.version,
-            header.manifest.total_bytes / 1e6,
-            time.perf_counter() - t0,
-        )
-        self.cached = (header.version, flat)
-        return flat
 
     def _handle_task(self, client: FederationClient, task: RoundTask) -> None:
         if task.phase not in (Phase.TRAIN, Phase.ADVERTISE_KEYS):  # a later secure phase
             self._secure_rounds().answer(client, task, self.config.chunk_size, self.stop_event)
             return
-        cfg, result, val_loss, delta = self._train(client, task)
+        trained = self._train(client, task)
         if task.phase == Phase.ADVERTISE_KEYS:  # secure: the delta stays here, masked later
-            self._secure_rounds().trained(client, task, delta, result.num_samples)
+            self._secure_rounds().trained(client, task, trained.delta, trained.result.num_samples)
             self.rounds_done += 1
             return
-        self._upload(client, task, cfg, result, val_loss, delta)
+        self._upload(client, task, trained)
 
     def _secure_rounds(self) -> SecureRounds:
         if self._secure is None:
@@ -288,24 +265,18 @@ class ClientAgent:
             self._secure = SecureRounds(self.client_id, self.identity)
         return self._secure
 
-    def _train(self, client: FederationClient, task: RoundTask):
-        """Fetch the task's model and train it locally: (config, result, val_loss, delta)."""
+    def _train(self, client: FederationClient, task: RoundTask) -> Trained:
+        """Lease a trainer, fetch the task's model and train it on this site's images."""
         cfg = task.training.with_overrides(**self.config.overrides)
-        self._mask_ratio = cfg.mask_ratio
+        self._mask_ratio, self.model_name = cfg.mask_ratio, cfg.model
         log.info(
             "%s: round %d task: train version %d for %d epoch(s) on %d images",
             self.client_id,
             task.round,
             task.model_version,
             cfg.local_epochs,
-            len(self.train_images),
+            self.images.train_count,
         )
-        self._ensure_model(cfg.model)
-        global_flat = self._global(client, task.model_version)
-        load_trainable_state(self.model, self.layout.unflatten(global_flat))  # copies in
-        if self.optimizer is None:  # AdamW state stays local across rounds (as Fed-MAE)
-            self.optimizer = make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay)
-
         last_report = [time.monotonic()]
         report = ProgressReports(client, task, self.config.progress_every_s)
 
@@ -324,22 +295,17 @@ class ClientAgent:
                     loss,
                 )
 
-        result = train_local(
-            self.model,
-            self.optimizer,
-            self.train_images,
-            cfg,
-            seed=zlib.crc32(
-                f"{self.config.seed}/{self.client_id}/{task.round}/{task.attempt}".encode()
-            ),
-            progress=progress,
-        )
-        val_loss = evaluate(self.model, self.val_images, cfg.mask_ratio)
-        delta = self.layout.flatten(trainable_state(self.model)).sub_(global_flat)
-        return cfg, result, val_loss, delta
+        # The trainer goes back to the pool once the delta is computed: the upload
+        # needs only the delta, and the next site can train meanwhile.
+        with self.trainers.lease(self.stop_event) as trainer:
+            return trainer.train(
+                client, self.client_id, task, cfg, self.images, seed=self.config.seed,
+                stop=self.stop_event, progress=progress,
+            )  # fmt: skip
 
-    def _upload(self, client, task, cfg, result, val_loss, delta) -> None:
+    def _upload(self, client: FederationClient, task: RoundTask, trained: Trained) -> None:
         """Send a plain round's update (the server sees it, clipped and weighted)."""
+        cfg, result, val_loss, delta = trained.cfg, trained.result, trained.val_loss, trained.delta
         metrics = {
             "train_loss": result.train_loss,
             "val_loss": val_loss,
@@ -349,7 +315,7 @@ class ClientAgent:
         t0 = time.perf_counter()
         try:
             receipt = client.submit_update(
-                self.layout,
+                trained.layout,
                 delta,
                 round_=task.round,
                 base_version=task.model_version,
@@ -385,3 +351,12 @@ class ClientAgent:
             time.perf_counter() - t0,
             receipt.updates_received,
         )
+
+
+class ClientAgent(SiteSession):
+    """A site with a trainer of its own (``fedmae client``): its images are float
+    tensors made once, and AdamW's state stays local across rounds (as Fed-MAE)."""
+
+    def __init__(self, config: AgentConfig, data: ClientData):
+        super().__init__(config, SiteImages.of(data), TrainerPool(1, keep_optimizer=True))
+        self.data = data

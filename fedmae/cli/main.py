@@ -2,8 +2,8 @@
 
 certs (``certs``), enroll / client / client-health (``client``), serve (``serve``),
 health (``health``), token / clients / admins / audit (``admin``), watch / status
-(``watch``), demo (``demo``) and report (here: ``fedmae.cli.report`` loads torch and
-matplotlib, which the parser must not).
+(``watch``), demo (``demo``), simulate (``simulate``) and report (here:
+``fedmae.cli.report`` loads torch and matplotlib, which the parser must not).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from fedmae.cli import add_env_argument, admin, certs, client, demo, health, serve, watch
+from fedmae.cli import add_env_argument, admin, certs, client, demo, health, serve, simulate, watch
 from fedmae.errors import FedmaeError
 from fedmae.log_format import setup_logging
 from fedmae.runtime import tune_malloc
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.build(sub)
     _build_report(sub)
     demo.build(sub)
+    simulate.build(sub)
     return p
 
 

@@ -268,6 +268,13 @@ def build(sub: argparse._SubParsersAction) -> None:
         "--fraction", type=float, default=1.0, help="share of clients asked each round" + D
     )
     s.add_argument(
+        "--start-clients",
+        type=int,
+        default=0,
+        help="connected clients to wait for before the first round only, e.g. every "
+        "simulated site, so that --fraction samples from all of them; 0 = --min-clients" + D,
+    )
+    s.add_argument(
         "--min-updates", type=int, default=0, help="updates to publish; 0 = min-clients" + D
     )
     s.add_argument("--rounds", type=int, default=5, help="rounds to run; 0 = until stopped" + D)

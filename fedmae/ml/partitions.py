@@ -126,8 +126,41 @@ def client_split(
         raise ValueError(
             f"client_index must satisfy 0 <= index < num_clients, got {client_index}/{num_clients}"
         )
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    shards = shard_indices(
+        dataset, num_clients, dirichlet_alpha=dirichlet_alpha, seed=seed, limit=limit
+    )
+    train_idx, val_idx = train_val_indices(
+        dataset, shards[client_index], client_index, num_clients, seed=seed,
+        val_fraction=val_fraction,
+    )  # fmt: skip
+    base = f"{dataset.name}/client{client_index}of{num_clients}"
+    scheme = "iid" if dirichlet_alpha is None else f"dirichlet(alpha={dirichlet_alpha})"
+    shard = shards[client_index]
+    if dataset.labels is not None:
+        hist = np.bincount(dataset.labels[shard], minlength=dataset.num_classes or 0)
+        histogram = " ".join(f"{c}:{n}" for c, n in enumerate(hist.tolist()))
+    else:
+        histogram = "unlabelled"
+    log.info(
+        "%s: %s shard of %d items (train %d, val %d); classes %s",
+        base, scheme, shard.size, train_idx.size, val_idx.size, histogram,
+    )  # fmt: skip
+    return ClientData(
+        train=dataset.subset(train_idx, name=f"{base}/train"),
+        val=dataset.subset(val_idx, name=f"{base}/val"),
+    )
+
+
+def shard_indices(
+    dataset: ImageDataset,
+    num_clients: int,
+    *,
+    dirichlet_alpha: float | None = None,
+    seed: int = 0,
+    limit: int | None = None,
+) -> list[np.ndarray]:
+    """Every client's shard as indices into ``dataset`` (what ``client_split`` cuts one
+    client's from): a simulation computes them once for all its sites."""
     pool = np.arange(len(dataset), dtype=np.int64)
     if limit is not None:
         if limit < 1:
@@ -137,47 +170,38 @@ def client_split(
             rng = np.random.default_rng((seed, 1))
             pool = np.sort(rng.choice(len(dataset), size=limit, replace=False)).astype(np.int64)
     if dirichlet_alpha is None:
-        shards = iid_partition(pool.size, num_clients, seed)
-        scheme = "iid"
-    else:
-        if dataset.labels is None:
-            raise ValueError(
-                f"{dataset.name} has no labels, so a Dirichlet (label-skewed) partition is "
-                "impossible; use the IID partition (no alpha) or a labelled dataset"
-            )
-        # Two items per client so each can hold out one for validation.
-        shards = dirichlet_partition(
-            dataset.labels[pool], num_clients, dirichlet_alpha, seed, min_size=2
+        return [pool[s] for s in iid_partition(pool.size, num_clients, seed)]
+    if dataset.labels is None:
+        raise ValueError(
+            f"{dataset.name} has no labels, so a Dirichlet (label-skewed) partition is "
+            "impossible; use the IID partition (no alpha) or a labelled dataset"
         )
-        scheme = f"dirichlet(alpha={dirichlet_alpha})"
-    shard = pool[shards[client_index]]
+    # Two items per client so each can hold out one for validation.
+    shards = dirichlet_partition(
+        dataset.labels[pool], num_clients, dirichlet_alpha, seed, min_size=2
+    )
+    return [pool[s] for s in shards]
+
+
+def train_val_indices(
+    dataset: ImageDataset,
+    shard: np.ndarray,
+    client_index: int,
+    num_clients: int,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One client's shard split into (train, validation) indices, seeded per client."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if shard.size < 2:
         raise ValueError(
             f"client {client_index}/{num_clients} got {shard.size} item(s); need at least 2 "
             "for a train/validation split (use fewer clients or more data)"
         )
-
     rng = np.random.default_rng((seed, 2, client_index))
     order = rng.permutation(shard)
     num_val = min(shard.size - 1, max(1, round(val_fraction * shard.size)))
     val_idx, train_idx = np.sort(order[:num_val]), np.sort(order[num_val:])
-
-    base = f"{dataset.name}/client{client_index}of{num_clients}"
-    if dataset.labels is not None:
-        hist = np.bincount(dataset.labels[shard], minlength=dataset.num_classes or 0)
-        histogram = " ".join(f"{c}:{n}" for c, n in enumerate(hist.tolist()))
-    else:
-        histogram = "unlabelled"
-    log.info(
-        "%s: %s shard of %d items (train %d, val %d); classes %s",
-        base,
-        scheme,
-        shard.size,
-        train_idx.size,
-        val_idx.size,
-        histogram,
-    )
-    return ClientData(
-        train=dataset.subset(train_idx, name=f"{base}/train"),
-        val=dataset.subset(val_idx, name=f"{base}/val"),
-    )
+    return train_idx, val_idx

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from round_engine_harness import FakeClock, delta, start_engine, start_round_c_owes
+from round_engine_harness import Client, FakeClock, delta, start_engine, start_round_c_owes
 
 from aggregator_service.round_state import Phase
 from aggregator_service.strategies import FedAvg
@@ -195,3 +195,22 @@ def test_a_failed_round_is_retried_with_the_next_attempt(tmp_path, clock):
         (1, 1, "failed"), (1, 2, "failed")
     ]  # fmt: skip
     assert not engine.completed and engine.version == 0
+
+
+def test_the_first_round_waits_for_start_clients_then_samples_from_all(tmp_path, clock):
+    """``--start-clients`` (a simulation's N sites): the first round does not start on
+    the first ``min_clients`` to connect, so ``fraction`` samples from every site."""
+    engine, clients, loop = start_engine(
+        tmp_path, clock, "ab", min_clients=2, start_clients=4, fraction=0.5, rounds=1,
+        min_participants=2,
+    )  # fmt: skip
+    try:
+        loop.settle(clock)
+        assert engine.status()["state"] == "waiting" and engine.state is None
+        clients.update({c: Client(engine, c) for c in "cd"})
+        selected = FedAvg().configure_round(1, 1, list("abcd"), 0.5, 2, 0)  # seeded
+        assert selected != ["a", "b"]  # what a round started on the first two would ask
+        task = clients[selected[0]].next_event("task", round=1)
+        assert task.selected_clients == 2 and engine.state.selected == selected
+    finally:
+        loop.stop()
