@@ -73,14 +73,16 @@ def cmd_train_central(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps({"settings": settings, "passes": records}, indent=1))
         tmp.replace(log_path)
 
-    started = time.monotonic()
-    last = [started]
+    first: list[float] = []  # when step 1 ended: the ETA counts training, not pass 0's eval
+    last = [0.0]
 
     def progress(step: int, total: int, loss: float) -> None:
         now = time.monotonic()
+        if not first:
+            first.append(now)
         if now - last[0] >= args.progress_every or step == total:
             last[0] = now
-            eta = (now - started) / step * (total - step)
+            eta = (now - first[0]) / max(step - 1, 1) * (total - step)
             log.info("central: %3d%% (step %d/%d) loss %.4f, ETA %.0f s",
                      100 * step // total, step, total, loss, eta)  # fmt: skip
 

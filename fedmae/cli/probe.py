@@ -93,7 +93,7 @@ def add_probe_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
         default="cls",
         help="the class token (the MAE paper) or the mean of the patch tokens" + D,
     )
-    p.add_argument(f"--{prefix}epochs", type=int, default=30, help="classifier epochs (AdamW)" + D)
+    p.add_argument(f"--{prefix}epochs", type=int, default=100, help="classifier epochs (AdamW)" + D)
     p.add_argument(
         f"--{prefix}data", default="fashion-mnist", help="labelled data (train/test)" + D
     )

@@ -71,7 +71,7 @@ def forward_features(model: MaskedAutoencoderViT, imgs: torch.Tensor) -> torch.T
 
 @torch.no_grad()
 def extract_features(
-    model: MaskedAutoencoderViT, images: torch.Tensor, kind: str = "cls", batch_size: int = 512
+    model: MaskedAutoencoderViT, images: torch.Tensor, kind: str = "cls", batch_size: int = 256
 ) -> torch.Tensor:
     """Frozen features of ``images`` ([N, C, H, W], normalised): [N, D] float32.
 

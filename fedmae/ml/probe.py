@@ -12,8 +12,8 @@ Choices made here, and why:
     * The affine-free BatchNorm is applied with the exact statistics of all training
       features (what its running statistics converge to), not per mini-batch: the same
       normalisation at train and test time, and no dependence on batch order.
-    * AdamW on the cross-entropy for ``epochs`` passes, seeded: the same inputs give the
-      same accuracy, bit for bit, on one machine.
+    * AdamW on the cross-entropy for ``epochs`` passes with a cosine schedule, seeded:
+      the same inputs give the same accuracy, bit for bit, on one machine.
 """
 
 from __future__ import annotations
@@ -35,14 +35,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """Linear-probe knobs; the defaults take about a minute for the tiny model here."""
+    """Linear-probe knobs; the defaults take about a minute of CPU for the tiny model."""
 
     train_images: int = 10_000  # 0 = the whole training split (60k: ~3-5 min here)
     test_images: int = 0  # 0 = the whole test split (10k for Fashion-MNIST)
     features: str = "cls"  # "cls" (the paper) or "mean" (mean of the patch tokens)
-    epochs: int = 30
-    batch_size: int = 256
-    learning_rate: float = 1e-2
+    # Measured on tiny's features of 10k images: 30 epochs at lr 1e-2 still underfit
+    # (test 0.754); 100 epochs at lr 0.1, batch 1024, reach 0.779, within 0.2 points of an
+    # L-BFGS fit to convergence (0.781), in 2-10 s.
+    epochs: int = 100
+    batch_size: int = 1024
+    learning_rate: float = 0.1
     weight_decay: float = 1e-4
     seed: int = 0
 
