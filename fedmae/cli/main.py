@@ -64,7 +64,7 @@ def _build_report(sub: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--probe",
         action="store_true",
-        help="add the latest checkpoint's linear-probe accuracy (about a minute; default off)",
+        help="add the latest checkpoint's linear-probe accuracy (~1.5 min; default off)",
     )
     probe.add_probe_options(r, prefix="probe-")
     r.set_defaults(func=cmd_report)
