@@ -2,8 +2,9 @@
 
 certs (``certs``), enroll / client / client-health (``client``), serve (``serve``),
 health (``health``), token / clients / admins / audit (``admin``), watch / status
-(``watch``), demo (``demo``), simulate (``simulate``) and report (here:
-``fedmae.cli.report`` loads torch and matplotlib, which the parser must not).
+(``watch``), demo (``demo``), simulate (``simulate``), train-central (``central``), probe
+(``probe``), export (``export``) and report (here: ``fedmae.cli.report`` loads torch and
+matplotlib, which the parser must not).
 """
 
 from __future__ import annotations
@@ -14,7 +15,20 @@ import os
 import sys
 from pathlib import Path
 
-from fedmae.cli import add_env_argument, admin, certs, client, demo, health, serve, simulate, watch
+from fedmae.cli import (
+    add_env_argument,
+    admin,
+    central,
+    certs,
+    client,
+    demo,
+    export,
+    health,
+    probe,
+    serve,
+    simulate,
+    watch,
+)
 from fedmae.errors import FedmaeError
 from fedmae.log_format import setup_logging
 from fedmae.runtime import tune_malloc
@@ -26,8 +40,16 @@ log = logging.getLogger("fedmae")
 def cmd_report(args: argparse.Namespace) -> int:
     from fedmae.cli.report import write_report
 
-    report = write_report(Path(args.state_dir), Path(args.out), data=args.data)
+    probe_cfg = None
+    if args.probe:
+        from fedmae.cli.probe import probe_config
+
+        probe_cfg = probe_config(args, prefix="probe-")
+    report = write_report(Path(args.state_dir), Path(args.out), data=args.data, probe=probe_cfg,
+                          probe_data=args.probe_data)  # fmt: skip
     print(f"report: {report.summary} ({len(report.images)} images)")
+    if report.probe is not None:
+        print(f"linear probe: test accuracy {report.probe.test_accuracy:.4f}")
     return 0
 
 
@@ -40,6 +62,12 @@ def _build_report(sub: argparse._SubParsersAction) -> None:
         default="fashion-mnist",
         help="held-out images to reconstruct (default %(default)s)",
     )
+    r.add_argument(
+        "--probe",
+        action="store_true",
+        help="add the latest checkpoint's linear-probe accuracy (~1.5 min; default off)",
+    )
+    probe.add_probe_options(r, prefix="probe-")
     r.set_defaults(func=cmd_report)
 
 
@@ -70,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     _build_report(sub)
     demo.build(sub)
     simulate.build(sub)
+    central.build(sub)
+    probe.build(sub)
+    export.build(sub)
     return p
 
 

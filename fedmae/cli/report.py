@@ -19,10 +19,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from aggregator_service.checkpoint_store import CheckpointStore  # noqa: E402
+from fedmae.cli.checkpoints import load_checkpoint  # noqa: E402
 from fedmae.errors import ConfigError  # noqa: E402
 from fedmae.ml.loaders import load_dataset  # noqa: E402
 from fedmae.ml.model_state import load_trainable_state, trainable_state  # noqa: E402
 from fedmae.ml.model_zoo import build_model  # noqa: E402
+from fedmae.ml.probe import ProbeConfig, ProbeResult, linear_probe  # noqa: E402
 from fedmae.payload.layout import ModelLayout  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class Report:
     rounds: int
     first_val_loss: float | None
     last_val_loss: float | None
+    probe: ProbeResult | None = None
 
 
 def read_rounds(state_dir: Path) -> list[dict]:
@@ -143,7 +146,25 @@ def plot_reconstructions(
     return _save(fig, out / "reconstructions.png"), float(loss)
 
 
-def write_report(state_dir: Path, out: Path, data: str = "fashion-mnist") -> Report:
+def probe_latest(state_dir: Path, cfg: ProbeConfig, data: str) -> tuple[int, ProbeResult]:
+    """Linear-probe accuracy of the latest checkpoint's encoder (fedmae.ml.probe)."""
+    store = CheckpointStore(state_dir / "checkpoints")
+    version = store.latest()
+    if version is None:
+        raise ConfigError(f"no checkpoint in {store.dir}")
+    model = load_checkpoint(store, version).model
+    train, test = load_dataset(data, split="train"), load_dataset(data, split="test")
+    return version, linear_probe(model, train, test, cfg)
+
+
+def write_report(
+    state_dir: Path,
+    out: Path,
+    data: str = "fashion-mnist",
+    probe: ProbeConfig | None = None,
+    probe_data: str = "fashion-mnist",
+) -> Report:
+    """Plots and ``summary.md``; with ``probe``, also the latest encoder's linear probe."""
     records = read_rounds(state_dir)
     if not records:
         raise ConfigError(f"{state_dir / 'rounds.jsonl'} is empty: no round has closed yet")
@@ -181,6 +202,14 @@ def write_report(state_dir: Path, out: Path, data: str = "fashion-mnist") -> Rep
             f"{sum(r['bytes_out'] for r in records) / 1e6:.1f} MB of models out",
             f"- total round time: {sum(r['duration_s'] for r in records):.1f} s",
         ]
+    probed = None
+    if probe is not None:
+        probe_version, probed = probe_latest(state_dir, probe, probe_data)
+        lines.append(
+            f"- linear probe of version {probe_version}'s frozen encoder ({probed.features} "
+            f"features, {probed.train_images} train / {probed.test_images} test images): "
+            f"test accuracy {probed.test_accuracy:.4f}"
+        )
     lines += ["", "| round | status | version | clients | samples | train | val | eval | s |",
               "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in records:
@@ -195,7 +224,8 @@ def write_report(state_dir: Path, out: Path, data: str = "fashion-mnist") -> Rep
     summary = out / "summary.md"
     summary.write_text("\n".join(lines))
     log.info("report written to %s", summary)
-    return Report(summary, images, len(pub), first and first["val_loss"], last and last["val_loss"])
+    return Report(summary, images, len(pub), first and first["val_loss"],
+                  last and last["val_loss"], probed)  # fmt: skip
 
 
 def _label(r: dict) -> str:

@@ -186,3 +186,12 @@ def test_report_plots_a_real_run(tmp_path):
         assert f"| {r['round']} | published | {r['version']} | 2 | {r['num_samples']} |" in summary
     for name in names:
         assert f"]({name})" in summary
+    assert "linear probe" not in summary  # only when asked: it takes a minute by default
+    from fedmae.ml.probe import ProbeConfig
+
+    probed = write_report(tmp_path / "state", tmp_path / "report", probe=ProbeConfig(
+        train_images=300, test_images=200, epochs=5))  # fmt: skip
+    assert probed.probe is not None and 0.0 <= probed.probe.test_accuracy <= 1.0
+    assert (f"linear probe of version {records[-1]['version']}'s frozen encoder (cls features, "
+            f"300 train / 200 test images): test accuracy {probed.probe.test_accuracy:.4f}"
+            in probed.summary.read_text())  # fmt: skip
