@@ -1,5 +1,6 @@
 """Does secure aggregation cost learning? ``fedmae demo`` (3 sites, 5 rounds, the tiny
-MAE) with and without ``--secure-aggregation``, a few times each, side by side.
+MAE, the demo's defaults) with and without ``--secure-aggregation``, a few times each,
+side by side.
 
 The aggregate of a secure round equals plain FedAvg up to its quantization bound
 (tests/integration/test_secure_rounds.py), so any difference is the runs' own spread:
