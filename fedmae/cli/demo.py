@@ -9,6 +9,7 @@ Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -145,23 +147,8 @@ def _tail(path: Path, lines: int = 5) -> str:
 def run_demo(cfg: DemoConfig) -> int:
     from aggregator_service.config import SAFE_MIN_PARTICIPANTS
 
-    state = cfg.state_dir.resolve()
-    if cfg.fresh:
-        _reset(state)
-    logs = state / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    certs = init_certs(state / "certs")
-    server_addr = f"127.0.0.1:{free_port()}"
-    enroll_addr = f"127.0.0.1:{free_port()}"
-    py = [sys.executable, "-m", "fedmae"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    procs: list[subprocess.Popen] = []
-    files: list[IO] = []
-
-    def _on_term(signum, _frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _on_term)
+    fed = LocalFederation.prepare(cfg.state_dir, fresh=cfg.fresh)
+    state, server_addr = fed.state, fed.server_addr
     print(
         f"fedmae demo: {cfg.clients} clients, {cfg.rounds} rounds, mTLS on {server_addr}"
         f"{', secure aggregation' if cfg.secure_aggregation else ''}, "
@@ -176,6 +163,19 @@ def run_demo(cfg: DemoConfig) -> int:
             flush=True,
         )
     start = time.monotonic()
+    with sigterm_interrupts():
+        return _run(cfg, fed, start)
+
+
+def _run(cfg: DemoConfig, fed: LocalFederation, start: float) -> int:
+    """Start the aggregator and the clients, follow the rounds; stop them all at the end."""
+    from aggregator_service.config import SAFE_MIN_PARTICIPANTS
+
+    py = [sys.executable, "-m", "fedmae"]
+    procs: list[subprocess.Popen] = []
+    files: list[IO] = []
+    state, logs, certs = fed.state, fed.logs, fed.certs
+    server_addr, enroll_addr, env = fed.server_addr, fed.enroll_addr, fed.env
     try:
         server_log = open(logs / "aggregator.log", "w")
         files.append(server_log)
@@ -236,34 +236,18 @@ def run_demo(cfg: DemoConfig) -> int:
             )
             procs.append(clients[name])
         print(f"started aggregator and {cfg.clients} clients; logs in {logs}", flush=True)
-        print(
-            f"{'round':>5} {'version':>7} {'clients':>7} {'samples':>7} "
-            f"{'train_loss':>10} {'val_loss':>9} {'eval_loss':>9} {'MB in':>6} {'MB out':>6} "
-            f"{'seconds':>7}",
-            flush=True,
-        )
-        lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=_pump, args=(server.stdout, lines), daemon=True).start()
+        print(ROUND_HEADER, flush=True)
         records: list[dict] = []
-        while True:
-            try:
-                line = lines.get(timeout=1.0)
-            except queue.Empty:
-                if all(p.poll() is not None for p in clients.values()) and server.poll() is None:
-                    print("\nevery client exited before the run finished:", flush=True)
-                    for name in names:
-                        print(f"  {name} (exit {clients[name].returncode}):", flush=True)
-                        print(_tail(logs / f"{name}.log"), flush=True)
-                    return 1
-                continue
-            if line is None:
-                break
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            records.append(rec)
-            print(_row(rec), flush=True)
+        try:
+            for rec in follow_records(server, list(clients.values())):
+                records.append(rec)
+                print(_row(rec), flush=True)
+        except ClientsGone:
+            print("\nevery client exited before the run finished:", flush=True)
+            for name in names:
+                print(f"  {name} (exit {clients[name].returncode}):", flush=True)
+                print(_tail(logs / f"{name}.log"), flush=True)
+            return 1
         server_rc = server.wait()
         for p in clients.values():
             try:
@@ -282,7 +266,77 @@ def run_demo(cfg: DemoConfig) -> int:
         _stop_all(procs)
         for f in files:
             f.close()
+
+
+@dataclass(frozen=True)
+class LocalFederation:
+    """Where a federation of local processes lives: its state dir and logs, its CA, and
+    two free loopback ports (mTLS federation, enrollment). For ``demo`` and ``simulate``."""
+
+    state: Path
+    logs: Path
+    certs: ServerCerts
+    server_addr: str
+    enroll_addr: str
+    env: dict[str, str]
+
+    @classmethod
+    def prepare(cls, state_dir: Path, fresh: bool = True) -> LocalFederation:
+        state = state_dir.resolve()
+        if fresh:
+            _reset(state)
+        logs = state / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        return cls(
+            state, logs, init_certs(state / "certs"), f"127.0.0.1:{free_port()}",
+            f"127.0.0.1:{free_port()}", {**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt inside the block, so a launcher's ``finally``
+    stops every process it started, as on Ctrl-C."""
+
+    def _on_term(signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _on_term)
+    try:
+        yield
+    finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class ClientsGone(Exception):
+    """Every client (or worker) process exited while the aggregator still runs."""
+
+
+ROUND_HEADER = (
+    f"{'round':>5} {'version':>7} {'clients':>7} {'samples':>7} {'train_loss':>10} "
+    f"{'val_loss':>9} {'eval_loss':>9} {'MB in':>6} {'MB out':>6} {'seconds':>7}"
+)
+
+
+def follow_records(server: subprocess.Popen, clients: list[subprocess.Popen]) -> Iterator[dict]:
+    """The round records the aggregator prints (stdout, a JSON object a line) as they
+    come, until it exits; ``ClientsGone`` when every client process exits first."""
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_pump, args=(server.stdout, lines), daemon=True).start()
+    while True:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            if all(p.poll() is not None for p in clients) and server.poll() is None:
+                raise ClientsGone() from None
+            continue
+        if line is None:
+            return
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        yield record
 
 
 def _pump(stream: IO[str], out: queue.Queue) -> None:

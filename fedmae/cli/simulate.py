@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import queue
 import shlex
-import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,10 +27,18 @@ from pathlib import Path
 from typing import IO
 
 from fedmae.cli import ENCODING_NAMES
-from fedmae.cli.demo import _pump, _reset, _row, _stop_all, _wait_healthy, free_port
+from fedmae.cli.demo import (
+    ROUND_HEADER,
+    ClientsGone,
+    LocalFederation,
+    _row,
+    _stop_all,
+    _wait_healthy,
+    follow_records,
+    sigterm_interrupts,
+)
 from fedmae.cli.process_memory import MemoryWatch
 from fedmae.pki.files import ClientIdentity, ServerCerts
-from fedmae.pki.issue import init_certs
 from fedmae.transport.admin_client import AdminClient
 
 IDLE_HOLD_S = 15  # --rounds 0: how long the connected sites are watched idle
@@ -137,28 +141,25 @@ def _worker_specs(
 def run_simulation(cfg: SimulationConfig) -> int:
     if cfg.sites < 1 or not 1 <= cfg.workers <= cfg.sites:
         raise ValueError("--sites must be >= 1 and --workers between 1 and --sites")
-    state = cfg.state_dir.resolve()
-    _reset(state)
-    logs = state / "logs"
-    logs.mkdir(parents=True)
-    certs = init_certs(state / "certs")
-    server_addr, enroll_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    procs: list[subprocess.Popen] = []
-    files: list[IO] = []
-
-    def _on_term(signum, _frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _on_term)
+    fed = LocalFederation.prepare(cfg.state_dir)
     print(
         f"fedmae simulate: {cfg.sites} sites in {cfg.workers} workers, fraction "
         f"{cfg.fraction:g}, {'IID' if cfg.dirichlet is None else f'Dirichlet {cfg.dirichlet:g}'}"
         f", {cfg.rounds} rounds, strategy {cfg.strategy}"
-        f"{', secure aggregation' if cfg.secure_aggregation else ''}, mTLS on {server_addr}, "
-        f"state in {state}",
+        f"{', secure aggregation' if cfg.secure_aggregation else ''}, mTLS on "
+        f"{fed.server_addr}, state in {fed.state}",
         flush=True,
     )
+    with sigterm_interrupts():
+        return _simulate(cfg, fed)
+
+
+def _simulate(cfg: SimulationConfig, fed: LocalFederation) -> int:
+    """Start the aggregator and the workers, follow the rounds; stop them all at the end."""
+    state, logs, certs = fed.state, fed.logs, fed.certs
+    server_addr, enroll_addr, env = fed.server_addr, fed.enroll_addr, fed.env
+    procs: list[subprocess.Popen] = []
+    files: list[IO] = []
     start = time.monotonic()
     memory = MemoryWatch()
     try:
@@ -213,7 +214,6 @@ def run_simulation(cfg: SimulationConfig) -> int:
         _stop_all(procs)
         for f in files:
             f.close()
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _wait_connected(
@@ -232,30 +232,14 @@ def _wait_connected(
 
 
 def _follow_rounds(cfg, state: Path, server, workers, memory: MemoryWatch, start: float) -> int:
-    print(
-        f"{'round':>5} {'version':>7} {'clients':>7} {'samples':>7} "
-        f"{'train_loss':>10} {'val_loss':>9} {'eval_loss':>9} {'MB in':>6} {'MB out':>6} "
-        f"{'seconds':>7} {'RSS MB':>7}",
-        flush=True,
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-    threading.Thread(target=_pump, args=(server.stdout, lines), daemon=True).start()
+    print(f"{ROUND_HEADER} {'RSS MB':>7}", flush=True)
     published = 0
-    while True:
-        try:
-            line = lines.get(timeout=1.0)
-        except queue.Empty:
-            if all(w.poll() is not None for w in workers) and server.poll() is None:
-                raise RuntimeError("every worker exited before the run finished") from None
-            continue
-        if line is None:
-            break
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        published += rec["status"] == "published"
-        print(f"{_row(rec)} {memory.total_mb():>7.0f}", flush=True)
+    try:
+        for rec in follow_records(server, workers):
+            published += rec["status"] == "published"
+            print(f"{_row(rec)} {memory.total_mb():>7.0f}", flush=True)
+    except ClientsGone:
+        raise RuntimeError("every worker exited before the run finished") from None
     server_rc = server.wait()
     for w in workers:
         try:

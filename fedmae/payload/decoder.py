@@ -116,26 +116,9 @@ class PayloadDecoder:
         return flat
 
     def _check_digests(self, trailer: str) -> str:
-        declared = [d for d in dict.fromkeys((self.declared_digest, trailer)) if d]
-        if not declared:
-            if self.require_digest:
-                raise InvalidUpdate(
-                    "no digest: give the payload's digest ('algorithm:hex') in the "
-                    "header's manifest.digest or in the trailer"
-                )
-            return check_digest(self._buf, "", self._hash.hexdigest())
-        if len(declared) == 2:
-            header_alg, trailer_alg = (d.partition(":")[0].lower() for d in declared)
-            if header_alg == trailer_alg and declared[0].lower() != declared[1].lower():
-                raise InvalidUpdate(
-                    f"the header's manifest.digest {declared[0][:28]}... and the trailer's "
-                    f"digest {declared[1][:28]}... disagree; send one, or the same in both"
-                )
-        digest = ""
-        for expected in declared:
-            checked = check_digest(self._buf, expected, self._hash.hexdigest())
-            digest = digest or checked  # the header's when given (the receipt's digest)
-        return digest
+        return check_digests(
+            self._buf, self.declared_digest, trailer, self._hash.hexdigest(), self.require_digest
+        )
 
     def release(self) -> None:
         """Give the buffer back to the pool. The fp32 tensor from ``finish`` is a view
@@ -143,6 +126,34 @@ class PayloadDecoder:
         buf, self._buf = self._buf, None
         if buf is not None and self._pool is not None:
             self._pool.give(buf)
+
+
+def check_digests(
+    buf: np.ndarray, declared: str, trailer: str, hexdigest: str, required: bool
+) -> str:
+    """Check a received payload against the digest its manifest declared and its
+    trailer's (each when given; one is needed when ``required``); two of one algorithm
+    must agree. Returns the digest as received ("algorithm:hex", the header's first)."""
+    given = [d for d in dict.fromkeys((declared, trailer)) if d]
+    if not given:
+        if required:
+            raise InvalidUpdate(
+                "no digest: give the payload's digest ('algorithm:hex') in the "
+                "header's manifest.digest or in the trailer"
+            )
+        return check_digest(buf, "", hexdigest)
+    if len(given) == 2:
+        header_alg, trailer_alg = (d.partition(":")[0].lower() for d in given)
+        if header_alg == trailer_alg and given[0].lower() != given[1].lower():
+            raise InvalidUpdate(
+                f"the header's manifest.digest {given[0][:28]}... and the trailer's "
+                f"digest {given[1][:28]}... disagree; send one, or the same in both"
+            )
+    digest = ""
+    for expected in given:
+        checked = check_digest(buf, expected, hexdigest)
+        digest = digest or checked  # the header's when given (the receipt's digest)
+    return digest
 
 
 def check_finite(flat: torch.Tensor, layout: ModelLayout, norm: float | None = None) -> float:

@@ -13,7 +13,8 @@ import numpy as np
 
 from fedmae.errors import InvalidUpdate
 from fedmae.payload.buffers import BufferPool
-from fedmae.payload.digest import PayloadDigest, check_digest
+from fedmae.payload.decoder import check_digests
+from fedmae.payload.digest import PayloadDigest
 from fedmae.payload.encodings import Encoding
 from fedmae.payload.layout import Manifest, check_ring_manifest
 
@@ -63,15 +64,9 @@ class RingDecoder:
             raise InvalidUpdate(
                 f"masked input incomplete: received {self.received} of {self.total} bytes"
             )
-        declared = [d for d in dict.fromkeys((self.declared_digest, trailer_digest)) if d]
-        if not declared:
-            raise InvalidUpdate(
-                "no digest: give the payload's digest ('algorithm:hex') in the header's "
-                "manifest.digest or in the trailer"
-            )
-        for expected in declared:
-            checked = check_digest(self._buf, expected, self._hash.hexdigest())
-            self.digest = self.digest or checked
+        self.digest = check_digests(
+            self._buf, self.declared_digest, trailer_digest, self._hash.hexdigest(), True
+        )
         return self._buf[: self.total].view(_DTYPES[self.bits])
 
     def hand_over(self) -> None:
