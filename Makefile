@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 PROTOS  := $(wildcard proto/fedmae/v1/*.proto)
 
-.PHONY: demo test test-fast lint proto data clean wheels compose-test crash-resume bench bench-quick
+.PHONY: demo test test-fast lint proto data clean wheels compose-test crash-resume bench bench-quick experiments
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -55,6 +55,12 @@ bench: $(STAMP) data
 
 bench-quick: $(STAMP) data
 	$(BIN)/python -m benchmarks.run --quick
+
+# Federated against centralized MAE, strategies, label skew, many sites, linear probes:
+# docs/ML.md and its plots. About 1.5 h on this machine; not in CI. Resumable: a step
+# whose result is in experiments-state/ is kept (delete it to run it again).
+experiments: $(STAMP) data
+	$(BIN)/python -m scripts.experiments
 
 # Wheels for an offline image build (docker/wheels), from this machine's pip.
 wheels: $(STAMP)
