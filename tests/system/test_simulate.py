@@ -79,6 +79,17 @@ def test_simulation_runs_real_sites_samples_by_fraction_and_averages_exactly(tmp
     left = subprocess.run(["pgrep", "-f", str(state)], capture_output=True, text=True).stdout
     assert not left.split(), left
 
+    # The state dir is any cluster's: fedmae report reads it (the 10 sites of each round).
+    from fedmae.cli.report import write_report
+
+    report = write_report(state, tmp_path / "report")
+    summary = report.summary.read_text()
+    assert f"rounds published: {ROUNDS}" in summary
+    for rec in records:
+        row = f"| {rec['round']} | published | {rec['version']} | {round(FRACTION * SITES)} |"
+        assert row + f" {rec['num_samples']} |" in summary
+    assert len(report.images) == 5 and all(p.stat().st_size > 10_000 for p in report.images)
+
 
 def test_simulation_stops_every_process_on_sigterm(tmp_path):
     import signal
