@@ -20,11 +20,11 @@ import logging
 import math
 import threading
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from aggregator_service.checkpoint_store import Checkpoint, CheckpointStore
+from aggregator_service.client_calls import ClientCalls
 from aggregator_service.clock import SYSTEM_CLOCK, Clock
 from aggregator_service.config import ServerConfig
 from aggregator_service.downloads import Downloads, FinalFetches
@@ -34,10 +34,10 @@ from aggregator_service.round_log import RoundLog
 from aggregator_service.round_state import ROUND_PHASES, DropoutWatch, RoundPhase, RoundState
 from aggregator_service.secure_rounds import SECURE_PHASES, SecureRound, plan_params
 from aggregator_service.strategies import Strategy
-from aggregator_service.subscriptions import RoundObserver, Subscribers, Subscription
+from aggregator_service.subscriptions import RoundObserver, Subscribers
 from aggregator_service.update_bounds import UpdateBounds
 from aggregator_service.uploads import Uploads
-from fedmae.errors import ConfigError, PermissionDenied, StaleUpdate
+from fedmae.errors import ConfigError
 from fedmae.payload.encodings import encoding_from_name, encoding_name
 from fedmae.payload.layout import ModelLayout
 from fedmae.rounds import (
@@ -45,8 +45,6 @@ from fedmae.rounds import (
     RoundClosed,
     RoundTask,
     RunFinished,
-    TrainingProgress,
-    UpdateReceipt,
 )
 from fedmae.runtime import release_free_memory
 from fedmae.secagg.messages import SecAggParams
@@ -57,8 +55,9 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5  # longest wait between looks at a stop event set from outside
 
 
-class RoundEngine:
-    """Runs the rounds of one federation (``run``) and answers its clients."""
+class RoundEngine(ClientCalls):
+    """Runs the rounds of one federation (``run``); answers its clients with the calls
+    of ``ClientCalls`` (``client_calls.py``)."""
 
     def __init__(
         self,
@@ -126,76 +125,6 @@ class RoundEngine:
     @property
     def global_flat(self) -> torch.Tensor:
         return self.model.flat
-
-    # ------------------------------------------------------------ clients
-
-    def subscribe(self, client_id: str, peer: str = "") -> Subscription:
-        """A new event stream for ``client_id`` (an older one of the identity ends).
-        A client that reconnects mid-round gets its task again; after a completed run,
-        a new stream hears ``RunFinished`` at once."""
-        sub = Subscription(client_id, peer, now=self.clock.time)
-        with self._cond:
-            self.subscribers.add(sub)
-            self._cond.notify_all()
-            state = self.state
-            if self.finished.is_set() and self._run_done():
-                sub.push(self.subscribers.event(self._run_finished()))
-                if self.completed:
-                    self.final_fetches.expect([client_id], self.version)
-            elif state is not None and state.awaits(client_id):
-                # Resend after a reconnect.
-                sub.push(self.subscribers.event(self._task(state, client_id)))
-            connected = len(self.subscribers)
-        log.info("client %s subscribed (%d connected)", client_id, connected)
-        return sub
-
-    def unsubscribe(self, sub: Subscription) -> None:
-        """The client's stream ended (it disconnected, or the server ended it)."""
-        with self._cond:
-            if self.subscribers.remove(sub, self.clock.monotonic()):
-                log.info("client %s disconnected (%d connected)", sub.client_id,
-                         len(self.subscribers))  # fmt: skip
-            self._cond.notify_all()
-        sub.close()
-
-    def connected(self) -> list[str]:
-        """Client ids with an open event stream."""
-        with self._cond:
-            return sorted(self.subscribers.ids())
-
-    def revoke(self, client_id: str, reason: str = "") -> None:
-        """Cut a revoked client off now: end its stream, drop its pending update.
-
-        An update already folded into this round's aggregate (or being folded) cannot be
-        taken out of the running sum, so the round fails and is retried without it.
-        """
-        why = f" ({reason})" if reason else ""
-        with self._cond:
-            sub = self.subscribers.pop(client_id, self.clock.monotonic())
-            if sub is not None:
-                sub.close(
-                    PermissionDenied(f"client {client_id!r} was revoked by the operator{why}")
-                )
-            if self.state is not None:
-                self.state.revoke(client_id, why)
-            self._cond.notify_all()
-        log.warning("client %s revoked%s: disconnected, pending update dropped", client_id, why)
-
-    def status(self) -> dict[str, Any]:
-        """A snapshot for ``Admin.Status`` and ``fedmae status``."""
-        with self._cond:
-            snapshot: dict[str, Any] = {
-                "state": "finished" if self.finished.is_set() else self.phase,
-                "round": self.next_round, "attempt": 0, "version": self.version,
-                "rounds_target": self.policy.rounds, "min_clients": self.policy.min_clients,
-                "connected": sorted(self.subscribers.ids()),
-                "selected": [], "reported": [], "uploading": [],
-                "round_elapsed_s": 0.0, "deadline_in_s": 0.0, "progress": {},
-                "last_record": self.last_record.to_json() if self.last_record else None,
-            }  # fmt: skip
-            if (state := self.state) is not None and not state.closed:
-                snapshot.update(state.progress(self.clock.monotonic()))
-            return snapshot
 
     # ------------------------------------------------------------ the round loop
 
@@ -391,15 +320,6 @@ class RoundEngine:
 
     # ------------------------------------------------------------ run end, recovery
 
-    def download_finished(self, client_id: str, version: int) -> None:
-        """A client received all of ``version`` (after a run: see ``final_fetches``)."""
-        self.final_fetches.fetched(client_id, version)
-
-    def wait_final_fetches(self, timeout: float) -> list[str]:
-        """After a completed run: wait up to ``timeout`` s until every client subscribed
-        at the end (or since) has fetched the final version; return those still owing."""
-        return self.final_fetches.wait(timeout)
-
     def recover_log(self) -> RoundRecord | None:
         """The record of the published version after a crash (see ``records.recover``)."""
         return recover(
@@ -417,26 +337,6 @@ class RoundEngine:
         data = phase.task_data(state, client_id) if phase and phase.task_data else None
         training = self.strategy.training_config(self.config.training)  # FedProx: its μ
         return RoundTask.of(state, training, wall_deadline, secagg=self.secagg, phase_data=data)
-
-    def training_progress(self, client_id: str, progress: TrainingProgress) -> UpdateReceipt:
-        """A site's training progress report (``RoundState.report_progress``)."""
-        with self._cond:
-            if (state := self.state) is None:
-                raise StaleUpdate(f"no round is open (the report names round {progress.round})")
-            state.report_progress(client_id, progress, self.clock.monotonic())
-            return UpdateReceipt(state.round, 0, "", len(state.accepted))
-
-    def secagg_answer(self, client_id: str, message: object) -> UpdateReceipt:
-        """A client's secure-aggregation message (keys, shares, unmask shares, abort)."""
-        with self._cond:
-            state = self.state
-            if state is None or state.secure is None or state.closed:
-                raise StaleUpdate(
-                    f"no secure round is open (the message names round {message.round})"
-                )
-            answered = state.secure.answer(state, client_id, message)
-            self._cond.notify_all()
-            return UpdateReceipt(state.round, 0, "", answered)
 
     def _run_done(self) -> bool:
         """Round ``policy.rounds`` is published (never, when rounds = 0)."""
