@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import Any
 
@@ -44,6 +44,7 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from fedmae.errors import ConfigError
+from fedmae.privacy.skellam import SKELLAM_ORDERS, DistributedSkellam
 
 LEDGER_FORMAT = "fedmae-privacy-ledger/1"
 ACCOUNTANTS = ("rdp", "pld")
@@ -183,6 +184,10 @@ def epsilon_for(
 class PrivacyLedger:
     """The rounds of one run's mechanism, and the ε they have spent at δ.
 
+    Central Gaussian noise by default; with ``distributed`` (a ``DistributedSkellam``
+    with the same σ) the rounds are accounted by the Skellam bound, without
+    amplification by ``sampling`` (``fedmae.privacy.skellam``).
+
     The per-round RDP curve is computed once (a few hundred ms) and scaled by the round
     count, so ``epsilon_after`` (the budget check before each round) costs microseconds.
     The PLD accountant composes afresh on each query (seconds).
@@ -195,21 +200,33 @@ class PrivacyLedger:
         delta: float,
         rounds: int = 0,
         accountant: str = "rdp",
+        distributed: DistributedSkellam | None = None,
     ):
         _check_noise(noise_multiplier)
         _check_delta(delta)
         _check_accountant(accountant, sampling)
+        if distributed is not None and accountant != "rdp":
+            raise ConfigError("distributed Skellam noise is accounted with the RDP accountant")
+        if distributed is not None and distributed.noise_multiplier != noise_multiplier:
+            raise ConfigError(
+                f"the ledger's σ = {noise_multiplier} is not the distributed noise's "
+                f"σ = {distributed.noise_multiplier}"
+            )
         if not (isinstance(rounds, int) and rounds >= 0):
             raise ConfigError(f"rounds recorded is an integer >= 0, got {rounds!r}")
         self.noise_multiplier = float(noise_multiplier)
         self.sampling = sampling
         self.delta = float(delta)
         self.accountant = accountant
+        self.distributed = distributed
         self.rounds = rounds
 
     @cached_property
     def _rdp_per_round(self) -> tuple[np.ndarray, np.ndarray]:
-        """(orders, RDP of one round at each order) from dp-accounting's RDP accountant."""
+        """(orders, RDP of one round at each order) from dp-accounting's RDP accountant,
+        or the Skellam bound."""
+        if self.distributed is not None:
+            return SKELLAM_ORDERS, self.distributed.round_rdp()
         accountant = _fresh("rdp", self.sampling)
         accountant.compose(round_event(self.noise_multiplier, self.sampling))
         return np.asarray(accountant.orders), np.asarray(accountant.rdp)
@@ -254,6 +271,7 @@ class PrivacyLedger:
                 "delta": self.delta,
                 "accountant": self.accountant,
                 "rounds": self.rounds,
+                "distributed": asdict(self.distributed) if self.distributed else None,
                 "epsilon": self.epsilon(),
             },
             sort_keys=True,
@@ -269,7 +287,9 @@ class PrivacyLedger:
         if not isinstance(data, dict) or data.get("format") != LEDGER_FORMAT:
             raise ConfigError(f"not a privacy ledger (expected format {LEDGER_FORMAT!r})")
         try:
+            distributed = data.get("distributed")
             return cls(
+                distributed=DistributedSkellam(**distributed) if distributed else None,
                 noise_multiplier=data["noise_multiplier"],
                 sampling=sampling_from_dict(data["sampling"]),
                 delta=data["delta"],

@@ -21,6 +21,7 @@ from fedmae.privacy.accountant import (
     calibrate_noise,
     epsilon_for,
 )
+from fedmae.privacy.skellam import DistributedSkellam
 
 DELTA = 1e-5
 
@@ -224,3 +225,20 @@ def test_calibration_refuses_what_it_cannot_do():
 def test_bad_parameters_are_config_errors(build):
     with pytest.raises(ConfigError):
         build()
+
+
+def test_a_ledger_of_distributed_skellam_noise():
+    skellam = DistributedSkellam(
+        clip=1.0, noise_multiplier=2.0, frac_bits=12, dim=5000, min_sites=5
+    )
+    ledger = PrivacyLedger(2.0, PoissonSampling(0.1), DELTA, distributed=skellam)
+    for _ in range(4):
+        ledger.record_round()
+    assert ledger.epsilon() == skellam.epsilon(4, DELTA)  # no amplification by q claimed
+    assert ledger.epsilon() > PrivacyLedger(2.0, PoissonSampling(0.1), DELTA, rounds=4).epsilon()
+    back = PrivacyLedger.from_json(ledger.to_json())
+    assert back.distributed == skellam and back.epsilon() == ledger.epsilon()
+    with pytest.raises(ConfigError, match="σ"):
+        PrivacyLedger(1.0, PoissonSampling(0.1), DELTA, distributed=skellam)
+    with pytest.raises(ConfigError, match="RDP"):
+        PrivacyLedger(2.0, PoissonSampling(0.1), DELTA, accountant="pld", distributed=skellam)
