@@ -6,7 +6,12 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aggregator_service.strategies import DEFAULT_STRATEGY, StrategyOptions, strategy_class
+from aggregator_service.strategies import (
+    DEFAULT_STRATEGY,
+    Strategy,
+    StrategyOptions,
+    strategy_class,
+)
 from fedmae.config import TrainingConfig
 from fedmae.errors import ConfigError
 from fedmae.payload.chunks import DEFAULT_CHUNK_SIZE
@@ -196,10 +201,11 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
         rule = strategy_class(self.strategy)  # an unknown name fails here, naming the choices
         if self.secure is not None:
-            if rule.needs_all_updates:
+            if rule.needs_all_updates or rule.needs_clear_updates:
                 raise ConfigError(
                     f"--strategy {self.strategy} needs every update in the clear, which "
-                    "secure aggregation never shows the server: use fedavg with it"
+                    "secure aggregation never shows the server: use fedavg with it (each "
+                    "site clips its own delta to --secagg-clip before masking)"
                 )
             if self.insecure:
                 raise ConfigError(
@@ -210,10 +216,25 @@ class ServerConfig:
             # server creates anything (ConfigError naming the numbers).
             plan_ring(self.secure.max_sites, self.weight_cap, self.secure.clip,
                       self.secure.ring_bits)  # fmt: skip
+        self._check_round_size(rule)
         if self.insecure and not is_loopback(self.listen):
             raise ConfigError(
                 f"--insecure serves plaintext without authentication: it may only listen on a "
                 f"loopback address (127.0.0.1, ::1, localhost), not {self.listen!r}"
+            )
+
+    def _check_round_size(self, rule: type[Strategy]) -> None:
+        """Refuse a round policy under which a round could aggregate fewer updates than
+        the rule needs (a median of 2, Krum with n <= 2f + 2), naming the numbers."""
+        need, why = rule.fewest_updates(self.strategy_options)
+        p = self.policy
+        floor = max(1, p.required_updates, p.min_participants)
+        if floor < need:
+            raise ConfigError(
+                f"--strategy {self.strategy} needs at least {need} updates per round "
+                f"({why}), but a round here may publish with {floor} (--min-clients "
+                f"{p.min_clients}, --min-updates {p.min_updates}, --min-participants "
+                f"{p.min_participants}): raise them to {need} or more"
             )
 
     @property

@@ -224,16 +224,18 @@ class RoundsRun:
         return statistics.median(r["duration_s"] for r in timed)
 
 
-def run_rounds(params: int, clients: int, rounds: int, secure: bool = False) -> RoundsRun:
+def run_rounds(
+    params: int, clients: int, rounds: int, secure: bool = False, serve_args: tuple = ()
+) -> RoundsRun:
     """``rounds`` rounds of ``clients`` clients sending a fixed delta to `fedmae serve` in
-    its own process (with ``--secure-aggregation`` when ``secure``)."""
+    its own process (with ``--secure-aggregation`` when ``secure``, and ``serve_args``)."""
     names = [f"c{i}" for i in range(clients)]
     fed = Federation(names)
     agg = AggregatorProcess(
         fed.work, fed.certs, f"blob:{params}", "--min-clients", str(clients),
         "--min-participants", str(min(clients, 3)), "--rounds", str(rounds),
         "--round-timeout", "600", "--max-workers", str(max(64, 2 * clients + 16)),
-        *(["--secure-aggregation"] if secure else []),
+        *(["--secure-aggregation"] if secure else []), *serve_args,
     )  # fmt: skip
     procs: list[subprocess.Popen] = []
     sites: dict[str, dict] = {}

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from benchmarks.robust_case import robust_rows, robust_section  # noqa: E402
+
 
 def _met(ok: bool) -> str:
     return "met" if ok else "**missed**"
@@ -69,6 +71,8 @@ def summary_rows(results: dict) -> list[list[str]]:
             ])  # fmt: skip
     for r in c.get("secagg", []):
         rows += secagg_rows(r)
+    for r in c.get("robust", []):
+        rows += robust_rows(r)
     if "training" in c:
         t = c["training"]
         rows.append([
@@ -246,7 +250,7 @@ def render(results: dict, docs: Path, write: bool = True) -> str:
             text, "",
         ]  # fmt: skip
         body += [f"![{p.stem}]({p.name})" for p in images]
-        body += ["", *secagg_section(results)]
+        body += ["", *secagg_section(results), *robust_section(results)]
         notes = Path(__file__).with_name("NOTES.md")
         if notes.exists():
             body += ["", notes.read_text()]

@@ -12,6 +12,7 @@ from pathlib import Path
 from benchmarks import cases
 from benchmarks.common import machine
 from benchmarks.render import render
+from benchmarks.robust_case import bench_robust
 from benchmarks.secagg_case import bench_secagg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +27,7 @@ FULL = {
     "encodings": {"rounds": 5, "clients": 3, "images": 1500},
     "training": {"images": 3000},
     "secagg": {"cases": [(1_000_000, 16), (10_000_000, 4)], "rounds": 4, "repeats": 2},
+    "robust": {"cases": [(10_000_000, 8)], "rounds": 3, "repeats": 1},
 }
 QUICK = {
     "kernel": {"params": 5_000_000},
@@ -35,9 +37,10 @@ QUICK = {
     "encodings": {"rounds": 2, "clients": 2, "images": 300},
     "training": {"images": 800},
     "secagg": {"cases": [(1_000_000, 4)], "rounds": 3, "repeats": 1},
+    "robust": {"cases": [(1_000_000, 5)], "rounds": 3, "repeats": 1},  # Krum: n > 2f + 2
 }
 CASES = ["kernel", "transfer", "rounds", "many_clients", "big_model", "encodings", "training",
-         "secagg"]  # fmt: skip
+         "secagg", "robust"]  # fmt: skip
 
 
 def say(msg: str) -> None:
@@ -77,6 +80,10 @@ def run(plan: dict, only: list[str]) -> dict:
         elif name == "secagg":
             out[name] = [
                 bench_secagg(params, n, p["rounds"], p["repeats"]) for params, n in p["cases"]
+            ]
+        elif name == "robust":
+            out[name] = [
+                bench_robust(params, n, p["rounds"], p["repeats"]) for params, n in p["cases"]
             ]
         say(f"{name} done in {time.monotonic() - t0:.0f}s: {json.dumps(out[name])[:300]}")
     return results

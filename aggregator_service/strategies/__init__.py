@@ -2,7 +2,8 @@
 
 One file per rule (or per family: the server optimizers share ``server_opt.py``); a new
 rule is registered here by its ``name``. The interface and the two kinds of rule
-(folding, needs-all) are described in ``base.py``.
+(folding, needs-all) are described in ``base.py``; the robust rules (``robust.py``,
+``krum.py``, ``norm_bounded.py``) in docs/privacy.md, "Robust aggregation".
 """
 
 from __future__ import annotations
@@ -16,17 +17,25 @@ from aggregator_service.strategies.base import (
 )
 from aggregator_service.strategies.fedavg import FedAvg
 from aggregator_service.strategies.fedprox import FedProx
+from aggregator_service.strategies.krum import MultiKrum
+from aggregator_service.strategies.norm_bounded import NormBoundedFedAvg
+from aggregator_service.strategies.robust import CoordinateMedian, TrimmedMean
 from aggregator_service.strategies.server_opt import FedAvgM, ServerOptimizer
 from fedmae.errors import ConfigError
 
 DEFAULT_STRATEGY = "fedavg"
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi, FedProx)
-}
+    cls.name: cls
+    for cls in (
+        FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi, FedProx,
+        CoordinateMedian, TrimmedMean, MultiKrum, NormBoundedFedAvg,
+    )
+}  # fmt: skip
 
 __all__ = [
     "DEFAULT_STRATEGY",
     "STRATEGIES",
+    "CoordinateMedian",
     "Evaluator",
     "FedAdagrad",
     "FedAdam",
@@ -34,10 +43,13 @@ __all__ = [
     "FedAvgM",
     "FedProx",
     "FedYogi",
+    "MultiKrum",
+    "NormBoundedFedAvg",
     "ServerOptimizer",
     "Strategy",
     "StrategyOptions",
     "StrategyState",
+    "TrimmedMean",
     "make_strategy",
     "strategy_class",
 ]

@@ -48,6 +48,10 @@ class StrategyOptions:
     beta2: float = 0.99  # fedadam, fedyogi
     tau: float = 1e-3  # fedadam, fedyogi, fedadagrad: adaptivity; v starts at τ²
     mu: float = 0.01  # fedprox: the proximal term's weight, sent to clients
+    trim_beta: float = 0.1  # trimmed-mean: share trimmed at each end (robust.py)
+    krum_f: int = 1  # multi-krum: Byzantine sites assumed (krum.py)
+    krum_m: int = 0  # multi-krum: updates averaged; 0 = n − f
+    clip_norm: float = 10.0  # norm-bounded: L2 bound M per delta (norm_bounded.py)
 
     def __post_init__(self) -> None:
         checks = (
@@ -57,6 +61,10 @@ class StrategyOptions:
             ("--beta2", 0.0 <= self.beta2 < 1.0, "in [0, 1)"),
             ("--tau", self.tau > 0, "> 0"),
             ("--mu", self.mu >= 0, ">= 0"),
+            ("--trim-beta", 0.0 <= self.trim_beta < 0.5, "in [0, 0.5)"),
+            ("--krum-f", self.krum_f >= 0, ">= 0"),
+            ("--krum-m", self.krum_m >= 0, ">= 0 (0 = n - f)"),
+            ("--clip-norm", self.clip_norm > 0, "> 0"),
         )
         for flag, ok, want in checks:
             value = getattr(self, flag[2:].replace("-", "_"))
@@ -87,12 +95,21 @@ class Strategy(ABC):
     # True: the rule carries state from round to round (``state``/``load_state``),
     # saved with each published version.
     keeps_state: ClassVar[bool] = False
+    # True: the rule must see each site's update on its own (a robust rule, or the
+    # server's clipping of norm-bounded), which secure aggregation never shows it.
+    needs_clear_updates: ClassVar[bool] = False
 
     def __init__(
         self, evaluator: Evaluator | None = None, options: StrategyOptions | None = None
     ) -> None:
         self.evaluator = evaluator
         self.options = options or StrategyOptions()
+
+    @classmethod
+    def fewest_updates(cls, options: StrategyOptions) -> tuple[int, str]:
+        """The fewest updates a round of this rule may aggregate, and why (checked
+        against the round policy at start: ``ServerConfig``)."""
+        return 1, "a round aggregates at least one update"
 
     def training_config(self, training: TrainingConfig) -> TrainingConfig:
         """The training config sent with each task (FedProx adds its μ)."""
@@ -131,7 +148,7 @@ class Strategy(ABC):
         """Accepted updates a closed round needs to publish a new model; ``required`` is
         the policy's minimum (``min_updates``, else ``min_clients``). Never below one.
         The engine adds its own floor, ``min_participants`` (``RoundState.to_publish``)."""
-        return max(1, required)
+        return max(1, required, self.fewest_updates(self.options)[0])
 
     def begin_round(self, numel: int) -> None:  # noqa: B027 (a hook; most rules keep no state)
         """Reset per-round state before the first update arrives (``numel`` parameters)."""

@@ -99,7 +99,8 @@ def _server_lr(text: str) -> float | None:
 
 
 # The rules' knobs (StrategyOptions): every rule accepts them all and reads those it
-# needs, so compose can pass them unconditionally. Defaults: Reddi et al. 2021.
+# needs, so compose can pass them unconditionally. Defaults: Reddi et al. 2021; the
+# robust rules' in docs/privacy.md, "Robust aggregation".
 STRATEGY_FLAGS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--server-lr", _server_lr, None,
      "server learning rate η of fedavgm, fedadam, fedyogi, fedadagrad; default: 1.0 "
@@ -113,13 +114,26 @@ STRATEGY_FLAGS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--mu", float, 0.01,
      "proximal weight μ of fedprox, sent to clients: they add (μ/2)·‖w − w_global‖² "
      "to the local loss"),
+    ("--trim-beta", float, 0.1,
+     "trimmed-mean: share of updates dropped at each end of every coordinate, in "
+     "[0, 0.5); at least one each end when > 0"),
+    ("--krum-f", int, 1,
+     "multi-krum: Byzantine sites assumed, f; rounds need more than 2f + 2 updates"),
+    ("--krum-m", int, 0,
+     "multi-krum: updates of lowest Krum score averaged, m (1 = Krum); 0 = n − f"),
+    ("--clip-norm", float, 10.0,
+     "norm-bounded: L2 norm M each delta is clipped to by the server (10 suits the tiny "
+     "MAE's updates of norm 4-9; see update_norm in rounds.jsonl)"),
 )  # fmt: skip
 
 STRATEGY_HELP = (
     "aggregation rule by name; choices: fedavg (the sample-weighted mean of the clipped "
     "updates), fedavgm (with server momentum), fedadagrad, fedadam, fedyogi (adaptive "
     "server optimizers, Reddi et al. 2021; their state is saved with each version), "
-    "fedprox (fedavg plus a proximal term in local training, Li et al. 2020); "
+    "fedprox (fedavg plus a proximal term in local training, Li et al. 2020); robust: "
+    "median, trimmed-mean (coordinate-wise, Yin et al. 2018), multi-krum (Blanchard et "
+    "al. 2017), norm-bounded (fedavg, the server clipping each delta to an L2 norm, Sun et "
+    "al. 2019); docs/privacy.md; "
     "default %(default)s"
 )
 

@@ -187,4 +187,5 @@ def test_serve_flags_reach_the_server_config(tmp_path):
     assert options == StrategyOptions(server_lr=0.05, beta2=0.999, tau=1e-4, mu=0.5)
     config = ServerConfig(state_dir=tmp_path, strategy=args.strategy, strategy_options=options)
     assert config.strategy_options.server_lr == 0.05
-    assert set(STRATEGIES) == {"fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedprox"}
+    assert set(STRATEGIES) == {"fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedprox",
+                               "median", "trimmed-mean", "multi-krum", "norm-bounded"}  # fmt: skip
