@@ -71,6 +71,17 @@ def test_each_target_is_met_or_missed_as_its_figures_say(
         assert (tmp_path / plot).stat().st_size > 1000
 
 
+def test_the_iid_verdict_is_on_the_client_processes_when_they_ran(tmp_path):
+    results = _results(0.40, 0.43, 0.81)  # the simulated sites: 1.333, missed
+    results["fed-iid3-agents"] = _run("fed", 0.31, rounds=5, fraction=1.0, agents=True)
+    results["probe-fed-iid3-agents"] = {"settings": {"kind": "probe"}, "test_accuracy": 0.815}
+    write_report(results, QUICK, tmp_path / "ML.md")
+    text = (tmp_path / "ML.md").read_text()
+    assert _targets(text)[0] == "met"
+    assert "fedmae client processes IID (AdamW kept): ratio 1.033" in text
+    assert "| 1.333 |" in text  # the simulated sites' row is still shown
+
+
 def test_a_start_that_differs_between_runs_is_reported(tmp_path):
     results = _results(0.31, 0.43, 0.81)
     results["fed-many"]["initial_eval"] = 2.5
