@@ -1,0 +1,117 @@
+"""Central DP in a running aggregator over mTLS (``--dp central``): the published model
+is the noiseless fixed-denominator mean plus Gaussian noise of the configured standard
+deviation, an oversized delta is clipped to C by the server, ε per round in the round
+log is the ledger's, the run stops when its budget is spent, and the ledger survives a
+restart. The noise seed is the test hook (``PrivacyConfig.noise_seed``)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from federation_harness import (
+    TIMEOUT,
+    Federations,
+    drive_rounds,
+    fetch_flat,
+    make_server,
+    random_delta,
+)
+
+from aggregator_service.private_rounds import BUDGET_SPENT, PrivacyConfig
+from fedmae.privacy.accountant import PoissonSampling, PrivacyLedger
+from fedmae.privacy.mechanisms import add_gaussian_noise_, noise_generator
+from fedmae.transport.transfer import submit_update
+
+NAMES = ["a", "b", "c", "d", "evil"]
+
+
+def _norm(t: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64))
+
+
+def test_published_model_is_the_clipped_mean_plus_noise_of_the_configured_std(tmp_path):
+    clip, sigma, seed = 20.0, 0.25, 1234
+    n = len(NAMES)  # q = 1 of N = 5 sites: q·N = 5
+    privacy = PrivacyConfig(clip=clip, noise_multiplier=sigma, sites=n, noise_seed=seed)
+    with Federations(tmp_path, max_requests_per_s=0) as federations:
+        server, clients = federations.start(NAMES, privacy=privacy, max_update_norm=0.0)
+        layout = server.layout
+        for c in clients.values():
+            c.wait_for("task", round=1)
+        theta0 = fetch_flat(clients["a"], layout, 0)
+        # Honest deltas of norm ~11 (< C, left whole); the attacker's is 100x one (> C).
+        deltas = {name: random_delta(layout, seed=i) for i, name in enumerate(NAMES[:-1])}
+        deltas["evil"] = 100 * deltas["a"]
+        for name in NAMES:  # it claims 2^40 samples: under DP every site weighs 1
+            submit_update(clients[name].stub, layout, deltas[name], round_=1, base_version=0,
+                          num_samples=2**40 if name == "evil" else 600,
+                          timeout=TIMEOUT)  # fmt: skip
+        closed = clients["a"].wait_for("round_closed", round=1).round_closed
+        assert closed.success and closed.version == 1
+        published = fetch_flat(clients["a"], layout, 1)
+        record = server.rounds.round_log.read()[0]
+
+    honest = torch.stack([deltas[name] for name in NAMES[:-1]]).sum(dim=0)
+    evil = deltas["evil"] * (clip / _norm(deltas["evil"]))
+    noiseless = theta0 + (honest + evil) / n
+    std = float((published - noiseless).double().std())
+    # σC/(qN) = 1.0; over 1.3 M coordinates the sample std's standard error is 0.06 %.
+    assert std == pytest.approx(sigma * clip / n, rel=0.005), std
+
+    # The noise is the seeded generator's: take it away and the attacker's part is left,
+    # which the server clipped to C, so it moved the model by C/(qN) = 4 at most.
+    noise = torch.zeros(layout.numel)
+    add_gaussian_noise_(noise, sigma * clip, noise_generator(seed))
+    attacker = published - theta0 - noise / n - honest / n
+    assert _norm(attacker) == pytest.approx(clip / n, rel=1e-3)
+    assert _norm(attacker) <= clip / n * (1 + 1e-3)
+
+    assert record["participants"] == sorted(NAMES) and record["num_samples"] == n
+    assert {c["id"]: c["clipped"] for c in record["clients"]}["evil"] is True
+    ledger = PrivacyLedger(sigma, PoissonSampling(1.0), 1e-5, rounds=1)
+    assert record["dp"] == {
+        "mode": "central", "clip": clip, "noise_multiplier": sigma, "q": 1.0,
+        "population": n, "delta": 1e-5, "epsilon": ledger.epsilon(), "rounds": 1,
+        "target_epsilon": None, "accountant": "rdp", "sampling": "poisson",
+    }  # fmt: skip
+
+
+def test_run_stops_when_its_budget_is_spent_and_the_ledger_survives_a_restart(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    names, sigma = ["a", "b", "c"], 2.0
+    sampling = PoissonSampling(1.0)
+    eps = [PrivacyLedger(sigma, sampling, 1e-5, rounds=r).epsilon() for r in range(4)]
+    target = (eps[2] + eps[3]) / 2  # two rounds fit, a third would not
+    privacy = PrivacyConfig(clip=20.0, noise_multiplier=sigma, target_epsilon=target,
+                            sites=3, noise_seed=1)  # fmt: skip
+    with Federations(tmp_path, max_requests_per_s=0) as federations:
+        fed = federations.launch(names, privacy=privacy, rounds=5, max_update_norm=0.0)
+        server, clients = fed.server, fed.clients
+        drive_rounds(clients, server.layout, [1, 2])
+        done = clients["a"].wait_for("run_finished").run_finished
+        assert (done.reason, done.rounds, done.final_version) == (BUDGET_SPENT, 2, 2)
+        wait_until_finished = server.rounds.finished.wait(TIMEOUT)
+        assert wait_until_finished
+        records = server.rounds.round_log.read()
+        status = server.rounds.status()
+        gauge = server.metrics.registry.get_sample_value("fedmae_dp_epsilon")
+    assert f"run finished ({BUDGET_SPENT})" in caplog.text
+
+    published = [r for r in records if r["status"] == "published"]
+    assert [r["round"] for r in published] == [1, 2]  # of the 5 planned
+    spent = [r["dp"]["epsilon"] for r in published]
+    assert spent == [eps[1], eps[2]] and spent[0] < spent[1] <= target
+    assert [r["dp"]["rounds"] for r in published] == [1, 2]
+    assert status["last_record"]["dp"]["epsilon"] == eps[2] and gauge == pytest.approx(eps[2])
+
+    # A restart on the same state directory takes up the ledger saved with version 2.
+    again = make_server(tmp_path / "state", tmp_path / "certs", 3, 5,
+                        server={"privacy": privacy, "max_update_norm": 0.0})  # fmt: skip
+    try:
+        private = again.rounds.private
+        assert private.ledger.rounds == 2 and private.ledger.epsilon() == eps[2]
+        assert private.budget_spent()
+    finally:
+        again.stop(grace=0)
