@@ -159,7 +159,8 @@ class PrivateRounds:
             privacy.clip, ledger.noise_multiplier, rate, privacy.sites
         )
         self.generator = noise_generator(privacy.noise_seed)
-        self._rng = random.SystemRandom()
+        # Who is sampled must be unpredictable: OS entropy (a test may seed a Random).
+        self.rng: random.Random = random.SystemRandom()
 
     @classmethod
     def plan(cls, privacy: PrivacyConfig, fraction: float, rounds: int) -> PrivateRounds:
@@ -209,7 +210,7 @@ class PrivateRounds:
 
     def sample(self, connected: list[str]) -> list[str]:
         """The round's Poisson sample of the connected sites (possibly empty)."""
-        return [c for c in sorted(connected) if self._rng.random() < self.rate]
+        return [c for c in sorted(connected) if self.rng.random() < self.rate]
 
     def clip_(self, delta: torch.Tensor, weighing: Weighing) -> Weighing:
         """Clip ``delta`` in place to C (after the round's own norm bound, if any) and

@@ -7,6 +7,7 @@ restart. The noise seed is the test hook (``PrivacyConfig.noise_seed``)."""
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 import torch
@@ -15,11 +16,16 @@ from federation_harness import (
     Federations,
     drive_rounds,
     fetch_flat,
+    make_identities,
     make_server,
     random_delta,
 )
 
 from aggregator_service.private_rounds import BUDGET_SPENT, PrivacyConfig
+from client_agent.agent import AgentConfig, ClientAgent
+from fedmae.admin_view import dp_line
+from fedmae.ml.fashion_mnist import load_fashion_mnist
+from fedmae.ml.partitions import client_split
 from fedmae.privacy.accountant import PoissonSampling, PrivacyLedger
 from fedmae.privacy.mechanisms import add_gaussian_noise_, noise_generator
 from fedmae.transport.transfer import submit_update
@@ -106,6 +112,12 @@ def test_run_stops_when_its_budget_is_spent_and_the_ledger_survives_a_restart(tm
     assert [r["dp"]["rounds"] for r in published] == [1, 2]
     assert status["last_record"]["dp"]["epsilon"] == eps[2] and gauge == pytest.approx(eps[2])
 
+    from fedmae.cli.report import write_report  # matplotlib: only this test needs it
+
+    summary = write_report(tmp_path / "state", tmp_path / "report").summary.read_text()
+    assert f"- differential privacy: ε = {eps[2]:.3g} of {target:g} at δ = 1e-05 after 2" in summary
+    assert summary.count(f" {eps[1]:.4f} |") == 1 and summary.count(f" {eps[2]:.4f} |") == 1
+
     # A restart on the same state directory takes up the ledger saved with version 2.
     again = make_server(tmp_path / "state", tmp_path / "certs", 3, 5,
                         server={"privacy": privacy, "max_update_norm": 0.0})  # fmt: skip
@@ -115,3 +127,45 @@ def test_run_stops_when_its_budget_is_spent_and_the_ledger_survives_a_restart(tm
         assert private.budget_spent()
     finally:
         again.stop(grace=0)
+
+
+def test_real_agents_clip_their_deltas_to_the_c_the_task_sends(tmp_path):
+    """Three real agents train the tiny MAE (honest round-1 deltas have norms 4-9); with
+    C = 0.5 each clips its own delta before sending: every norm the server measures is C."""
+    certs, ids = make_identities(tmp_path, ["s1", "s2", "s3"])
+    privacy = PrivacyConfig(clip=0.5, noise_multiplier=1.0, sites=3)
+    server = make_server(tmp_path / "state", certs, 3, 1, server={"privacy": privacy})
+    port = server.start()
+    agents = [_agent(port, ids[f"s{i + 1}"], i, 3) for i in range(3)]
+    try:
+        threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+        for thread in threads:
+            thread.start()
+        assert server.wait(timeout=120), "run did not finish"
+    finally:
+        for a in agents:
+            a.stop()
+        server.stop(grace=0)
+    (record,) = server.rounds.round_log.read()
+    assert record["status"] == "published" and record["participants"] == ["s1", "s2", "s3"]
+    assert all(c["update_norm"] == pytest.approx(0.5, rel=1e-5) for c in record["clients"])
+    assert record["dp"]["rounds"] == 1
+
+
+def _agent(port: int, identity, index: int, count: int) -> ClientAgent:
+    data = client_split(load_fashion_mnist(), index, count, seed=0, limit=100 * count)
+    cfg = AgentConfig(
+        server=f"127.0.0.1:{port}", identity=identity, backoff_initial_s=0.2,
+        backoff_max_s=1.0, give_up_after_s=60, overrides={"batch_size": 32},
+    )  # fmt: skip
+    return ClientAgent(cfg, data)
+
+
+def test_status_line_says_epsilon_of_the_budget_and_the_mechanism():
+    dp = {"mode": "central", "clip": 5.0, "noise_multiplier": 1.02, "q": 0.1,
+          "population": 100, "delta": 1e-5, "epsilon": 3.91, "rounds": 40,
+          "target_epsilon": 8.0, "accountant": "rdp", "sampling": "poisson"}  # fmt: skip
+    assert dp_line(dp) == (
+        "ε = 3.91 of 8 at δ = 1e-05 after 40 round(s) (central DP, σ = 1.02, C = 5, q = 0.1, "
+        "N = 100, rdp)"
+    )

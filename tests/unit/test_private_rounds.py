@@ -5,9 +5,11 @@ server's re-clip, and the ledger's way through a checkpoint and back."""
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
+from round_engine_harness import Client, EngineThread, FakeClock, make_engine
 
 from aggregator_service.checkpoint_store import CheckpointStore
 from aggregator_service.private_rounds import (
@@ -134,3 +136,24 @@ def test_no_dp_flags_send_no_clip_to_sites():
 
     args = build_parser().parse_args(["serve", "--state-dir", "s"])
     assert _from_flags(TrainingConfig, args).dp_clip == 0.0
+
+
+def test_an_empty_poisson_sample_fails_the_round_and_spends_nothing(tmp_path):
+    """Three sites connected, q = 0.03: the draw is not topped up to --min-clients, so
+    the round has no one, fails, publishes nothing and costs no ε."""
+    privacy = PrivacyConfig(sites=100, noise_multiplier=1.0)
+    private = PrivateRounds.plan(privacy, 0.03, rounds=1)
+    private.rng = random.Random(0)  # its first three draws are all above 0.03
+    assert all(random.Random(0).random() >= 0.03 for _ in range(3))
+    clock = FakeClock()
+    engine = make_engine(tmp_path, clock, server={"privacy": privacy}, private=private,
+                         min_clients=3, rounds=1, fraction=0.03, max_attempts=1)  # fmt: skip
+    clients = [Client(engine, c) for c in "abc"]
+    loop = EngineThread(engine)
+    clients[0].next_event("round_closed", round=1)
+    loop.join()  # one attempt allowed: the loop ends
+    (record,) = engine.round_log.read()
+    assert record["status"] == "failed" and record["selected"] == []
+    assert record["dp"]["epsilon"] == 0.0 and record["dp"]["rounds"] == 0
+    assert private.ledger.rounds == 0
+    assert not list((tmp_path / "checkpoints").glob("*.privacy.json"))
