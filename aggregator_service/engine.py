@@ -331,7 +331,8 @@ class RoundEngine(ClientCalls):
                 self.subscribers.send(
                     ModelPublished(self.version, state.round, self.model.manifest())
                 )
-            self.subscribers.send(RoundClosed.of(record))
+            closed = RoundClosed.of(record)
+            self.subscribers.send(self.private.for_sites(closed) if self.private else closed)
             self.phase = "waiting"
         self.round_log.echo_record(record.to_json())
         release_free_memory()  # the round's transfer buffers, freed but kept by malloc

@@ -41,6 +41,7 @@ from fedmae.privacy.mechanisms import (
     noise_generator,
     private_mean_,
 )
+from fedmae.rounds import RoundClosed
 
 if TYPE_CHECKING:  # update_bounds imports the config, which imports this module
     from aggregator_service.update_bounds import Weighing
@@ -240,6 +241,13 @@ class PrivateRounds:
     def record(self) -> None:
         """The round's model is published: its cost is spent."""
         self.ledger.record_round()
+
+    def for_sites(self, closed: RoundClosed) -> RoundClosed:
+        """What the sites hear of a closed round under DP: no loss (a mean of the
+        participants' own figures, with no noise on it) and no reason (a failure's names
+        how many took part); the operator's round log keeps both."""
+        reason = "" if closed.success else "the round did not publish (see the round log)"
+        return replace(closed, train_loss=0.0, val_loss=0.0, reason=reason)
 
     def summary(self) -> dict[str, Any]:
         """The ``dp`` object of a round-log line: the mechanism and ε at δ so far."""

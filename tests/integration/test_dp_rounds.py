@@ -56,6 +56,7 @@ def test_published_model_is_the_clipped_mean_plus_noise_of_the_configured_std(tm
                           timeout=TIMEOUT)  # fmt: skip
         closed = clients["a"].wait_for("round_closed", round=1).round_closed
         assert closed.success and closed.version == 1
+        assert (closed.train_loss, closed.val_loss) == (0.0, 0.0)  # no un-noised mean to sites
         published = fetch_flat(clients["a"], layout, 1)
         record = server.rounds.round_log.read()[0]
 

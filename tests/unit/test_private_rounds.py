@@ -150,10 +150,11 @@ def test_an_empty_poisson_sample_fails_the_round_and_spends_nothing(tmp_path):
                          min_clients=3, rounds=1, fraction=0.03, max_attempts=1)  # fmt: skip
     clients = [Client(engine, c) for c in "abc"]
     loop = EngineThread(engine)
-    clients[0].next_event("round_closed", round=1)
+    closed = clients[0].next_event("round_closed", round=1)
+    assert closed.reason == "the round did not publish (see the round log)"  # no counts
     loop.join()  # one attempt allowed: the loop ends
     (record,) = engine.round_log.read()
-    assert record["status"] == "failed" and record["selected"] == []
+    assert record["status"] == "failed" and record["selected"] == [] and record["reason"]
     assert record["dp"]["epsilon"] == 0.0 and record["dp"]["rounds"] == 0
     assert private.ledger.rounds == 0
     assert not list((tmp_path / "checkpoints").glob("*.privacy.json"))
