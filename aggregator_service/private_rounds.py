@@ -26,6 +26,7 @@ meets them, so the engine asks five questions and knows nothing of ε:
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import random
 from dataclasses import dataclass, replace
@@ -46,7 +47,8 @@ from fedmae.rounds import RoundClosed
 if TYPE_CHECKING:  # update_bounds imports the config, which imports this module
     from aggregator_service.update_bounds import Weighing
 
-DP_MODES = ("off", "central", "distributed")
+log = logging.getLogger(__name__)
+
 # The tiny MAE's honest round-1 deltas have L2 norms 4-9 (docs/round-log.md), and
 # later rounds' are smaller. Noise on the mean grows with C while clipping only
 # shortens (never turns) a delta, so C sits at the low end of the honest norms rather
@@ -162,6 +164,7 @@ class PrivateRounds:
         self.generator = noise_generator(privacy.noise_seed)
         # Who is sampled must be unpredictable: OS entropy (a test may seed a Random).
         self.rng: random.Random = random.SystemRandom()
+        self._warned = False  # about more connected sites than the population
 
     @classmethod
     def plan(cls, privacy: PrivacyConfig, fraction: float, rounds: int) -> PrivateRounds:
@@ -201,7 +204,8 @@ class PrivateRounds:
                 f"version {version}'s privacy ledger is for σ = {theirs.noise_multiplier:g}, "
                 f"{theirs.sampling.to_dict()}, δ = {theirs.delta:g}; this run's is σ = "
                 f"{mine.noise_multiplier:g}, {mine.sampling.to_dict()}, δ = {mine.delta:g}: "
-                "resume with the same --dp flags"
+                "resume with the same --dp flags and --fraction (for a calibrated σ, the same "
+                "--rounds too)"
             )
         self.ledger = ledger
 
@@ -211,6 +215,12 @@ class PrivateRounds:
 
     def sample(self, connected: list[str]) -> list[str]:
         """The round's Poisson sample of the connected sites (possibly empty)."""
+        if len(connected) > self.config.sites and not self._warned:
+            self._warned = True  # privacy holds; the mean is no longer unbiased
+            log.warning("%d sites are connected, more than --dp-sites %d: each round's mean "
+                        "is divided by q·N for N = %d and overshoots; restart with the real "
+                        "population", len(connected), self.config.sites,
+                        self.config.sites)  # fmt: skip
         return [c for c in sorted(connected) if self.rng.random() < self.rate]
 
     def clip_(self, delta: torch.Tensor, weighing: Weighing) -> Weighing:
