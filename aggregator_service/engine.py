@@ -106,21 +106,20 @@ class RoundEngine(ClientCalls):
         self._waited_s = 0.0
         self._started_once = False  # start_clients gates the first round only
         self._closed_at = 0.0  # when the last round closed (the clock's monotonic time)
+        # Central DP (--dp central): sampling, the DP step and the ledger, in one place.
+        self.private = private
+        if private is not None:
+            strategy.noised_mean = private.mean_  # a FedAvg: ServerConfig checked it
         self.uploads = Uploads(
             config, layout, strategy, self.bounds, self._cond, clock,
-            current=lambda: self.state, observers=self.observers,
+            current=lambda: self.state, observers=self.observers, private=private,
         )  # fmt: skip
         self.downloads = Downloads(
             config, layout, store, clock, published=self.model.current, sent=self._count_sent
         )
         self.final_fetches = FinalFetches(clock)
         self.completed = False
-        self.finish_reason = "completed"
-        # Central DP (--dp central): sampling, the DP step and the ledger, in one place.
-        self.private = private
-        if private is not None:
-            strategy.noised_mean = private.mean_  # a FedAvg: ServerConfig checked it
-            self.uploads.private = private
+        self.finish_reason = "completed"  # or BUDGET_SPENT (RunFinished's reason)
 
     # The published model's version, checkpoint and flat vector (see ``PublishedModel``).
     @property

@@ -175,6 +175,7 @@ class PrivateRounds:
         sigma = calibrated(privacy, fraction, rounds).noise_multiplier
         assert sigma is not None
         ledger = PrivacyLedger(sigma, sampling, delta, accountant=privacy.accountant)
+        ledger.epsilon_after(1)  # the per-round RDP curve (~0.3 s) now, not under a lock
         if target is not None and not ledger.budget_allows_next_round(target):
             raise ConfigError(
                 f"--dp-target-epsilon {target:g} cannot be met even for one round: σ = "
@@ -207,11 +208,8 @@ class PrivateRounds:
                 "resume with the same --dp flags and --fraction (for a calibrated σ, the same "
                 "--rounds too)"
             )
+        ledger.epsilon()  # its RDP curve now, not under the engine's lock
         self.ledger = ledger
-
-    def training_clip(self) -> float:
-        """C, sent to the sites in each task's training config."""
-        return self.config.clip
 
     def sample(self, connected: list[str]) -> list[str]:
         """The round's Poisson sample of the connected sites (possibly empty)."""

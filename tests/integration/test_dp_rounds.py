@@ -143,6 +143,9 @@ def test_real_agents_clip_their_deltas_to_the_c_the_task_sends(tmp_path):
         for thread in threads:
             thread.start()
         assert server.wait(timeout=120), "run did not finish"
+        for thread in threads:  # each fetches the final model, then its run returns
+            thread.join(timeout=30)
+            assert not thread.is_alive()
     finally:
         for a in agents:
             a.stop()
