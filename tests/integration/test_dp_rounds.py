@@ -130,12 +130,16 @@ def test_run_stops_when_its_budget_is_spent_and_the_ledger_survives_a_restart(tm
         again.stop(grace=0)
 
 
-def test_real_agents_clip_their_deltas_to_the_c_the_task_sends(tmp_path):
+def test_real_agents_clip_their_deltas_to_the_c_the_task_sends(tmp_path, caplog):
     """Three real agents train the tiny MAE (honest round-1 deltas have norms 4-9); with
-    C = 0.5 each clips its own delta before sending: every norm the server measures is C."""
+    C = 0.5 each clips its own delta before sending: every norm the server measures is C.
+    The budget fits one of the two planned rounds: the agents log why the run ended."""
+    caplog.set_level(logging.INFO)
     certs, ids = make_identities(tmp_path, ["s1", "s2", "s3"])
-    privacy = PrivacyConfig(clip=0.5, noise_multiplier=1.0, sites=3)
-    server = make_server(tmp_path / "state", certs, 3, 1, server={"privacy": privacy})
+    one, two = (PrivacyLedger(1.0, PoissonSampling(1.0), 1e-5, rounds=r).epsilon() for r in (1, 2))
+    privacy = PrivacyConfig(clip=0.5, noise_multiplier=1.0, target_epsilon=(one + two) / 2,
+                            sites=3)  # fmt: skip
+    server = make_server(tmp_path / "state", certs, 3, 2, server={"privacy": privacy})
     port = server.start()
     agents = [_agent(port, ids[f"s{i + 1}"], i, 3) for i in range(3)]
     try:
@@ -154,6 +158,8 @@ def test_real_agents_clip_their_deltas_to_the_c_the_task_sends(tmp_path):
     assert record["status"] == "published" and record["participants"] == ["s1", "s2", "s3"]
     assert all(c["update_norm"] == pytest.approx(0.5, rel=1e-5) for c in record["clients"])
     assert record["dp"]["rounds"] == 1
+    for site in ("s1", "s2", "s3"):
+        assert f"{site}: run finished ({BUDGET_SPENT}) at version 1 after 1 rounds" in caplog.text
 
 
 def _agent(port: int, identity, index: int, count: int) -> ClientAgent:
