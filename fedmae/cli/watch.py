@@ -154,6 +154,8 @@ def _watch_live(args: argparse.Namespace, records: queue.Queue) -> int:
             if not finished:
                 time.sleep(1.0)
     print(f"\nrun finished: {sum(r['status'] == 'published' for r in rows)} rounds published")
+    if rows and (dp := rows[-1].get("dp")):  # under --dp: what the run spent
+        print(f"privacy: {dp_line(dp)}")
     return 0
 
 
