@@ -1,9 +1,10 @@
 """The round engine: select, open, fold, close. Plain Python, no network.
 
-One round: wait for ``min_clients`` subscribers, select (seeded), run the round's
-phases (``round_state.ROUND_PHASES``; today TRAIN), close when every phase is done or at
-the deadline, publish a new version (``published_model``) if at least ``min_updates``
-(and ``min_participants``) were accepted, else retry the round.
+One round: wait for ``min_clients`` subscribers, select (seeded; under ``--dp
+central`` a Poisson sample, ``private_rounds``, which also clips, noises and accounts),
+run the round's phases (``round_state.ROUND_PHASES``; today TRAIN), close when every
+phase is done or at the deadline, publish a new version (``published_model``) if at
+least ``min_updates`` (and ``min_participants``) were accepted, else retry the round.
 ``docs/architecture.md`` walks through it.
 
 The servicers in ``aggregator_service.rpc`` translate the wire to calls on this object
