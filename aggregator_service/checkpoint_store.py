@@ -9,7 +9,9 @@ A rule with state (a server optimizer's moments, ``Strategy.state``) has it save
 beside the version as ``v000042.opt.safetensors`` (float32 tensors, the rule's name and
 step count in the metadata), renamed into place before the model file: a version on
 disk always has the state it was made with, and the model file stays the plain payload
-that downloads stream.
+that downloads stream. Under ``--dp central`` the privacy ledger with that version's
+round recorded is saved the same way as ``v000042.privacy.json``
+(``aggregator_service.private_rounds``): a restart resumes the rounds spent.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ class CheckpointStore:
     def state_path(self, version: int) -> Path:
         return self.dir / f"v{version:06d}.opt.safetensors"
 
+    def ledger_path(self, version: int) -> Path:
+        return self.dir / f"v{version:06d}.privacy.json"
+
     def versions(self) -> list[int]:
         found = (_NAME.match(p.name) for p in self.dir.iterdir())
         return sorted(int(m.group(1)) for m in found if m)
@@ -74,9 +79,11 @@ class CheckpointStore:
         layout: ModelLayout,
         flat: torch.Tensor,
         state: StrategyState | None = None,
+        ledger: str | None = None,
     ) -> Checkpoint:
         """Write version atomically: temp file, fsync, rename, fsync the directory.
-        ``state`` (the rule's, if it keeps one) is written, the same way, just before."""
+        ``state`` (the rule's, if it keeps one) and ``ledger`` (the privacy ledger's
+        JSON, under DP) are written, the same way, just before."""
         digest = payload_digest(flat.detach().contiguous().numpy())
         meta = {
             "format": "fedmae-checkpoint/1",
@@ -93,6 +100,8 @@ class CheckpointStore:
         _fsync(tmp)
         if state is not None:
             self._save_state(version, state)
+        if ledger is not None:
+            self._save_ledger(version, ledger)
         if round_ > 0:
             crash_point("checkpoint")  # a round's model written, not yet published
         os.replace(tmp, final)
@@ -109,6 +118,7 @@ class CheckpointStore:
             if v <= newest - self.keep:
                 self.path(v).unlink(missing_ok=True)
                 self.state_path(v).unlink(missing_ok=True)
+                self.ledger_path(v).unlink(missing_ok=True)
 
     def _save_state(self, version: int, state: StrategyState) -> None:
         """The rule's state of ``version``, renamed into place (the caller fsyncs the
@@ -127,6 +137,19 @@ class CheckpointStore:
         save_file(arrays, str(tmp), metadata=meta)
         _fsync(tmp)
         os.replace(tmp, final)
+
+    def _save_ledger(self, version: int, ledger: str) -> None:
+        """The privacy ledger of ``version``, renamed into place (as ``_save_state``)."""
+        final = self.ledger_path(version)
+        tmp = final.with_name(final.name + ".tmp")
+        tmp.write_text(ledger)
+        _fsync(tmp)
+        os.replace(tmp, final)
+
+    def load_ledger(self, version: int) -> str | None:
+        """The privacy ledger's JSON saved with ``version``; ``None`` if none was."""
+        path = self.ledger_path(version)
+        return path.read_text() if path.exists() else None
 
     def load_state(self, version: int) -> StrategyState | None:
         """The rule's state saved with ``version``; ``None`` if none was (a

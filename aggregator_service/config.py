@@ -6,8 +6,10 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aggregator_service.private_rounds import PrivacyConfig, check_central
 from aggregator_service.strategies import (
     DEFAULT_STRATEGY,
+    FedAvg,
     Strategy,
     StrategyOptions,
     strategy_class,
@@ -193,6 +195,8 @@ class ServerConfig:
     enroll_rate: float = 5.0  # enrollment calls per second per peer address (burst 2x)
     # Secure aggregation (None = off: the server sees each update, clipped and weighted).
     secure: SecureAggregation | None = None
+    # Central differential privacy (None = --dp off; aggregator_service/private_rounds.py).
+    privacy: PrivacyConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("final_grace_s", "max_downloads_per_client", "download_idle_s",
@@ -217,6 +221,12 @@ class ServerConfig:
             plan_ring(self.secure.max_sites, self.weight_cap, self.secure.clip,
                       self.secure.ring_bits)  # fmt: skip
         self._check_round_size(rule)
+        if self.privacy is not None:
+            check_central(
+                self.privacy, self.policy.fraction, self.policy.rounds, self.strategy,
+                sums=issubclass(rule, FedAvg) and not rule.needs_all_updates,
+                secure=self.secure is not None,
+            )  # fmt: skip
         if self.insecure and not is_loopback(self.listen):
             raise ConfigError(
                 f"--insecure serves plaintext without authentication: it may only listen on a "

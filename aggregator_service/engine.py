@@ -1,9 +1,10 @@
 """The round engine: select, open, fold, close. Plain Python, no network.
 
-One round: wait for ``min_clients`` subscribers, select (seeded), run the round's
-phases (``round_state.ROUND_PHASES``; today TRAIN), close when every phase is done or at
-the deadline, publish a new version (``published_model``) if at least ``min_updates``
-(and ``min_participants``) were accepted, else retry the round.
+One round: wait for ``min_clients`` subscribers, select (seeded; under ``--dp
+central`` a Poisson sample, ``private_rounds``, which also clips, noises and accounts),
+run the round's phases (``round_state.ROUND_PHASES``; today TRAIN), close when every
+phase is done or at the deadline, publish a new version (``published_model``) if at
+least ``min_updates`` (and ``min_participants``) were accepted, else retry the round.
 ``docs/architecture.md`` walks through it.
 
 The servicers in ``aggregator_service.rpc`` translate the wire to calls on this object
@@ -20,6 +21,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -28,6 +30,7 @@ from aggregator_service.client_calls import ClientCalls
 from aggregator_service.clock import SYSTEM_CLOCK, Clock
 from aggregator_service.config import ServerConfig
 from aggregator_service.downloads import Downloads, FinalFetches
+from aggregator_service.private_rounds import BUDGET_SPENT, PrivateRounds
 from aggregator_service.published_model import PublishedModel
 from aggregator_service.records import RoundRecord, recover
 from aggregator_service.round_log import RoundLog
@@ -71,6 +74,7 @@ class RoundEngine(ClientCalls):
         clock: Clock = SYSTEM_CLOCK,
         phases: tuple[RoundPhase, ...] | None = None,
         keys_check: CertificateCheck | None = None,
+        private: PrivateRounds | None = None,
     ):
         self.config = config
         self.policy = config.policy
@@ -103,15 +107,20 @@ class RoundEngine(ClientCalls):
         self._waited_s = 0.0
         self._started_once = False  # start_clients gates the first round only
         self._closed_at = 0.0  # when the last round closed (the clock's monotonic time)
+        # Central DP (--dp central): sampling, the DP step and the ledger, in one place.
+        self.private = private
+        if private is not None:
+            strategy.noised_mean = private.mean_  # a FedAvg: ServerConfig checked it
         self.uploads = Uploads(
             config, layout, strategy, self.bounds, self._cond, clock,
-            current=lambda: self.state, observers=self.observers,
+            current=lambda: self.state, observers=self.observers, private=private,
         )  # fmt: skip
         self.downloads = Downloads(
             config, layout, store, clock, published=self.model.current, sent=self._count_sent
         )
         self.final_fetches = FinalFetches(clock)
         self.completed = False
+        self.finish_reason = "completed"  # or BUDGET_SPENT (RunFinished's reason)
 
     # The published model's version, checkpoint and flat vector (see ``PublishedModel``).
     @property
@@ -143,6 +152,12 @@ class RoundEngine(ClientCalls):
             while not stop.is_set():
                 if completed := self._run_done():
                     break
+                if self.private is not None and self.private.budget_spent():
+                    completed, self.finish_reason = True, BUDGET_SPENT
+                    log.warning("%s: round %d would take ε above --dp-target-epsilon %g; "
+                                "the run ends", BUDGET_SPENT, self.next_round,
+                                self.private.config.target_epsilon)  # fmt: skip
+                    break
                 if not self._wait_for_clients():
                     break
                 if self._run_round(attempt):
@@ -166,8 +181,9 @@ class RoundEngine(ClientCalls):
                 self._cond.notify_all()
             for observer in self.observers:
                 observer.run_ended(completed)
-            log.info("run finished: round %d published version %d" if completed else
-                     "round loop stopped after round %d at version %d", self.next_round - 1,
+            log.info("run finished (%s): round %d published version %d" if completed else
+                     "round loop stopped after round %d at version %d",
+                     *((self.finish_reason,) if completed else ()), self.next_round - 1,
                      self.version)  # fmt: skip
 
     def stop(self) -> None:
@@ -218,10 +234,13 @@ class RoundEngine(ClientCalls):
         norm_bound = self.bounds.round_bound(round_, lambda: self.model.flat)
         self.model.release()
         with self._cond:
-            selected = self.strategy.configure_round(
-                round_, attempt, sorted(self.subscribers.ids()), self.policy.fraction,
-                self.policy.min_clients, self.policy.seed,
-            )  # fmt: skip
+            if self.private is not None:  # Poisson, as accounted: never topped up
+                selected = self.private.sample(sorted(self.subscribers.ids()))
+            else:
+                selected = self.strategy.configure_round(
+                    round_, attempt, sorted(self.subscribers.ids()), self.policy.fraction,
+                    self.policy.min_clients, self.policy.seed,
+                )  # fmt: skip
             if self.config.secure is not None:  # the ring is planned for this many at most
                 selected = selected[: self.config.secure.max_sites]
             self.state = state = RoundState.opened(
@@ -284,19 +303,22 @@ class RoundEngine(ClientCalls):
         if success:  # outside the engine's lock: full-model passes and an fsync
             next_version = self.model.prepare(
                 state.round, self.uploads.aggregate, self.strategy.evaluate, timings,
-                self.strategy.state,
+                self.strategy.state, self.private.next_ledger() if self.private else None,
             )  # fmt: skip
         self.uploads.end_round()
         with self._cond:
             if next_version is not None:
                 self.model.publish(next_version)
                 self.next_round = state.round + 1
+                if self.private is not None:
+                    self.private.record()  # its ledger is on disk with the checkpoint
             record = RoundRecord.closed(
                 state, status=status, version=self.version, connected=self.subscribers.ids(),
                 strategy=self.strategy.name, encoding=encoding_name(state.encoding),
                 weight_cap=self.bounds.cap, phases=timings, now=self.clock.monotonic(),
                 wall_time=self.clock.time(), reason=reason,
                 eval_loss=next_version.eval_loss if next_version else None,
+                dp=self.private.summary() if self.private else None,
             )  # fmt: skip
             self.last_record, self._closed_at = record, self.clock.monotonic()
             if success:
@@ -309,7 +331,8 @@ class RoundEngine(ClientCalls):
                 self.subscribers.send(
                     ModelPublished(self.version, state.round, self.model.manifest())
                 )
-            self.subscribers.send(RoundClosed.of(record))
+            closed = RoundClosed.of(record)
+            self.subscribers.send(self.private.for_sites(closed) if self.private else closed)
             self.phase = "waiting"
         self.round_log.echo_record(record.to_json())
         release_free_memory()  # the round's transfer buffers, freed but kept by malloc
@@ -336,6 +359,8 @@ class RoundEngine(ClientCalls):
         phase = state.phase
         data = phase.task_data(state, client_id) if phase and phase.task_data else None
         training = self.strategy.training_config(self.config.training)  # FedProx: its μ
+        if self.private is not None:  # sites clip to C too (the server re-clips)
+            training = replace(training, dp_clip=self.private.config.clip)
         return RoundTask.of(state, training, wall_deadline, secagg=self.secagg, phase_data=data)
 
     def _run_done(self) -> bool:
@@ -343,7 +368,7 @@ class RoundEngine(ClientCalls):
         return bool(self.policy.rounds) and self.next_round > self.policy.rounds
 
     def _run_finished(self) -> RunFinished:
-        return RunFinished(self.version, self.next_round - 1, "completed",
+        return RunFinished(self.version, self.next_round - 1, self.finish_reason,
                            self.config.training.model)  # fmt: skip
 
     def _count_sent(self, nbytes: int) -> None:

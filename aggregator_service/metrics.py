@@ -60,6 +60,11 @@ class Metrics(RoundObserver):
         Gauge("fedmae_round", "The open (or next) round", registry=r).set_function(
             lambda: rounds.status()["round"]
         )
+        if (private := rounds.private) is not None:  # with --dp off there is no ε to show
+            Gauge("fedmae_dp_epsilon", "Central DP: ε at the run's δ spent by the rounds "
+                  "published so far (privacy ledger)", registry=r).set_function(
+                lambda: private.ledger.epsilon()
+            )  # fmt: skip
         self._server = None
 
     def update_accepted(self, client_id: str, nbytes: int) -> None:

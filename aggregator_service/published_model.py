@@ -104,16 +104,18 @@ class PublishedModel:
         evaluate: Callable[[ModelLayout, torch.Tensor], float | None],
         timings: dict[str, float],
         rule_state: Callable[[], StrategyState | None] = lambda: None,
+        ledger: str | None = None,
     ) -> NextVersion:
         """Aggregate onto this version, save the result as the next one with the rule's
-        state after that aggregation (``rule_state``), evaluate it; each step's seconds
-        go into ``timings``."""
+        state after that aggregation (``rule_state``) and the privacy ledger with this
+        round recorded (``ledger``, under DP), evaluate it; each step's seconds go into
+        ``timings``."""
         t0 = self.clock.monotonic()
         model = aggregate(self.flat)
         timings["aggregation_s"] = self._since(t0)
         t0 = self.clock.monotonic()
         checkpoint = self.store.save(
-            self.version + 1, round_, self.model_name, self.layout, model, rule_state()
+            self.version + 1, round_, self.model_name, self.layout, model, rule_state(), ledger
         )
         timings["checkpoint_s"] = self._since(t0)
         t0 = self.clock.monotonic()

@@ -75,6 +75,9 @@ class RoundRecord:
     # A secure round (written only then): its parameters and counts, nothing per site.
     secure_aggregation: bool = False
     secagg: dict[str, Any] | None = None
+    # Central DP (written only then): the mechanism and ε at δ after the rounds
+    # published so far (aggregator_service/private_rounds.py ``summary``).
+    dp: dict[str, Any] | None = None
     # Keys of an older (or newer) log line that this schema does not know, kept as read.
     other: dict[str, Any] = field(default_factory=dict)
 
@@ -112,6 +115,8 @@ class RoundRecord:
         if self.secure_aggregation:
             out["secure_aggregation"] = True
             out["secagg"] = dict(self.secagg or {})
+        if self.dp is not None:
+            out["dp"] = dict(self.dp)
         out.update(self.other)
         return out
 
@@ -140,6 +145,7 @@ class RoundRecord:
         wall_time: float,
         eval_loss: float | None = None,
         reason: str = "",
+        dp: dict[str, Any] | None = None,
     ) -> RoundRecord:
         """The record of a round the engine just closed."""
         results = sorted(state.accepted.values(), key=lambda r: r.client_id)
@@ -203,6 +209,7 @@ class RoundRecord:
             deadline_extended_s=state.training.extended_s if state.training else 0.0,
             secure_aggregation=secure is not None,
             secagg=secure.summary() if secure else None,
+            dp=dp,
         )
 
     @classmethod
@@ -220,7 +227,7 @@ class RoundRecord:
 
 # Written after "time", when set.
 _OPTIONAL = ("recovered", "reason", "deadline_extended_s", "secure_aggregation", "secagg",
-             "other")  # fmt: skip
+             "dp", "other")  # fmt: skip
 
 
 def _client(entry: dict[str, Any]) -> ClientRecord | dict[str, Any]:

@@ -18,6 +18,7 @@ import torch
 
 from aggregator_service.clock import Clock
 from aggregator_service.config import ServerConfig
+from aggregator_service.private_rounds import PrivateRounds
 from aggregator_service.round_state import ClientResult, RoundState
 from aggregator_service.strategies import Strategy
 from aggregator_service.subscriptions import RoundObserver
@@ -83,8 +84,10 @@ class Uploads:
         clock: Clock,
         current: Callable[[], RoundState | None],
         observers: list[RoundObserver],
+        private: PrivateRounds | None = None,
     ):
         self.config = config
+        self.private = private  # central DP: each delta re-clipped to C, weighed 1
         self.layout = layout
         self.strategy = strategy
         self.bounds = bounds
@@ -211,6 +214,9 @@ class Uploads:
         weighing = self.bounds.weigh(
             int(session.header.num_samples), session.decoder.norm, session.state.norm_bound
         )
+        fold_scale = weighing.scale
+        if self.private is not None:  # the DP step on each update: clipped here, in place
+            weighing, fold_scale = self.private.clip_(delta, weighing), 1.0
         client, state = session.client_id, session.state
         with self._cond:
             session.done = True
@@ -236,9 +242,9 @@ class Uploads:
         try:
             with self.fold_lock:
                 if self.store is not None:  # a needs-all rule reads them at the close
-                    self.store.append(delta, weighing.weight, weighing.scale)
+                    self.store.append(delta, weighing.weight, fold_scale)
                 else:
-                    self.strategy.accumulate(delta, weighing.weight, weighing.scale)
+                    self.strategy.accumulate(delta, weighing.weight, fold_scale)
             folded = True
         finally:
             del delta
@@ -266,7 +272,7 @@ class Uploads:
         log.info("round %d: accepted update from %s (%d samples, %d bytes, %d/%d)",
                  state.round, client, weighing.weight, session.bytes, accepted,
                  len(state.selected))  # fmt: skip
-        if weighing.capped:
+        if weighing.capped and self.private is None:  # under DP every site weighs 1
             log.warning(
                 "round %d: %s claims %d samples, more than the cap of %d: weighted as %d",
                 state.round, client, weighing.claimed, self.bounds.cap, weighing.weight,
@@ -275,7 +281,7 @@ class Uploads:
             log.warning(
                 "round %d: update from %s has L2 norm %.4g, over the bound %.4g: "
                 "clipped (scaled by %.3g)", state.round, client, weighing.norm,
-                state.norm_bound, weighing.scale,
+                self.private.config.clip if self.private else state.norm_bound, weighing.scale,
             )  # fmt: skip
         for observer in self.observers:
             observer.update_accepted(client, session.bytes)

@@ -203,8 +203,9 @@ class SiteSession:
                     log.info("%s: round %d failed: %s", self.client_id, body.round, body.reason)
             elif isinstance(body, RunFinished):
                 log.info(
-                    "%s: run finished at version %d after %d rounds; %d trained here",
+                    "%s: run finished (%s) at version %d after %d rounds; %d trained here",
                     self.client_id,
+                    body.reason,
                     body.final_version,
                     body.rounds,
                     self.rounds_done,

@@ -28,6 +28,7 @@ from fedmae.ml.partitions import ClientData
 from fedmae.ml.training import TrainResult, evaluate, make_optimizer, train_local
 from fedmae.payload.buffers import BufferPool
 from fedmae.payload.layout import ModelLayout
+from fedmae.privacy.mechanisms import clip_to_norm
 from fedmae.rounds import RoundTask
 from fedmae.transport.federation_client import FederationClient
 
@@ -140,6 +141,8 @@ class Trainer:
         )
         val_loss = evaluate(self.model, val_images, cfg.mask_ratio)
         delta = self.layout.flatten(trainable_state(self.model)).sub_(global_flat)
+        if cfg.dp_clip > 0:  # DP-FedAvg's clip at the site (the server clips again)
+            clip_to_norm(delta, cfg.dp_clip)
         if not self.keep_optimizer:
             self.optimizer = None  # AdamW's moments are two model sizes: not kept idle
         return Trained(cfg, result, val_loss, delta, self.layout)

@@ -117,3 +117,13 @@ class RunStatus:
     deadline_in_s: float
     last_record: dict[str, Any] | None  # the latest closed round, round-log schema
     progress: dict[str, SiteProgress] = field(default_factory=dict)  # training sites' reports
+
+
+def dp_line(dp: dict) -> str:
+    """A round-log ``dp`` object in words: ε spent, of what budget, by what mechanism."""
+    budget = f" of {dp['target_epsilon']:g}" if dp.get("target_epsilon") else ""
+    return (
+        f"ε = {dp['epsilon']:.3g}{budget} at δ = {dp['delta']:g} after {dp['rounds']} "
+        f"round(s) ({dp['mode']} DP, σ = {dp['noise_multiplier']:.3g}, C = {dp['clip']:g}, "
+        f"q = {dp['q']:g}, N = {dp['population']}, {dp['accountant']})"
+    )

@@ -56,6 +56,8 @@ class TrainingConfig:
     max_samples: int = 0  # 0 = every local sample
     # FedProx (Li et al. 2020): add (μ/2)·‖w − w_global‖² to the local loss; 0 = off.
     proximal_mu: float = 0.0
+    # Central DP (--dp central): the site clips its delta to this L2 norm C; 0 = off.
+    dp_clip: float = 0.0
 
     def __post_init__(self) -> None:
         encoding_from_name(self.update_encoding)  # fail early on a typo
@@ -67,6 +69,8 @@ class TrainingConfig:
             raise ValueError("learning_rate must be positive")
         if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
             raise ValueError("proximal_mu must be a finite number >= 0")
+        if not (math.isfinite(self.dp_clip) and self.dp_clip >= 0):
+            raise ValueError("dp_clip must be a finite number >= 0 (0 = off)")
 
     @property
     def encoding(self) -> Encoding:

@@ -18,6 +18,7 @@ import torch
 from aggregator_service.checkpoint_store import CheckpointStore
 from aggregator_service.config import RoundPolicy, ServerConfig
 from aggregator_service.engine import RoundEngine
+from aggregator_service.private_rounds import PrivateRounds
 from aggregator_service.round_log import RoundLog
 from aggregator_service.strategies import FedAvg, Strategy
 from fedmae.config import TrainingConfig
@@ -94,6 +95,7 @@ def make_engine(
     strategy: Strategy | None = None,
     server: dict | None = None,
     keys_check: CertificateCheck | None = None,
+    private: PrivateRounds | None = None,
     **policy: object,
 ) -> RoundEngine:
     """An engine over a fresh (or existing) state directory; version 0 is the seeded model
@@ -114,7 +116,7 @@ def make_engine(
     round_log = RoundLog(state_dir / "rounds.jsonl")
     return RoundEngine(
         config, layout, flat, checkpoint, store, strategy or FedAvg(), round_log, clock=clock,
-        keys_check=keys_check,
+        keys_check=keys_check, private=private,
     )  # fmt: skip
 
 

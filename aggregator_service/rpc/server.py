@@ -20,6 +20,7 @@ from aggregator_service.config import SAFE_MIN_PARTICIPANTS, ServerConfig
 from aggregator_service.engine import RoundEngine
 from aggregator_service.global_eval import GlobalEvaluator
 from aggregator_service.metrics import Metrics
+from aggregator_service.private_rounds import PrivateRounds
 from aggregator_service.published_model import resume_state
 from aggregator_service.registry import Registry
 from aggregator_service.round_feed import RoundFeed
@@ -97,6 +98,13 @@ class AggregatorServer:
     ):
         self.config = config
         self.interceptors = list(interceptors)  # outermost first, on the mTLS port
+        # Central DP's σ (calibrated: a second or so) before anything is made, so an
+        # unmeetable target exits 2 leaving no state directory behind.
+        private = None
+        if config.privacy is not None:
+            private = PrivateRounds.plan(
+                config.privacy, config.policy.fraction, config.policy.rounds
+            )
         private_dir(config.state_dir)
         self.store = CheckpointStore(config.state_dir / "checkpoints", keep=config.keep_checkpoints)
         state = initial_state(config.training.model, seed=config.model_seed)
@@ -130,6 +138,12 @@ class AggregatorServer:
                 config.strategy, evaluator=evaluator, options=config.strategy_options
             )
         resume_state(self.store, strategy, checkpoint.version)
+        if private is not None:
+            private.resume(self.store.load_ledger(checkpoint.version), checkpoint.version)
+            log.info("central DP: σ = %.4g, C = %g, q = %g, N = %d; ε = %.4g at δ = %g after "
+                     "%d round(s)", private.ledger.noise_multiplier, private.config.clip,
+                     private.rate, private.config.sites, private.ledger.epsilon(),
+                     private.ledger.delta, private.ledger.rounds)  # fmt: skip
         self.rounds = RoundEngine(
             config,
             self.layout,
@@ -142,6 +156,7 @@ class AggregatorServer:
             keys_check=CertificateCheck(ServerCerts(config.certs).root_pem())
             if config.secure is not None
             else None,
+            private=private,
         )
         self.registry = Registry(config.state_dir / "fedmae.db")
         self.feed = RoundFeed(self.registry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,6 +27,9 @@ class FedAvg(Strategy):
         super().__init__(evaluator, options)
         self._acc: torch.Tensor | None = None
         self._total = 0
+        # Central DP (aggregator_service/private_rounds.py) replaces Σ/Σwᵢ with its noised
+        # fixed-denominator estimate; the server optimizers step on it unchanged.
+        self.noised_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def begin_round(self, numel: int) -> None:
         if self._acc is None or self._acc.numel() != numel:
@@ -47,6 +51,9 @@ class FedAvg(Strategy):
         return self.mean_delta().add_(global_flat)
 
     def mean_delta(self) -> torch.Tensor:
-        """Δ = Σ wᵢsᵢΔᵢ / Σ wᵢ, computed in the accumulator (which it returns)."""
+        """Δ = Σ wᵢsᵢΔᵢ / Σ wᵢ (under central DP: the noised Σ / q·N), computed in the
+        accumulator (which it returns)."""
         assert self._acc is not None and self._total > 0, "no updates to aggregate"
+        if self.noised_mean is not None:
+            return self.noised_mean(self._acc)
         return self._acc.mul_(1.0 / self._total)

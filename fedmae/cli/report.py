@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from aggregator_service.checkpoint_store import CheckpointStore  # noqa: E402
+from fedmae.admin_view import dp_line  # noqa: E402
 from fedmae.cli.checkpoints import load_checkpoint  # noqa: E402
 from fedmae.errors import ConfigError  # noqa: E402
 from fedmae.ml.loaders import load_dataset  # noqa: E402
@@ -66,7 +67,13 @@ def plot_losses(records: list[dict], out: Path) -> Path:
     ax.set_ylabel("masked-patch MSE")
     ax.set_title("Loss per round")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
+    spent = [(r["round"], r["dp"]["epsilon"]) for r in pub if r.get("dp")]
+    if spent:  # under --dp only: the privacy ledger's ε after each round, on its own axis
+        eps = ax.twinx()
+        eps.plot(*zip(*spent, strict=True), "k--", marker=".", label="ε spent (privacy ledger)")
+        eps.set_ylabel(f"ε at δ = {pub[-1]['dp']['delta']:g}")
+        eps.legend(loc="upper right")
     return _save(fig, out / "loss.png")
 
 
@@ -202,6 +209,8 @@ def write_report(
             f"{sum(r['bytes_out'] for r in records) / 1e6:.1f} MB of models out",
             f"- total round time: {sum(r['duration_s'] for r in records):.1f} s",
         ]
+        if last.get("dp"):  # never an ε for a run without DP
+            lines.append(f"- differential privacy: {dp_line(last['dp'])}")
     probed = None
     if probe is not None:
         probe_version, probed = probe_latest(state_dir, probe, probe_data)
@@ -210,13 +219,16 @@ def write_report(
             f"features, {probed.train_images} train / {probed.test_images} test images): "
             f"test accuracy {probed.test_accuracy:.4f}"
         )
-    lines += ["", "| round | status | version | clients | samples | train | val | eval | s |",
-              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    private = any(r.get("dp") for r in records)  # an ε column only under --dp
+    lines += ["", "| round | status | version | clients | samples | train | val | eval | s |"
+              + (" ε |" if private else ""),
+              "|---|---|---|---|---|---|---|---|---|" + ("---|" if private else "")]  # fmt: skip
     for r in records:
         lines.append(
             f"| {_label(r)} | {r['status']} | {r['version']} | {len(r['participants'])} | "
             f"{r['num_samples']} | {_num(r['train_loss'])} | {_num(r['val_loss'])} | "
             f"{_num(r.get('eval_loss'))} | {r['duration_s']:.1f} |"
+            + (f" {_num((r.get('dp') or {}).get('epsilon'))} |" if private else "")
         )
     lines.append("")
     for img in images:

@@ -28,6 +28,7 @@ FLAG_OF_FIELD = {
     "final_grace_s": "final_grace",
     "max_connection_age_s": "max_connection_age",
     "max_connection_age_grace_s": "max_connection_age_grace",
+    "dp_clip": "-",  # no flag: the engine sends --dp-clip with each task under --dp central
 }
 
 
@@ -154,6 +155,46 @@ SECAGG_FLAGS: tuple[tuple[str, Any, Any, str], ...] = (
 )  # fmt: skip
 
 
+# Central differential privacy (docs/privacy.md, "Differential privacy: --dp central").
+DP_FLAGS: tuple[tuple[str, Any, Any, str], ...] = (
+    ("--dp-clip", float, 5.0,
+     "L2 norm C each site's delta is clipped to, by the site and again by the server; 5 "
+     "is the low end of the tiny MAE's honest update norms (4-9): noise grows with C"),
+    ("--dp-noise-multiplier", float, None,
+     "σ: the noise on each round's sum has standard deviation σ·C (default: calibrated "
+     "from --dp-target-epsilon for the planned --rounds)"),
+    ("--dp-target-epsilon", float, None,
+     "ε the run may spend at δ: calibrates σ when --dp-noise-multiplier is not given, and "
+     "the run ends ('privacy budget spent') before a round that would exceed it (default: "
+     "no target)"),
+    ("--dp-delta", float, None,
+     "δ of the (ε, δ) guarantee (default min(1e-5, N^-1.1), well below 1/N for N = "
+     "--dp-sites)"),
+    ("--dp-sites", int, 0,
+     "N, the population of enrolled sites, fixed for the run: each is in a round with "
+     "probability --fraction, and the mean is divided by --fraction x N; required with "
+     "--dp central"),
+)  # fmt: skip
+
+
+def _privacy(args: argparse.Namespace):
+    """Central DP's settings from the flags; None with --dp off."""
+    from aggregator_service.private_rounds import PrivacyConfig
+    from fedmae.errors import ConfigError
+
+    if args.dp == "off":
+        return None
+    if args.dp == "distributed":
+        raise ConfigError(
+            "--dp distributed (noise added by the sites before secure aggregation's masking) "
+            "is not available yet: use --dp central, without --secure-aggregation"
+        )
+    return PrivacyConfig(
+        clip=args.dp_clip, noise_multiplier=args.dp_noise_multiplier,
+        target_epsilon=args.dp_target_epsilon, delta=args.dp_delta, sites=args.dp_sites,
+    )  # fmt: skip
+
+
 def _on_off(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -200,7 +241,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         training=_from_flags(TrainingConfig, args),
         strategy_options=_from_flags(StrategyOptions, args),
         secure=_secure(args),
+        privacy=_privacy(args),
     )
+    if config.privacy is not None:  # σ calibrated before anything is made (exit 2 if none)
+        from aggregator_service.private_rounds import PrivateRounds, calibrated
+
+        p = config.policy
+        config = dataclasses.replace(config, privacy=calibrated(config.privacy, p.fraction,
+                                                                p.rounds))  # fmt: skip
+        PrivateRounds.plan(config.privacy, p.fraction, p.rounds)  # and one round fits E
     if not config.insecure and not (config.certs / "server.pem").exists():
         from fedmae.pki.issue import init_certs
 
@@ -330,6 +379,16 @@ def build(sub: argparse._SubParsersAction) -> None:
         help="ring of the masked inputs: 32, 64, or auto = 32 while the configuration "
         "cannot overflow it (max sites x weight cap x clip), else 64 (default auto)",
     )
+    s.add_argument(
+        "--dp",
+        choices=("off", "central", "distributed"),
+        default="off",
+        help="client-level differential privacy (DP-FedAvg): central = the server clips each "
+        "delta to --dp-clip, adds Gaussian noise to the round's sum and keeps a privacy "
+        "ledger (ε in rounds.jsonl, status, /metrics); distributed is not available yet "
+        "(default %(default)s)",
+    )
+    _add_numbers(s, DP_FLAGS)
     s.add_argument("--local-epochs", type=int, default=1, help="sent to clients" + D)
     s.add_argument("--batch-size", type=int, default=64, help="sent to clients" + D)
     s.add_argument("--lr", type=float, default=1e-3, help="clients' AdamW learning rate" + D)

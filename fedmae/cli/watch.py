@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any
 
-from fedmae.admin_view import RunStatus
+from fedmae.admin_view import RunStatus, dp_line
 from fedmae.cli.admin import add_connection_args, admin_client
 from fedmae.errors import FedmaeError
 
@@ -69,8 +69,9 @@ def _rounds_table(rows: list[dict]):
     from rich.table import Table
 
     table = Table(title="closed rounds", expand=False, header_style="bold")
+    private = any(r.get("dp") for r in rows)  # the ε column only under --dp
     for col in ("round", "status", "version", "clients", "samples", "train", "val", "eval",
-                "MB in", "MB out", "seconds"):  # fmt: skip
+                "MB in", "MB out", "seconds", *(("ε",) if private else ())):  # fmt: skip
         table.add_column(col, justify="right")
     for r in rows[-20:]:
         style = {"published": "", "failed": "red", "aborted": "yellow"}.get(r["status"], "")
@@ -80,6 +81,7 @@ def _rounds_table(rows: list[dict]):
             f"{len(r['participants'])}/{len(r['selected'])}", str(r["num_samples"]),
             _fmt(r["train_loss"]), _fmt(r["val_loss"]), _fmt(r.get("eval_loss")),
             f"{r['bytes_in'] / 1e6:.1f}", f"{r['bytes_out'] / 1e6:.1f}", f"{r['duration_s']:.1f}",
+            *((_fmt((r.get("dp") or {}).get("epsilon"), ".3g"),) if private else ()),
             style=style,
         )  # fmt: skip
     return table
@@ -152,6 +154,8 @@ def _watch_live(args: argparse.Namespace, records: queue.Queue) -> int:
             if not finished:
                 time.sleep(1.0)
     print(f"\nrun finished: {sum(r['status'] == 'published' for r in rows)} rounds published")
+    if rows and (dp := rows[-1].get("dp")):  # under --dp: what the run spent
+        print(f"privacy: {dp_line(dp)}")
     return 0
 
 
@@ -199,6 +203,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"val {_fmt(last['val_loss'])}, eval {_fmt(last.get('eval_loss'))}, "
             f"{last['duration_s']:.1f}s"
         )
+        if dp := last.get("dp"):  # only under --dp: never an ε the run does not guarantee
+            print(f"privacy:   {dp_line(dp)}")
     return 0
 
 

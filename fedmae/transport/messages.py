@@ -82,6 +82,7 @@ def training_config_to_proto(cfg: TrainingConfig) -> pb.TrainingConfig:
         update_encoding=encoding_to_proto(encoding_from_name(cfg.update_encoding)),
         max_samples=cfg.max_samples,
         proximal_mu=cfg.proximal_mu,
+        dp_clip=cfg.dp_clip,
     )
 
 
@@ -98,6 +99,7 @@ def training_config_from_proto(msg: pb.TrainingConfig) -> TrainingConfig:
         update_encoding=encoding_from_proto(msg.update_encoding).name.lower(),
         max_samples=msg.max_samples,
         proximal_mu=msg.proximal_mu,
+        dp_clip=msg.dp_clip,
     )
 
 

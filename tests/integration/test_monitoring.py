@@ -119,6 +119,8 @@ def test_status_metrics_and_who_may_watch(tmp_path):
 
         value = scrape()
         assert value("fedmae_clients_connected") == 2
+        with pytest.raises(KeyError):  # --dp off: no ε, not even 0
+            value("fedmae_dp_epsilon")
         assert value("fedmae_round") == 1 and value("fedmae_model_version") == 0
 
         drive_rounds(clients, server.layout, [1, 2, 3])
@@ -187,6 +189,7 @@ def test_report_plots_a_real_run(tmp_path):
     for name in names:
         assert f"]({name})" in summary
     assert "linear probe" not in summary  # only when asked: it takes a minute by default
+    assert "ε" not in summary and "differential privacy" not in summary  # --dp off
     from fedmae.ml.probe import ProbeConfig
 
     probed = write_report(tmp_path / "state", tmp_path / "report", probe=ProbeConfig(

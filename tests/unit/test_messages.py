@@ -47,4 +47,6 @@ def test_training_config_roundtrip_and_proto_defaults():
     assert training_config_from_proto(training_config_to_proto(cfg)) == cfg
     fedprox = TrainingConfig(proximal_mu=0.01)  # FedProx's μ travels with the task
     assert training_config_from_proto(training_config_to_proto(fedprox)) == fedprox
+    private = TrainingConfig(dp_clip=5.0)  # central DP's C travels with the task too
+    assert training_config_from_proto(training_config_to_proto(private)) == private
     assert training_config_from_proto(pb.TrainingConfig()) == TrainingConfig(weight_decay=0.0)

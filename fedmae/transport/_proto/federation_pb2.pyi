@@ -77,7 +77,7 @@ class Chunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TrainingConfig(_message.Message):
-    __slots__ = ("model", "local_epochs", "batch_size", "learning_rate", "weight_decay", "mask_ratio", "update_encoding", "max_samples", "proximal_mu")
+    __slots__ = ("model", "local_epochs", "batch_size", "learning_rate", "weight_decay", "mask_ratio", "update_encoding", "max_samples", "proximal_mu", "dp_clip")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class TrainingConfig(_message.Message):
     UPDATE_ENCODING_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
+    DP_CLIP_FIELD_NUMBER: _ClassVar[int]
     model: str
     local_epochs: int
     batch_size: int
@@ -96,7 +97,8 @@ class TrainingConfig(_message.Message):
     update_encoding: Encoding
     max_samples: int
     proximal_mu: float
-    def __init__(self, model: _Optional[str] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., mask_ratio: _Optional[float] = ..., update_encoding: _Optional[_Union[Encoding, str]] = ..., max_samples: _Optional[int] = ..., proximal_mu: _Optional[float] = ...) -> None: ...
+    dp_clip: float
+    def __init__(self, model: _Optional[str] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., mask_ratio: _Optional[float] = ..., update_encoding: _Optional[_Union[Encoding, str]] = ..., max_samples: _Optional[int] = ..., proximal_mu: _Optional[float] = ..., dp_clip: _Optional[float] = ...) -> None: ...
 
 class RoundTask(_message.Message):
     __slots__ = ("round", "attempt", "model_version", "phase", "config", "deadline", "selected_clients", "secagg", "roster", "inbound_shares", "unmask")

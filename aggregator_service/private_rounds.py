@@ -1,0 +1,270 @@
+"""Central client-level differential privacy in the round engine (``--dp central``).
+
+DP-FedAvg (McMahan et al. 2018) with the fixed-denominator estimator: the mechanism and
+the accountant are ``fedmae.privacy``'s; this module is the one place the round engine
+meets them, so the engine asks five questions and knows nothing of ε:
+
+- ``sample``: who is in the round. Poisson, as the ledger accounts: every site is in
+  independently with probability q = ``--fraction``, drawn with ``random.SystemRandom``
+  (OS entropy: nobody can predict or replay a sample). The draw is over the connected
+  sites; a site of the population that is not connected contributes nothing whether it
+  was drawn or not, so this is the population's Poisson sample with absent sites
+  silent. Never topped up to a minimum: a larger sample than drawn would not be
+  the accounted one; a round with too few participants fails, as any round does.
+- ``clip_``: the server clips each received delta to C again (central mode trusts the
+  server, not the sites, which clip too) and weighs every site 1 (docs/privacy.md:
+  ŵ <= the smallest site, so W = N).
+- ``mean_``: Σ clip(Δᵢ) + N(0, σ²C²) once per round, divided by q·N; the strategy's
+  server optimizer then steps on that (post-processing).
+- ``budget_spent``: whether one more round would take ε above ``--dp-target-epsilon``.
+- ``next_ledger``/``record``: the ledger with the round being published, saved beside
+  its checkpoint (``v000042.privacy.json``) before the model file is renamed into
+  place, so a restart resumes the rounds spent; a round is recorded once published.
+  A round that publishes nothing released nothing and is not recorded.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fedmae.errors import ConfigError
+from fedmae.privacy.accountant import PoissonSampling, PrivacyLedger, calibrate_noise
+from fedmae.privacy.mechanisms import (
+    FixedDenominator,
+    clip_to_norm,
+    noise_generator,
+    private_mean_,
+)
+from fedmae.rounds import RoundClosed
+
+if TYPE_CHECKING:  # update_bounds imports the config, which imports this module
+    from aggregator_service.update_bounds import Weighing
+
+log = logging.getLogger(__name__)
+
+# The tiny MAE's honest round-1 deltas have L2 norms 4-9 (docs/round-log.md), and
+# later rounds' are smaller. Noise on the mean grows with C while clipping only
+# shortens (never turns) a delta, so C sits at the low end of the honest norms rather
+# than above them (Andrew et al. 2021 aim at the median); set it from update_norm in
+# rounds.jsonl for another model.
+DEFAULT_CLIP = 5.0
+BUDGET_SPENT = "privacy budget spent"
+FEWEST_EXPECTED_SITES = 3  # as SAFE_MIN_PARTICIPANTS: a mean of 2 tells each the other's
+
+
+def default_delta(sites: int) -> float:
+    """δ = min(1e-5, N^-1.1): 1e-5 (the usual target, and the issue's) up to 35,000
+    sites; above that, δ shrinks so it stays well below 1/N (a δ near 1/N allows a
+    mechanism that publishes one site's data outright)."""
+    return min(1e-5, sites**-1.1)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """``--dp central``'s settings (``fedmae serve --dp-*``)."""
+
+    clip: float = DEFAULT_CLIP  # C: each site's delta is clipped to this L2 norm
+    noise_multiplier: float | None = None  # σ; None = calibrated from target_epsilon
+    target_epsilon: float | None = None  # E: calibrates σ, and the budget stop
+    delta: float | None = None  # δ; None = default_delta(sites)
+    sites: int = 0  # N: the enrolled population, public, fixed for the run
+    accountant: str = "rdp"
+    noise_seed: int | None = None  # tests only: known noise is no privacy
+
+    @property
+    def delta_(self) -> float:
+        return default_delta(self.sites) if self.delta is None else self.delta
+
+
+def check_central(
+    privacy: PrivacyConfig, fraction: float, rounds: int, strategy: str, sums: bool,
+    secure: bool,
+) -> None:  # fmt: skip
+    """Refuse a configuration under which ``--dp central``'s guarantee would not hold,
+    naming the numbers (ConfigError: exit 2). ``sums``: the rule aggregates a sum of
+    the deltas (FedAvg and the server optimizers on it)."""
+    if secure:
+        raise ConfigError(
+            "--dp central adds its noise to the clear sum of the round's deltas, which "
+            "--secure-aggregation never shows the server: use one or the other "
+            "(--dp distributed, noise added by the sites before masking, is not available yet)"
+        )
+    if not sums:
+        raise ConfigError(
+            f"--strategy {strategy} aggregates no sum of the deltas, and --dp central's noise "
+            "is calibrated for a sum (one site moves it by at most C): use fedavg, fedavgm, "
+            "fedadam, fedyogi, fedadagrad, fedprox or norm-bounded"
+        )
+    n = privacy.sites
+    if n <= 0:
+        raise ConfigError(
+            "--dp central needs --dp-sites N, the number of enrolled sites: the mean is "
+            "divided by the fixed q·N, which must be known before the run"
+        )
+    if n < FEWEST_EXPECTED_SITES or fraction * n < FEWEST_EXPECTED_SITES:
+        raise ConfigError(
+            f"--dp central with --dp-sites {n} and --fraction {fraction:g} expects "
+            f"{fraction * n:g} sites per round: it needs at least {FEWEST_EXPECTED_SITES} "
+            "(with fewer, a site learns the others' updates from the model, and the "
+            "noise needed for any ε drowns the mean); enrol more sites or raise --fraction"
+        )
+    if not (math.isfinite(privacy.clip) and privacy.clip > 0):
+        raise ConfigError(f"--dp-clip is a positive L2 norm, got {privacy.clip:g}")
+    sigma, target = privacy.noise_multiplier, privacy.target_epsilon
+    if sigma is None and target is None:
+        raise ConfigError(
+            "--dp central needs --dp-noise-multiplier σ, or --dp-target-epsilon E to "
+            "calibrate σ for the planned --rounds"
+        )
+    if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
+        raise ConfigError(
+            f"--dp-noise-multiplier {sigma:g}: σ must be > 0 (σ = 0 is no privacy: use --dp off)"
+        )
+    if target is not None and not (math.isfinite(target) and target > 0):
+        raise ConfigError(f"--dp-target-epsilon {target:g}: ε must be a positive number")
+    if sigma is None and rounds == 0:
+        raise ConfigError(
+            "--dp-target-epsilon without --dp-noise-multiplier calibrates σ for the planned "
+            "--rounds: give --rounds (not 0), or σ with the target as a budget stop"
+        )
+    if not 0 < privacy.delta_ < 1:
+        raise ConfigError(f"--dp-delta {privacy.delta_:g}: δ is in (0, 1), well below 1/N")
+
+
+def calibrated(privacy: PrivacyConfig, fraction: float, rounds: int) -> PrivacyConfig:
+    """``privacy`` with σ: as given, or the smallest that keeps ε at δ within the target
+    after ``rounds`` rounds (ConfigError if none does)."""
+    if privacy.noise_multiplier is not None:
+        return privacy
+    assert privacy.target_epsilon is not None  # check_central
+    sigma = calibrate_noise(
+        privacy.target_epsilon, privacy.delta_, PoissonSampling(rate=fraction), rounds,
+        privacy.accountant,
+    )  # fmt: skip
+    return replace(privacy, noise_multiplier=sigma)
+
+
+class PrivateRounds:
+    """One run's central DP: its sampling, clip, noise and ledger (module docstring)."""
+
+    def __init__(self, privacy: PrivacyConfig, rate: float, ledger: PrivacyLedger):
+        self.config = privacy
+        self.rate = rate
+        self.ledger = ledger
+        self.estimator = FixedDenominator.for_sampling(
+            privacy.clip, ledger.noise_multiplier, rate, privacy.sites
+        )
+        self.generator = noise_generator(privacy.noise_seed)
+        # Who is sampled must be unpredictable: OS entropy (a test may seed a Random).
+        self.rng: random.Random = random.SystemRandom()
+        self._warned = False  # about more connected sites than the population
+
+    @classmethod
+    def plan(cls, privacy: PrivacyConfig, fraction: float, rounds: int) -> PrivateRounds:
+        """σ (given, or calibrated for ``rounds``) and a fresh ledger; ConfigError if the
+        target cannot be met or one round already exceeds it."""
+        sampling = PoissonSampling(rate=fraction)
+        delta, target = privacy.delta_, privacy.target_epsilon
+        sigma = calibrated(privacy, fraction, rounds).noise_multiplier
+        assert sigma is not None
+        ledger = PrivacyLedger(sigma, sampling, delta, accountant=privacy.accountant)
+        ledger.epsilon_after(1)  # the per-round RDP curve (~0.3 s) now, not under a lock
+        if target is not None and not ledger.budget_allows_next_round(target):
+            raise ConfigError(
+                f"--dp-target-epsilon {target:g} cannot be met even for one round: σ = "
+                f"{sigma:g} at sampling rate {fraction:g} gives ε = "
+                f"{ledger.epsilon_after(1):.3g} at δ = {delta:g} after one round; raise "
+                "σ or the target, or lower --fraction"
+            )
+        return cls(privacy, fraction, ledger)
+
+    def resume(self, saved: str | None, version: int) -> None:
+        """Take up the ledger saved with ``version``, the one the server starts from;
+        ConfigError if a published version has none, or one of another mechanism."""
+        if saved is None:
+            if version > 0:
+                raise ConfigError(
+                    f"version {version} has no privacy ledger: the rounds that made it were "
+                    "not accounted (trained without --dp?), so no ε can be claimed for this "
+                    "run; start from an empty --state-dir"
+                )
+            return
+        ledger = PrivacyLedger.from_json(saved)
+        mine, theirs = self.ledger, ledger
+        if (mine.noise_multiplier, mine.sampling, mine.delta, mine.accountant) != (
+            theirs.noise_multiplier, theirs.sampling, theirs.delta, theirs.accountant,
+        ):  # fmt: skip
+            raise ConfigError(
+                f"version {version}'s privacy ledger is for σ = {theirs.noise_multiplier:g}, "
+                f"{theirs.sampling.to_dict()}, δ = {theirs.delta:g}; this run's is σ = "
+                f"{mine.noise_multiplier:g}, {mine.sampling.to_dict()}, δ = {mine.delta:g}: "
+                "resume with the same --dp flags and --fraction (for a calibrated σ, the same "
+                "--rounds too)"
+            )
+        ledger.epsilon()  # its RDP curve now, not under the engine's lock
+        self.ledger = ledger
+
+    def sample(self, connected: list[str]) -> list[str]:
+        """The round's Poisson sample of the connected sites (possibly empty)."""
+        if len(connected) > self.config.sites and not self._warned:
+            self._warned = True  # privacy holds; the mean is no longer unbiased
+            log.warning("%d sites are connected, more than --dp-sites %d: each round's mean "
+                        "is divided by q·N for N = %d and overshoots; restart with the real "
+                        "population", len(connected), self.config.sites,
+                        self.config.sites)  # fmt: skip
+        return [c for c in sorted(connected) if self.rng.random() < self.rate]
+
+    def clip_(self, delta: torch.Tensor, weighing: Weighing) -> Weighing:
+        """Clip ``delta`` in place to C (after the round's own norm bound, if any) and
+        weigh it 1; the returned weighing says how it was folded (its scale: the
+        overall factor, for the round log)."""
+        if weighing.scale < 1.0:
+            delta.mul_(weighing.scale)
+        clip_to_norm(delta, self.config.clip)
+        scale = min(weighing.scale, self.config.clip / weighing.norm) if weighing.norm else 1.0
+        return replace(weighing, weight=1, scale=scale)
+
+    def mean_(self, weighted_sum: torch.Tensor) -> torch.Tensor:
+        """The round's noised mean, in place: (Σ clip(Δᵢ) + N(0, σ²C²)) / (q·N)."""
+        return private_mean_(weighted_sum, self.estimator, self.generator)
+
+    def budget_spent(self) -> bool:
+        """One more round would take ε above the target (never, without a target)."""
+        target = self.config.target_epsilon
+        return target is not None and not self.ledger.budget_allows_next_round(target)
+
+    def next_ledger(self) -> str:
+        """The ledger's JSON with the round being published recorded (for its checkpoint)."""
+        after = copy.copy(self.ledger)  # shares the per-round RDP curve already computed
+        after.record_round()
+        return after.to_json()
+
+    def record(self) -> None:
+        """The round's model is published: its cost is spent."""
+        self.ledger.record_round()
+
+    def for_sites(self, closed: RoundClosed) -> RoundClosed:
+        """What the sites hear of a closed round under DP: no loss (a mean of the
+        participants' own figures, with no noise on it) and no reason (a failure's names
+        how many took part); the operator's round log keeps both."""
+        reason = "" if closed.success else "the round did not publish (see the round log)"
+        return replace(closed, train_loss=0.0, val_loss=0.0, reason=reason)
+
+    def summary(self) -> dict[str, Any]:
+        """The ``dp`` object of a round-log line: the mechanism and ε at δ so far."""
+        ledger = self.ledger
+        return {
+            "mode": "central", "clip": self.config.clip,
+            "noise_multiplier": ledger.noise_multiplier, "q": self.rate,
+            "population": self.config.sites, "delta": ledger.delta,
+            "epsilon": ledger.epsilon(), "rounds": ledger.rounds,
+            "target_epsilon": self.config.target_epsilon, "accountant": ledger.accountant,
+            "sampling": "poisson",
+        }  # fmt: skip
