@@ -103,7 +103,7 @@ class Runner:
         stored = folder / "result.json"
         if stored.exists():
             result = json.loads(stored.read_text())
-            if result.get("settings") == settings:
+            if result.get("settings") == json.loads(json.dumps(settings)):  # tuples: lists
                 print(f"[{self.done}/{self.total}] {name}: done before, kept", flush=True)
                 self.results[name] = result
                 return result
@@ -297,7 +297,6 @@ def run_all(runner: Runner) -> None:
     s = runner.scale
     # 1. 3 sites IID against the centralized twin at equal passes.
     runner.central("central-iid3", Central(3, 3 * s.iid_sites_images, s.iid_rounds))
-    runner.fed("fed-iid3", Fed(3, s.iid_sites_images, s.iid_rounds, workers=3))
     runner.agents("fed-iid3-agents", 3, s.iid_sites_images, s.iid_rounds)
     # 2. The server optimizers' knobs, tuned at alpha 0.3 (fewer rounds).
     grid = dict(sites=10, images_per_site=s.grid_images)
@@ -338,7 +337,9 @@ def run_all(runner: Runner) -> None:
         "fed-many",
         Fed(s.many_sites, s.many_images, s.many_rounds, fraction=s.many_fraction),
     )
-    # 5. Linear probes of every final encoder, the centralized ones and random init.
+    # 5. The 3 IID sites again as simulated sites (a fresh AdamW each round).
+    runner.fed("fed-iid3", Fed(3, s.iid_sites_images, s.iid_rounds, workers=3))
+    # 6. Linear probes of every final encoder, the centralized ones and random init.
     runner.probe("probe-random", None)
     for name in [n for n in list(runner.results) if n.startswith(("fed-", "central-"))]:
         result = runner.results[name]
