@@ -298,6 +298,9 @@ def run_all(runner: Runner) -> None:
     # 1. 3 sites IID against the centralized twin at equal passes.
     runner.central("central-iid3", Central(3, 3 * s.iid_sites_images, s.iid_rounds))
     runner.agents("fed-iid3-agents", 3, s.iid_sites_images, s.iid_rounds)
+    runner.probe("probe-random", None)  # the probes that decide a target come first
+    for name in ("central-iid3", "fed-iid3-agents"):
+        probe_of(runner, name)
     # 2. The server optimizers' knobs, tuned at alpha 0.3 (fewer rounds).
     grid = dict(sites=10, images_per_site=s.grid_images)
     adam = {
@@ -337,13 +340,19 @@ def run_all(runner: Runner) -> None:
         "fed-many",
         Fed(s.many_sites, s.many_images, s.many_rounds, fraction=s.many_fraction),
     )
-    # 5. The 3 IID sites again as simulated sites (a fresh AdamW each round).
+    probe_of(runner, "fed-many")
+    # 5. Linear probes of the label-skew grid's encoders.
+    for name in [n for n in list(runner.results) if n.startswith(("fed-a", "central-a"))]:
+        probe_of(runner, name)
+    # 6. The 3 IID sites again as simulated sites (a fresh AdamW each round).
     runner.fed("fed-iid3", Fed(3, s.iid_sites_images, s.iid_rounds, workers=3))
-    # 6. Linear probes of every final encoder, the centralized ones and random init.
-    runner.probe("probe-random", None)
-    for name in [n for n in list(runner.results) if n.startswith(("fed-", "central-"))]:
-        result = runner.results[name]
-        runner.probe(f"probe-{name}", result["checkpoints"], result["final_version"])
+    probe_of(runner, "fed-iid3")
+
+
+def probe_of(runner: Runner, name: str) -> dict:
+    """The linear probe of run ``name``'s final encoder."""
+    result = runner.results[name]
+    return runner.probe(f"probe-{name}", result["checkpoints"], result["final_version"])
 
 
 def stored_results(state: Path) -> dict[str, dict]:

@@ -7,6 +7,7 @@ sentences that read them are too, so a rerun cannot leave a stale claim behind.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import platform
 from pathlib import Path
@@ -31,7 +32,8 @@ def write_report(results: dict[str, dict], scale, out: Path) -> None:
         return r[name]["final_eval"]
 
     def probe(name: str) -> float:
-        return r[f"probe-{name}"]["test_accuracy"]
+        """The run's probe accuracy; NaN (shown "n/a") where the probe has not run yet."""
+        return r.get(f"probe-{name}", {}).get("test_accuracy", math.nan)
 
     eval_n = (
         "the whole 10k test split"
@@ -96,7 +98,7 @@ def write_report(results: dict[str, dict], scale, out: Path) -> None:
         if name in r:
             add(
                 f"| {_label(name)} | {loss(name):.4f} | {loss(name) / loss('central-iid3'):.3f}"
-                f" | {probe(name):.4f} | {_mins(r[name])} | {_mb(r[name])} |"
+                f" | {_acc(probe(name))} | {_mins(r[name])} | {_mb(r[name])} |"
             )
     add(
         f"\nTarget: federated within {IID_TARGET - 1:.0%} of centralized at equal passes: "
@@ -172,7 +174,7 @@ def write_report(results: dict[str, dict], scale, out: Path) -> None:
     vs = f"{loss('fed-many') / ref:.3f}" if ref else "n/a"
     add(
         f"| FedAvg, {many['sites']} sites | {loss('fed-many'):.4f} | {vs} | "
-        f"{probe('fed-many'):.4f} | {_mins(r['fed-many'])} | {_mb(r['fed-many'])} |"
+        f"{_acc(probe('fed-many'))} | {_mins(r['fed-many'])} | {_mb(r['fed-many'])} |"
     )
     if ref:
         add(
@@ -196,15 +198,17 @@ def write_report(results: dict[str, dict], scale, out: Path) -> None:
     gap = probe("central-iid3") - probe(iid)
     above = probe(iid) - random_acc
     met = abs(gap) <= PROBE_TOLERANCE and above >= PROBE_MARGIN
+    if math.isnan(gap + above):
+        met = None  # a probe it needs has not run
     verdicts.append(
         f"| probe: federated within {100 * PROBE_TOLERANCE:.0f} points of centralized, "
         f"≥ {100 * PROBE_MARGIN:.0f} above random | {100 * gap:+.1f} / "
-        f"{100 * above:+.1f} points | {'met' if met else 'missed'} |"
+        f"{100 * above:+.1f} points | {_verdict(met)} |"
     )
     add(
         f"\nTarget: the federated encoder ({_label(iid)}) within {100 * PROBE_TOLERANCE:.0f} "
         f"points of the centralized one and clearly (≥ {100 * PROBE_MARGIN:.0f} points) "
-        f"above random init: **{'met' if met else 'missed'}** (centralized − federated "
+        f"above random init: **{_verdict(met)}** (centralized − federated "
         f"{100 * gap:+.1f} points; federated − random {100 * above:+.1f} points).\n"
     )
 
@@ -308,6 +312,14 @@ def _label(name: str) -> str:
         return f"centralized, α = {name.removeprefix('central-a')} pool"
     _, alpha, strategy = name.split("-")
     return f"{strategy}, α = {alpha.removeprefix('a')}"
+
+
+def _acc(accuracy: float) -> str:
+    return "n/a" if math.isnan(accuracy) else f"{accuracy:.4f}"
+
+
+def _verdict(met: bool | None) -> str:
+    return "not measured" if met is None else "met" if met else "missed"
 
 
 def _knob(text: str) -> str:

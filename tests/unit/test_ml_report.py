@@ -82,6 +82,14 @@ def test_the_iid_verdict_is_on_the_client_processes_when_they_ran(tmp_path):
     assert "| 1.333 |" in text  # the simulated sites' row is still shown
 
 
+def test_a_probe_not_yet_run_is_not_measured_not_a_verdict(tmp_path):
+    results = _results(0.31, 0.43, 0.81)
+    del results["probe-fed-iid3"]
+    write_report(results, QUICK, tmp_path / "ML.md")
+    text = (tmp_path / "ML.md").read_text()
+    assert _targets(text)[2] == "not measured" and "| n/a |" in text
+
+
 def test_a_start_that_differs_between_runs_is_reported(tmp_path):
     results = _results(0.31, 0.43, 0.81)
     results["fed-many"]["initial_eval"] = 2.5
