@@ -51,7 +51,7 @@ class Scale:
     iid_sites_images: int = 20000  # per site: 3 x 20k = the 60k training split
     iid_rounds: int = 5  # 1 local epoch each: 5 passes
     grid_images: int = 500  # per site, 10 sites
-    grid_rounds: int = 6
+    grid_rounds: int = 4
     sweep_rounds: int = 4
     many_sites: int = 100
     many_images: int = 600
