@@ -72,23 +72,30 @@ def write_report(results: dict[str, dict], scale, out: Path) -> None:
     )
     if "utility" in plots:
         add(f"![held-out loss by round]({plots['utility']})\n")
-    add("| run | σ | ε at δ (ledger) | exact held-out loss | ÷ no DP | wall |")
-    add("|---|---|---|---|---|---|")
+    add(
+        "| run | σ | ε at δ (ledger) | noise norm on the mean (signal <= C) | exact held-out "
+        "loss | ÷ no DP | wall |"
+    )
+    add("|---|---|---|---|---|---|---|")
     base = nodp["final_eval"] if nodp else None
     for eps in (None, *EPSILONS):
         run = r.get(utility_name(eps))
         label = "no DP" if eps is None else f"central DP, target ε = {eps:g}"
         if run is None:
-            add(f"| {label} | | | not run | | |")
+            add(f"| {label} | | | | not run | | |")
             continue
         dp = run.get("dp") or {}
         sigma = f"{dp['noise_multiplier']:.3f}" if dp else "-"
         eps_ = f"{dp['epsilon']:.3f}" if dp else "none"
+        noise = f"{_noise_norm(dp):.1f} (C = {dp['clip']:g})" if dp else "-"
         ratio = f"{run['final_eval'] / base:.3f}" if base else "-"
-        add(f"| {label} | {sigma} | {eps_} | {run['final_eval']:.4f} | {ratio} | {_mins(run)} |")
+        add(
+            f"| {label} | {sigma} | {eps_} | {noise} | {run['final_eval']:.4f} | {ratio} | "
+            f"{_mins(run)} |"
+        )
     for eps in EPSILONS:
         add(
-            f"| distributed DP (Skellam + secure aggregation), ε = {eps:g} | | | "
+            f"| distributed DP (Skellam + secure aggregation), ε = {eps:g} | | | | "
             "not available (`--dp distributed` is not wired yet) | | |"
         )
     target = r.get(utility_name(8.0))
@@ -103,7 +110,13 @@ def write_report(results: dict[str, dict], scale, out: Path) -> None:
         f"{measured} | {_verdict(met)} |"
     )
     add(
-        f"\nTarget: ε = 8 within {UTILITY_TARGET - 1:.0%} of the no-DP loss: "
+        "\nThe noise column is the expected L2 norm of the noise on a round's mean delta, "
+        "σ·C·√P / (q·N) for P = the model's "
+        f"{_model_size():,} parameters, beside the mean of clipped deltas, whose norm is at "
+        "most C: the signal-to-noise of one DP round.\n"
+    )
+    add(
+        f"Target: ε = 8 within {UTILITY_TARGET - 1:.0%} of the no-DP loss: "
         f"**{_verdict(met)}** (ratio {measured}; distributed mode not available).\n"
     )
 
@@ -261,6 +274,19 @@ def _save(fig, folder: Path, name: str) -> str:
     fig.savefig(folder / name, dpi=110)
     plt.close(fig)
     return name
+
+
+def _model_size() -> int:
+    from fedmae.ml.model_state import trainable_state
+    from fedmae.ml.model_zoo import build_model
+    from fedmae.payload.layout import ModelLayout
+
+    return ModelLayout.from_state(trainable_state(build_model("tiny", seed=0))).numel
+
+
+def _noise_norm(dp: dict) -> float:
+    """E‖noise on the mean‖ ≈ σ·C·√P / (q·N) (the noised sum divided by q·N)."""
+    return dp["noise_multiplier"] * dp["clip"] * _model_size() ** 0.5 / (dp["q"] * dp["population"])
 
 
 def _mins(result: dict) -> str:

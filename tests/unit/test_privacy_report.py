@@ -14,7 +14,10 @@ FULL = Scale()
 
 
 def _fed(final: float, epsilon: float | None = None, **settings) -> dict:
-    dp = None if epsilon is None else {"epsilon": epsilon * 0.999, "noise_multiplier": 1.1}
+    dp = None
+    if epsilon is not None:
+        dp = {"epsilon": epsilon * 0.999, "noise_multiplier": 1.1, "clip": 5.0, "q": 0.1}
+        dp["population"] = 100
     return {
         "settings": {"kind": "fed", "sites": 100, "fraction": 0.1, "rounds": 20, **settings},
         "wall_s": 60.0,
@@ -72,6 +75,7 @@ def test_each_target_is_met_or_missed_as_its_figures_say(
     assert f"| {eps8 / 0.40:.3f} |" in text  # the ratio to no DP, in the utility table
     assert f"{best_robust / 0.50:.3f} (median)" in text  # the best rule is named
     assert "7.992" in text  # ε from the ledger (the run's own, not the target)
+    assert f"| {1.1 * 5 * 1_301_648**0.5 / 10:.1f} (C = 5) |" in text  # σC√P/(qN)
     assert text.count("not available (`--dp distributed` is not wired yet)") == len(EPSILONS)
     for plot in ("privacy_utility.png", "privacy_membership_roc.png", "privacy_poisoning.png"):
         assert (tmp_path / plot).stat().st_size > 1000
@@ -86,6 +90,6 @@ def test_a_missing_run_is_shown_as_not_run_and_its_target_missed(tmp_path):
     write_report(results, FULL, tmp_path / "PRIVACY.md")
     text = (tmp_path / "PRIVACY.md").read_text()
     assert _targets(text) == ["missed", "missed", "missed"]
-    assert "| central DP, target ε = 8 | | | not run | | |" in text
+    assert "| central DP, target ε = 8 | | | | not run | | |" in text
     assert "| claim | 5.0000 | not run | not run | not run | not run | not run |" in text
     assert f"{0.70 / 0.50:.3f} (trimmed-mean)" in text  # noise: median missing, next best
