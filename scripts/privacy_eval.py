@@ -50,9 +50,12 @@ POISON_SERVE_ARGS = ("--max-update-norm", "off", "--min-clients", "5", "--min-pa
 class Scale:
     """How big each experiment is (the full run, or --quick to check the pipeline).
 
-    The full run's size: a 100-site round of 10 sites x 540 images takes ~30-40 s on
-    this 2-core machine (docs/simulation.md: 13-17 s at 300 images), so 4 utility runs
-    of 20 rounds take ~45 min; the 21 poisoning runs (5 sites, 5 rounds) ~1 min each.
+    The full run's size, estimated (not yet timed end to end): a local step of the
+    tiny MAE (batch 64) takes 0.25 s on one core of this 2-core machine, so a round of
+    10 sites x 540 images is 85 steps, ~15-25 s on two workers, and a utility run of 20
+    rounds with its start and exact evaluations ~7-9 min: ~35 min for the four. A
+    poisoning run (5 sites, 5 rounds: 215 steps) is ~1-1.5 min with its ~40 s of start
+    (measured by --quick): ~25-30 min for the 21. About 1 h in all.
     """
 
     sites: int = 100
@@ -153,7 +156,7 @@ def run_poisoning(runner: Runner) -> None:
     def fed(rule: str) -> Fed:
         return Fed(
             s.poison_sites, s.poison_images, s.poison_rounds, fraction=1.0, strategy=rule,
-            strategy_args=POISON_SERVE_ARGS, workers=1,
+            strategy_args=POISON_SERVE_ARGS, workers=s.workers,
         )  # fmt: skip
 
     runner.fed(poison_name(None), fed("fedavg"))

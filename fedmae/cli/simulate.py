@@ -343,7 +343,10 @@ def build(sub: argparse._SubParsersAction) -> None:
         help="secure rounds (docs/privacy.md; default off)",
     )
     s.add_argument(
-        "--serve-args", default="", help="more flags for fedmae serve, one string (default none)"
+        "--serve-args",
+        default="",
+        help="more flags for fedmae serve, one string; with --dp central, --dp-sites is "
+        "--sites unless given (default none)",
     )
     s.add_argument(
         "--malicious", type=int, default=0, help="the first K sites poison their updates" + D
