@@ -126,13 +126,15 @@ def write_report(results: dict[str, dict], scale, out: Path) -> None:
         "The attacker holds the final global model and guesses *member* when an image's "
         "masked-reconstruction loss (the fixed masks above) is below a threshold. Members: "
         "the training images of the site that took part in the most rounds; non-members: "
-        "as many test images (seeded sample). AUC 0.5 is a coin flip; the advantage is "
-        "max over thresholds of TPR − FPR.\n"
+        "as many test images (seeded sample). AUC 0.5 is a coin flip (± its spread under "
+        "the null, √((m+n+1)/(12mn)), for m members and n others); the advantage is max "
+        "over thresholds of TPR − FPR.\n"
     )
     if "roc" in plots:
         add(f"![ROC of the attack]({plots['roc']})\n")
     add(
-        "| model | site (rounds in / of) | members | mean loss members / others | AUC | advantage |"
+        "| model | site (rounds in / of) | members | mean loss members / others | AUC (± null) "
+        "| advantage |"
     )
     add("|---|---|---|---|---|---|")
     for eps in (None, MEMBERSHIP_EPSILON):
@@ -143,7 +145,8 @@ def write_report(results: dict[str, dict], scale, out: Path) -> None:
             continue
         add(
             f"| {label} | {m['site']} ({m['rounds_in']} / {m['rounds']}) | {m['members']} | "
-            f"{m['member_loss']:.4f} / {m['nonmember_loss']:.4f} | {m['auc']:.3f} | "
+            f"{m['member_loss']:.4f} / {m['nonmember_loss']:.4f} | {m['auc']:.3f} "
+            f"(± {_null_sd(m['members'], m['nonmembers']):.3f}) | "
             f"{m['advantage']:.3f} |"
         )
     dp_m = r.get(f"membership-{utility_name(MEMBERSHIP_EPSILON)}")
@@ -274,6 +277,11 @@ def _save(fig, folder: Path, name: str) -> str:
     fig.savefig(folder / name, dpi=110)
     plt.close(fig)
     return name
+
+
+def _null_sd(m: int, n: int) -> float:
+    """The AUC's standard deviation when members and others are alike (Mann-Whitney)."""
+    return ((m + n + 1) / (12 * m * n)) ** 0.5
 
 
 def _model_size() -> int:

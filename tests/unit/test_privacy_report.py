@@ -74,6 +74,7 @@ def test_each_target_is_met_or_missed_as_its_figures_say(
     assert _targets(text) == verdicts
     assert f"| {eps8 / 0.40:.3f} |" in text  # the ratio to no DP, in the utility table
     assert f"{best_robust / 0.50:.3f} (median)" in text  # the best rule is named
+    assert f"| {dp_auc:.3f} (± 0.018) |" in text  # 540 vs 540 under the null
     assert "7.992" in text  # ε from the ledger (the run's own, not the target)
     assert f"| {1.1 * 5 * 1_301_648**0.5 / 10:.1f} (C = 5) |" in text  # σC√P/(qN)
     assert text.count("not available (`--dp distributed` is not wired yet)") == len(EPSILONS)
