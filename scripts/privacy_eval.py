@@ -109,7 +109,10 @@ def membership(runner: Runner, name: str, fed: dict) -> dict:
     """Yeom et al.'s attack on ``fed``'s final model: the training images of the site
     that took part in the most published rounds against as many test images."""
     st = fed["settings"]
-    settings = {"kind": "membership", "of": fed["checkpoints"], "version": fed["final_version"]}
+    settings = {
+        "kind": "membership", "of": fed["checkpoints"], "version": fed["final_version"],
+        "model_loss": fed["final_eval"],  # a rerun of the federated run is a new model
+    }  # fmt: skip
 
     def go(folder: Path) -> dict:
         import numpy as np
