@@ -98,6 +98,7 @@ class Runner:
 
     def step(self, name: str, settings: dict, run) -> dict:
         """Run ``run(folder)`` unless ``name`` already has a result for ``settings``."""
+        settings = json.loads(json.dumps(settings))  # as stored: a tuple reads back a list
         self.done += 1
         folder = self.state / name
         stored = folder / "result.json"
