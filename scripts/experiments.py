@@ -282,7 +282,8 @@ def stream(cmd: list[str], log: Path, show) -> None:
 
 
 def describe(settings: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in settings.items() if k != "kind" and v not in ((), None))
+    shown = {k: v for k, v in settings.items() if k != "kind" and v not in ((), [], None)}
+    return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
 def summary(result: dict) -> str:
