@@ -13,6 +13,9 @@ sites share is what a real site would own but only needs while it trains:
 
 A secure round keeps each trained site's delta until it is masked (``SecureRounds``):
 one model size per site selected in that round, for the length of the round.
+
+The first ``malicious`` sites poison what they send (``client_agent.attacks``), over
+the same protocol and connection as an honest site: the aggregator cannot tell.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 
 from client_agent.agent import AgentConfig, SiteSession
+from client_agent.attacks import DEFAULT_SCALE, Attack
 from client_agent.trainer import SiteImages, Trained, TrainerPool
 from fedmae.ml.datasets import ImageDataset
 from fedmae.ml.loaders import load_dataset
@@ -57,6 +61,9 @@ class WorkerSpec:
     threads: int = 1
     give_up_after_s: float = 60.0
     dump_dir: str | None = None  # tests: each upload's delta and weight, as .npz
+    malicious: int = 0  # sites 0 .. malicious-1 poison their updates
+    attack: str = "scale"  # client_agent.attacks.ATTACKS
+    attack_scale: float = DEFAULT_SCALE
 
     @classmethod
     def read(cls, path: Path) -> WorkerSpec:
@@ -86,17 +93,21 @@ def site_images(dataset: ImageDataset, spec: WorkerSpec) -> dict[int, SiteImages
 
 class VirtualSite(SiteSession):
     """A site of a simulation: the agent's session, optionally writing each update's
-    delta and weight to ``dump_dir`` (for tests that recompute the aggregate)."""
+    delta and weight to ``dump_dir`` (for tests that recompute the aggregate), and
+    optionally malicious (``attack``: it sends a poisoned update, plain or secure)."""
 
-    def __init__(self, config, images, trainers, dump_dir: Path | None):
+    def __init__(self, config, images, trainers, dump_dir: Path | None, attack=None):
         super().__init__(config, images, trainers)
         self.dump_dir = dump_dir
+        self.attack: Attack | None = attack
 
     def _train(self, client: FederationClient, task: RoundTask) -> Trained:
         trained = super()._train(client, task)
         # Training leaves the heap full of freed activations; the next site's training
         # comes from another thread, so hand them back (glibc malloc_trim).
         release_free_memory()
+        if self.attack is not None:
+            trained = self.attack.poison(trained, self.client_id, task.round)
         return trained
 
     def _final_model(self, client: FederationClient, done: RunFinished) -> None:
@@ -122,6 +133,7 @@ class Worker:
         images = site_images(dataset, spec)
         trainers = TrainerPool(spec.train_slots, keep_optimizer=False)
         dump = Path(spec.dump_dir) if spec.dump_dir else None
+        attack = Attack(spec.attack, spec.attack_scale)
         self.sites = [
             VirtualSite(
                 AgentConfig(
@@ -134,6 +146,7 @@ class Worker:
                 images[index],
                 trainers,
                 dump,
+                attack if index < spec.malicious else None,
             )
             for index, identity in spec.sites
         ]

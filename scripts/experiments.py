@@ -98,6 +98,7 @@ class Runner:
 
     def step(self, name: str, settings: dict, run) -> dict:
         """Run ``run(folder)`` unless ``name`` already has a result for ``settings``."""
+        settings = json.loads(json.dumps(settings))  # as stored: a tuple reads back a list
         self.done += 1
         folder = self.state / name
         stored = folder / "result.json"
@@ -119,8 +120,11 @@ class Runner:
         self.results[name] = result
         return result
 
-    def fed(self, name: str, run: Fed) -> dict:
+    def fed(self, name: str, run: Fed, simulate_args: tuple[str, ...] = ()) -> dict:
+        """A ``fedmae simulate`` run; ``simulate_args``: more of its flags (e.g. attacks)."""
         settings = {"kind": "fed", **asdict(run), "lr": CLIENT_LR}
+        if simulate_args:  # only when given: earlier runs' settings stay as they were
+            settings["simulate_args"] = list(simulate_args)
 
         def go(folder: Path) -> dict:
             state = folder / "state"
@@ -136,6 +140,7 @@ class Runner:
                 "--state-dir", str(state), "--round-timeout", "1800",
                 "--serve-args", " ".join(serve_args),
                 *(["--dirichlet", str(run.dirichlet)] if run.dirichlet is not None else []),
+                *simulate_args,
             ]  # fmt: skip
             t0 = time.monotonic()
             stream(cmd, folder / "output.log", lambda line: line[:5].strip().isdigit())
@@ -154,6 +159,7 @@ class Runner:
                 "bytes_out": sum(r.get("bytes_out", 0) for r in records),
                 "final_eval": self.final_eval(state / "checkpoints", None),
                 "initial_eval": self.final_eval(state / "checkpoints", 0),
+                "dp": published[-1].get("dp"),  # ε after the last round, σ, C (--dp central)
             }
 
         return self.step(name, settings, go)
@@ -276,10 +282,13 @@ def stream(cmd: list[str], log: Path, show) -> None:
 
 
 def describe(settings: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in settings.items() if k != "kind" and v not in ((), None))
+    shown = {k: v for k, v in settings.items() if k != "kind" and v not in ((), [], None)}
+    return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
 def summary(result: dict) -> str:
+    if "auc" in result:
+        return f"membership AUC {result['auc']:.3f}"
     if "test_accuracy" in result:
         return f"probe accuracy {result['test_accuracy']:.4f}"
     return f"final eval loss {result['final_eval']:.4f}"

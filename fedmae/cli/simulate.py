@@ -10,7 +10,8 @@ round log, ``fedmae report`` and ``fedmae watch`` are those of any cluster.
 It shows each round as it closes (the demo's table) and the memory of all its
 processes (``/proc``), and stops every process it started when it ends, also on
 Ctrl-C or SIGTERM. ``--rounds 0`` connects every site, reports the memory of the
-idle federation, and ends.
+idle federation, and ends. ``--malicious K --attack NAME`` makes the first K sites
+send poisoned updates (``client_agent.attacks``), to try defences before rolling out.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from client_agent.attacks import ATTACKS, DEFAULT_SCALE
 from fedmae.cli import ENCODING_NAMES
 from fedmae.cli.demo import (
     ROUND_HEADER,
@@ -65,6 +67,9 @@ class SimulationConfig:
     secure_aggregation: bool = False
     serve_args: list[str] = field(default_factory=list)  # more `fedmae serve` flags
     dump_dir: Path | None = None  # tests: each upload's delta (client_agent.simulation)
+    malicious: int = 0  # the first K sites poison their updates
+    attack: str = "scale"  # client_agent.attacks.ATTACKS
+    attack_scale: float = DEFAULT_SCALE
 
 
 def _serve_command(cfg: SimulationConfig, state: Path, server: str, enroll: str) -> list[str]:
@@ -96,7 +101,19 @@ def _serve_command(cfg: SimulationConfig, state: Path, server: str, enroll: str)
         "--max-workers", str(max(2048, 2 * cfg.sites + 64)),
         *(["--secure-aggregation"] if cfg.secure_aggregation else []),
         *cfg.serve_args,
+        *_dp_population(cfg),
     ]  # fmt: skip
+
+
+def _dp_population(cfg: SimulationConfig) -> list[str]:
+    """Central DP needs N, the population: here it is known, every site of the run."""
+    args = cfg.serve_args
+    central = any(
+        a == "--dp=central" or (a == "--dp" and args[i + 1 : i + 2] == ["central"])
+        for i, a in enumerate(args)
+    )
+    given = any(a == "--dp-sites" or a.startswith("--dp-sites=") for a in args)
+    return ["--dp-sites", str(cfg.sites)] if central and not given else []
 
 
 def enroll_sites(
@@ -131,6 +148,7 @@ def _worker_specs(
             "limit": cfg.images_per_site * cfg.sites, "dirichlet": cfg.dirichlet,
             "seed": cfg.seed, "train_slots": cfg.train_slots, "threads": cfg.threads,
             "dump_dir": str(cfg.dump_dir) if cfg.dump_dir else None,
+            "malicious": cfg.malicious, "attack": cfg.attack, "attack_scale": cfg.attack_scale,
         }  # fmt: skip
         path = logs / f"worker-{k + 1}.json"
         path.write_text(json.dumps(spec))
@@ -141,17 +159,27 @@ def _worker_specs(
 def run_simulation(cfg: SimulationConfig) -> int:
     if cfg.sites < 1 or not 1 <= cfg.workers <= cfg.sites:
         raise ValueError("--sites must be >= 1 and --workers between 1 and --sites")
+    if not 0 <= cfg.malicious <= cfg.sites:
+        raise ValueError("--malicious must be between 0 and --sites")
     fed = LocalFederation.prepare(cfg.state_dir)
     print(
         f"fedmae simulate: {cfg.sites} sites in {cfg.workers} workers, fraction "
         f"{cfg.fraction:g}, {'IID' if cfg.dirichlet is None else f'Dirichlet {cfg.dirichlet:g}'}"
         f", {cfg.rounds} rounds, strategy {cfg.strategy}"
-        f"{', secure aggregation' if cfg.secure_aggregation else ''}, mTLS on "
+        f"{', secure aggregation' if cfg.secure_aggregation else ''}"
+        f"{_describe_attack(cfg)}, mTLS on "
         f"{fed.server_addr}, state in {fed.state}",
         flush=True,
     )
     with sigterm_interrupts():
         return _simulate(cfg, fed)
+
+
+def _describe_attack(cfg: SimulationConfig) -> str:
+    if not cfg.malicious:
+        return ""
+    how = f" x{cfg.attack_scale:g}" if cfg.attack == "scale" else ""
+    return f", {cfg.malicious} malicious site(s) ({cfg.attack}{how})"
 
 
 def _simulate(cfg: SimulationConfig, fed: LocalFederation) -> int:
@@ -279,6 +307,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             secure_aggregation=args.secure_aggregation,
             serve_args=shlex.split(args.serve_args),
             dump_dir=Path(args.dump_deltas) if args.dump_deltas else None,
+            malicious=args.malicious,
+            attack=args.attack,
+            attack_scale=args.attack_scale,
         )
     )
 
@@ -312,7 +343,23 @@ def build(sub: argparse._SubParsersAction) -> None:
         help="secure rounds (docs/privacy.md; default off)",
     )
     s.add_argument(
-        "--serve-args", default="", help="more flags for fedmae serve, one string (default none)"
+        "--serve-args",
+        default="",
+        help="more flags for fedmae serve, one string; with --dp central, --dp-sites is "
+        "--sites unless given (default none)",
+    )
+    s.add_argument(
+        "--malicious", type=int, default=0, help="the first K sites poison their updates" + D
+    )
+    s.add_argument(
+        "--attack",
+        default="scale",
+        choices=ATTACKS,
+        help="what a malicious site sends: scale (delta x --attack-scale), signflip (-delta), "
+        "noise (Gaussian, the delta's norm), claim (honest delta, 2^40 samples)" + D,
+    )
+    s.add_argument(
+        "--attack-scale", type=float, default=DEFAULT_SCALE, help="the scale attack's factor" + D
     )
     s.add_argument("--dump-deltas", help="tests: write each site's update here (default off)")
     s.set_defaults(func=cmd_simulate, role="simulate")

@@ -247,6 +247,11 @@ class MaskedAutoencoderViT(nn.Module):
             pred: [N, L, p*p*C] predicted patches.
             mask: [N, L], 1 where a patch was removed.
         """
+        loss = self.patch_loss(imgs, pred)  # [N, L]
+        return (loss * mask).sum() / mask.sum()  # visible patches are trivially copyable
+
+    def patch_loss(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Mean squared pixel error of every patch, [N, L] (per-image losses need it)."""
         target = self.patchify(imgs)  # [N, L, p*p*C]
         if self.norm_pix_loss:
             # Per-patch normalisation: the paper reports sharper features with this target.
@@ -254,8 +259,7 @@ class MaskedAutoencoderViT(nn.Module):
             var = target.var(dim=-1, keepdim=True)  # [N, L, 1], unbiased as the reference
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         loss = (pred - target) ** 2
-        loss = loss.mean(dim=-1)  # [N, L], mean loss per patch
-        return (loss * mask).sum() / mask.sum()  # visible patches are trivially copyable
+        return loss.mean(dim=-1)  # [N, L], mean loss per patch
 
     def forward(
         self,

@@ -142,3 +142,36 @@ def test_worker_sites_share_one_uint8_dataset(tmp_path):
         assert torch.equal(train, alone.train.to_tensor())
         assert torch.equal(val, alone.val.to_tensor())
         assert images[index].train_count == len(alone.train)
+
+
+def _simulate_moved(tmp_path, strategy: str) -> float:
+    """How far a 2-round run of 5 sites, site-1 sending 100x its delta, moved the model."""
+    state = tmp_path / strategy
+    result = subprocess.run(
+        [sys.executable, "-m", "fedmae", "simulate", "--sites", "5", "--workers", "2",
+         "--rounds", "2", "--fraction", "1", "--images-per-site", "60",
+         "--malicious", "1", "--attack", "scale", "--strategy", strategy,
+         "--state-dir", str(state),
+         # The server's own norm bound would clip the attack: each rule alone here.
+         "--serve-args", "--max-update-norm off"],
+        capture_output=True, text=True, timeout=240,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "1 malicious site(s) (scale x100)" in result.stdout
+    records = [json.loads(line) for line in (state / "rounds.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["published", "published"]
+    assert all(len(r["participants"]) == 5 for r in records)  # the attacker took part
+    layout = ModelLayout.from_state(trainable_state(build_model("tiny", seed=0)))
+    store = CheckpointStore(state / "checkpoints")
+    _, start = store.load(0, layout)
+    _, final = store.load(records[-1]["version"], layout)
+    return float((final.double() - start.double()).norm())
+
+
+def test_a_scaling_attacker_moves_fedavg_far_more_than_the_median(tmp_path):
+    """One of five sites sends 100x its honest delta over its own mTLS connection:
+    FedAvg's mean follows it (about 20x an honest step), the median hardly notices."""
+    fedavg, median = _simulate_moved(tmp_path, "fedavg"), _simulate_moved(tmp_path, "median")
+    assert median > 0
+    assert fedavg > 5 * median, (fedavg, median)

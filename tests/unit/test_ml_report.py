@@ -107,3 +107,16 @@ def test_results_are_read_back_in_the_order_they_finished(tmp_path):
         path.write_text(json.dumps({"settings": {"n": k}}))
         os.utime(path, (1000 + k, 1000 + k))
     assert list(stored_results(tmp_path)) == ["b-first", "a-second"]
+
+
+def test_a_step_with_a_result_for_its_settings_is_kept(tmp_path, capsys):
+    from scripts.experiments import Runner
+
+    runner = Runner(tmp_path, QUICK, total=2)
+    calls = []
+    settings = {"kind": "fed", "strategy_args": ("--lr", "1")}  # a tuple, stored as a list
+    runner.step("a", settings, lambda folder: calls.append(folder) or {"final_eval": 1.0})
+    again = Runner(tmp_path, QUICK, total=2)  # a resumed run
+    kept = again.step("a", settings, lambda folder: calls.append(folder) or {"final_eval": 2.0})
+    assert len(calls) == 1 and kept["final_eval"] == 1.0
+    assert "done before, kept" in capsys.readouterr().out
