@@ -100,6 +100,12 @@ def write_report(results: dict[str, dict], scale, out: Path) -> None:
                 f"| {_label(name)} | {loss(name):.4f} | {loss(name) / loss('central-iid3'):.3f}"
                 f" | {_acc(probe(name))} | {_mins(r[name])} | {_mb(r[name])} |"
             )
+    c_set, f_set = r["central-iid3"]["settings"], r[iid]["settings"]
+    add(
+        f"\nOptimizer steps at equal passes: the twin takes {_steps(c_set['images'], passes)}"
+        f" steps; each site takes {_steps(f_set['images_per_site'], f_set['rounds'])} on its "
+        f"own third, averaged every {_steps(f_set['images_per_site'], 1)}."
+    )
     add(
         f"\nTarget: federated within {IID_TARGET - 1:.0%} of centralized at equal passes: "
         f"**{'met' if met else 'missed'}** ({_label(iid)}: ratio {ratio:.3f}).\n"
@@ -143,6 +149,13 @@ def write_report(results: dict[str, dict], scale, out: Path) -> None:
         add(f"| {alpha:g} | {c:.4f} | {cells} | {fed[best] / c:.3f} ({best}) |")
         if alpha == 0.3:
             skew_ratio, skew_best = fed[best] / c, best
+    g = r["central-a0.3"]["settings"]
+    add(
+        f"\nOptimizer steps: the twin takes {_steps(g['images'], g['passes'])}; a site of "
+        f"{g['images'] // 10} images takes {_steps(g['images'] // 10, g['passes'])}, "
+        f"{_steps(g['images'] // 10, 1)} between averages (fewer or more with skewed shard "
+        "sizes)."
+    )
     met = skew_ratio <= SKEW_TARGET
     verdicts.append(
         f"| 10 sites α = 0.3 within {SKEW_TARGET - 1:.0%} (best strategy, {skew_best}) | "
@@ -195,6 +208,9 @@ def write_report(results: dict[str, dict], scale, out: Path) -> None:
     for name in _probed(r):
         acc = probe(name)
         add(f"| {_label(name)} | {acc:.4f} | {100 * (acc - random_acc):+.1f} |")
+    unprobed = [n for n in r if n.startswith(("fed-", "central-")) and f"probe-{n}" not in r]
+    if unprobed:
+        add(f"\nNot probed yet (the run's probe step has not run): {', '.join(unprobed)}.")
     gap = probe("central-iid3") - probe(iid)
     above = probe(iid) - random_acc
     met = abs(gap) <= PROBE_TOLERANCE and above >= PROBE_MARGIN
@@ -312,6 +328,11 @@ def _label(name: str) -> str:
         return f"centralized, α = {name.removeprefix('central-a')} pool"
     _, alpha, strategy = name.split("-")
     return f"{strategy}, α = {alpha.removeprefix('a')}"
+
+
+def _steps(images: int, passes: int, batch: int = 64) -> int:
+    """AdamW steps of ``passes`` epochs over ``images`` (90 % of them train, batch 64)."""
+    return passes * -(-int(images * 0.9) // batch)
 
 
 def _acc(accuracy: float) -> str:

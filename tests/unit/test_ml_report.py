@@ -25,13 +25,13 @@ def _run(kind: str, final: float, **settings) -> dict:
 
 
 def _results(iid_fed: float, skew_best: float, fed_probe: float) -> dict[str, dict]:
-    r = {"central-iid3": _run("central", 0.30, passes=5)}
+    r = {"central-iid3": _run("central", 0.30, passes=5, images=60000)}
     r["central-iid3"]["by_pass"] = {"2": 0.40}
-    r["fed-iid3"] = _run("fed", iid_fed, rounds=5, fraction=1.0)
+    r["fed-iid3"] = _run("fed", iid_fed, rounds=5, fraction=1.0, images_per_site=20000)
     r["tune-fedadam-eta0.01"] = _run("fed", 0.5, rounds=2)
     r["tune-fedadam-eta0.1"] = _run("fed", 0.6, rounds=2)
     for alpha in ALPHAS:
-        r[f"central-a{alpha:g}"] = _run("central", 0.40, passes=8)
+        r[f"central-a{alpha:g}"] = _run("central", 0.40, passes=8, images=5000)
         for k, s in enumerate(STRATEGIES):
             loss = skew_best if k == 2 else 0.60
             r[f"fed-a{alpha:g}-{s}"] = _run("fed", loss, rounds=8, images_per_site=500)
@@ -66,6 +66,7 @@ def test_each_target_is_met_or_missed_as_its_figures_say(
     assert f"{iid_fed / 0.30:.3f}" in text
     assert "fedadam, ratio" in text  # the best strategy at alpha 0.3 is named
     assert "**0.5000** (used)" in text  # the tuned knob that section 3 uses
+    assert "the twin takes 4220 steps; each site takes 1410" in text  # 5 x 844, 5 x 282
     assert "÷ centralized at equal passes" in text and f"{0.44 / 0.40:.3f}" in text
     for plot in ("ml_iid.png", "ml_dirichlet.png", "ml_probe.png"):
         assert (tmp_path / plot).stat().st_size > 1000
@@ -73,7 +74,9 @@ def test_each_target_is_met_or_missed_as_its_figures_say(
 
 def test_the_iid_verdict_is_on_the_client_processes_when_they_ran(tmp_path):
     results = _results(0.40, 0.43, 0.81)  # the simulated sites: 1.333, missed
-    results["fed-iid3-agents"] = _run("fed", 0.31, rounds=5, fraction=1.0, agents=True)
+    results["fed-iid3-agents"] = _run(
+        "fed", 0.31, rounds=5, fraction=1.0, agents=True, images_per_site=20000
+    )
     results["probe-fed-iid3-agents"] = {"settings": {"kind": "probe"}, "test_accuracy": 0.815}
     write_report(results, QUICK, tmp_path / "ML.md")
     text = (tmp_path / "ML.md").read_text()
@@ -88,6 +91,7 @@ def test_a_probe_not_yet_run_is_not_measured_not_a_verdict(tmp_path):
     write_report(results, QUICK, tmp_path / "ML.md")
     text = (tmp_path / "ML.md").read_text()
     assert _targets(text)[2] == "not measured" and "| n/a |" in text
+    assert "Not probed yet (the run's probe step has not run): fed-iid3." in text
 
 
 def test_a_start_that_differs_between_runs_is_reported(tmp_path):
