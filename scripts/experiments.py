@@ -370,35 +370,43 @@ def stored_results(state: Path) -> dict[str, dict]:
     return {f.parent.name: json.loads(f.read_text()) for f in files}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--state", default="experiments-state", help="runs (default %(default)s)")
+def campaign_main(argv, doc: str, state: str, report: str, scales, plan_size, run, write) -> int:
+    """The command line both campaigns share (this one and ``scripts/privacy_eval.py``):
+    ``--state``, ``--quick``, ``--out``, ``--report-only``; ``scales`` = (full, quick),
+    ``run(runner)`` runs the steps, ``write(results, scale, out)`` writes the report."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--state", default=state, help="runs (default %(default)s)")
     p.add_argument(
         "--quick", action="store_true", help="tiny sizes: check the pipeline (default off)"
     )
-    p.add_argument(
-        "--out", help="the Markdown report (default docs/ML.md; with --quick STATE/ML.md)"
-    )
+    p.add_argument("--out", help=f"the Markdown report (default {report}; with --quick in STATE)")
     p.add_argument(
         "--report-only",
         action="store_true",
         help="rewrite the report from the results there, run nothing (default off)",
     )
     args = p.parse_args(argv)
-    scale = QUICK if args.quick else Scale()
-    state = Path(args.state + ("-quick" if args.quick else ""))
-    out = Path(args.out or (state / "ML.md" if args.quick else "docs/ML.md"))
-    runner = Runner(state, scale, total=plan_size(scale))
+    scale = scales[1] if args.quick else scales[0]
+    folder = Path(args.state + ("-quick" if args.quick else ""))
+    out = Path(args.out or (folder / Path(report).name if args.quick else report))
+    runner = Runner(folder, scale, total=plan_size(scale))
     t0 = time.monotonic()
     if args.report_only:
-        runner.results = stored_results(state)
+        runner.results = stored_results(folder)
     else:
-        run_all(runner)
+        run(runner)
+    write(runner.results, scale, out)
+    print(f"done in {time.monotonic() - t0:.0f}s: {out}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
     from scripts.ml_report import write_report
 
-    write_report(runner.results, scale, out)
-    print(f"experiments done in {time.monotonic() - t0:.0f}s: {out}", flush=True)
-    return 0
+    return campaign_main(
+        argv, __doc__, "experiments-state", "docs/ML.md", (Scale(), QUICK), plan_size, run_all,
+        write_report,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -267,7 +267,7 @@ def _plots(results: dict, folder: Path, alphas, strategies) -> dict[str, str]:
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
-    names["iid"] = _save(fig, folder, "ml_iid.png")
+    names["iid"] = save_plot(fig, folder, "ml_iid.png")
 
     fig, axes = plt.subplots(1, len(alphas), figsize=(4 * len(alphas), 3.6), sharey=True)
     for ax, alpha in zip(axes, alphas, strict=True):
@@ -285,7 +285,7 @@ def _plots(results: dict, folder: Path, alphas, strategies) -> dict[str, str]:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out loss (2k images)")
     axes[-1].legend(fontsize=8)
-    names["skew"] = _save(fig, folder, "ml_dirichlet.png")
+    names["skew"] = save_plot(fig, folder, "ml_dirichlet.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     probed = _probed(results)
@@ -297,11 +297,12 @@ def _plots(results: dict, folder: Path, alphas, strategies) -> dict[str, str]:
         ax.legend(loc="lower right")
     ax.set(xlabel="linear-probe test accuracy", xlim=(min(accs + [0.7]) - 0.02, 1))
     ax.invert_yaxis()
-    names["probe"] = _save(fig, folder, "ml_probe.png")
+    names["probe"] = save_plot(fig, folder, "ml_probe.png")
     return names
 
 
-def _save(fig, folder: Path, name: str) -> str:
+def save_plot(fig, folder: Path, name: str) -> str:
+    """Write ``fig`` as ``folder/name`` (shared with scripts/privacy_report.py)."""
     fig.tight_layout()
     fig.savefig(folder / name, dpi=110)
     import matplotlib.pyplot as plt

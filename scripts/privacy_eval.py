@@ -28,14 +28,12 @@ settings. ``--quick`` runs tiny sizes to check the pipeline and writes
 
 from __future__ import annotations
 
-import argparse
 import json
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts.experiments import Fed, Runner, stored_results
+from scripts.experiments import Fed, Runner, campaign_main
 
 DELTA = 1e-5
 EPSILONS = (1.0, 4.0, 8.0)
@@ -174,37 +172,19 @@ def plan_size(scale: Scale) -> int:
     return (1 + len(EPSILONS)) + 2 + 1 + len(scale.attacks) * len(scale.rules)
 
 
+def run_all(runner: Runner) -> None:
+    run_utility(runner)
+    run_membership(runner)
+    run_poisoning(runner)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--state", default="privacy-state", help="runs (default %(default)s)")
-    p.add_argument(
-        "--quick", action="store_true", help="tiny sizes: check the pipeline (default off)"
-    )
-    p.add_argument(
-        "--out", help="the Markdown report (default docs/PRIVACY.md; with --quick STATE/PRIVACY.md)"
-    )
-    p.add_argument(
-        "--report-only",
-        action="store_true",
-        help="rewrite the report from the results there, run nothing (default off)",
-    )
-    args = p.parse_args(argv)
-    scale = QUICK if args.quick else Scale()
-    state = Path(args.state + ("-quick" if args.quick else ""))
-    out = Path(args.out or (state / "PRIVACY.md" if args.quick else "docs/PRIVACY.md"))
-    runner = Runner(state, scale, total=plan_size(scale))
-    t0 = time.monotonic()
-    if args.report_only:
-        runner.results = stored_results(state)
-    else:
-        run_utility(runner)
-        run_membership(runner)
-        run_poisoning(runner)
     from scripts.privacy_report import write_report
 
-    write_report(runner.results, scale, out)
-    print(f"privacy evaluation done in {time.monotonic() - t0:.0f}s: {out}", flush=True)
-    return 0
+    return campaign_main(
+        argv, __doc__, "privacy-state", "docs/PRIVACY.md", (Scale(), QUICK), plan_size, run_all,
+        write_report,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import os
 import platform
 from pathlib import Path
 
+from scripts.ml_report import save_plot
+
 UTILITY_TARGET = 1.15  # ε = 8 loss / no-DP loss
 MEMBERSHIP_TARGET = 0.55  # ROC AUC of the loss-threshold attack under DP
 POISON_TARGET = 1.05  # best robust rule's loss / the clean run's, for every attack
@@ -240,7 +242,7 @@ def _plots(r: dict, scale, folder: Path) -> dict[str, str]:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
-        names["utility"] = _save(fig, folder, "privacy_utility.png")
+        names["utility"] = save_plot(fig, folder, "privacy_utility.png")
     members = [(e, r.get(f"membership-{utility_name(e)}")) for e in (None, MEMBERSHIP_EPSILON)]
     if any(m for _, m in members):
         fig, ax = plt.subplots(figsize=(4.5, 4.5))
@@ -252,7 +254,7 @@ def _plots(r: dict, scale, folder: Path) -> dict[str, str]:
         ax.plot([0, 1], [0, 1], "k:", label="chance")
         ax.set(xlabel="false positive rate", ylabel="true positive rate")
         ax.legend(loc="lower right")
-        names["roc"] = _save(fig, folder, "privacy_membership_roc.png")
+        names["roc"] = save_plot(fig, folder, "privacy_membership_roc.png")
     if any(r.get(poison_name(a, x)) for a in scale.attacks for x in scale.rules):
         fig, ax = plt.subplots(figsize=(7, 4))
         width = 0.8 / len(scale.rules)
@@ -266,17 +268,8 @@ def _plots(r: dict, scale, folder: Path) -> dict[str, str]:
         ax.set(ylabel="final held-out loss")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-        names["poison"] = _save(fig, folder, "privacy_poisoning.png")
+        names["poison"] = save_plot(fig, folder, "privacy_poisoning.png")
     return names
-
-
-def _save(fig, folder: Path, name: str) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(folder / name, dpi=110)
-    plt.close(fig)
-    return name
 
 
 def _null_sd(m: int, n: int) -> float:
