@@ -28,4 +28,8 @@ class GlobalEvaluator:
 
     def __call__(self, layout: ModelLayout, flat: torch.Tensor) -> float:
         load_trainable_state(self.model, layout.unflatten(flat))
-        return evaluate(self.model, self.images, self.mask_ratio)
+        return self.loss_of(self.model)
+
+    def loss_of(self, model: torch.nn.Module) -> float:
+        """The same measure for a model already built (e.g. a loaded checkpoint)."""
+        return evaluate(model, self.images, self.mask_ratio)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -65,13 +66,22 @@ def test_demo_runs_a_real_federation(tmp_path):
     records = [json.loads(line) for line in (state / "rounds.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records] == ["published", "published"]
     assert all(r["participants"] == ["site-1", "site-2"] for r in records)
-    assert records[1]["val_loss"] < records[0]["val_loss"]
+    # The verdict: the global model against the model it started from, on the server's
+    # held-out check (one round against the next may go up by noise with 400 images).
+    found = re.search(
+        r"start (\d+\.\d+) -> round 1 (\d+\.\d+) -> round 2 (\d+\.\d+) \(lower\)",
+        result.stdout,
+    )
+    assert found, result.stdout
+    start, first, last = map(float, found.groups())
+    assert (first, last) == tuple(round(r["eval_loss"], 4) for r in records)
+    assert last < 0.8 * start  # it learned, by a margin noise does not reach
     assert sorted(p.name for p in (state / "checkpoints").iterdir()) == [
         "v000000.safetensors",
         "v000001.safetensors",
         "v000002.safetensors",
     ]
-    assert "over mTLS" in result.stdout and "(lower)" in result.stdout
+    assert "over mTLS" in result.stdout
     # Two sites: the demo lowers --min-participants to 2 itself, and says what that costs.
     assert "fewer than 3 participants" in result.stdout
     report = state / "report"
