@@ -336,3 +336,17 @@ def drive_rounds(
                 metrics={"train_loss": 1.0 / r, "val_loss": 2.0 / r}, timeout=TIMEOUT,
             )  # fmt: skip
         next(iter(clients.values())).wait_for("round_closed", round=r)
+
+
+def held_out_losses(state_dir: Path, versions: list[int], images: int = 200) -> list[float]:
+    """Masked-patch MSE of checkpoint ``versions`` on the first ``images`` Fashion-MNIST
+    test images with fixed masks: whether a run learned, measured the same way for all."""
+    from fedmae.cli.checkpoints import load_checkpoint
+    from fedmae.ml.fashion_mnist import load_fashion_mnist
+    from fedmae.ml.training import evaluate
+
+    held_out = load_fashion_mnist(split="test").to_tensor(list(range(images)))
+    from aggregator_service.checkpoint_store import CheckpointStore
+
+    store = CheckpointStore(Path(state_dir) / "checkpoints")
+    return [evaluate(load_checkpoint(store, v).model, held_out, 0.75) for v in versions]

@@ -9,6 +9,7 @@ import threading
 from federation_harness import (
     TIMEOUT,
     ScriptedClient,
+    held_out_losses,
     make_identities,
     make_server,
     wait_until,
@@ -63,7 +64,10 @@ def test_agents_train_and_the_run_ends(tmp_path):
     assert all(r["participants"] == ["s1", "s2"] for r in records)
     assert all(r["num_samples"] == 540 for r in records)  # 2 × (300 − 10 % held out)
     assert all(0 < r["val_loss"] < 5 for r in records)
-    assert records[1]["val_loss"] < records[0]["val_loss"]  # it learns
+    # It learns: the global model against the one it started from on held-out images
+    # (the sites' val_loss of one round against the next may go up by noise).
+    start, end = held_out_losses(tmp_path / "state", [0, 2])
+    assert end < 0.8 * start
 
 
 def test_agent_reconnects_after_the_aggregator_restarts(tmp_path):
