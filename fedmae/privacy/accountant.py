@@ -32,6 +32,7 @@ and a NaN becomes inf.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -53,6 +54,18 @@ ACCOUNTANTS = ("rdp", "pld")
 # that needs more is a configuration mistake, not a run to start.
 MAX_NOISE_MULTIPLIER = 100.0
 _MIN_NOISE_MULTIPLIER = 1e-3  # the lower end of calibration's search
+
+
+class _DroppedOrders(logging.Filter):
+    """dp-accounting logs a WARNING for every low Rényi order it cannot evaluate at small
+    σ (and drops it: the ε stays valid, see above); calibration asks dozens of times,
+    which floods a server's log with lines that need no action. Those alone are hidden."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to converge" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_DroppedOrders())
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ against opacus' independent RDP implementation, calibration, checkpointing, refu
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 
@@ -242,3 +243,13 @@ def test_a_ledger_of_distributed_skellam_noise():
         PrivacyLedger(1.0, PoissonSampling(0.1), DELTA, distributed=skellam)
     with pytest.raises(ConfigError, match="RDP"):
         PrivacyLedger(2.0, PoissonSampling(0.1), DELTA, accountant="pld", distributed=skellam)
+
+
+def test_dropped_orders_do_not_flood_the_log(caplog):
+    # At small σ dp-accounting cannot evaluate the lowest orders and warns for each, on
+    # every step of a calibration: those warnings are hidden, other absl ones are not.
+    caplog.set_level(logging.WARNING)
+    calibrate_noise(8.0, 1e-5, PoissonSampling(rate=0.1), rounds=20)
+    assert not [r for r in caplog.records if "failed to converge" in r.getMessage()]
+    logging.getLogger("absl").warning("something else")
+    assert "something else" in caplog.text
