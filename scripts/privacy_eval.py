@@ -10,6 +10,10 @@ processes), on Fashion-MNIST, and writes ``docs/PRIVACY.md`` with tables and plo
    --dp-target-epsilon E --dp-delta 1e-5``, σ calibrated for the rounds) for E in
    {1, 4, 8}. Each final model's exact held-out loss on the whole 10k test split
    (``scripts.experiments.Runner.final_eval``).
+   **What it would take:** the noise a larger population N would add at ε = 8 (the
+   noise on the mean is σ·C/(q·N), so this run's σ is the ε = 8 run's σ times
+   ``sites / N``; the model sees that noise, this run's own ε is far larger and is
+   reported as such) for N in ``POPULATIONS``.
 2. **Membership inference** (``fedmae.privacy.membership``, Yeom et al. 2018) on the
    final model of the no-DP and the ε = 8 runs: the training images of the site that
    took part in the most rounds against as many held-out test images.
@@ -37,6 +41,7 @@ from scripts.experiments import Fed, Runner, campaign_main
 
 DELTA = 1e-5
 EPSILONS = (1.0, 4.0, 8.0)
+POPULATIONS = (1_000, 10_000, 100_000)  # emulated at ε = 8 (docstring, 1.)
 MEMBERSHIP_EPSILON = 8.0  # the DP run the membership attack is tried on (and no DP)
 ATTACKS = ("scale", "signflip", "noise", "claim")  # client_agent.attacks.ATTACKS
 RULES = ("fedavg", "median", "trimmed-mean", "multi-krum", "norm-bounded")
@@ -79,6 +84,10 @@ def utility_name(epsilon: float | None) -> str:
     return "utility-nodp" if epsilon is None else f"utility-eps{epsilon:g}"
 
 
+def population_name(population: int) -> str:
+    return f"utility-eps8-as-N{population}"
+
+
 def poison_name(attack: str | None, rule: str = "fedavg") -> str:
     return "poison-clean" if attack is None else f"poison-{attack}-{rule}"
 
@@ -95,6 +104,22 @@ def run_utility(runner: Runner) -> None:
             strategy_args=() if epsilon is None else dp_args(epsilon),
         )  # fmt: skip
         runner.fed(utility_name(epsilon), run)
+
+
+def run_populations(runner: Runner) -> None:
+    """ε = 8's noise as a population of N sites would add it (module docstring, 1.)."""
+    s = runner.scale
+    sigma = runner.results[utility_name(8.0)]["dp"]["noise_multiplier"]
+    for population in POPULATIONS:
+        args = (
+            "--dp", "central", "--dp-noise-multiplier", f"{sigma * s.sites / population:.6g}",
+            "--dp-delta", f"{DELTA:g}",
+        )  # fmt: skip
+        run = Fed(
+            s.sites, s.images_per_site, s.rounds, fraction=s.fraction, workers=s.workers,
+            strategy_args=args,
+        )  # fmt: skip
+        runner.fed(population_name(population), run)
 
 
 def run_membership(runner: Runner) -> None:
@@ -169,13 +194,14 @@ def run_poisoning(runner: Runner) -> None:
 
 
 def plan_size(scale: Scale) -> int:
-    return (1 + len(EPSILONS)) + 2 + 1 + len(scale.attacks) * len(scale.rules)
+    return (1 + len(EPSILONS)) + 2 + 1 + len(scale.attacks) * len(scale.rules) + len(POPULATIONS)
 
 
 def run_all(runner: Runner) -> None:
     run_utility(runner)
     run_membership(runner)
     run_poisoning(runner)
+    run_populations(runner)
 
 
 def main(argv: list[str] | None = None) -> int:
