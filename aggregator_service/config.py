@@ -233,6 +233,16 @@ class ServerConfig:
                 f"loopback address (127.0.0.1, ::1, localhost), not {self.listen!r}"
             )
 
+    def dp_shape(self, dim: int):
+        """What distributed DP's noise is planned for (``private_rounds.Shape``): the
+        fewest inputs a round publishes with (each site adds 1/this of the noise, so
+        every published sum carries all of it) and secure aggregation's ring."""
+        from aggregator_service.private_rounds import Shape
+
+        secure = self.secure or SecureAggregation()
+        fewest = max(2, self.policy.min_participants, self.policy.required_updates)
+        return Shape(dim, fewest, secure.max_sites, secure.ring_bits)
+
     def _check_round_size(self, rule: type[Strategy]) -> None:
         """Refuse a round policy under which a round could aggregate fewer updates than
         the rule needs (a median of 2, Krum with n <= 2f + 2), naming the numbers."""

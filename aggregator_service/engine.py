@@ -93,7 +93,8 @@ class RoundEngine(ClientCalls):
         if config.secure is not None:
             if keys_check is None:
                 raise ConfigError("secure aggregation needs the federation's CA to check keys")
-            self.secagg = plan_params(config.secure, self.bounds.cap)
+            noise = private.skellam if private is not None else None  # --dp distributed
+            self.secagg = plan_params(config.secure, self.bounds.cap, noise)
         self.keys_check = keys_check
         self.phases = phases or (SECURE_PHASES if self.secagg else ROUND_PHASES)
         self.next_round = checkpoint.round + 1

@@ -1,8 +1,16 @@
-"""Central client-level differential privacy in the round engine (``--dp central``).
+"""Client-level differential privacy in the round engine (``--dp central`` and
+``--dp distributed``).
 
 DP-FedAvg (McMahan et al. 2018) with the fixed-denominator estimator: the mechanism and
 the accountant are ``fedmae.privacy``'s; this module is the one place the round engine
 meets them, so the engine asks five questions and knows nothing of ε:
+
+Distributed mode (``--dp distributed``, with secure aggregation) differs in where the
+noise is added: each site clips, rounds and adds its share of Skellam noise before
+masking (``fedmae.privacy.skellam``; ``fedmae.secagg.site``), weighs itself 1, and the
+server only divides the unmasked sum by q·N. The ledger accounts the Skellam bound with
+no amplification by sampling: the server that samples is the party this mode does not
+trust.
 
 - ``sample``: who is in the round. Poisson, as the ledger accounts: every site is in
   independently with probability q = ``--fraction``, drawn with ``random.SystemRandom``
@@ -35,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedmae.errors import ConfigError
+from fedmae.privacy import skellam
 from fedmae.privacy.accountant import PoissonSampling, PrivacyLedger, calibrate_noise
 from fedmae.privacy.mechanisms import (
     FixedDenominator,
@@ -77,6 +86,11 @@ class PrivacyConfig:
     sites: int = 0  # N: the enrolled population, public, fixed for the run
     accountant: str = "rdp"
     noise_seed: int | None = None  # tests only: known noise is no privacy
+    mode: str = "central"  # or "distributed": the sites add Skellam noise before masking
+
+    @property
+    def distributed(self) -> bool:
+        return self.mode == "distributed"
 
     @property
     def delta_(self) -> float:
@@ -87,30 +101,38 @@ def check_central(
     privacy: PrivacyConfig, fraction: float, rounds: int, strategy: str, sums: bool,
     secure: bool,
 ) -> None:  # fmt: skip
-    """Refuse a configuration under which ``--dp central``'s guarantee would not hold,
-    naming the numbers (ConfigError: exit 2). ``sums``: the rule aggregates a sum of
-    the deltas (FedAvg and the server optimizers on it)."""
-    if secure:
+    """Refuse a configuration under which ``--dp``'s guarantee would not hold, naming
+    the numbers (ConfigError: exit 2). ``sums``: the rule aggregates a sum of the
+    deltas (FedAvg and the server optimizers on it)."""
+    mode = f"--dp {privacy.mode}"
+    if privacy.distributed:
+        if not secure:
+            raise ConfigError(
+                "--dp distributed has each site add its share of the noise before secure "
+                "aggregation masks its input: add --secure-aggregation (or use --dp central, "
+                "which trusts the server to add the noise)"
+            )
+    elif secure:
         raise ConfigError(
             "--dp central adds its noise to the clear sum of the round's deltas, which "
-            "--secure-aggregation never shows the server: use one or the other "
-            "(--dp distributed, noise added by the sites before masking, is not available yet)"
+            "--secure-aggregation never shows the server: use --dp distributed with it "
+            "(each site adds its share of the noise before masking)"
         )
     if not sums:
         raise ConfigError(
-            f"--strategy {strategy} aggregates no sum of the deltas, and --dp central's noise "
-            "is calibrated for a sum (one site moves it by at most C): use fedavg, fedavgm, "
+            f"--strategy {strategy} aggregates no sum of the deltas, and {mode}'s noise "
+            f"is calibrated for a sum (one site moves it by at most C): use fedavg, fedavgm, "
             "fedadam, fedyogi, fedadagrad, fedprox or norm-bounded"
         )
     n = privacy.sites
     if n <= 0:
         raise ConfigError(
-            "--dp central needs --dp-sites N, the number of enrolled sites: the mean is "
+            f"{mode} needs --dp-sites N, the number of enrolled sites: the mean is "
             "divided by the fixed q·N, which must be known before the run"
         )
     if n < FEWEST_EXPECTED_SITES or fraction * n < FEWEST_EXPECTED_SITES:
         raise ConfigError(
-            f"--dp central with --dp-sites {n} and --fraction {fraction:g} expects "
+            f"{mode} with --dp-sites {n} and --fraction {fraction:g} expects "
             f"{fraction * n:g} sites per round: it needs at least {FEWEST_EXPECTED_SITES} "
             "(with fewer, a site learns the others' updates from the model, and the "
             "noise needed for any ε drowns the mean); enrol more sites or raise --fraction"
@@ -120,7 +142,7 @@ def check_central(
     sigma, target = privacy.noise_multiplier, privacy.target_epsilon
     if sigma is None and target is None:
         raise ConfigError(
-            "--dp central needs --dp-noise-multiplier σ, or --dp-target-epsilon E to "
+            f"{mode} needs --dp-noise-multiplier σ, or --dp-target-epsilon E to "
             "calibrate σ for the planned --rounds"
         )
     if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
@@ -138,16 +160,54 @@ def check_central(
         raise ConfigError(f"--dp-delta {privacy.delta_:g}: δ is in (0, 1), well below 1/N")
 
 
-def calibrated(privacy: PrivacyConfig, fraction: float, rounds: int) -> PrivacyConfig:
+@dataclass(frozen=True)
+class Shape:
+    """What distributed noise is planned for: the model's size d, the fewest inputs a
+    round publishes with (each site adds 1/min_sites of the noise), the most a round
+    holds and the ring asked for (None: the smaller that holds them)."""
+
+    dim: int
+    min_sites: int
+    max_sites: int = 100
+    ring_bits: int | None = None
+
+
+def model_dim(model: str) -> int:
+    """The number of trainable parameters of ``model`` (what a delta holds)."""
+    from fedmae.ml.model_state import count_trainable_parameters
+    from fedmae.ml.model_zoo import build_model
+
+    return count_trainable_parameters(build_model(model, seed=0))
+
+
+def skellam_noise(privacy: PrivacyConfig, sigma: float, shape: Shape) -> skellam.DistributedSkellam:
+    return skellam.DistributedSkellam(
+        clip=privacy.clip, noise_multiplier=sigma,
+        frac_bits=skellam.frac_bits_for(privacy.clip, shape.dim), dim=shape.dim,
+        min_sites=shape.min_sites,
+    )  # fmt: skip
+
+
+def calibrated(
+    privacy: PrivacyConfig, fraction: float, rounds: int, shape: Shape | None = None
+) -> PrivacyConfig:
     """``privacy`` with σ: as given, or the smallest that keeps ε at δ within the target
-    after ``rounds`` rounds (ConfigError if none does)."""
+    after ``rounds`` rounds (ConfigError if none does). Distributed mode needs ``shape``."""
     if privacy.noise_multiplier is not None:
         return privacy
     assert privacy.target_epsilon is not None  # check_central
-    sigma = calibrate_noise(
-        privacy.target_epsilon, privacy.delta_, PoissonSampling(rate=fraction), rounds,
-        privacy.accountant,
-    )  # fmt: skip
+    if privacy.distributed:
+        assert shape is not None, "distributed noise is calibrated for a model and a round size"
+        sigma = skellam.calibrate_skellam(
+            privacy.target_epsilon, privacy.delta_, rounds, clip=privacy.clip,
+            frac_bits=skellam.frac_bits_for(privacy.clip, shape.dim), dim=shape.dim,
+            min_sites=shape.min_sites,
+        )  # fmt: skip
+    else:
+        sigma = calibrate_noise(
+            privacy.target_epsilon, privacy.delta_, PoissonSampling(rate=fraction), rounds,
+            privacy.accountant,
+        )  # fmt: skip
     return replace(privacy, noise_multiplier=sigma)
 
 
@@ -158,6 +218,7 @@ class PrivateRounds:
         self.config = privacy
         self.rate = rate
         self.ledger = ledger
+        self.skellam = ledger.distributed  # the sites' noise (distributed mode), else None
         self.estimator = FixedDenominator.for_sampling(
             privacy.clip, ledger.noise_multiplier, rate, privacy.sites
         )
@@ -167,14 +228,24 @@ class PrivateRounds:
         self._warned = False  # about more connected sites than the population
 
     @classmethod
-    def plan(cls, privacy: PrivacyConfig, fraction: float, rounds: int) -> PrivateRounds:
+    def plan(
+        cls, privacy: PrivacyConfig, fraction: float, rounds: int, shape: Shape | None = None
+    ) -> PrivateRounds:
         """σ (given, or calibrated for ``rounds``) and a fresh ledger; ConfigError if the
-        target cannot be met or one round already exceeds it."""
+        target cannot be met or one round already exceeds it. Distributed mode needs
+        ``shape``."""
         sampling = PoissonSampling(rate=fraction)
         delta, target = privacy.delta_, privacy.target_epsilon
-        sigma = calibrated(privacy, fraction, rounds).noise_multiplier
+        sigma = calibrated(privacy, fraction, rounds, shape).noise_multiplier
         assert sigma is not None
-        ledger = PrivacyLedger(sigma, sampling, delta, accountant=privacy.accountant)
+        noise = None
+        if privacy.distributed:
+            assert shape is not None
+            noise = skellam_noise(privacy, sigma, shape)
+            noise.ring_bits(shape.max_sites, shape.ring_bits)  # the sum fits (ConfigError)
+        ledger = PrivacyLedger(
+            sigma, sampling, delta, accountant=privacy.accountant, distributed=noise
+        )
         ledger.epsilon_after(1)  # the per-round RDP curve (~0.3 s) now, not under a lock
         if target is not None and not ledger.budget_allows_next_round(target):
             raise ConfigError(
@@ -198,15 +269,15 @@ class PrivateRounds:
             return
         ledger = PrivacyLedger.from_json(saved)
         mine, theirs = self.ledger, ledger
-        if (mine.noise_multiplier, mine.sampling, mine.delta, mine.accountant) != (
-            theirs.noise_multiplier, theirs.sampling, theirs.delta, theirs.accountant,
-        ):  # fmt: skip
+        if (mine.noise_multiplier, mine.sampling, mine.delta, mine.accountant,
+                mine.distributed) != (theirs.noise_multiplier, theirs.sampling, theirs.delta,
+                                      theirs.accountant, theirs.distributed):  # fmt: skip
             raise ConfigError(
                 f"version {version}'s privacy ledger is for σ = {theirs.noise_multiplier:g}, "
                 f"{theirs.sampling.to_dict()}, δ = {theirs.delta:g}; this run's is σ = "
                 f"{mine.noise_multiplier:g}, {mine.sampling.to_dict()}, δ = {mine.delta:g}: "
                 "resume with the same --dp flags and --fraction (for a calibrated σ, the same "
-                "--rounds too)"
+                "--rounds too; distributed noise also needs the same model and round size)"
             )
         ledger.epsilon()  # its RDP curve now, not under the engine's lock
         self.ledger = ledger
@@ -232,7 +303,10 @@ class PrivateRounds:
         return replace(weighing, weight=1, scale=scale)
 
     def mean_(self, weighted_sum: torch.Tensor) -> torch.Tensor:
-        """The round's noised mean, in place: (Σ clip(Δᵢ) + N(0, σ²C²)) / (q·N)."""
+        """The round's noised mean, in place: (Σ clip(Δᵢ) + N(0, σ²C²)) / (q·N); in
+        distributed mode the sum carries the sites' noise already: ÷ q·N only."""
+        if self.skellam is not None:
+            return weighted_sum.mul_(1.0 / self.estimator.denominator)
         return private_mean_(weighted_sum, self.estimator, self.generator)
 
     def budget_spent(self) -> bool:
@@ -260,8 +334,14 @@ class PrivateRounds:
     def summary(self) -> dict[str, Any]:
         """The ``dp`` object of a round-log line: the mechanism and ε at δ so far."""
         ledger = self.ledger
+        noise = self.skellam
+        extra = {} if noise is None else {
+            "noise": "skellam", "frac_bits": noise.frac_bits, "min_sites": noise.min_sites,
+            "noise_std": noise.noise_std, "amplification": False,
+        }  # fmt: skip
         return {
-            "mode": "central", "clip": self.config.clip,
+            **extra,
+            "mode": self.config.mode, "clip": self.config.clip,
             "noise_multiplier": ledger.noise_multiplier, "q": self.rate,
             "population": self.config.sites, "delta": ledger.delta,
             "epsilon": ledger.epsilon(), "rounds": ledger.rounds,

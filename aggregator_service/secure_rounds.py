@@ -29,6 +29,7 @@ from fedmae.errors import (
 )
 from fedmae.payload.buffers import BufferPool
 from fedmae.payload.ring import RingDecoder
+from fedmae.privacy.skellam import DistributedSkellam
 from fedmae.rounds import Phase, UpdateHeader
 from fedmae.secagg.aggregation import SecureSum
 from fedmae.secagg.fixed_point import plan_ring
@@ -54,9 +55,20 @@ _WORDS = {
 }
 
 
-def plan_params(settings: SecureAggregation, weight_cap: int) -> SecAggParams:
+def plan_params(
+    settings: SecureAggregation, weight_cap: int, noise: DistributedSkellam | None = None
+) -> SecAggParams:
     """The round parameters: the ring and fixed point planned for the configuration
-    (ConfigError, at start, when no ring fits it)."""
+    (ConfigError, at start, when no ring fits it). With distributed DP's ``noise`` the
+    fixed point is the noise's, and the ring the smaller that holds its sums."""
+    if noise is not None:
+        return SecAggParams(
+            ring_bits=noise.ring_bits(settings.max_sites, settings.ring_bits),
+            frac_bits=noise.frac_bits, clip=noise.clip, weight_cap=1,
+            threshold=settings.threshold, neighbours=settings.neighbours,
+            dp_noise_multiplier=noise.noise_multiplier, dp_clip=noise.clip,
+            dp_min_sites=noise.min_sites,
+        )  # fmt: skip
     bits, frac = plan_ring(settings.max_sites, weight_cap, settings.clip, settings.ring_bits)
     return SecAggParams(
         ring_bits=bits, frac_bits=frac, clip=settings.clip, weight_cap=weight_cap,
@@ -189,6 +201,7 @@ class SecureRound:
     def summary(self) -> dict[str, object]:
         """The round log's ``secagg`` entry: parameters and counts, nothing per site."""
         return {
+            **({"distributed_dp": True} if self.params.distributed_dp else {}),
             "ring_bits": self.params.ring_bits,
             "frac_bits": self.params.frac_bits,
             "clip": self.params.clip,

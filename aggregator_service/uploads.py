@@ -331,9 +331,14 @@ class Uploads:
         nothing."""
         try:
             with self.fold_lock:
-                mean, weight = state.secure.sum.mean()  # float32 [P], sum of weights
-                self.strategy.accumulate(torch.from_numpy(mean), weight)
-                del mean  # the round's masked sum, decoded in place
+                if state.secure.params.distributed_dp:  # the sites' noised sum, ÷ q·N later
+                    total, weight = state.secure.sum.noised_sum()  # float32 [P]; inputs
+                    self.strategy.accumulate(torch.from_numpy(total), 1)
+                    del total
+                else:
+                    mean, weight = state.secure.sum.mean()  # float32 [P], sum of weights
+                    self.strategy.accumulate(torch.from_numpy(mean), weight)
+                    del mean  # the round's masked sum, decoded in place
         except SecAggFailed as err:
             with self._cond:
                 state.invalidated = state.invalidated or str(err)

@@ -100,15 +100,16 @@ class AggregatorServer:
         self.interceptors = list(interceptors)  # outermost first, on the mTLS port
         # Central DP's σ (calibrated: a second or so) before anything is made, so an
         # unmeetable target exits 2 leaving no state directory behind.
+        state = initial_state(config.training.model, seed=config.model_seed)
+        self.layout = ModelLayout.from_state(state)
         private = None
         if config.privacy is not None:
             private = PrivateRounds.plan(
-                config.privacy, config.policy.fraction, config.policy.rounds
-            )
+                config.privacy, config.policy.fraction, config.policy.rounds,
+                config.dp_shape(self.layout.numel),
+            )  # fmt: skip
         private_dir(config.state_dir)
         self.store = CheckpointStore(config.state_dir / "checkpoints", keep=config.keep_checkpoints)
-        state = initial_state(config.training.model, seed=config.model_seed)
-        self.layout = ModelLayout.from_state(state)
         latest = self.store.latest()
         if latest is None:
             flat = self.layout.flatten(state)

@@ -28,7 +28,7 @@ FLAG_OF_FIELD = {
     "final_grace_s": "final_grace",
     "max_connection_age_s": "max_connection_age",
     "max_connection_age_grace_s": "max_connection_age_grace",
-    "dp_clip": "-",  # no flag: the engine sends --dp-clip with each task under --dp central
+    "dp_clip": "-",  # no flag: the engine sends --dp-clip with each task under --dp
 }
 
 
@@ -173,25 +173,20 @@ DP_FLAGS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--dp-sites", int, 0,
      "N, the population of enrolled sites, fixed for the run: each is in a round with "
      "probability --fraction, and the mean is divided by --fraction x N; required with "
-     "--dp central"),
+     "--dp (default 0: unset)"),
 )  # fmt: skip
 
 
 def _privacy(args: argparse.Namespace):
-    """Central DP's settings from the flags; None with --dp off."""
+    """DP settings from the flags; None with --dp off."""
     from aggregator_service.private_rounds import PrivacyConfig
-    from fedmae.errors import ConfigError
 
     if args.dp == "off":
         return None
-    if args.dp == "distributed":
-        raise ConfigError(
-            "--dp distributed (noise added by the sites before secure aggregation's masking) "
-            "is not available yet: use --dp central, without --secure-aggregation"
-        )
     return PrivacyConfig(
         clip=args.dp_clip, noise_multiplier=args.dp_noise_multiplier,
         target_epsilon=args.dp_target_epsilon, delta=args.dp_delta, sites=args.dp_sites,
+        mode=args.dp,
     )  # fmt: skip
 
 
@@ -244,12 +239,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         privacy=_privacy(args),
     )
     if config.privacy is not None:  # σ calibrated before anything is made (exit 2 if none)
-        from aggregator_service.private_rounds import PrivateRounds, calibrated
+        from aggregator_service.private_rounds import PrivateRounds, calibrated, model_dim
 
         p = config.policy
+        shape = config.dp_shape(model_dim(config.training.model))
         config = dataclasses.replace(config, privacy=calibrated(config.privacy, p.fraction,
-                                                                p.rounds))  # fmt: skip
-        PrivateRounds.plan(config.privacy, p.fraction, p.rounds)  # and one round fits E
+                                                                p.rounds, shape))  # fmt: skip
+        PrivateRounds.plan(config.privacy, p.fraction, p.rounds, shape)  # and one round fits E
     if not config.insecure and not (config.certs / "server.pem").exists():
         from fedmae.pki.issue import init_certs
 
@@ -383,10 +379,11 @@ def build(sub: argparse._SubParsersAction) -> None:
         "--dp",
         choices=("off", "central", "distributed"),
         default="off",
-        help="client-level differential privacy (DP-FedAvg): central = the server clips each "
-        "delta to --dp-clip, adds Gaussian noise to the round's sum and keeps a privacy "
-        "ledger (ε in rounds.jsonl, status, /metrics); distributed is not available yet "
-        "(default %(default)s)",
+        help="client-level differential privacy (DP-FedAvg) with a privacy ledger (ε in "
+        "rounds.jsonl, status, /metrics): central = the server clips each delta to --dp-clip "
+        "and adds Gaussian noise to the round's sum; distributed = with --secure-aggregation, "
+        "each site clips and adds its share of Skellam noise before masking, so the server "
+        "never sees a delta nor a noiseless sum (default %(default)s)",
     )
     _add_numbers(s, DP_FLAGS)
     s.add_argument("--local-epochs", type=int, default=1, help="sent to clients" + D)

@@ -51,6 +51,24 @@ SKELLAM_ORDERS = np.array([*range(2, 65), 80, 96, 128, 192, 256, 512, 1024], dty
 _MAX_ROUNDING_DRAWS = 1000  # P(all fail) <= β^1000 = e^-500
 
 
+# numpy's Poisson sampler loses accuracy at huge means (measured here: a standard
+# deviation 3 % short at λ = 2.2e14, right to 0.1 % up to 1e13): a draw of a larger mean
+# is the sum of draws of at most this mean (a sum of Poissons is exactly Poisson).
+POISSON_MAX_MEAN = 1e10
+MAX_ROUNDING_INFLATION = 1e-3  # fractional bits: the fewest that keep Δ₂/(s·C) - 1 below
+OVERFLOW_ODDS = 2.0**-64  # a round may wrap any coordinate at most this likely
+
+
+def noise_tail(variance: float, dim: int, odds: float = OVERFLOW_ODDS) -> float:
+    """t with P(any of ``dim`` Skellam coordinates of ``variance`` exceeds t) <= ``odds``.
+
+    A Skellam is a limit of sums of independent centred variables bounded by 1 (Poisson
+    is Binomial's limit), so Bernstein's inequality holds: P(|X| >= t) <= 2 exp(-t² /
+    (2(V + t/3))). Solved for t at odds/dim each (a union bound over coordinates)."""
+    level = math.log(2 * dim / odds)
+    return level / 3 + math.sqrt(level**2 / 9 + 2 * level * variance)
+
+
 def noise_rng(seed: int | None = None) -> np.random.Generator:
     """A numpy generator seeded with 256 bits of ``os.urandom`` unless ``seed`` is given
     (tests only). PCG64's stream is not a CSPRNG; the seed is not guessable."""
@@ -96,8 +114,24 @@ def skellam_noise(size: int, variance: float, rng: np.random.Generator) -> np.nd
         raise ConfigError(f"a noise variance is >= 0 and finite, got {variance!r}")
     if variance == 0:
         return np.zeros(size, dtype=np.int64)
-    mean = variance / 2
-    return rng.poisson(mean, size).astype(np.int64) - rng.poisson(mean, size).astype(np.int64)
+    parts = math.ceil(variance / 2 / POISSON_MAX_MEAN)
+    mean = variance / 2 / parts
+    noise = np.zeros(size, dtype=np.int64)
+    for _ in range(parts):
+        noise += rng.poisson(mean, size).astype(np.int64)
+        noise -= rng.poisson(mean, size).astype(np.int64)
+    return noise
+
+
+def frac_bits_for(clip: float, dim: int, max_inflation: float = MAX_ROUNDING_INFLATION) -> int:
+    """The fewest fractional bits (s = 2^bits units per 1.0) at which conditional
+    rounding inflates the sensitivity s·C by at most ``max_inflation``: more bits only
+    grow the integers (and the Poisson means) without adding privacy or accuracy."""
+    for bits in range(0, 31):
+        scaled = 2.0**bits * clip
+        if rounded_norm_bound(scaled, dim) <= scaled * (1 + max_inflation):
+            return bits
+    raise ConfigError(f"no fixed point up to 2^30 rounds a clip of {clip} in {dim} values finely")
 
 
 def skellam_rdp(orders: np.ndarray, l2: float, l1: float, variance: float) -> np.ndarray:
@@ -192,6 +226,33 @@ class DistributedSkellam:
         epsilon, _ = rdp_privacy_accountant.compute_epsilon(SKELLAM_ORDERS, rdp, delta)
         return float(epsilon) if not math.isnan(epsilon) else math.inf
 
+    def largest_sum(self, sites: int) -> float:
+        """The largest |coordinate| of ``sites`` inputs' sum, but with odds
+        ``OVERFLOW_ODDS``: each input's rounded part is within Δ₂ (its L2 bound), and
+        the noise of ``sites`` shares within ``noise_tail``."""
+        return sites * math.ceil(self.l2_sensitivity) + noise_tail(
+            sites * self.site_variance, self.dim
+        )
+
+    def fits_ring(self, bits: int, max_sites: int) -> bool:
+        """Whether a sum of ``max_sites`` inputs (and their weights) stays in the signed
+        range of a ring of ``bits``, but with odds ``OVERFLOW_ODDS``."""
+        return self.largest_sum(max_sites) < 2 ** (bits - 1) - max_sites
+
+    def ring_bits(self, max_sites: int, requested: int | None = None) -> int:
+        """The ring for ``max_sites`` inputs: ``requested``, or 32 bits when they fit
+        it (half the bytes), else 64; ConfigError when the ring cannot hold them."""
+        for bits in (requested,) if requested else (32, 64):
+            if self.fits_ring(bits, max_sites):
+                return bits
+        bits = requested or 64
+        raise ConfigError(
+            f"a {bits}-bit ring cannot hold {max_sites} inputs clipped to {self.clip} with "
+            f"σ = {self.noise_multiplier:g} noise at 2^{self.frac_bits} per unit (sums up to "
+            f"{self.largest_sum(max_sites):.3g}): lower --secagg-max-sites, --dp-clip or σ"
+            + ("" if requested in (None, 64) else ", or drop --secagg-ring-bits")
+        )
+
     def encode(self, values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """A site's integer vector: ``values`` (already L2-clipped to C and weighted by
         w <= 1), scaled, conditionally rounded, plus its share of the noise (int64; put
@@ -204,3 +265,39 @@ class DistributedSkellam:
             raise ValueError(f"values of L2 norm {norm / self.scale} exceed the clip {self.clip}")
         rounded = conditional_round(scaled, self.l2_sensitivity, rng)
         return rounded + skellam_noise(self.dim, self.site_variance, rng)
+
+
+def calibrate_skellam(
+    target_epsilon: float,
+    delta: float,
+    rounds: int,
+    *,
+    clip: float,
+    frac_bits: int,
+    dim: int,
+    min_sites: int,
+    max_noise_multiplier: float = 100.0,
+) -> float:
+    """The smallest σ (to 1e-4 relative, rounded up) whose distributed Skellam noise
+    keeps ε at ``delta`` after ``rounds`` rounds within ``target_epsilon``; ConfigError
+    if even ``max_noise_multiplier`` does not. ε falls as σ grows: a bisection."""
+
+    def epsilon(sigma: float) -> float:
+        return DistributedSkellam(clip, sigma, frac_bits, dim, min_sites).epsilon(rounds, delta)
+
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0) or rounds < 1:
+        raise ConfigError(f"need a target ε > 0 and rounds >= 1, got {target_epsilon}, {rounds}")
+    if epsilon(max_noise_multiplier) > target_epsilon:
+        raise ConfigError(
+            f"ε = {target_epsilon:g} at δ = {delta:g} over {rounds} round(s) of distributed "
+            f"Skellam noise needs σ above {max_noise_multiplier:g} (no amplification by "
+            "sampling is claimed in this mode): raise the target or lower --rounds"
+        )
+    low, high = 1e-3, max_noise_multiplier
+    while high - low > 1e-4 * high:
+        middle = (low + high) / 2
+        if epsilon(middle) <= target_epsilon:
+            high = middle
+        else:
+            low = middle
+    return high

@@ -320,6 +320,18 @@ class SecureSum:
             raise self._fail("the surviving sites' weights sum to 0")
         return fixed_point.decode_mean_in_place(ring, self.params.frac_bits, weight), weight
 
+    def noised_sum(self) -> tuple[np.ndarray, int]:
+        """Distributed DP: (the sum over U3 of the sites' clipped, noised deltas as float32
+        [d], in the sum's own memory; the number of inputs). Every site weighs 1, so the
+        weights must sum to |U3| (else a site broke the protocol: SecAggFailed)."""
+        ring, weight = self._unmask()
+        if weight != len(self._u3):
+            raise self._fail(
+                f"under distributed DP every site weighs 1, but the {len(self._u3)} inputs' "
+                f"weights sum to {weight}"
+            )
+        return fixed_point.decode_mean_in_place(ring, self.params.frac_bits, 1), weight
+
     def _unmask(self) -> tuple[np.ndarray, int]:
         """Every mask taken off the sum: its d values (in place) and the sum of weights."""
         if self.abort_reason is not None:

@@ -41,6 +41,17 @@ class SecAggParams:
     weight_cap: int  # a site weighs min(its sample count, weight_cap)
     threshold: int = 0  # Shamir t; 0 = default (a strict majority of a site's holders)
     neighbours: int = 0  # SecAgg+ degree k above the complete-graph size; 0 = default
+    # Distributed DP (--dp distributed; fedmae.privacy.skellam): with σ > 0 each site
+    # clips its delta to L2 norm dp_clip, weighs it 1 (no sample count is sent), rounds
+    # it conditionally and adds Skellam noise of variance σ²Δ₂²/dp_min_sites before
+    # masking, so any sum of >= dp_min_sites inputs carries noise of variance σ²Δ₂².
+    dp_noise_multiplier: float = 0.0  # σ; 0 = no distributed DP
+    dp_clip: float = 0.0  # C, the L2 norm of a site's delta
+    dp_min_sites: int = 0  # the fewest inputs a round publishes with
+
+    @property
+    def distributed_dp(self) -> bool:
+        return self.dp_noise_multiplier > 0
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import secrets
 import numpy as np
 
 from fedmae.errors import KeysRejected, SecAggAborted
+from fedmae.privacy.skellam import DistributedSkellam, noise_rng
 from fedmae.secagg import fixed_point
 from fedmae.secagg.aead import ShareDecryptionError, decrypt_from_peer, encrypt_for_peer
 from fedmae.secagg.keys import (
@@ -73,6 +74,9 @@ class SiteRound:
         # the same masks (their difference would expose the rounding noise).
         source = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
         self._rounding_seed = int(source.integers(0, 2**63))
+        # Distributed DP's noise: 256 bits from the OS (a server that guessed the seed
+        # could take the noise off); a test's rng makes it reproducible.
+        self._noise_seed = secrets.randbits(256) if rng is None else int(source.integers(0, 2**63))
         self._keys: SiteKeys | None = None
         self._advertisement: AdvertiseKeys | None = None
         self._roster: Roster | None = None
@@ -194,7 +198,9 @@ class SiteRound:
             raise ValueError("a delta is a flat array of finite values")
         if num_samples < 0:
             raise ValueError(f"a sample count is non-negative, got {num_samples}")
-        out = self._masked(delta, min(num_samples, self.params.weight_cap))
+        # Under distributed DP every site weighs 1: no sample count leaves the site.
+        weight = 1 if self.params.distributed_dp else min(num_samples, self.params.weight_cap)
+        out = self._masked(delta, weight)
         self._sent_input = True
         return out
 
@@ -246,15 +252,20 @@ class SiteRound:
             )
             for peer in sorted(self._held)
         }
+        noised = self._noised(delta) if params.distributed_dp else None  # int64 [d]
         out = np.empty(d + 1, dtype=ring_dtype(params.ring_bits))  # [d + 1] ring
         scratch = np.empty(BLOCK, dtype=out.dtype)  # each mask's block, in turn
         for start in range(0, d + 1, BLOCK):
             stop = min(start + BLOCK, d + 1)
             block = out[start:stop]  # a view: the masks are added in place
             values = delta[start : min(stop, d)]
-            block[: values.size] = fixed_point.encode(
-                values, params.clip, params.frac_bits, params.ring_bits, weight, rounding
-            )
+            if noised is not None:
+                block[: values.size] = fixed_point.to_ring(noised[start : start + values.size],
+                                                           params.ring_bits)  # fmt: skip
+            else:
+                block[: values.size] = fixed_point.encode(
+                    values, params.clip, params.frac_bits, params.ring_bits, weight, rounding
+                )
             if stop == d + 1:
                 block[-1] = weight  # the last element: this site's weight, unscaled
             mask = scratch[: stop - start]
@@ -267,6 +278,21 @@ class SiteRound:
                 else:
                     block -= mask
         return out
+
+    def _noised(self, delta: np.ndarray) -> np.ndarray:
+        """Distributed DP: the delta clipped to L2 norm C, conditionally rounded, plus
+        this site's share of the Skellam noise (int64, ``fedmae.privacy.skellam``). The
+        generator is seeded once a round, so a resent input is the same draw."""
+        p = self.params
+        mechanism = DistributedSkellam(
+            clip=p.dp_clip, noise_multiplier=p.dp_noise_multiplier, frac_bits=p.frac_bits,
+            dim=delta.size, min_sites=p.dp_min_sites,
+        )  # fmt: skip
+        values = delta.astype(np.float64)  # [d], a copy
+        norm = float(np.sqrt(np.dot(values, values)))
+        if norm > p.dp_clip:  # a hair under C: float rounding cannot land above it
+            values *= p.dp_clip * (1 - 1e-9) / norm
+        return mechanism.encode(values, noise_rng(self._noise_seed))
 
     # UNMASK ---------------------------------------------------------------------------
 

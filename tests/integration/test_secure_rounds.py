@@ -5,21 +5,16 @@ site that misbehaves is excluded while the honest ones still publish."""
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from federation_harness import make_identities, make_server, wait_until
-from secure_sites import SecureSite, weighted_mean
+from federation_harness import wait_until
+from secure_sites import SecureFederation, SecureSite, weighted_mean
 
-from aggregator_service.config import SecureAggregation
 from aggregator_service.strategies import StrategyOptions
-from fedmae.config import TrainingConfig
 from fedmae.errors import FedmaeError
-from fedmae.ml.model_zoo import initial_state
 from fedmae.payload.layout import ModelLayout
 from fedmae.rounds import Phase, RoundTask
 from fedmae.secagg.aggregation import SecureSum
@@ -31,56 +26,6 @@ from fedmae.transport._proto import federation_pb2 as pb
 from fedmae.transport.status import status_name, wrap_behaviour
 
 TIMEOUT = 120.0
-
-
-class SecureFederation:
-    """An aggregator with --secure-aggregation and one ``SecureSite`` per name."""
-
-    def __init__(self, tmp_path: Path, names: list[str], model: str = "tiny",
-                 secure: SecureAggregation | None = None, interceptors: tuple = (),
-                 rounds: int = 1, strategy: str = "fedavg",
-                 options: StrategyOptions | None = None, **policy: object):  # fmt: skip
-        self.tmp_path = tmp_path
-        self.names = names
-        self.certs, self.ids = make_identities(tmp_path, names)
-        policy = {"min_participants": 3, "dropout_grace_s": 1.0, **policy}
-        self.server = make_server(
-            tmp_path / "state", self.certs, min_clients=len(names), rounds=rounds,
-            server={"secure": secure or SecureAggregation(), "strategy": strategy,
-                    "strategy_options": options or StrategyOptions()},
-            training=TrainingConfig(model=model), interceptors=interceptors, **policy,
-        )  # fmt: skip
-        self.port = self.server.start()
-        self.layout = self.server.layout
-        self.theta0 = self.layout.flatten(initial_state(model, seed=0)).numpy().astype(np.float64)
-        self.sites: dict[str, SecureSite] = {}
-
-    def run(self, deltas, samples, **site_options) -> list[dict]:
-        """Start a site per name with its delta; wait for the round's record."""
-        for n in self.names:
-            self.sites[n] = SecureSite(self.port, self.ids[n], {1: deltas[n]}, {1: samples[n]},
-                                       **site_options.get(n, {}))  # fmt: skip
-            self.sites[n].start()
-        return wait_until(self.records, "the round's record", timeout=TIMEOUT)
-
-    def records(self) -> list[dict]:
-        path = self.tmp_path / "state" / "rounds.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def published(self) -> np.ndarray:
-        return self.server.rounds.global_flat.numpy().astype(np.float64)
-
-    def bound(self, survivors: int, weight: int) -> np.ndarray:
-        """The documented quantization bound plus float32 rounding of the new model."""
-        frac = self.server.rounds.secagg.frac_bits
-        return survivors * 2.0**-frac / weight + 2.0**-22 * (np.abs(self.theta0) + 1.0)
-
-    def close(self) -> None:
-        for site in self.sites.values():
-            site.close()
-        self.server.stop(grace=0)
 
 
 def _deltas(layout: ModelLayout, names: list[str], scale: float = 0.01) -> dict[str, torch.Tensor]:

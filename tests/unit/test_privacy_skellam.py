@@ -13,9 +13,11 @@ from scipy import stats
 from fedmae.errors import ConfigError
 from fedmae.privacy.accountant import PoissonSampling, epsilon_for
 from fedmae.privacy.skellam import (
+    POISSON_MAX_MEAN,
     SKELLAM_ORDERS,
     DistributedSkellam,
     conditional_round,
+    frac_bits_for,
     noise_rng,
     rounded_norm_bound,
     skellam_noise,
@@ -170,3 +172,28 @@ def test_orders_are_integers():
     assert np.all(SKELLAM_ORDERS == np.floor(SKELLAM_ORDERS)) and SKELLAM_ORDERS.min() >= 2
     with pytest.raises(ValueError):
         skellam_rdp(np.array([1.5]), 1.0, 1.0, 10.0)
+
+
+def test_noise_of_a_huge_variance_has_that_variance():
+    # numpy's Poisson sampler is 3 % short in standard deviation at a mean of 2.2e14;
+    # skellam_noise sums draws of at most POISSON_MAX_MEAN, which it is exact for.
+    variance = 8 * POISSON_MAX_MEAN  # 4 draws a side
+    noise = skellam_noise(200_000, variance, noise_rng(5))
+    assert float(noise.std()) == pytest.approx(math.sqrt(variance), rel=0.01)
+    assert abs(float(noise.mean())) < 5 * math.sqrt(variance / 200_000)
+
+
+def test_the_planned_fixed_point_and_ring():
+    # The fewest fractional bits that round within 0.1 %: more only grow the integers.
+    bits = frac_bits_for(5.0, 1_301_648)
+    assert bits == 12
+    assert rounded_norm_bound(2.0**bits * 5, 1_301_648) <= 2.0**bits * 5 * 1.001
+    assert rounded_norm_bound(2.0 ** (bits - 1) * 5, 1_301_648) > 2.0 ** (bits - 1) * 5 * 1.001
+    # A round of 100 sites at σ = 2.85 (ε = 8 over 20 rounds) fits the 32-bit ring; at
+    # C = 1e6 it needs 64 bits, and asking for 32 is refused with the numbers.
+    noise = DistributedSkellam(5.0, 2.85, bits, 1_301_648, 3)
+    assert noise.ring_bits(100) == 32
+    wide = DistributedSkellam(1e6, 100.0, frac_bits_for(1e6, 1_301_648), 1_301_648, 3)
+    assert wide.ring_bits(100) == 64
+    with pytest.raises(ConfigError, match="a 32-bit ring cannot hold 100 inputs"):
+        wide.ring_bits(100, requested=32)

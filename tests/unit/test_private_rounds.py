@@ -29,7 +29,14 @@ DP = ["--dp", "central", "--dp-sites", "10", "--fraction", "0.5", "--rounds", "3
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--dp", "distributed"], "--dp distributed (noise added by the sites"),
+        (["--dp", "distributed", *DP[2:], "--dp-noise-multiplier", "1"],
+         "add --secure-aggregation"),
+        (["--dp", "distributed", *DP[2:], "--dp-noise-multiplier", "100", "--dp-clip", "1e6",
+          "--secure-aggregation", "--secagg-ring-bits", "32"], "a 32-bit ring cannot hold"),
+        (["--dp", "distributed", *DP[2:], "--secure-aggregation", "--dp-target-epsilon",
+          "0.0001"], "distributed Skellam noise needs σ above 100"),
+        (["--dp", "distributed", "--secure-aggregation", "--dp-noise-multiplier", "1"],
+         "--dp distributed needs --dp-sites N"),
         ([*DP, "--dp-noise-multiplier", "1", "--secure-aggregation"],
          "--secure-aggregation never shows the server"),
         ([*DP, "--dp-noise-multiplier", "1", "--strategy", "median"],

@@ -127,20 +127,26 @@ class RoundTask(_message.Message):
     def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., model_version: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., config: _Optional[_Union[TrainingConfig, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., selected_clients: _Optional[int] = ..., secagg: _Optional[_Union[SecAggParams, _Mapping]] = ..., roster: _Optional[_Union[Roster, _Mapping]] = ..., inbound_shares: _Optional[_Union[InboundShares, _Mapping]] = ..., unmask: _Optional[_Union[UnmaskRequest, _Mapping]] = ...) -> None: ...
 
 class SecAggParams(_message.Message):
-    __slots__ = ("ring_bits", "frac_bits", "clip", "weight_cap", "threshold", "neighbours")
+    __slots__ = ("ring_bits", "frac_bits", "clip", "weight_cap", "threshold", "neighbours", "dp_noise_multiplier", "dp_clip", "dp_min_sites")
     RING_BITS_FIELD_NUMBER: _ClassVar[int]
     FRAC_BITS_FIELD_NUMBER: _ClassVar[int]
     CLIP_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_CAP_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    DP_CLIP_FIELD_NUMBER: _ClassVar[int]
+    DP_MIN_SITES_FIELD_NUMBER: _ClassVar[int]
     ring_bits: int
     frac_bits: int
     clip: float
     weight_cap: int
     threshold: int
     neighbours: int
-    def __init__(self, ring_bits: _Optional[int] = ..., frac_bits: _Optional[int] = ..., clip: _Optional[float] = ..., weight_cap: _Optional[int] = ..., threshold: _Optional[int] = ..., neighbours: _Optional[int] = ...) -> None: ...
+    dp_noise_multiplier: float
+    dp_clip: float
+    dp_min_sites: int
+    def __init__(self, ring_bits: _Optional[int] = ..., frac_bits: _Optional[int] = ..., clip: _Optional[float] = ..., weight_cap: _Optional[int] = ..., threshold: _Optional[int] = ..., neighbours: _Optional[int] = ..., dp_noise_multiplier: _Optional[float] = ..., dp_clip: _Optional[float] = ..., dp_min_sites: _Optional[int] = ...) -> None: ...
 
 class AdvertiseKeys(_message.Message):
     __slots__ = ("round", "attempt", "mask_public", "share_public", "certificate_chain", "signature")
