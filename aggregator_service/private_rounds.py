@@ -331,6 +331,22 @@ class PrivateRounds:
         reason = "" if closed.success else "the round did not publish (see the round log)"
         return replace(closed, train_loss=0.0, val_loss=0.0, reason=reason)
 
+    def describe(self) -> str:
+        """One line for the log: the mechanism, its parameters and ε so far."""
+        ledger, noise = self.ledger, self.skellam
+        how = (
+            "central DP (Gaussian noise added by the server)"
+            if noise is None
+            else f"distributed DP (Skellam shares added by the sites before masking, "
+            f"2^{noise.frac_bits} units per 1.0, each site 1/{noise.min_sites} of the noise; "
+            "no amplification by sampling claimed)"
+        )
+        return (
+            f"{how}: σ = {ledger.noise_multiplier:.4g}, C = {self.config.clip:g}, q = "
+            f"{self.rate:g}, N = {self.config.sites}; ε = {ledger.epsilon():.4g} at δ = "
+            f"{ledger.delta:g} after {ledger.rounds} round(s)"
+        )
+
     def summary(self) -> dict[str, Any]:
         """The ``dp`` object of a round-log line: the mechanism and ε at δ so far."""
         ledger = self.ledger

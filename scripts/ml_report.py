@@ -304,7 +304,7 @@ def _plots(results: dict, folder: Path, alphas, strategies) -> dict[str, str]:
 def save_plot(fig, folder: Path, name: str) -> str:
     """Write ``fig`` as ``folder/name`` (shared with scripts/privacy_report.py)."""
     fig.tight_layout()
-    fig.savefig(folder / name, dpi=110)
+    fig.savefig(folder / name, dpi=110, bbox_inches="tight")  # a legend outside the axes too
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -141,10 +141,7 @@ class AggregatorServer:
         resume_state(self.store, strategy, checkpoint.version)
         if private is not None:
             private.resume(self.store.load_ledger(checkpoint.version), checkpoint.version)
-            log.info("central DP: σ = %.4g, C = %g, q = %g, N = %d; ε = %.4g at δ = %g after "
-                     "%d round(s)", private.ledger.noise_multiplier, private.config.clip,
-                     private.rate, private.config.sites, private.ledger.epsilon(),
-                     private.ledger.delta, private.ledger.rounds)  # fmt: skip
+            log.info("%s", private.describe())
         self.rounds = RoundEngine(
             config,
             self.layout,

@@ -106,14 +106,15 @@ def _serve_command(cfg: SimulationConfig, state: Path, server: str, enroll: str)
 
 
 def _dp_population(cfg: SimulationConfig) -> list[str]:
-    """Central DP needs N, the population: here it is known, every site of the run."""
+    """DP needs N, the population: here it is known, every site of the run."""
     args = cfg.serve_args
-    central = any(
-        a == "--dp=central" or (a == "--dp" and args[i + 1 : i + 2] == ["central"])
+    private = any(
+        a in ("--dp=central", "--dp=distributed")
+        or (a == "--dp" and args[i + 1 : i + 2] in (["central"], ["distributed"]))
         for i, a in enumerate(args)
     )
     given = any(a == "--dp-sites" or a.startswith("--dp-sites=") for a in args)
-    return ["--dp-sites", str(cfg.sites)] if central and not given else []
+    return ["--dp-sites", str(cfg.sites)] if private and not given else []
 
 
 def enroll_sites(
@@ -345,7 +346,7 @@ def build(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--serve-args",
         default="",
-        help="more flags for fedmae serve, one string; with --dp central, --dp-sites is "
+        help="more flags for fedmae serve, one string; with --dp, --dp-sites is "
         "--sites unless given (default none)",
     )
     s.add_argument(

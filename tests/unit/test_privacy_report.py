@@ -13,11 +13,13 @@ from scripts.privacy_report import write_report
 FULL = Scale()
 
 
-def _fed(final: float, epsilon: float | None = None, **settings) -> dict:
+def _fed(final: float, epsilon: float | None = None, distributed: bool = False, **settings):
     dp = None
     if epsilon is not None:
         dp = {"epsilon": epsilon * 0.999, "noise_multiplier": 1.1, "clip": 5.0, "q": 0.1}
         dp["population"] = 100
+        if distributed:  # σ larger (no amplification), std a hair over σC (rounding)
+            dp |= {"noise_multiplier": 4.4, "noise_std": 4.4 * 5 * 1.0002, "mode": "distributed"}
     return {
         "settings": {"kind": "fed", "sites": 100, "fraction": 0.1, "rounds": 20, **settings},
         "wall_s": 60.0,
@@ -42,6 +44,7 @@ def _results(eps8: float, dp_auc: float, best_robust: float) -> dict[str, dict]:
     r = {utility_name(None): _fed(0.40)}
     for eps in EPSILONS:
         r[utility_name(eps)] = _fed(eps8 if eps == 8 else 0.9, eps)
+        r[utility_name(eps, "distributed")] = _fed(eps8 if eps == 8 else 1.9, eps, True)
     r[f"membership-{utility_name(None)}"] = _membership(0.58)
     r[f"membership-{utility_name(8.0)}"] = _membership(dp_auc)
     r[poison_name(None)] = _fed(0.50, sites=5, rounds=5)
@@ -60,9 +63,9 @@ def _targets(text: str) -> list[str]:
 @pytest.mark.parametrize(
     ("eps8", "dp_auc", "best_robust", "verdicts"),
     [
-        (0.458, 0.549, 0.524, ["met", "met", "met"]),  # 1.145, AUC 0.549, 1.048
-        (0.462, 0.551, 0.526, ["missed", "missed", "missed"]),  # 1.155, 0.551, 1.052
-        (0.40, 0.50, 0.60, ["met", "met", "missed"]),
+        (0.458, 0.549, 0.524, ["met", "met", "met", "met"]),  # 1.145, AUC 0.549, 1.048
+        (0.462, 0.551, 0.526, ["missed", "missed", "missed", "missed"]),  # 1.155, .551, 1.052
+        (0.40, 0.50, 0.60, ["met", "met", "met", "missed"]),
     ],
 )
 def test_each_target_is_met_or_missed_as_its_figures_say(
@@ -77,7 +80,8 @@ def test_each_target_is_met_or_missed_as_its_figures_say(
     assert f"| {dp_auc:.3f} (± 0.018) |" in text  # 540 vs 540 under the null
     assert "7.992" in text  # ε from the ledger (the run's own, not the target)
     assert f"| {1.1 * 5 * 1_301_648**0.5 / 10:.1f} (C = 5) |" in text  # σC√P/(qN)
-    assert text.count("not available (`--dp distributed` is not wired yet)") == len(EPSILONS)
+    std = 4.4 * 5 * 1.0002  # distributed: the Skellam noise's own std, not σC
+    assert f"| 4.400 | 7.992 | {std * 1_301_648**0.5 / 10:.1f} (C = 5) | {eps8:.4f} |" in text
     for plot in ("privacy_utility.png", "privacy_membership_roc.png", "privacy_poisoning.png"):
         assert (tmp_path / plot).stat().st_size > 1000
 
@@ -90,7 +94,8 @@ def test_a_missing_run_is_shown_as_not_run_and_its_target_missed(tmp_path):
     del results[poison_name("claim", "multi-krum")], results[poison_name("claim", "norm-bounded")]
     write_report(results, FULL, tmp_path / "PRIVACY.md")
     text = (tmp_path / "PRIVACY.md").read_text()
-    assert _targets(text) == ["missed", "missed", "missed"]
+    # Central ε = 8 did not run (missed); distributed did (0.41 / 0.40: met).
+    assert _targets(text) == ["missed", "met", "missed", "missed"]
     assert "| central DP, target ε = 8 | | | | not run | | |" in text
     assert "| claim | 5.0000 | not run | not run | not run | not run | not run |" in text
     assert f"{0.70 / 0.50:.3f} (trimmed-mean)" in text  # noise: median missing, next best
