@@ -45,7 +45,8 @@ class ClientCalls:
     last_record: RoundRecord | None
     policy: RoundPolicy
     version: int  # the published version (a property of the engine)
-    # and the engine's helpers: _task(state, client_id), _run_done(), _run_finished()
+    # and the engine's helpers: _task(state, client_id), _run_done(), _run_finished(),
+    # _finish_reason()
 
     def subscribe(self, client_id: str, peer: str = "") -> Subscription:
         """A new event stream for ``client_id`` (an older one of the identity ends).
@@ -110,6 +111,7 @@ class ClientCalls:
                 "selected": [], "reported": [], "uploading": [],
                 "round_elapsed_s": 0.0, "deadline_in_s": 0.0, "progress": {},
                 "last_record": self.last_record.to_json() if self.last_record else None,
+                "finish_reason": self._finish_reason() if self.finished.is_set() else "",
             }  # fmt: skip
             if (state := self.state) is not None and not state.closed:
                 snapshot.update(state.progress(self.clock.monotonic()))

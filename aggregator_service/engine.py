@@ -368,6 +368,10 @@ class RoundEngine(ClientCalls):
         """Round ``policy.rounds`` is published (never, when rounds = 0)."""
         return bool(self.policy.rounds) and self.next_round > self.policy.rounds
 
+    def _finish_reason(self) -> str:
+        """Why the finished run ended (status): its reason, or "stopped" before its end."""
+        return self.finish_reason if self.completed else "stopped"
+
     def _run_finished(self) -> RunFinished:
         return RunFinished(self.version, self.next_round - 1, self.finish_reason,
                            self.config.training.model)  # fmt: skip

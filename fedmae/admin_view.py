@@ -117,6 +117,7 @@ class RunStatus:
     deadline_in_s: float
     last_record: dict[str, Any] | None  # the latest closed round, round-log schema
     progress: dict[str, SiteProgress] = field(default_factory=dict)  # training sites' reports
+    finish_reason: str = ""  # once finished: completed | privacy budget spent | stopped
 
 
 def dp_line(dp: dict) -> str:

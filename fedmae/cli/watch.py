@@ -98,6 +98,7 @@ def _status_panel(status: RunStatus | None, error: str):
     target = f"/{status.rounds_target}" if status.rounds_target else ""
     head = Text.assemble(
         ("state ", "dim"), (status.state, "bold"),
+        (f" ({status.finish_reason})" if status.finish_reason else "", "bold"),
         ("   round ", "dim"), f"{status.round}{target}",
         ("   version ", "dim"), str(status.version),
         ("   connected ", "dim"), f"{len(status.connected)} (min {status.min_clients})",
@@ -179,11 +180,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             "selected": s.selected, "reported": s.reported,
             "uploading": s.uploading, "last_round": last,
             "progress": {c: dataclasses.asdict(p) for c, p in s.progress.items()},
+            "finish_reason": s.finish_reason,
         }  # fmt: skip
         print(json.dumps(snap))
         return 0
     target = f" of {s.rounds_target}" if s.rounds_target else ""
-    print(f"state:     {s.state}")
+    print(f"state:     {s.state}" + (f" ({s.finish_reason})" if s.finish_reason else ""))
     print(f"round:     {s.round}{target}" + (f" (attempt {s.attempt})" if s.attempt > 1 else ""))
     print(f"version:   {s.version}")
     print(f"clients:   {len(s.connected)} connected (min {s.min_clients}): "

@@ -72,6 +72,7 @@ def _status(s: apb.StatusResponse) -> RunStatus:
         round_elapsed_s=s.round_elapsed_s, deadline_in_s=s.deadline_in_s,
         last_record=json.loads(s.last_record_json) if s.last_record_json else None,
         progress={c: SiteProgress(p.step, p.total, p.since_step_s) for c, p in s.progress.items()},
+        finish_reason=s.finish_reason,
     )  # fmt: skip
 
 

@@ -24,6 +24,7 @@ from federation_harness import (
 from aggregator_service.private_rounds import BUDGET_SPENT, PrivacyConfig
 from client_agent.agent import AgentConfig, ClientAgent
 from fedmae.admin_view import dp_line
+from fedmae.cli.main import main
 from fedmae.ml.fashion_mnist import load_fashion_mnist
 from fedmae.ml.partitions import client_split
 from fedmae.privacy.accountant import PoissonSampling, PrivacyLedger
@@ -85,7 +86,9 @@ def test_published_model_is_the_clipped_mean_plus_noise_of_the_configured_std(tm
     }  # fmt: skip
 
 
-def test_run_stops_when_its_budget_is_spent_and_the_ledger_survives_a_restart(tmp_path, caplog):
+def test_run_stops_when_its_budget_is_spent_and_the_ledger_survives_a_restart(
+    tmp_path, caplog, capsys
+):
     caplog.set_level(logging.INFO)
     names, sigma = ["a", "b", "c"], 2.0
     sampling = PoissonSampling(1.0)
@@ -104,7 +107,11 @@ def test_run_stops_when_its_budget_is_spent_and_the_ledger_survives_a_restart(tm
         records = server.rounds.round_log.read()
         status = server.rounds.status()
         gauge = server.metrics.registry.get_sample_value("fedmae_dp_epsilon")
+        admin = str(server.config.certs_dir / "admin")  # the operator asks why it ended
+        assert main(["status", "--server", f"127.0.0.1:{fed.port}", "--identity", admin]) == 0
     assert f"run finished ({BUDGET_SPENT})" in caplog.text
+    assert f"state:     finished ({BUDGET_SPENT})" in capsys.readouterr().out
+    assert status["finish_reason"] == BUDGET_SPENT
 
     published = [r for r in records if r["status"] == "published"]
     assert [r["round"] for r in published] == [1, 2]  # of the 5 planned

@@ -96,7 +96,7 @@ def test_status_metrics_and_who_may_watch(tmp_path):
         status = wait_until(training, "round 1 to open")
         assert status.state == "training" and status.round == 1 and status.version == 0
         assert list(status.connected) == ["a", "b"] and list(status.selected) == ["a", "b"]
-        assert status.rounds_target == 3
+        assert status.rounds_target == 3 and status.finish_reason == ""  # still running
         # A client certificate may not watch or ask for status.
         for call in (
             lambda s: list(s.WatchRounds(apb.WatchRoundsRequest(), timeout=TIMEOUT)),
@@ -125,6 +125,8 @@ def test_status_metrics_and_who_may_watch(tmp_path):
 
         drive_rounds(clients, server.layout, [1, 2, 3])
         assert server.wait(TIMEOUT)
+        done = admin.Status(apb.StatusRequest(), timeout=TIMEOUT)
+        assert (done.state, done.finish_reason) == ("finished", "completed")
         records = server.rounds.round_log.read()
         value = scrape()
 

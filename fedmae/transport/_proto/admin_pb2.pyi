@@ -188,7 +188,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("state", "round", "attempt", "version", "rounds_target", "connected", "selected", "reported", "uploading", "round_elapsed_s", "deadline_in_s", "min_clients", "last_record_json", "progress")
+    __slots__ = ("state", "round", "attempt", "version", "rounds_target", "connected", "selected", "reported", "uploading", "round_elapsed_s", "deadline_in_s", "min_clients", "last_record_json", "progress", "finish_reason")
     class ProgressEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +210,7 @@ class StatusResponse(_message.Message):
     MIN_CLIENTS_FIELD_NUMBER: _ClassVar[int]
     LAST_RECORD_JSON_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     state: str
     round: int
     attempt: int
@@ -224,7 +225,8 @@ class StatusResponse(_message.Message):
     min_clients: int
     last_record_json: str
     progress: _containers.MessageMap[str, SiteProgress]
-    def __init__(self, state: _Optional[str] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., version: _Optional[int] = ..., rounds_target: _Optional[int] = ..., connected: _Optional[_Iterable[str]] = ..., selected: _Optional[_Iterable[str]] = ..., reported: _Optional[_Iterable[str]] = ..., uploading: _Optional[_Iterable[str]] = ..., round_elapsed_s: _Optional[float] = ..., deadline_in_s: _Optional[float] = ..., min_clients: _Optional[int] = ..., last_record_json: _Optional[str] = ..., progress: _Optional[_Mapping[str, SiteProgress]] = ...) -> None: ...
+    finish_reason: str
+    def __init__(self, state: _Optional[str] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., version: _Optional[int] = ..., rounds_target: _Optional[int] = ..., connected: _Optional[_Iterable[str]] = ..., selected: _Optional[_Iterable[str]] = ..., reported: _Optional[_Iterable[str]] = ..., uploading: _Optional[_Iterable[str]] = ..., round_elapsed_s: _Optional[float] = ..., deadline_in_s: _Optional[float] = ..., min_clients: _Optional[int] = ..., last_record_json: _Optional[str] = ..., progress: _Optional[_Mapping[str, SiteProgress]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
 
 class SiteProgress(_message.Message):
     __slots__ = ("step", "total", "since_step_s")
