@@ -155,19 +155,24 @@ SECAGG_FLAGS: tuple[tuple[str, Any, Any, str], ...] = (
 )  # fmt: skip
 
 
-# Central differential privacy (docs/privacy.md, "Differential privacy: --dp central").
+def _optional_float(text: str) -> float | None:
+    """A number, or nothing (empty: the flag's default; compose passes unset settings so)."""
+    return None if text.strip() == "" else float(text)
+
+
+# Differential privacy (docs/privacy.md, "Central DP" and "Distributed DP").
 DP_FLAGS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--dp-clip", float, 5.0,
      "L2 norm C each site's delta is clipped to, by the site and again by the server; 5 "
      "is the low end of the tiny MAE's honest update norms (4-9): noise grows with C"),
-    ("--dp-noise-multiplier", float, None,
+    ("--dp-noise-multiplier", _optional_float, None,
      "σ: the noise on each round's sum has standard deviation σ·C (default: calibrated "
      "from --dp-target-epsilon for the planned --rounds)"),
-    ("--dp-target-epsilon", float, None,
+    ("--dp-target-epsilon", _optional_float, None,
      "ε the run may spend at δ: calibrates σ when --dp-noise-multiplier is not given, and "
      "the run ends ('privacy budget spent') before a round that would exceed it (default: "
      "no target)"),
-    ("--dp-delta", float, None,
+    ("--dp-delta", _optional_float, None,
      "δ of the (ε, δ) guarantee (default min(1e-5, N^-1.1), well below 1/N for N = "
      "--dp-sites)"),
     ("--dp-sites", int, 0,

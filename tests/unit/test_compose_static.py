@@ -131,6 +131,18 @@ def test_env_example_documents_and_drives_the_settings(tmp_path):
     assert "--clients=5" in client["command"] and "--dirichlet=0.5" in client["command"]
     assert "--clients=5" in cfg["services"]["tokens"]["command"]  # one token per replica
     assert "--rounds=7" in cfg["services"]["aggregator"]["command"]
+    # DP and the robust rules are settings too; unset numbers reach serve as empty values,
+    # which its parser reads as "not given" (the flags' own defaults).
+    custom.write_text("FEDMAE_DP=distributed\nFEDMAE_DP_SITES=3\nFEDMAE_DP_TARGET_EPSILON=8\n"
+                      "FEDMAE_SECURE_AGGREGATION=1\nFEDMAE_STRATEGY=fedavg\n")  # fmt: skip
+    command = _normalized(env_file=custom)["services"]["aggregator"]["command"]
+    assert {"--dp=distributed", "--dp-sites=3", "--dp-target-epsilon=8"} <= set(command)
+    assert "--dp-noise-multiplier=" in command and "--dp-delta=" in command
+    from fedmae.cli.main import build_parser
+
+    args = build_parser().parse_args(command)
+    assert (args.dp, args.dp_sites, args.dp_target_epsilon) == ("distributed", 3, 8.0)
+    assert args.dp_noise_multiplier is None and args.dp_delta is None
     documented = {line.split("=")[0] for line in (REPO / ".env.example").read_text().splitlines()
                   if line and not line.startswith("#")}  # fmt: skip
     used = set(
