@@ -82,47 +82,14 @@ def write_report(results: dict[str, dict], scale, out: Path) -> None:
     )
     add("|---|---|---|---|---|---|---|")
     base = nodp["final_eval"] if nodp else None
-    for eps in (None, *EPSILONS):
-        run = r.get(utility_name(eps))
-        label = "no DP" if eps is None else f"central DP, target ε = {eps:g}"
-        if run is None:
-            add(f"| {label} | | | | not run | | |")
-            continue
-        dp = run.get("dp") or {}
-        sigma = f"{dp['noise_multiplier']:.3f}" if dp else "-"
-        eps_ = f"{dp['epsilon']:.3f}" if dp else "none"
-        noise = f"{_noise_norm(dp):.1f} (C = {dp['clip']:g})" if dp else "-"
-        ratio = f"{run['final_eval'] / base:.3f}" if base else "-"
-        add(
-            f"| {label} | {sigma} | {eps_} | {noise} | {run['final_eval']:.4f} | {ratio} | "
-            f"{_mins(run)} |"
-        )
-    for eps in EPSILONS:
-        run = r.get(utility_name(eps, "distributed"))
-        label = f"distributed DP (Skellam + secure aggregation), target ε = {eps:g}"
-        if run is None:
-            add(f"| {label} | | | | not run | | |")
-            continue
-        dp = run["dp"]
-        ratio = f"{run['final_eval'] / base:.3f}" if base else "-"
-        add(
-            f"| {label} | {dp['noise_multiplier']:.3f} | {dp['epsilon']:.3f} | "
-            f"{_noise_norm(dp):.1f} (C = {dp['clip']:g}) | {run['final_eval']:.4f} | {ratio} | "
-            f"{_mins(run)} |"
-        )
-    for population in POPULATIONS:
-        run = r.get(population_name(population))
-        label = f"ε = 8's noise as N = {population:,} sites would add it (emulated)"
-        if run is None:
-            add(f"| {label} | | | | not run | | |")
-            continue
-        dp = run["dp"]
-        ratio = f"{run['final_eval'] / base:.3f}" if base else "-"
-        add(
-            f"| {label} | {dp['noise_multiplier']:.4g} | {dp['epsilon']:.3g} (this run's "
-            f"own) | {_noise_norm(dp):.2f} (C = {dp['clip']:g}) | {run['final_eval']:.4f} | "
-            f"{ratio} | {_mins(run)} |"
-        )
+    rows = [("no DP", r.get(utility_name(None)), False)]
+    rows += [(f"central DP, target ε = {e:g}", r.get(utility_name(e)), False) for e in EPSILONS]
+    rows += [(f"distributed DP (Skellam + secure aggregation), target ε = {e:g}",
+              r.get(utility_name(e, "distributed")), False) for e in EPSILONS]  # fmt: skip
+    rows += [(f"ε = 8's noise as N = {n:,} sites would add it (emulated)",
+              r.get(population_name(n)), True) for n in POPULATIONS]  # fmt: skip
+    for label, run, emulated in rows:
+        add(_utility_row(label, run, base, emulated))
     utility_verdicts = []
     for mode in ("central", "distributed"):
         target = r.get(utility_name(8.0, mode))
@@ -270,22 +237,15 @@ def _plots(r: dict, scale, folder: Path) -> dict[str, str]:
     import numpy as np
 
     from fedmae.privacy.membership import roc_curve
-    from scripts.privacy_eval import (
-        EPSILONS,
-        MEMBERSHIP_EPSILON,
-        POPULATIONS,
-        poison_name,
-        population_name,
-        utility_name,
-    )
+    from scripts import privacy_eval as pe
 
     names: dict[str, str] = {}
-    runs = [("no DP", "-", r.get(utility_name(None)))]
-    runs += [(f"central ε = {e:g}", "-", r.get(utility_name(e))) for e in EPSILONS]
-    runs += [(f"distributed ε = {e:g}", "--", r.get(utility_name(e, "distributed")))
-             for e in EPSILONS]  # fmt: skip
-    runs += [(f"ε = 8 as N = {n:,} (emulated)", ":", r.get(population_name(n)))
-             for n in POPULATIONS]  # fmt: skip
+    runs = [("no DP", "-", r.get(pe.utility_name(None)))]
+    runs += [(f"central ε = {e:g}", "-", r.get(pe.utility_name(e))) for e in pe.EPSILONS]
+    runs += [(f"distributed ε = {e:g}", "--", r.get(pe.utility_name(e, "distributed")))
+             for e in pe.EPSILONS]  # fmt: skip
+    runs += [(f"ε = 8 as N = {n:,} (emulated)", ":", r.get(pe.population_name(n)))
+             for n in pe.POPULATIONS]  # fmt: skip
     if any(run for _, _, run in runs):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, style, run in runs:
@@ -297,7 +257,9 @@ def _plots(r: dict, scale, folder: Path) -> dict[str, str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
         names["utility"] = save_plot(fig, folder, "privacy_utility.png")
-    members = [(e, r.get(f"membership-{utility_name(e)}")) for e in (None, MEMBERSHIP_EPSILON)]
+    members = [
+        (e, r.get(f"membership-{pe.utility_name(e)}")) for e in (None, pe.MEMBERSHIP_EPSILON)
+    ]
     if any(m for _, m in members):
         fig, ax = plt.subplots(figsize=(4.5, 4.5))
         for eps, m in members:
@@ -309,15 +271,17 @@ def _plots(r: dict, scale, folder: Path) -> dict[str, str]:
         ax.set(xlabel="false positive rate", ylabel="true positive rate")
         ax.legend(loc="lower right")
         names["roc"] = save_plot(fig, folder, "privacy_membership_roc.png")
-    if any(r.get(poison_name(a, x)) for a in scale.attacks for x in scale.rules):
+    if any(r.get(pe.poison_name(a, x)) for a in scale.attacks for x in scale.rules):
         fig, ax = plt.subplots(figsize=(7, 4))
         width = 0.8 / len(scale.rules)
         for k, rule in enumerate(scale.rules):
-            ys = [r.get(poison_name(a, rule), {}).get("final_eval", np.nan) for a in scale.attacks]
+            ys = [
+                r.get(pe.poison_name(a, rule), {}).get("final_eval", np.nan) for a in scale.attacks
+            ]
             xs = np.arange(len(scale.attacks)) + k * width
             ax.bar(xs, ys, width, label=rule)
-        if r.get(poison_name(None)):
-            ax.axhline(r[poison_name(None)]["final_eval"], color="k", ls="--", label="clean")
+        if r.get(pe.poison_name(None)):
+            ax.axhline(r[pe.poison_name(None)]["final_eval"], color="k", ls="--", label="clean")
         ax.set_xticks(np.arange(len(scale.attacks)) + 0.4 - width / 2, scale.attacks)
         ax.set(ylabel="final held-out loss")
         ax.set_yscale("log")
@@ -337,6 +301,21 @@ def _model_size() -> int:
     from fedmae.payload.layout import ModelLayout
 
     return ModelLayout.from_state(trainable_state(build_model("tiny", seed=0))).numel
+
+
+def _utility_row(label: str, run: dict | None, base: float | None, emulated: bool) -> str:
+    """One row of the utility table; an emulated run's ε is its own, far above 8."""
+    if run is None:
+        return f"| {label} | | | | not run | | |"
+    dp = run.get("dp") or {}
+    ratio = f"{run['final_eval'] / base:.3f}" if base else "-"
+    if not dp:
+        return f"| {label} | - | none | - | {run['final_eval']:.4f} | {ratio} | {_mins(run)} |"
+    sigma = f"{dp['noise_multiplier']:.4g}" if emulated else f"{dp['noise_multiplier']:.3f}"
+    eps = f"{dp['epsilon']:.3g} (this run's own)" if emulated else f"{dp['epsilon']:.3f}"
+    noise = f"{_noise_norm(dp):.{2 if emulated else 1}f} (C = {dp['clip']:g})"
+    loss = f"{run['final_eval']:.4f}"
+    return f"| {label} | {sigma} | {eps} | {noise} | {loss} | {ratio} | {_mins(run)} |"
 
 
 def _noise_norm(dp: dict) -> float:
