@@ -145,18 +145,11 @@ class Runner:
             t0 = time.monotonic()
             stream(cmd, folder / "output.log", lambda line: line[:5].strip().isdigit())
             wall = time.monotonic() - t0
-            records = [json.loads(x) for x in (state / "rounds.jsonl").read_text().splitlines()]
-            published = [r for r in records if r["status"] == "published"]
-            if len(published) < run.rounds:
-                raise RuntimeError(f"{name}: {len(published)} of {run.rounds} rounds published")
+            records, published = finished_run(name, state, run.rounds)
             passes = run.fraction * 1  # one local epoch a round: passes over the pool
             return {
-                "wall_s": wall,
-                "checkpoints": str(state / "checkpoints"),
-                "final_version": published[-1]["version"],
+                **run_totals(state, records, published, wall),
                 "curve": [(r["round"] * passes, r["eval_loss"]) for r in published],
-                "bytes_in": sum(r.get("bytes_in", 0) for r in records),
-                "bytes_out": sum(r.get("bytes_out", 0) for r in records),
                 "final_eval": self.final_eval(state / "checkpoints", None),
                 "initial_eval": self.final_eval(state / "checkpoints", 0),
                 "dp": published[-1].get("dp"),  # ε after the last round, σ, C (--dp central)
@@ -182,22 +175,15 @@ class Runner:
             t0 = time.monotonic()
             stream(cmd, folder / "output.log", lambda line: line[:5].strip().isdigit())
             wall = time.monotonic() - t0
-            records = [json.loads(x) for x in (state / "rounds.jsonl").read_text().splitlines()]
-            published = [r for r in records if r["status"] == "published"]
-            if len(published) < rounds:
-                raise RuntimeError(f"{name}: {len(published)} of {rounds} rounds published")
+            records, published = finished_run(name, state, rounds)
             checkpoints = state / "checkpoints"
             return {
-                "wall_s": wall,
-                "checkpoints": str(checkpoints),
-                "final_version": published[-1]["version"],
+                **run_totals(state, records, published, wall),
                 # The demo's aggregator scores 500 images; the curve here is the others'.
                 "curve": [
                     (r["round"], self.final_eval(checkpoints, r["version"], CURVE_IMAGES))
                     for r in published
                 ],
-                "bytes_in": sum(r.get("bytes_in", 0) for r in records),
-                "bytes_out": sum(r.get("bytes_out", 0) for r in records),
                 "final_eval": self.final_eval(checkpoints, None),
                 "initial_eval": self.final_eval(checkpoints, 0),
             }
@@ -266,6 +252,32 @@ class Runner:
         test = load_dataset("fashion-mnist", split="test")
         n = images or self.scale.final_eval_images or len(test)
         return evaluate(model, test.to_tensor(list(range(n))), 0.75, seed=EVAL_MASK_SEED)
+
+
+def round_log(state: Path) -> list[dict]:
+    """The round records of a state directory's ``rounds.jsonl``."""
+    return [json.loads(x) for x in (state / "rounds.jsonl").read_text().splitlines()]
+
+
+def finished_run(name: str, state: Path, rounds: int) -> tuple[list[dict], list[dict]]:
+    """(every round record, the published ones) of a run that should have published
+    ``rounds`` rounds; RuntimeError, naming ``name``, when it published fewer."""
+    records = round_log(state)
+    published = [r for r in records if r["status"] == "published"]
+    if len(published) < rounds:
+        raise RuntimeError(f"{name}: {len(published)} of {rounds} rounds published")
+    return records, published
+
+
+def run_totals(state: Path, records: list[dict], published: list[dict], wall: float) -> dict:
+    """What every federated result holds: wall time, checkpoints, final version, bytes."""
+    return {
+        "wall_s": wall,
+        "checkpoints": str(state / "checkpoints"),
+        "final_version": published[-1]["version"],
+        "bytes_in": sum(r.get("bytes_in", 0) for r in records),
+        "bytes_out": sum(r.get("bytes_out", 0) for r in records),
+    }
 
 
 def stream(cmd: list[str], log: Path, show) -> None:

@@ -34,12 +34,11 @@ settings. ``--quick`` runs tiny sizes to check the pipeline and writes
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts.experiments import Fed, Runner, campaign_main
+from scripts.experiments import Fed, Runner, campaign_main, round_log
 
 DELTA = 1e-5
 EPSILONS = (1.0, 4.0, 8.0)
@@ -161,7 +160,7 @@ def membership(runner: Runner, name: str, fed: dict) -> dict:
         from fedmae.privacy.membership import loss_threshold_attack, per_image_losses
 
         state = Path(fed["checkpoints"]).parent
-        records = [json.loads(x) for x in (state / "rounds.jsonl").read_text().splitlines()]
+        records = round_log(state)
         taken = Counter(p for r in records if r["status"] == "published" for p in r["participants"])
         site, rounds_in = min(taken.items(), key=lambda kv: (-kv[1], kv[0]))
         index = int(site.rsplit("-", 1)[1]) - 1  # site-001 is shard 0
