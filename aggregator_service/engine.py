@@ -304,7 +304,7 @@ class RoundEngine(ClientCalls):
         if success:  # outside the engine's lock: full-model passes and an fsync
             next_version = self.model.prepare(
                 state.round, self.uploads.aggregate, self.strategy.evaluate, timings,
-                self.strategy.state, self.private.next_ledger() if self.private else None,
+                self.strategy.state, self._next_ledger(state) if self.private else None,
             )  # fmt: skip
         self.uploads.end_round()
         with self._cond:
@@ -361,12 +361,18 @@ class RoundEngine(ClientCalls):
         data = phase.task_data(state, client_id) if phase and phase.task_data else None
         training = self.strategy.training_config(self.config.training)  # FedProx: its μ
         if self.private is not None:  # sites clip to C too (the server re-clips)
-            training = replace(training, dp_clip=self.private.config.clip)
+            training = replace(training, dp_clip=self.private.clip)
         return RoundTask.of(state, training, wall_deadline, secagg=self.secagg, phase_data=data)
 
     def _run_done(self) -> bool:
         """Round ``policy.rounds`` is published (never, when rounds = 0)."""
         return bool(self.policy.rounds) and self.next_round > self.policy.rounds
+
+    def _next_ledger(self, state: RoundState) -> str:
+        """The ledger to save with the round's model (adaptive clipping: its C moved by
+        the folded deltas' norms)."""
+        assert self.private is not None
+        return self.private.next_ledger([r.update_norm for r in state.accepted.values()])
 
     def _finish_reason(self) -> str:
         """Why the finished run ended (status): its reason, or "stopped" before its end."""

@@ -34,6 +34,7 @@ trust.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import random
@@ -45,6 +46,7 @@ import torch
 from fedmae.errors import ConfigError
 from fedmae.privacy import skellam
 from fedmae.privacy.accountant import PoissonSampling, PrivacyLedger, calibrate_noise
+from fedmae.privacy.adaptive_clip import DEFAULT_LEARNING_RATE, AdaptiveClip
 from fedmae.privacy.mechanisms import (
     FixedDenominator,
     clip_to_norm,
@@ -77,7 +79,7 @@ def default_delta(sites: int) -> float:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """``--dp central``'s settings (``fedmae serve --dp-*``)."""
+    """``--dp``'s settings (``fedmae serve --dp-*``)."""
 
     clip: float = DEFAULT_CLIP  # C: each site's delta is clipped to this L2 norm
     noise_multiplier: float | None = None  # σ; None = calibrated from target_epsilon
@@ -87,6 +89,9 @@ class PrivacyConfig:
     accountant: str = "rdp"
     noise_seed: int | None = None  # tests only: known noise is no privacy
     mode: str = "central"  # or "distributed": the sites add Skellam noise before masking
+    clip_quantile: float | None = None  # γ: adaptive clipping (central), None = C fixed
+    clip_lr: float = DEFAULT_LEARNING_RATE  # η of the adaptive clip
+    clip_bit_noise: float | None = None  # σ_b; None = q·N / 20
 
     @property
     def distributed(self) -> bool:
@@ -111,6 +116,11 @@ def check_central(
                 "--dp distributed has each site add its share of the noise before secure "
                 "aggregation masks its input: add --secure-aggregation (or use --dp central, "
                 "which trusts the server to add the noise)"
+            )
+        if privacy.clip_quantile is not None:
+            raise ConfigError(
+                "--dp-clip-quantile (adaptive clipping) needs each site's clipped bit in the "
+                "clear, which secure aggregation hides: it works with --dp central only"
             )
     elif secure:
         raise ConfigError(
@@ -222,6 +232,21 @@ class PrivateRounds:
         self.estimator = FixedDenominator.for_sampling(
             privacy.clip, ledger.noise_multiplier, rate, privacy.sites
         )
+        # Adaptive clipping (--dp-clip-quantile): C moves each published round; the
+        # update's noise multiplier is raised so update + bits cost the ledger's σ.
+        self.adaptive: AdaptiveClip | None = None
+        self.update_noise_multiplier = ledger.noise_multiplier
+        if privacy.clip_quantile is not None:
+            self.adaptive = AdaptiveClip.with_defaults(
+                privacy.clip, rate * privacy.sites, privacy.clip_quantile, privacy.clip_lr,
+                privacy.clip_bit_noise,
+            )  # fmt: skip
+            self.update_noise_multiplier = self.adaptive.update_noise_multiplier(
+                ledger.noise_multiplier
+            )
+        self._next_clip: AdaptiveClip | None = None  # C after the round being published
+        self._round_clip = privacy.clip  # C of the last closed round (the round log's)
+        self._unclipped_share: float | None = None
         self.generator = noise_generator(privacy.noise_seed)
         # Who is sampled must be unpredictable: OS entropy (a test may seed a Random).
         self.rng: random.Random = random.SystemRandom()
@@ -281,6 +306,20 @@ class PrivateRounds:
             )
         ledger.epsilon()  # its RDP curve now, not under the engine's lock
         self.ledger = ledger
+        saved_clip = json.loads(saved).get("adaptive_clip")
+        if self.adaptive is not None and saved_clip is not None:
+            adaptive = AdaptiveClip.from_dict(saved_clip)
+            if replace(adaptive, clip=self.adaptive.clip) != self.adaptive:
+                raise ConfigError(
+                    f"version {version}'s adaptive clipping is {adaptive.to_dict()}; this run's "
+                    f"is {self.adaptive.to_dict()}: resume with the same --dp-clip-* flags"
+                )
+            self.adaptive = adaptive  # the C the last published round left
+        elif (self.adaptive is None) != (saved_clip is None) and version > 0:
+            raise ConfigError(
+                f"version {version} was trained {'with' if saved_clip else 'without'} adaptive "
+                "clipping: resume with the same --dp-clip-quantile"
+            )
 
     def sample(self, connected: list[str]) -> list[str]:
         """The round's Poisson sample of the connected sites (possibly empty)."""
@@ -292,14 +331,19 @@ class PrivateRounds:
                         self.config.sites)  # fmt: skip
         return [c for c in sorted(connected) if self.rng.random() < self.rate]
 
+    @property
+    def clip(self) -> float:
+        """C for the round now running (sites clip to it, and so does the server)."""
+        return self.adaptive.clip if self.adaptive is not None else self.config.clip
+
     def clip_(self, delta: torch.Tensor, weighing: Weighing) -> Weighing:
         """Clip ``delta`` in place to C (after the round's own norm bound, if any) and
         weigh it 1; the returned weighing says how it was folded (its scale: the
         overall factor, for the round log)."""
         if weighing.scale < 1.0:
             delta.mul_(weighing.scale)
-        clip_to_norm(delta, self.config.clip)
-        scale = min(weighing.scale, self.config.clip / weighing.norm) if weighing.norm else 1.0
+        clip_to_norm(delta, self.clip)
+        scale = min(weighing.scale, self.clip / weighing.norm) if weighing.norm else 1.0
         return replace(weighing, weight=1, scale=scale)
 
     def mean_(self, weighted_sum: torch.Tensor) -> torch.Tensor:
@@ -307,22 +351,38 @@ class PrivateRounds:
         distributed mode the sum carries the sites' noise already: ÷ q·N only."""
         if self.skellam is not None:
             return weighted_sum.mul_(1.0 / self.estimator.denominator)
-        return private_mean_(weighted_sum, self.estimator, self.generator)
+        # σ·C with this round's C (adaptive: z_Δ, the update's share of the ledger's σ)
+        estimator = replace(self.estimator, clip=self.clip,
+                            noise_multiplier=self.update_noise_multiplier)  # fmt: skip
+        return private_mean_(weighted_sum, estimator, self.generator)
 
     def budget_spent(self) -> bool:
         """One more round would take ε above the target (never, without a target)."""
         target = self.config.target_epsilon
         return target is not None and not self.ledger.budget_allows_next_round(target)
 
-    def next_ledger(self) -> str:
-        """The ledger's JSON with the round being published recorded (for its checkpoint)."""
+    def next_ledger(self, norms: list[float] | None = None) -> str:
+        """The ledger's JSON with the round being published recorded (for its checkpoint).
+        Adaptive clipping: C for the next round, moved by the noised share of
+        ``norms`` (the folded deltas' L2 norms as received) within this round's C, is
+        saved in it too and taken up by ``record``."""
         after = copy.copy(self.ledger)  # shares the per-round RDP curve already computed
         after.record_round()
-        return after.to_json()
+        data = json.loads(after.to_json())
+        if self.adaptive is not None:
+            norms = norms or []
+            self._next_clip = replace(self.adaptive)
+            unclipped = sum(1 for n in norms if n <= self.adaptive.clip)
+            self._unclipped_share = self._next_clip.adapt(unclipped, len(norms), self.generator)
+            data["adaptive_clip"] = self._next_clip.to_dict()
+        return json.dumps(data, sort_keys=True)
 
     def record(self) -> None:
-        """The round's model is published: its cost is spent."""
+        """The round's model is published: its cost is spent (and C moves, if adaptive)."""
         self.ledger.record_round()
+        self._round_clip = self.clip
+        if self._next_clip is not None:
+            self.adaptive, self._next_clip = self._next_clip, None
 
     def for_sites(self, closed: RoundClosed) -> RoundClosed:
         """What the sites hear of a closed round under DP: no loss (a mean of the
@@ -342,7 +402,8 @@ class PrivateRounds:
             "no amplification by sampling claimed)"
         )
         return (
-            f"{how}: σ = {ledger.noise_multiplier:.4g}, C = {self.config.clip:g}, q = "
+            f"{how}: σ = {ledger.noise_multiplier:.4g}, C = {self.clip:g}"
+            f"{' (adaptive)' if self.adaptive else ''}, q = "
             f"{self.rate:g}, N = {self.config.sites}; ε = {ledger.epsilon():.4g} at δ = "
             f"{ledger.delta:g} after {ledger.rounds} round(s)"
         )
@@ -355,9 +416,17 @@ class PrivateRounds:
             "noise": "skellam", "frac_bits": noise.frac_bits, "min_sites": noise.min_sites,
             "noise_std": noise.noise_std, "amplification": False,
         }  # fmt: skip
+        if self.adaptive is not None:  # C of the round logged, and the next one's
+            extra["adaptive_clip"] = {
+                **self.adaptive.to_dict(), "next_clip": self.adaptive.clip,
+                "update_noise_multiplier": self.update_noise_multiplier,
+                "unclipped_share": self._unclipped_share,
+            }  # fmt: skip
+            del extra["adaptive_clip"]["clip"]
+        clip = self._round_clip if self.adaptive is not None else self.config.clip
         return {
             **extra,
-            "mode": self.config.mode, "clip": self.config.clip,
+            "mode": self.config.mode, "clip": clip,
             "noise_multiplier": ledger.noise_multiplier, "q": self.rate,
             "population": self.config.sites, "delta": ledger.delta,
             "epsilon": ledger.epsilon(), "rounds": ledger.rounds,

@@ -281,7 +281,7 @@ class Uploads:
             log.warning(
                 "round %d: update from %s has L2 norm %.4g, over the bound %.4g: "
                 "clipped (scaled by %.3g)", state.round, client, weighing.norm,
-                self.private.config.clip if self.private else state.norm_bound, weighing.scale,
+                self.private.clip if self.private else state.norm_bound, weighing.scale,
             )  # fmt: skip
         for observer in self.observers:
             observer.update_accepted(client, session.bytes)

@@ -175,6 +175,15 @@ DP_FLAGS: tuple[tuple[str, Any, Any, str], ...] = (
     ("--dp-delta", _optional_float, None,
      "δ of the (ε, δ) guarantee (default min(1e-5, N^-1.1), well below 1/N for N = "
      "--dp-sites)"),
+    ("--dp-clip-quantile", _optional_float, None,
+     "adaptive clipping (Andrew et al. 2021; --dp central): C starts at --dp-clip and "
+     "follows this quantile γ of the sites' update norms, e.g. 0.5 for the median, from "
+     "noised bits paid out of the same ε (default: off, C fixed)"),
+    ("--dp-clip-lr", float, 0.2,
+     "adaptive clipping: C moves by exp(−η·(unclipped share − γ)) a round, η this"),
+    ("--dp-clip-bit-noise", _optional_float, None,
+     "adaptive clipping: σ_b, the noise on the count of unclipped sites; must exceed σ/2 "
+     "(default q·N/20)"),
     ("--dp-sites", int, 0,
      "N, the population of enrolled sites, fixed for the run: each is in a round with "
      "probability --fraction, and the mean is divided by --fraction x N; required with "
@@ -191,7 +200,8 @@ def _privacy(args: argparse.Namespace):
     return PrivacyConfig(
         clip=args.dp_clip, noise_multiplier=args.dp_noise_multiplier,
         target_epsilon=args.dp_target_epsilon, delta=args.dp_delta, sites=args.dp_sites,
-        mode=args.dp,
+        mode=args.dp, clip_quantile=args.dp_clip_quantile, clip_lr=args.dp_clip_lr,
+        clip_bit_noise=args.dp_clip_bit_noise,
     )  # fmt: skip
 
 

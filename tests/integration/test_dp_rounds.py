@@ -6,7 +6,9 @@ restart. The noise seed is the test hook (``PrivacyConfig.noise_seed``)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import threading
 
 import pytest
@@ -186,3 +188,44 @@ def test_status_line_says_epsilon_of_the_budget_and_the_mechanism():
         "ε = 3.91 of 8 at δ = 1e-05 after 40 round(s) (central DP, σ = 1.02, C = 5, q = 0.1, "
         "N = 100, rdp)"
     )
+
+
+def test_adaptive_clipping_moves_c_pays_for_its_bits_and_sends_the_new_c(tmp_path):
+    """--dp-clip-quantile: every honest delta (norm ~11) is under C = 20, so the noised
+    unclipped share is near 1 and C shrinks; the update's noise is z_Δ·C, z_Δ raised
+    so update and bits cost σ; round 2's task carries the new C and the server clips
+    to it; the ledger beside version 1 holds it."""
+    clip, sigma, bit_noise, seed = 20.0, 1.0, 1.0, 99
+    names = ["a", "b", "c"]
+    privacy = PrivacyConfig(clip=clip, noise_multiplier=sigma, sites=3, noise_seed=seed,
+                            clip_quantile=0.5, clip_bit_noise=bit_noise)  # fmt: skip
+    z_update = (sigma**-2 - (2 * bit_noise) ** -2) ** -0.5
+    with Federations(tmp_path, max_requests_per_s=0) as federations:
+        fed = federations.launch(names, privacy=privacy, rounds=2, max_update_norm=0.0)
+        server, clients = fed.server, fed.clients
+        layout = server.layout
+        theta0 = fetch_flat(clients["a"], layout, 0)
+        drive_rounds(clients, layout, [1])
+        one = fetch_flat(clients["a"], layout, 1)
+        tasks = {}
+        for i, name in enumerate(names):  # round 2 by hand, to read the task it sends
+            tasks[name] = clients[name].wait_for("task", round=2).task
+            submit_update(clients[name].stub, layout, random_delta(layout, seed=200 + i),
+                          round_=2, base_version=1, num_samples=10, timeout=TIMEOUT)  # fmt: skip
+        assert server.wait(TIMEOUT)
+        task = tasks["a"]
+        first, second = server.rounds.round_log.read()
+        saved = json.loads(server.store.load_ledger(1))
+
+    adaptive = first["dp"]["adaptive_clip"]
+    assert first["dp"]["clip"] == clip
+    assert adaptive["update_noise_multiplier"] == pytest.approx(z_update)
+    moved = clip * math.exp(-0.2 * (adaptive["unclipped_share"] - 0.5))
+    assert adaptive["next_clip"] == pytest.approx(moved) and moved < clip
+    assert task.config.dp_clip == pytest.approx(moved)  # the sites clip to the new C
+    assert second["dp"]["clip"] == pytest.approx(moved)
+    assert saved["adaptive_clip"]["clip"] == pytest.approx(moved)  # resumable
+    # Round 1's noise: z_Δ·C/(qN) per coordinate (drivers' deltas: random_delta seeds).
+    deltas = sum(random_delta(layout, seed=100 + i) for i in range(3))
+    std = float((one - theta0 - deltas / 3).double().std())
+    assert std == pytest.approx(z_update * clip / 3, rel=0.01)

@@ -37,6 +37,12 @@ DP = ["--dp", "central", "--dp-sites", "10", "--fraction", "0.5", "--rounds", "3
           "0.0001"], "distributed Skellam noise needs σ above 100"),
         (["--dp", "distributed", "--secure-aggregation", "--dp-noise-multiplier", "1"],
          "--dp distributed needs --dp-sites N"),
+        (["--dp", "distributed", *DP[2:], "--secure-aggregation", "--dp-noise-multiplier", "1",
+          "--dp-clip-quantile", "0.5"], "it works with --dp central only"),
+        ([*DP, "--dp-noise-multiplier", "1", "--dp-clip-quantile", "0.5"],
+         "σ_b = 0.25 is too small for σ = 1"),  # q·N/20 = 0.25: 2σ_b < σ
+        ([*DP, "--dp-noise-multiplier", "1", "--dp-clip-quantile", "1.5"],
+         "--dp-clip-quantile γ is in (0, 1)"),
         ([*DP, "--dp-noise-multiplier", "1", "--secure-aggregation"],
          "--secure-aggregation never shows the server"),
         ([*DP, "--dp-noise-multiplier", "1", "--strategy", "median"],
