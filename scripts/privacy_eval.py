@@ -19,6 +19,9 @@ processes), on Fashion-MNIST, and writes ``docs/PRIVACY.md`` with tables and plo
 2. **Membership inference** (``fedmae.privacy.membership``, Yeom et al. 2018) on the
    final model of the no-DP and the ε = 8 runs: the training images of the site that
    took part in the most rounds against as many held-out test images.
+   **A control** where the attack has something to find: 5 sites of 100 images, every
+   site in every round, 5 local epochs, 20 rounds (the model sees each image 100
+   times), without DP and with central DP at ε = 8.
 3. **Poisoning:** 5 sites, every one in every round, 5 rounds; site-1 malicious
    (``fedmae simulate --malicious 1 --attack A``) for each attack, under FedAvg and
    each robust rule, against the clean FedAvg run. The server's own norm bound is off
@@ -69,6 +72,10 @@ class Scale:
     poison_sites: int = 5
     poison_images: int = 600
     poison_rounds: int = 5
+    overfit_sites: int = 5
+    overfit_images: int = 100
+    overfit_rounds: int = 20
+    overfit_epochs: int = 5
     attacks: tuple[str, ...] = ATTACKS
     rules: tuple[str, ...] = RULES
     final_eval_images: int = 0  # 0: the whole test split
@@ -77,6 +84,7 @@ class Scale:
 
 QUICK = Scale(
     sites=10, images_per_site=60, fraction=0.3, rounds=1, poison_images=60, poison_rounds=1,
+    overfit_images=30, overfit_rounds=1, overfit_epochs=1,
     attacks=("scale", "claim"), final_eval_images=500,
 )  # fmt: skip
 
@@ -140,6 +148,24 @@ def run_membership(runner: Runner) -> None:
     for epsilon in (None, MEMBERSHIP_EPSILON):
         fed = runner.results[utility_name(epsilon)]
         membership(runner, f"membership-{utility_name(epsilon)}", fed)
+
+
+def overfit_name(epsilon: float | None) -> str:
+    return "overfit-nodp" if epsilon is None else f"overfit-eps{epsilon:g}"
+
+
+def run_overfit_control(runner: Runner) -> None:
+    """The membership attack where it has something to find (module docstring, 2.)."""
+    s = runner.scale
+    every = ("--min-clients", str(s.overfit_sites), "--min-participants", str(s.overfit_sites))
+    for epsilon in (None, MEMBERSHIP_EPSILON):
+        args = ("--local-epochs", str(s.overfit_epochs), *every)
+        run = Fed(
+            s.overfit_sites, s.overfit_images, s.overfit_rounds, fraction=1.0,
+            workers=s.workers, strategy_args=args + (() if epsilon is None else dp_args(epsilon)),
+        )  # fmt: skip
+        fed = runner.fed(overfit_name(epsilon), run)
+        membership(runner, f"membership-{overfit_name(epsilon)}", fed)
 
 
 def membership(runner: Runner, name: str, fed: dict) -> dict:
@@ -209,7 +235,7 @@ def run_poisoning(runner: Runner) -> None:
 
 def plan_size(scale: Scale) -> int:
     utility = 1 + 2 * len(EPSILONS) + len(POPULATIONS)
-    return utility + 2 + 1 + len(scale.attacks) * len(scale.rules)
+    return utility + 2 + 4 + 1 + len(scale.attacks) * len(scale.rules)
 
 
 def run_all(runner: Runner) -> None:
@@ -218,6 +244,7 @@ def run_all(runner: Runner) -> None:
     run_poisoning(runner)
     run_populations(runner)
     run_distributed(runner)
+    run_overfit_control(runner)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ def write_report(results: dict[str, dict], scale, out: Path) -> None:
         EPSILONS,
         MEMBERSHIP_EPSILON,
         POPULATIONS,
+        overfit_name,
         poison_name,
         population_name,
         utility_name,
@@ -148,9 +149,12 @@ def write_report(results: dict[str, dict], scale, out: Path) -> None:
         "| advantage |"
     )
     add("|---|---|---|---|---|---|")
-    for eps in (None, MEMBERSHIP_EPSILON):
-        m = r.get(f"membership-{utility_name(eps)}")
-        label = "no DP" if eps is None else f"central DP, ε = {eps:g}"
+    controls = [(overfit_name(e), f"control (memorising): {_dp_label(e)}")
+                for e in (None, MEMBERSHIP_EPSILON)]  # fmt: skip
+    for key, label in [
+        (utility_name(e), _dp_label(e)) for e in (None, MEMBERSHIP_EPSILON)
+    ] + controls:
+        m = r.get(f"membership-{key}")
         if m is None:
             add(f"| {label} | | | | not run | |")
             continue
@@ -167,6 +171,18 @@ def write_report(results: dict[str, dict], scale, out: Path) -> None:
         f"| membership AUC <= {MEMBERSHIP_TARGET} with DP (ε = {MEMBERSHIP_EPSILON:g}) | "
         f"{measured} | {_verdict(met)} |"
     )
+    base_m = r.get(f"membership-{utility_name(None)}")
+    if base_m is not None:
+        null = _null_sd(base_m["members"], base_m["nonmembers"])
+        if abs(base_m["auc"] - 0.5) <= 2 * null:
+            add(
+                f"\nWithout DP the attack is already at chance on the utility run (AUC "
+                f"{base_m['auc']:.3f}, within 2 null spreads of 0.5): a site's images seen "
+                f"{base_m['rounds_in']} times in one local epoch each leave no loss gap to "
+                "find, so the DP row there shows nothing DP did. The control rows train a "
+                "model that sees each image far more often, where the attack has a gap "
+                "to find, with and without DP.\n"
+            )
     add(
         f"\nTarget: AUC <= {MEMBERSHIP_TARGET} with DP: **{_verdict(met)}** (AUC {measured})."
         " One attack, not a bound: an attacker choosing masks, or with a reference model, "
@@ -258,15 +274,16 @@ def _plots(r: dict, scale, folder: Path) -> dict[str, str]:
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
         names["utility"] = save_plot(fig, folder, "privacy_utility.png")
     members = [
-        (e, r.get(f"membership-{pe.utility_name(e)}")) for e in (None, pe.MEMBERSHIP_EPSILON)
+        (f"{what}{_dp_label(e)}", style, r.get(f"membership-{name(e)}"))
+        for what, style, name in (("", "-", pe.utility_name), ("control, ", "--", pe.overfit_name))
+        for e in (None, pe.MEMBERSHIP_EPSILON)
     ]
-    if any(m for _, m in members):
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        for eps, m in members:
+    if any(m for _, _, m in members):
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for label, style, m in members:
             if m:
                 _, tpr, fpr = roc_curve(m["member_losses"], m["nonmember_losses"])
-                label = f"{'no DP' if eps is None else f'ε = {eps:g}'} (AUC {m['auc']:.3f})"
-                ax.plot(fpr, tpr, label=label)
+                ax.plot(fpr, tpr, style, label=f"{label} (AUC {m['auc']:.3f})")
         ax.plot([0, 1], [0, 1], "k:", label="chance")
         ax.set(xlabel="false positive rate", ylabel="true positive rate")
         ax.legend(loc="lower right")
@@ -301,6 +318,10 @@ def _model_size() -> int:
     from fedmae.payload.layout import ModelLayout
 
     return ModelLayout.from_state(trainable_state(build_model("tiny", seed=0))).numel
+
+
+def _dp_label(epsilon: float | None) -> str:
+    return "no DP" if epsilon is None else f"central DP, ε = {epsilon:g}"
 
 
 def _utility_row(label: str, run: dict | None, base: float | None, emulated: bool) -> str:

@@ -97,5 +97,6 @@ def test_a_missing_run_is_shown_as_not_run_and_its_target_missed(tmp_path):
     # Central ε = 8 did not run (missed); distributed did (0.41 / 0.40: met).
     assert _targets(text) == ["missed", "met", "missed", "missed"]
     assert "| central DP, target ε = 8 | | | | not run | | |" in text
+    assert "| control (memorising): central DP, ε = 8 | | | | not run | |" in text
     assert "| claim | 5.0000 | not run | not run | not run | not run | not run |" in text
     assert f"{0.70 / 0.50:.3f} (trimmed-mean)" in text  # noise: median missing, next best
