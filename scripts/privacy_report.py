@@ -62,10 +62,12 @@ def write_report(results: dict[str, dict], scale, out: Path) -> None:
         "MAE on Fashion-MNIST, one local epoch a round, a fresh AdamW each round.\n"
         f"- **Loss:** each final model's masked-patch MSE on {eval_n} with fixed, seeded "
         "masks (`fedmae.ml.training.evaluate`, `EVAL_MASK_SEED`).\n"
-        f"- **DP:** `--dp central`, σ calibrated by the server for the planned rounds so "
-        f"that ε <= the target at δ = {DELTA:g} (RDP accountant, Poisson sampling at q = "
-        "`--fraction`), clip C = 5 (the default `--dp-clip`). ε is the server's ledger "
-        "after the last round.\n"
+        f"- **DP:** σ calibrated by the server for the planned rounds so that ε <= the "
+        f"target at δ = {DELTA:g}, clip C = 5 (the default `--dp-clip`); ε is the "
+        "server's ledger after the last round. `--dp central`: Gaussian noise added by "
+        "the server, RDP accountant with Poisson sampling at q = `--fraction`. `--dp "
+        "distributed` (with `--secure-aggregation`): Skellam shares added by the sites "
+        "before masking, the Skellam RDP bound without amplification by sampling.\n"
     )
 
     # 1. utility
