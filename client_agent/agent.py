@@ -52,6 +52,9 @@ class AgentConfig:
     status_file: Path | None = None  # JSON state for health checks (``fedmae client-health``)
     progress_every_s: float = 10.0  # training progress to the server at most this often; 0 = off
     channel_options: tuple[tuple[str, object], ...] = ()  # extra gRPC channel options
+    # Distributed DP: the least σ this site adds its noise share for; a secure round that
+    # announces less (or no distributed DP) is aborted. 0 = the server's σ is accepted.
+    min_noise_multiplier: float = 0.0
 
 
 class _RunDone(Exception):
@@ -252,6 +255,8 @@ class SiteSession:
         if task.phase not in (Phase.TRAIN, Phase.ADVERTISE_KEYS):  # a later secure phase
             self._secure_rounds().answer(client, task, self.config.chunk_size, self.stop_event)
             return
+        if task.phase == Phase.ADVERTISE_KEYS and self._secure_rounds().refuses(client, task):
+            return  # its distributed DP noise is below this site's floor
         trained = self._train(client, task)
         if task.phase == Phase.ADVERTISE_KEYS:  # secure: the delta stays here, masked later
             self._secure_rounds().trained(client, task, trained.delta, trained.result.num_samples)
@@ -263,7 +268,9 @@ class SiteSession:
         if self._secure is None:
             if self.config.insecure:
                 raise ConfigError("secure aggregation needs an enrolled identity, not --insecure")
-            self._secure = SecureRounds(self.client_id, self.identity)
+            self._secure = SecureRounds(
+                self.client_id, self.identity, self.config.min_noise_multiplier
+            )
         return self._secure
 
     def _train(self, client: FederationClient, task: RoundTask) -> Trained:

@@ -51,12 +51,27 @@ class _Round:
 class SecureRounds:
     """The agent's secure-aggregation state: at most one round at a time."""
 
-    def __init__(self, client_id: str, identity: ClientIdentity):
+    def __init__(self, client_id: str, identity: ClientIdentity, min_noise_multiplier: float = 0.0):
         self.client_id = client_id
+        self.min_noise_multiplier = min_noise_multiplier  # distributed DP's floor on σ
         self._key_pem = read_file(identity.key)
         self._chain_pem = read_file(identity.cert)  # the certificate, then its CA
         self._check = CertificateCheck(read_file(identity.ca_cert))
         self.current: _Round | None = None
+
+    def refuses(self, client: FederationClient, task: RoundTask) -> bool:
+        """Before training for ADVERTISE_KEYS: whether this site sits the round out
+        because its distributed DP noise σ is below the site's floor (it then tells the
+        server why with ``SecAggAbort``, before any key or input leaves the site)."""
+        floor = self.min_noise_multiplier
+        sigma = task.secagg.dp_noise_multiplier if task.secagg is not None else 0.0
+        if floor <= 0 or sigma >= floor:
+            return False
+        reason = (f"distributed DP noise σ = {sigma:g} is below this site's floor {floor:g} "
+                  "(fedmae client --dp-min-noise-multiplier)")  # fmt: skip
+        log.error("%s: round %d: %s: sitting the round out", self.client_id, task.round, reason)
+        self._send(client, Phase.ADVERTISE_KEYS, SecAggAbort(task.round, task.attempt, reason))
+        return True
 
     def trained(
         self, client: FederationClient, task: RoundTask, delta: torch.Tensor, num_samples: int

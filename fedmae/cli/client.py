@@ -86,6 +86,7 @@ def cmd_client(args: argparse.Namespace) -> int:
             progress_every_s=args.progress_every,
             seed=args.data_seed,
             status_file=Path(args.status_file) if args.status_file else None,
+            min_noise_multiplier=args.dp_min_noise_multiplier,
         ),
         data,
     )
@@ -183,6 +184,12 @@ def build(sub: argparse._SubParsersAction) -> None:
         "--threads", type=int, default=0, help="torch threads; 0 = torch's own choice" + D
     )
     c.add_argument("--give-up-after", type=float, default=0.0, help="seconds; 0 = never" + D)
+    c.add_argument(
+        "--dp-min-noise-multiplier", type=float, default=0.0,
+        help="distributed DP: the least σ this site adds its noise share for; a secure "
+        "round announcing less (or none) is aborted before training, failing the round "
+        "loudly; 0 = accept the server's σ" + D,
+    )  # fmt: skip
     c.add_argument(
         "--progress-every",
         type=float,

@@ -5,14 +5,21 @@ No sample count leaves a site, and a bad configuration is refused at start."""
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 
 import numpy as np
 import pytest
 import torch
+from federation_harness import make_identities, make_server, wait_until
 from secure_sites import SecureFederation
 
+from aggregator_service.config import SecureAggregation
 from aggregator_service.private_rounds import PrivacyConfig
+from client_agent.agent import AgentConfig, ClientAgent
+from fedmae.ml.fashion_mnist import load_fashion_mnist
+from fedmae.ml.partitions import client_split
 from fedmae.privacy.skellam import DistributedSkellam
 
 NAMES = ["a", "b", "c", "d"]
@@ -70,3 +77,51 @@ def test_the_sites_noise_is_in_the_published_mean_and_the_server_accounts_it(tmp
     # than C/(qN) plus the noise's norm (a 100x delta unclipped would be 25x that).
     attacker = residual + _clipped(deltas["d"], clip) / len(NAMES)
     assert np.linalg.norm(attacker) <= clip / len(NAMES) + 1.01 * expected * math.sqrt(d)
+
+
+def test_real_agents_train_under_distributed_dp_and_a_site_refuses_too_little_noise(
+    tmp_path, caplog
+):
+    """Three real agents (training the tiny MAE, signing their keys) publish a
+    distributed-DP round; then a fourth joins whose floor is above the announced σ: it
+    sits round 2 out before training, and the round fails naming why (no site is
+    talked into adding less noise than it requires)."""
+    caplog.set_level(logging.INFO)
+    names = ["s1", "s2", "s3", "s4"]
+    certs, ids = make_identities(tmp_path, names)
+    privacy = PrivacyConfig(noise_multiplier=0.5, sites=4, mode="distributed")
+    server = make_server(tmp_path / "state", certs, 3, 0, round_timeout_s=60.0,
+                         server={"privacy": privacy, "secure": SecureAggregation()})  # fmt: skip
+    port = server.start()
+    agents = [_agent(port, ids[n], i, floor=1.0 if n == "s4" else 0.0) for i, n in enumerate(names)]
+    threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+    try:
+        for thread in threads[:3]:
+            thread.start()
+        wait_until(lambda: server.rounds.round_log.read(), "round 1", timeout=120)
+        threads[3].start()  # s4 joins a later round (runs go on until stopped)
+        wait_until(
+            lambda: any(r["status"] == "failed" for r in server.rounds.round_log.read()),
+            "the round s4 refused", timeout=120,
+        )  # fmt: skip
+    finally:
+        for a in agents:
+            a.stop()
+        server.stop(grace=0)
+    records = server.rounds.round_log.read()
+    first, failed = records[0], next(r for r in records if r["status"] == "failed")
+    assert first["status"] == "published" and first["dp"]["mode"] == "distributed"
+    assert first["num_samples"] == 3  # inputs, not samples: each site weighed 1
+    assert "below this site's floor 1" in failed["reason"]
+    assert "s4: round" in caplog.text and "is below this site's floor 1" in caplog.text
+    assert agents[3].rounds_done == 0  # it never trained for a round it refused
+
+
+def _agent(port: int, identity, index: int, floor: float) -> ClientAgent:
+    data = client_split(load_fashion_mnist(), index, 4, seed=0, limit=100 * 4)
+    cfg = AgentConfig(
+        server=f"127.0.0.1:{port}", identity=identity, backoff_initial_s=0.2,
+        backoff_max_s=1.0, give_up_after_s=60, overrides={"batch_size": 32},
+        min_noise_multiplier=floor,
+    )  # fmt: skip
+    return ClientAgent(cfg, data)
