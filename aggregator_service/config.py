@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aggregator_service.private_rounds import PrivacyConfig, check_central
+from aggregator_service.privacy_config import PrivacyConfig, check_central
 from aggregator_service.strategies import (
     DEFAULT_STRATEGY,
     FedAvg,
@@ -195,7 +195,7 @@ class ServerConfig:
     enroll_rate: float = 5.0  # enrollment calls per second per peer address (burst 2x)
     # Secure aggregation (None = off: the server sees each update, clipped and weighted).
     secure: SecureAggregation | None = None
-    # Central differential privacy (None = --dp off; aggregator_service/private_rounds.py).
+    # Central differential privacy (None = --dp off; aggregator_service/privacy_config.py).
     privacy: PrivacyConfig | None = None
 
     def __post_init__(self) -> None:
@@ -234,10 +234,10 @@ class ServerConfig:
             )
 
     def dp_shape(self, dim: int):
-        """What distributed DP's noise is planned for (``private_rounds.Shape``): the
+        """What distributed DP's noise is planned for (``privacy_config.Shape``): the
         fewest inputs a round publishes with (each site adds 1/this of the noise, so
         every published sum carries all of it) and secure aggregation's ring."""
-        from aggregator_service.private_rounds import Shape
+        from aggregator_service.privacy_config import Shape
 
         secure = self.secure or SecureAggregation()
         fewest = max(2, self.policy.min_participants, self.policy.required_updates)

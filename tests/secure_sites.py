@@ -17,7 +17,7 @@ import torch
 from federation_harness import make_identities, make_server, wait_until
 
 from aggregator_service.config import SecureAggregation
-from aggregator_service.private_rounds import PrivacyConfig
+from aggregator_service.privacy_config import PrivacyConfig
 from aggregator_service.strategies import StrategyOptions
 from client_agent.secure_rounds import SecureRounds
 from fedmae.config import TrainingConfig

@@ -193,7 +193,7 @@ DP_FLAGS: tuple[tuple[str, Any, Any, str], ...] = (
 
 def _privacy(args: argparse.Namespace):
     """DP settings from the flags; None with --dp off."""
-    from aggregator_service.private_rounds import PrivacyConfig
+    from aggregator_service.privacy_config import PrivacyConfig
 
     if args.dp == "off":
         return None
@@ -254,7 +254,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         privacy=_privacy(args),
     )
     if config.privacy is not None:  # σ calibrated before anything is made (exit 2 if none)
-        from aggregator_service.private_rounds import PrivateRounds, calibrated, model_dim
+        from aggregator_service.privacy_config import calibrated, model_dim
+        from aggregator_service.private_rounds import PrivateRounds
 
         p = config.policy
         shape = config.dp_shape(model_dim(config.training.model))

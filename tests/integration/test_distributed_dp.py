@@ -16,7 +16,7 @@ from federation_harness import make_identities, make_server, wait_until
 from secure_sites import SecureFederation
 
 from aggregator_service.config import SecureAggregation
-from aggregator_service.private_rounds import PrivacyConfig
+from aggregator_service.privacy_config import PrivacyConfig
 from client_agent.agent import AgentConfig, ClientAgent
 from fedmae.ml.fashion_mnist import load_fashion_mnist
 from fedmae.ml.partitions import client_split

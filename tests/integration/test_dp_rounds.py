@@ -23,7 +23,8 @@ from federation_harness import (
     random_delta,
 )
 
-from aggregator_service.private_rounds import BUDGET_SPENT, PrivacyConfig
+from aggregator_service.privacy_config import PrivacyConfig
+from aggregator_service.private_rounds import BUDGET_SPENT
 from client_agent.agent import AgentConfig, ClientAgent
 from fedmae.admin_view import dp_line
 from fedmae.cli.main import main

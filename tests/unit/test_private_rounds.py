@@ -12,11 +12,8 @@ import torch
 from round_engine_harness import Client, EngineThread, FakeClock, make_engine
 
 from aggregator_service.checkpoint_store import CheckpointStore
-from aggregator_service.private_rounds import (
-    PrivacyConfig,
-    PrivateRounds,
-    default_delta,
-)
+from aggregator_service.privacy_config import PrivacyConfig, default_delta
+from aggregator_service.private_rounds import PrivateRounds
 from aggregator_service.update_bounds import Weighing
 from fedmae.cli.main import main
 from fedmae.errors import ConfigError
