@@ -20,7 +20,7 @@ processes), on Fashion-MNIST, and writes ``docs/PRIVACY.md`` with tables and plo
    final model of the no-DP and the ε = 8 runs: the training images of the site that
    took part in the most rounds against as many held-out test images.
    **A control** where the attack has something to find: 5 sites of 100 images, every
-   site in every round, 5 local epochs, 20 rounds (the model sees each image 100
+   site in every round, 5 local epochs, 12 rounds (the model sees each image 60
    times), without DP and with central DP at ε = 8.
 3. **Poisoning:** 5 sites, every one in every round, 5 rounds; site-1 malicious
    (``fedmae simulate --malicious 1 --attack A``) for each attack, under FedAvg and
@@ -74,7 +74,7 @@ class Scale:
     poison_rounds: int = 5
     overfit_sites: int = 5
     overfit_images: int = 100
-    overfit_rounds: int = 20
+    overfit_rounds: int = 12
     overfit_epochs: int = 5
     attacks: tuple[str, ...] = ATTACKS
     rules: tuple[str, ...] = RULES
