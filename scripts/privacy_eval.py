@@ -100,7 +100,16 @@ def population_name(population: int) -> str:
 
 
 def poison_name(attack: str | None, rule: str = "fedavg") -> str:
-    return "poison-clean" if attack is None else f"poison-{attack}-{rule}"
+    if attack is None:
+        return "poison-clean" if rule == "fedavg" else f"poison-clean-{rule}"
+    return f"poison-{attack}-{rule}"
+
+
+def clean_replica_name(seed: int) -> str:
+    return f"poison-clean-seed{seed}"
+
+
+CLEAN_REPLICA_SEEDS = (1, 2)  # the clean FedAvg run again with other seeds: its spread
 
 
 def dp_args(epsilon: float, mode: str = "central") -> tuple[str, ...]:
@@ -233,9 +242,26 @@ def run_poisoning(runner: Runner) -> None:
             )
 
 
+def run_clean_spread(runner: Runner) -> None:
+    """How much the clean run alone varies (other seeds), and each rule's clean loss."""
+    s = runner.scale
+
+    def fed(rule: str) -> Fed:
+        return Fed(
+            s.poison_sites, s.poison_images, s.poison_rounds, fraction=1.0, strategy=rule,
+            strategy_args=POISON_SERVE_ARGS, workers=s.workers,
+        )  # fmt: skip
+
+    for seed in CLEAN_REPLICA_SEEDS:
+        runner.fed(clean_replica_name(seed), fed("fedavg"), ("--seed", str(seed)))
+    for rule in s.rules[1:]:
+        runner.fed(poison_name(None, rule), fed(rule))
+
+
 def plan_size(scale: Scale) -> int:
     utility = 1 + 2 * len(EPSILONS) + len(POPULATIONS)
-    return utility + 2 + 4 + 1 + len(scale.attacks) * len(scale.rules)
+    clean = 1 + len(CLEAN_REPLICA_SEEDS) + len(scale.rules) - 1
+    return utility + 2 + 4 + clean + len(scale.attacks) * len(scale.rules)
 
 
 def run_all(runner: Runner) -> None:
@@ -244,6 +270,7 @@ def run_all(runner: Runner) -> None:
     run_poisoning(runner)
     run_populations(runner)
     run_distributed(runner)
+    run_clean_spread(runner)
     run_overfit_control(runner)
 
 

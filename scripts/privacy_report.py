@@ -25,10 +25,12 @@ def _verdict(met: bool) -> str:
 
 def write_report(results: dict[str, dict], scale, out: Path) -> None:
     from scripts.privacy_eval import (
+        CLEAN_REPLICA_SEEDS,
         DELTA,
         EPSILONS,
         MEMBERSHIP_EPSILON,
         POPULATIONS,
+        clean_replica_name,
         overfit_name,
         poison_name,
         population_name,
@@ -209,11 +211,29 @@ def write_report(results: dict[str, dict], scale, out: Path) -> None:
         add(f"![final loss per attack and rule]({plots['poison']})\n")
     clean_loss = clean["final_eval"] if clean else None
     add(f"Clean FedAvg run: {f'{clean_loss:.4f}' if clean_loss else 'not run'}.\n")
+    replicas = [r[n]["final_eval"] for n in map(clean_replica_name, CLEAN_REPLICA_SEEDS) if n in r]
+    if clean_loss and replicas:
+        spread = [clean_loss, *replicas]
+        add(
+            f"The same clean run with {len(replicas)} other seed(s) (`--seed`): "
+            + ", ".join(f"{x:.4f}" for x in replicas)
+            + f"; all {len(spread)} span {min(spread):.4f}-{max(spread):.4f} "
+            f"(±{(max(spread) - min(spread)) / 2 / clean_loss:.0%} of the clean loss). After "
+            f"{pst.get('rounds', '?')} rounds one run's loss varies this much by chance "
+            "alone, so a ratio within that band is no evidence either way.\n"
+        )
     robust = [x for x in scale.rules if x != "fedavg"]
     add("| attack | " + " | ".join(scale.rules) + " | best robust ÷ clean |")
     add("|---|" + "---|" * len(scale.rules) + "---|")
     all_met = bool(clean_loss) and bool(scale.attacks)
     worst = None
+    clean_cells = [r.get(poison_name(None, rule)) for rule in scale.rules]
+    if any(clean_cells):
+        add(
+            "| none (clean) | "
+            + " | ".join(f"{c['final_eval']:.4f}" if c else "not run" for c in clean_cells)
+            + " | - |"
+        )
     for attack in scale.attacks:
         cells, losses = [], {}
         for rule in scale.rules:
