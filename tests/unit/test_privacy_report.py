@@ -100,3 +100,23 @@ def test_a_missing_run_is_shown_as_not_run_and_its_target_missed(tmp_path):
     assert "| control (memorising): central DP, ε = 8 | | | | not run | |" in text
     assert "| claim | 5.0000 | not run | not run | not run | not run | not run |" in text
     assert f"{0.70 / 0.50:.3f} (trimmed-mean)" in text  # noise: median missing, next best
+
+
+@pytest.mark.parametrize(
+    ("control_auc", "reading"),
+    [(0.52, "Even the control"), (0.70, "The control shows the attack works"), (None, "not run")],
+)
+def test_what_the_no_dp_rows_say_is_computed_from_their_aucs(tmp_path, control_auc, reading):
+    from scripts.privacy_eval import overfit_name
+
+    results = _results(0.41, 0.50, 0.51)
+    results[f"membership-{utility_name(None)}"] = _membership(0.51)  # at chance (± 0.018)
+    if control_auc is not None:
+        results[f"membership-{overfit_name(None)}"] = _membership(control_auc)
+    write_report(results, FULL, tmp_path / "PRIVACY.md")
+    text = (tmp_path / "PRIVACY.md").read_text()
+    assert "Without DP the attack is already at chance on the utility run (AUC 0.510" in text
+    assert reading in text
+    results[f"membership-{utility_name(None)}"] = _membership(0.58)  # a gap: no such remark
+    write_report(results, FULL, tmp_path / "PRIVACY.md")
+    assert "already at chance" not in (tmp_path / "PRIVACY.md").read_text()
