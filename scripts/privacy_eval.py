@@ -226,37 +226,32 @@ def membership(runner: Runner, name: str, fed: dict) -> dict:
     return runner.step(name, settings, go)
 
 
+def poison_run(s: Scale, rule: str) -> Fed:
+    """A poisoning-sized run (every site in every round) under ``rule``."""
+    return Fed(
+        s.poison_sites, s.poison_images, s.poison_rounds, fraction=1.0, strategy=rule,
+        strategy_args=POISON_SERVE_ARGS, workers=s.workers,
+    )  # fmt: skip
+
+
 def run_poisoning(runner: Runner) -> None:
     s = runner.scale
-
-    def fed(rule: str) -> Fed:
-        return Fed(
-            s.poison_sites, s.poison_images, s.poison_rounds, fraction=1.0, strategy=rule,
-            strategy_args=POISON_SERVE_ARGS, workers=s.workers,
-        )  # fmt: skip
-
-    runner.fed(poison_name(None), fed("fedavg"))
+    runner.fed(poison_name(None), poison_run(s, "fedavg"))
     for attack in s.attacks:
         for rule in s.rules:
             runner.fed(
-                poison_name(attack, rule), fed(rule), ("--malicious", "1", "--attack", attack)
-            )
+                poison_name(attack, rule), poison_run(s, rule),
+                ("--malicious", "1", "--attack", attack),
+            )  # fmt: skip
 
 
 def run_clean_spread(runner: Runner) -> None:
     """How much the clean run alone varies (other seeds), and each rule's clean loss."""
     s = runner.scale
-
-    def fed(rule: str) -> Fed:
-        return Fed(
-            s.poison_sites, s.poison_images, s.poison_rounds, fraction=1.0, strategy=rule,
-            strategy_args=POISON_SERVE_ARGS, workers=s.workers,
-        )  # fmt: skip
-
     for seed in CLEAN_REPLICA_SEEDS:
-        runner.fed(clean_replica_name(seed), fed("fedavg"), ("--seed", str(seed)))
+        runner.fed(clean_replica_name(seed), poison_run(s, "fedavg"), ("--seed", str(seed)))
     for rule in s.rules[1:]:
-        runner.fed(poison_name(None, rule), fed(rule))
+        runner.fed(poison_name(None, rule), poison_run(s, rule))
 
 
 def plan_size(scale: Scale) -> int:
