@@ -405,9 +405,9 @@ def _utility_row(label: str, run: dict | None, base: float | None, emulated: boo
 
 
 def _num(value: float, places: int = 4) -> str:
-    """A loss or ratio: fixed places while small, 3 significant digits once it has
-    blown up (a diverged run's 4.4e+09 is not 4448389924.4544)."""
-    return f"{value:.{places}f}" if abs(value) < 1000 else f"{value:.3g}"
+    """A loss or ratio: fixed places while small, 4 significant digits once it has
+    blown up (a diverged run's 4.448e+09 is not 4448389924.4544)."""
+    return f"{value:.{places}f}" if abs(value) < 1000 else f"{value:.4g}"
 
 
 def _noise_norm(dp: dict) -> float:
