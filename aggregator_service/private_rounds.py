@@ -69,9 +69,6 @@ class PrivateRounds:
         self.rate = rate
         self.ledger = ledger
         self.skellam = ledger.distributed  # the sites' noise (distributed mode), else None
-        self.estimator = FixedDenominator.for_sampling(
-            privacy.clip, ledger.noise_multiplier, rate, privacy.sites
-        )
         # Adaptive clipping (--dp-clip-quantile): C moves each published round; the
         # update's noise multiplier is raised so update + bits cost the ledger's σ.
         self.adaptive: AdaptiveClip | None = None
@@ -84,8 +81,9 @@ class PrivateRounds:
             self.update_noise_multiplier = self.adaptive.update_noise_multiplier(
                 ledger.noise_multiplier
             )
+        self.estimator  # noqa: B018  (its constants are checked now: ConfigError at start)
         self._next_clip: AdaptiveClip | None = None  # C after the round being published
-        self._round_clip = privacy.clip  # C of the last closed round (the round log's)
+        self._round_clip = privacy.clip  # C of the round opened last (the round log's)
         self._unclipped_share: float | None = None
         self.generator = noise_generator(privacy.noise_seed)
         # Who is sampled must be unpredictable: OS entropy (a test may seed a Random).
@@ -162,7 +160,9 @@ class PrivateRounds:
             )
 
     def sample(self, connected: list[str]) -> list[str]:
-        """The round's Poisson sample of the connected sites (possibly empty)."""
+        """The round's Poisson sample of the connected sites (possibly empty); the round
+        opens with the current C."""
+        self._round_clip = self.clip
         if len(connected) > self.config.sites and not self._warned:
             self._warned = True  # privacy holds; the mean is no longer unbiased
             log.warning("%d sites are connected, more than --dp-sites %d: each round's mean "
@@ -186,15 +186,20 @@ class PrivateRounds:
         scale = min(weighing.scale, self.clip / weighing.norm) if weighing.norm else 1.0
         return replace(weighing, weight=1, scale=scale)
 
+    @property
+    def estimator(self) -> FixedDenominator:
+        """This round's constants: its C, the update's noise multiplier (adaptive: z_Δ,
+        its share of the ledger's σ) and the fixed denominator q·N."""
+        return FixedDenominator.for_sampling(
+            self.clip, self.update_noise_multiplier, self.rate, self.config.sites
+        )
+
     def mean_(self, weighted_sum: torch.Tensor) -> torch.Tensor:
         """The round's noised mean, in place: (Σ clip(Δᵢ) + N(0, σ²C²)) / (q·N); in
         distributed mode the sum carries the sites' noise already: ÷ q·N only."""
         if self.skellam is not None:
             return weighted_sum.mul_(1.0 / self.estimator.denominator)
-        # σ·C with this round's C (adaptive: z_Δ, the update's share of the ledger's σ)
-        estimator = replace(self.estimator, clip=self.clip,
-                            noise_multiplier=self.update_noise_multiplier)  # fmt: skip
-        return private_mean_(weighted_sum, estimator, self.generator)
+        return private_mean_(weighted_sum, self.estimator, self.generator)
 
     def budget_spent(self) -> bool:
         """One more round would take ε above the target (never, without a target)."""
@@ -220,7 +225,6 @@ class PrivateRounds:
     def record(self) -> None:
         """The round's model is published: its cost is spent (and C moves, if adaptive)."""
         self.ledger.record_round()
-        self._round_clip = self.clip
         if self._next_clip is not None:
             self.adaptive, self._next_clip = self._next_clip, None
 
@@ -256,17 +260,16 @@ class PrivateRounds:
             "noise": "skellam", "frac_bits": noise.frac_bits, "min_sites": noise.min_sites,
             "noise_std": noise.noise_std, "amplification": False,
         }  # fmt: skip
-        if self.adaptive is not None:  # C of the round logged, and the next one's
-            extra["adaptive_clip"] = {
-                **self.adaptive.to_dict(), "next_clip": self.adaptive.clip,
+        if self.adaptive is not None:  # its settings, and the next round's C
+            settings = {k: v for k, v in self.adaptive.to_dict().items() if k != "clip"}
+            extra["adaptive_clip"] = settings | {
+                "next_clip": self.adaptive.clip,
                 "update_noise_multiplier": self.update_noise_multiplier,
                 "unclipped_share": self._unclipped_share,
-            }  # fmt: skip
-            del extra["adaptive_clip"]["clip"]
-        clip = self._round_clip if self.adaptive is not None else self.config.clip
+            }
         return {
             **extra,
-            "mode": self.config.mode, "clip": clip,
+            "mode": self.config.mode, "clip": self._round_clip,  # the C the round used
             "noise_multiplier": ledger.noise_multiplier, "q": self.rate,
             "population": self.config.sites, "delta": ledger.delta,
             "epsilon": ledger.epsilon(), "rounds": ledger.rounds,

@@ -15,8 +15,10 @@ import os
 import secrets
 
 import numpy as np
+import torch
 
 from fedmae.errors import KeysRejected, SecAggAborted
+from fedmae.privacy.mechanisms import clip_to_norm
 from fedmae.privacy.skellam import DistributedSkellam, noise_rng
 from fedmae.secagg import fixed_point
 from fedmae.secagg.aead import ShareDecryptionError, decrypt_from_peer, encrypt_for_peer
@@ -289,9 +291,7 @@ class SiteRound:
             dim=delta.size, min_sites=p.dp_min_sites,
         )  # fmt: skip
         values = delta.astype(np.float64)  # [d], a copy
-        norm = float(np.sqrt(np.dot(values, values)))
-        if norm > p.dp_clip:  # a hair under C: float rounding cannot land above it
-            values *= p.dp_clip * (1 - 1e-9) / norm
+        clip_to_norm(torch.from_numpy(values), p.dp_clip)  # in place: the same memory
         return mechanism.encode(values, noise_rng(self._noise_seed))
 
     # UNMASK ---------------------------------------------------------------------------
